@@ -1,14 +1,25 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! The transport-independent heart of a fanfare node.
+//!
+//! A [`Node`] owns the [`Hub`] (channel -> local subscribers), the [`Broker`]
+//! (memory or Redis), token verification and channel rules. Transports create
+//! one [`Session`] per client connection, feed it decoded frames and write out
+//! what lands in its [`Outbox`].
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod auth;
+pub mod broker;
+pub mod channel;
+pub mod hub;
+pub mod memory;
+pub mod metrics;
+pub mod node;
+pub mod outbox;
+pub mod session;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use auth::{AuthConfig, AuthError, Authenticator, ConnectClaims, SubscribeClaims};
+pub use broker::{Broker, BrokerError, BrokerHandler, HistoryPage, HistoryQuery, PublishOptions};
+pub use channel::{ChannelError, ChannelRules, Namespace};
+pub use hub::Hub;
+pub use memory::MemoryBroker;
+pub use node::{Node, NodeConfig};
+pub use outbox::Outbox;
+pub use session::Session;

@@ -1,0 +1,105 @@
+//! The seam between a node and the rest of the cluster.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fanfare_protocol::{ClientInfo, Publication, StreamPosition};
+
+/// Why a broker operation failed. Every variant is reported to clients as a
+/// temporary internal error (100) and to the control API as UNAVAILABLE.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum BrokerError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker error: {0}")]
+    Internal(String),
+}
+
+/// How one publication is stored.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PublishOptions {
+    /// Keep up to this many publications (0 = no history, no offset).
+    pub history_size: usize,
+    pub history_ttl: Duration,
+}
+
+/// Which part of a channel's history to read.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryQuery {
+    /// Start after this position; the epoch must match the stream's.
+    pub since: Option<StreamPosition>,
+    /// At most this many publications; `Some(0)` reads only the stream position;
+    /// `None` = everything kept.
+    pub limit: Option<usize>,
+    /// Newest first.
+    pub reverse: bool,
+}
+
+/// A slice of history and the stream's current position.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HistoryPage {
+    pub publications: Vec<Publication>,
+    /// Offset of the newest publication ever published, and the stream epoch.
+    pub position: StreamPosition,
+    /// With `since`: false when publications after `since` are no longer all
+    /// kept (or the epoch changed), so a client cannot be told it recovered.
+    pub complete: bool,
+}
+
+/// Receives what the broker delivers for channels this node subscribed to.
+/// Called from broker tasks; must not block.
+pub trait BrokerHandler: Send + Sync + 'static {
+    fn on_publication(&self, channel: &str, publication: Publication);
+    fn on_join(&self, channel: &str, info: ClientInfo);
+    fn on_leave(&self, channel: &str, info: ClientInfo);
+}
+
+/// Pub/sub, history and presence for a node: `MemoryBroker` for a single node,
+/// `RedisBroker` for a cluster.
+///
+/// Guarantee expected of implementations: publications on one channel are
+/// delivered to `BrokerHandler::on_publication` in offset order.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Installs the receiver of deliveries; called once, before any subscribe.
+    fn set_handler(&self, handler: Arc<dyn BrokerHandler>);
+
+    /// Publishes, assigning the next offset when history is on; returns the
+    /// stream position after this publication.
+    async fn publish(
+        &self,
+        channel: &str,
+        publication: Publication,
+        opts: PublishOptions,
+    ) -> Result<StreamPosition, BrokerError>;
+
+    async fn publish_join(&self, channel: &str, info: ClientInfo) -> Result<(), BrokerError>;
+    async fn publish_leave(&self, channel: &str, info: ClientInfo) -> Result<(), BrokerError>;
+
+    /// This node wants deliveries for `channel` (its first local subscriber came).
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError>;
+    /// This node no longer needs `channel` (its last local subscriber left).
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError>;
+
+    async fn history(&self, channel: &str, query: HistoryQuery)
+    -> Result<HistoryPage, BrokerError>;
+
+    async fn add_presence(
+        &self,
+        channel: &str,
+        info: ClientInfo,
+        ttl: Duration,
+    ) -> Result<(), BrokerError>;
+    async fn remove_presence(&self, channel: &str, client: &str) -> Result<(), BrokerError>;
+    /// client id -> info.
+    async fn presence(&self, channel: &str) -> Result<BTreeMap<String, ClientInfo>, BrokerError>;
+    /// (clients, unique users).
+    async fn presence_stats(&self, channel: &str) -> Result<(u32, u32), BrokerError>;
+
+    /// Whether deliveries are flowing (false while a connection is down).
+    fn is_healthy(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,206 @@
+//! Channel -> local subscribers, sharded by channel hash.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use bytes::Bytes;
+use fanfare_protocol::{Codec, Reply};
+
+use crate::outbox::Outbox;
+
+const SHARDS: usize = 64;
+
+/// One connection's subscription to one channel as the hub sees it.
+///
+/// A subscription starts *syncing*: pushes are held back (with their offsets)
+/// while the session reads the channel position or recovers missed
+/// publications, so the subscribe reply always precedes the first push and no
+/// offset is delivered twice. [`Subscriber::go_live`] releases them.
+#[derive(Debug)]
+pub struct Subscriber {
+    outbox: Arc<Outbox>,
+    live: AtomicBool,
+    held: Mutex<Vec<(u64, Bytes)>>,
+}
+
+impl Subscriber {
+    pub fn new(outbox: Arc<Outbox>) -> Self {
+        Self { outbox, live: AtomicBool::new(false), held: Mutex::new(Vec::new()) }
+    }
+
+    fn deliver(&self, offset: u64, item: &Bytes) {
+        if self.live.load(Ordering::Acquire) {
+            self.outbox.push(item.clone());
+            return;
+        }
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        // Re-check under the lock: go_live flips `live` while holding it.
+        if self.live.load(Ordering::Acquire) {
+            drop(held);
+            self.outbox.push(item.clone());
+        } else {
+            held.push((offset, item.clone()));
+        }
+    }
+
+    /// Ends syncing: queues held pushes newer than `after_offset` (pushes
+    /// without an offset always pass) and delivers directly from now on.
+    pub fn go_live(&self, after_offset: u64) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for (offset, item) in held.drain(..) {
+            if offset == 0 || offset > after_offset {
+                self.outbox.push(item);
+            }
+        }
+        *held = Vec::new();
+        self.live.store(true, Ordering::Release);
+    }
+}
+
+/// A push prepared for fan-out: encoded at most once per codec, then the same
+/// `Bytes` is shared by every subscriber using that codec.
+pub struct PreparedPush {
+    reply: Reply,
+    offset: u64,
+    encoded: [OnceLock<Bytes>; Codec::COUNT],
+}
+
+impl PreparedPush {
+    pub fn new(reply: Reply, offset: u64) -> Self {
+        Self { reply, offset, encoded: std::array::from_fn(|_| OnceLock::new()) }
+    }
+
+    fn get(&self, codec: Codec) -> &Bytes {
+        self.encoded[codec.index()].get_or_init(|| codec.encode(&self.reply))
+    }
+}
+
+type Subscribers = HashMap<u64, Arc<Subscriber>, ahash::RandomState>;
+
+/// Tracks which local sessions are subscribed to which channel.
+///
+/// Sharded so that fan-out on one channel does not block subscribe/unsubscribe on
+/// channels of other shards. Locks are `std` locks, never held across `.await`.
+pub struct Hub {
+    shards: Box<[RwLock<HashMap<Arc<str>, Subscribers, ahash::RandomState>>]>,
+    hasher: ahash::RandomState,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Hub {
+    pub fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::default())).collect(),
+            hasher: ahash::RandomState::new(),
+        }
+    }
+
+    fn shard(&self, channel: &str) -> &RwLock<HashMap<Arc<str>, Subscribers, ahash::RandomState>> {
+        let mut h = self.hasher.build_hasher();
+        channel.hash(&mut h);
+        &self.shards[(h.finish() as usize) % SHARDS]
+    }
+
+    /// Adds a subscriber; returns true when it is the channel's first on this node.
+    pub fn subscribe(&self, channel: &str, session: u64, sub: Arc<Subscriber>) -> bool {
+        let mut shard = self.shard(channel).write().unwrap_or_else(|p| p.into_inner());
+        match shard.get_mut(channel) {
+            Some(subs) => {
+                subs.insert(session, sub);
+                false
+            }
+            None => {
+                let mut subs = Subscribers::default();
+                subs.insert(session, sub);
+                shard.insert(Arc::from(channel), subs);
+                true
+            }
+        }
+    }
+
+    /// Removes a subscriber; returns true when the channel has no local subscriber left.
+    pub fn unsubscribe(&self, channel: &str, session: u64) -> bool {
+        let mut shard = self.shard(channel).write().unwrap_or_else(|p| p.into_inner());
+        let Some(subs) = shard.get_mut(channel) else { return false };
+        if subs.remove(&session).is_none() {
+            return false;
+        }
+        if subs.is_empty() {
+            shard.remove(channel);
+            return true;
+        }
+        false
+    }
+
+    /// Queues `push` for every local subscriber of `channel`; returns how many.
+    pub fn fan_out(&self, channel: &str, push: &PreparedPush) -> usize {
+        let shard = self.shard(channel).read().unwrap_or_else(|p| p.into_inner());
+        let Some(subs) = shard.get(channel) else { return 0 };
+        for sub in subs.values() {
+            sub.deliver(push.offset, push.get(sub.outbox.codec()));
+        }
+        subs.len()
+    }
+
+    pub fn num_subscribers(&self, channel: &str) -> usize {
+        let shard = self.shard(channel).read().unwrap_or_else(|p| p.into_inner());
+        shard.get(channel).map_or(0, |s| s.len())
+    }
+
+    /// Number of channels with at least one local subscriber.
+    pub fn num_channels(&self) -> usize {
+        self.shards.iter().map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len()).sum()
+    }
+
+    /// Every channel with local subscribers and their count.
+    pub fn channels(&self) -> Vec<(Arc<str>, usize)> {
+        let mut out = Vec::new();
+        for s in self.shards.iter() {
+            let s = s.read().unwrap_or_else(|p| p.into_inner());
+            out.extend(s.iter().map(|(c, subs)| (c.clone(), subs.len())));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fanfare_protocol::{Publication, PushBody};
+
+    fn push(offset: u64) -> PreparedPush {
+        let p = Publication { data: Bytes::from(offset.to_string()), offset, ..Default::default() };
+        PreparedPush::new(Reply::push("c", PushBody::Pub(p)), offset)
+    }
+
+    #[test]
+    fn holds_pushes_until_live_and_skips_recovered_offsets() {
+        let hub = Hub::new();
+        let outbox = Arc::new(Outbox::new(Codec::Json, 1 << 20));
+        let sub = Arc::new(Subscriber::new(outbox.clone()));
+        assert!(hub.subscribe("c", 1, sub.clone()));
+        hub.fan_out("c", &push(5));
+        hub.fan_out("c", &push(6));
+        let mut v = Vec::new();
+        outbox.drain(&mut v);
+        assert!(v.is_empty(), "nothing delivered while syncing");
+        sub.go_live(5);
+        hub.fan_out("c", &push(7));
+        outbox.drain(&mut v);
+        let got: Vec<String> = v.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
+        assert_eq!(got.len(), 2);
+        assert!(got[0].contains("\"offset\":6"));
+        assert!(got[1].contains("\"offset\":7"));
+        assert!(!hub.subscribe("c", 2, Arc::new(Subscriber::new(outbox.clone()))));
+        assert!(!hub.unsubscribe("c", 1));
+        assert!(hub.unsubscribe("c", 2));
+        assert_eq!(hub.num_channels(), 0);
+    }
+}

@@ -1,0 +1,70 @@
+//! Metric names and the hot-path counters, registered once and cached.
+
+use std::sync::OnceLock;
+
+use metrics::{Counter, Gauge, counter, gauge};
+
+pub const CONNECTIONS: &str = "fanfare_connections";
+pub const CONNECTS: &str = "fanfare_connects_total";
+pub const DISCONNECTS: &str = "fanfare_disconnects_total";
+pub const SUBSCRIPTIONS: &str = "fanfare_subscriptions";
+pub const CHANNELS: &str = "fanfare_channels";
+pub const MESSAGES_SENT: &str = "fanfare_messages_sent_total";
+pub const MESSAGES_RECEIVED: &str = "fanfare_messages_received_total";
+pub const BYTES_SENT: &str = "fanfare_bytes_sent_total";
+pub const BYTES_RECEIVED: &str = "fanfare_bytes_received_total";
+pub const SLOW_CONSUMERS: &str = "fanfare_slow_consumer_disconnects_total";
+pub const PUBLICATIONS: &str = "fanfare_publications_total";
+pub const BROKER_PUBLISH: &str = "fanfare_broker_publish_duration_seconds";
+pub const COMMANDS: &str = "fanfare_commands_total";
+
+/// Cached handles for counters touched on every message.
+pub struct Hot {
+    pub connections: Gauge,
+    pub subscriptions: Gauge,
+    pub channels: Gauge,
+    pub messages_sent: Counter,
+    pub messages_received: Counter,
+    pub bytes_sent: Counter,
+    pub bytes_received: Counter,
+    pub slow_consumers: Counter,
+    pub connects: Counter,
+}
+
+/// The cached handles. The recorder must be installed before the first call.
+pub fn hot() -> &'static Hot {
+    static HOT: OnceLock<Hot> = OnceLock::new();
+    HOT.get_or_init(|| Hot {
+        connections: gauge!(CONNECTIONS),
+        subscriptions: gauge!(SUBSCRIPTIONS),
+        channels: gauge!(CHANNELS),
+        messages_sent: counter!(MESSAGES_SENT),
+        messages_received: counter!(MESSAGES_RECEIVED),
+        bytes_sent: counter!(BYTES_SENT),
+        bytes_received: counter!(BYTES_RECEIVED),
+        slow_consumers: counter!(SLOW_CONSUMERS),
+        connects: counter!(CONNECTS),
+    })
+}
+
+pub fn slow_consumer() {
+    hot().slow_consumers.increment(1);
+}
+
+/// Describes every metric (HELP lines) once at start-up.
+pub fn describe() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(CONNECTIONS, "Client connections currently open on this node.");
+    describe_counter!(CONNECTS, "Client connects accepted.");
+    describe_counter!(DISCONNECTS, "Client disconnects by reason.");
+    describe_gauge!(SUBSCRIPTIONS, "Client subscriptions on this node.");
+    describe_gauge!(CHANNELS, "Channels with at least one local subscriber.");
+    describe_counter!(MESSAGES_SENT, "Replies and pushes written to clients.");
+    describe_counter!(MESSAGES_RECEIVED, "Commands received from clients.");
+    describe_counter!(BYTES_SENT, Unit::Bytes, "WebSocket payload bytes written to clients.");
+    describe_counter!(BYTES_RECEIVED, Unit::Bytes, "WebSocket payload bytes read from clients.");
+    describe_counter!(SLOW_CONSUMERS, "Clients closed with 3008 because their queue overflowed.");
+    describe_counter!(PUBLICATIONS, "Publications accepted by this node.");
+    describe_histogram!(BROKER_PUBLISH, Unit::Seconds, "Time the broker took to accept a publication.");
+    describe_counter!(COMMANDS, "Client commands by method.");
+}

@@ -1,0 +1,133 @@
+//! The bounded outbound queue of one connection.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use fanfare_protocol::{Codec, DisconnectCode};
+use tokio::sync::Notify;
+
+/// Encoded replies and pushes waiting to be written to one client.
+///
+/// Bounded in bytes: a push that would exceed the bound closes the outbox with
+/// 3008 (slow) and drops what was queued, so a client that does not read costs
+/// at most `max_bytes` of memory and never slows its channel's other subscribers.
+/// Thread-safe; the lock is a `std` mutex because it is never held across `.await`.
+#[derive(Debug)]
+pub struct Outbox {
+    state: Mutex<State>,
+    notify: Notify,
+    max_bytes: usize,
+    codec: Codec,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    items: VecDeque<Bytes>,
+    bytes: usize,
+    close: Option<DisconnectCode>,
+}
+
+impl Outbox {
+    pub fn new(codec: Codec, max_bytes: usize) -> Self {
+        Self { state: Mutex::new(State::default()), notify: Notify::new(), max_bytes, codec }
+    }
+
+    pub fn codec(&self) -> Codec {
+        self.codec
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock cannot leave State inconsistent
+        // (every update is a single push/clear), so poisoning is ignored.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues one encoded message. Returns false when the outbox is closed,
+    /// including when this push overflowed it (the client is then closed as slow).
+    pub fn push(&self, item: Bytes) -> bool {
+        let mut st = self.lock();
+        if st.close.is_some() {
+            return false;
+        }
+        if st.bytes + item.len() > self.max_bytes {
+            st.close = Some(DisconnectCode::SLOW);
+            st.items = VecDeque::new();
+            st.bytes = 0;
+            drop(st);
+            crate::metrics::slow_consumer();
+            self.notify.notify_one();
+            return false;
+        }
+        let was_empty = st.items.is_empty();
+        st.bytes += item.len();
+        st.items.push_back(item);
+        drop(st);
+        if was_empty {
+            self.notify.notify_one();
+        }
+        true
+    }
+
+    /// Asks the writer to close the connection with `code` once what is queued is
+    /// written. The first close wins.
+    pub fn close(&self, code: DisconnectCode) {
+        let mut st = self.lock();
+        if st.close.is_none() {
+            st.close = Some(code);
+        }
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().close.is_some()
+    }
+
+    /// Moves everything queued into `into` and reports a pending close.
+    pub fn drain(&self, into: &mut Vec<Bytes>) -> Option<DisconnectCode> {
+        let mut st = self.lock();
+        into.extend(st.items.drain(..));
+        st.bytes = 0;
+        if st.items.capacity() > 64 {
+            // Give back the memory of a burst; idle connections stay small.
+            st.items = VecDeque::new();
+        }
+        st.close
+    }
+
+    /// Resolves when something was queued or a close was requested since the
+    /// last `drain`.
+    pub async fn ready(&self) {
+        self.notify.notified().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overflow_closes_slow_and_frees_queue() {
+        let o = Outbox::new(Codec::Json, 10);
+        assert!(o.push(Bytes::from_static(b"12345")));
+        assert!(o.push(Bytes::from_static(b"12345")));
+        assert!(!o.push(Bytes::from_static(b"1")));
+        let mut v = Vec::new();
+        assert_eq!(o.drain(&mut v), Some(DisconnectCode::SLOW));
+        assert!(v.is_empty());
+        assert!(!o.push(Bytes::from_static(b"1")));
+    }
+
+    #[test]
+    fn drain_keeps_order_and_close_is_sticky() {
+        let o = Outbox::new(Codec::Json, 100);
+        o.push(Bytes::from_static(b"a"));
+        o.push(Bytes::from_static(b"b"));
+        o.close(DisconnectCode::SHUTDOWN);
+        o.close(DisconnectCode::SLOW);
+        let mut v = Vec::new();
+        assert_eq!(o.drain(&mut v), Some(DisconnectCode::SHUTDOWN));
+        assert_eq!(v, vec![Bytes::from_static(b"a"), Bytes::from_static(b"b")]);
+    }
+}

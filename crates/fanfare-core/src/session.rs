@@ -1,0 +1,615 @@
+//! One client connection's protocol state machine, independent of the transport.
+//!
+//! The transport feeds frames to [`Session::handle_frame`], wakes it at
+//! [`Session::deadline`], writes out what lands in [`Session::outbox`] and calls
+//! [`Session::close`] when the connection ends. Commands of one connection are
+//! handled one at a time, in order.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fanfare_protocol::{
+    ClientInfo, Codec, Command, ConnectRequest, ConnectResult, DisconnectCode, ErrorCode,
+    HistoryRequest, HistoryResult, Publication, Reply, ReplyBody, Request, StreamPosition,
+    SubscribeRequest, SubscribeResult,
+};
+
+use crate::auth::{AuthError, info_bytes, unix_now};
+use crate::broker::HistoryQuery;
+use crate::channel::{ChannelError, Namespace, personal_channel};
+use crate::hub::Subscriber;
+use crate::node::Node;
+use crate::outbox::Outbox;
+
+/// How a command failed: a reply error (connection stays) or a disconnect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fail {
+    Error(ErrorCode),
+    Disconnect(DisconnectCode),
+}
+
+impl From<ErrorCode> for Fail {
+    fn from(c: ErrorCode) -> Self {
+        Fail::Error(c)
+    }
+}
+
+impl From<ChannelError> for Fail {
+    fn from(e: ChannelError) -> Self {
+        match e {
+            ChannelError::Invalid => Fail::Error(ErrorCode::BAD_REQUEST),
+            ChannelError::UnknownNamespace => Fail::Error(ErrorCode::UNKNOWN_CHANNEL),
+        }
+    }
+}
+
+/// State of one subscription of this connection.
+#[derive(Debug)]
+struct Subscription {
+    presence: bool,
+    join_leave: bool,
+    /// Unix seconds after which the subscription token must have been refreshed.
+    expires_at: Option<u64>,
+    info: Arc<ClientInfo>,
+}
+
+/// State that exists once `connect` succeeded.
+#[derive(Debug)]
+struct Connected {
+    info: Arc<ClientInfo>,
+    expires_at: Option<u64>,
+    subs: HashMap<Arc<str>, Subscription, ahash::RandomState>,
+}
+
+/// The protocol state of one client connection. See the module docs.
+pub struct Session {
+    node: Node,
+    id: u64,
+    outbox: Arc<Outbox>,
+    conn: Option<Box<Connected>>,
+    created: Instant,
+    next_ping: Instant,
+    pong_deadline: Option<Instant>,
+}
+
+/// The `{}` server ping, encoded once.
+fn ping_frame(codec: Codec) -> Bytes {
+    codec.encode(&Reply::new(0, ReplyBody::Ping))
+}
+
+fn instant_at(unix: u64) -> Instant {
+    let now = unix_now();
+    Instant::now() + Duration::from_secs(unix.saturating_sub(now))
+}
+
+fn ttl_until(unix: u64) -> u32 {
+    unix.saturating_sub(unix_now()).min(u32::MAX as u64) as u32
+}
+
+impl Session {
+    /// Starts a session; `None` when the node is draining and refuses clients.
+    pub fn new(node: Node, codec: Codec) -> Option<Self> {
+        let outbox = Arc::new(Outbox::new(codec, node.config().max_queue_bytes));
+        let id = node.register(outbox.clone())?;
+        let now = Instant::now();
+        // First ping between half and the full interval, so a crowd connected at
+        // once does not ping in lockstep.
+        let interval = node.config().ping_interval;
+        let jitter = interval.mul_f64(0.5 + rand::random::<f64>() * 0.5);
+        Some(Self {
+            node,
+            id,
+            outbox,
+            conn: None,
+            created: now,
+            next_ping: now + jitter,
+            pong_deadline: None,
+        })
+    }
+
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.outbox
+    }
+
+    /// The client id, once connected.
+    pub fn client_id(&self) -> Option<&str> {
+        self.conn.as_ref().map(|c| &*c.info.client)
+    }
+
+    /// When [`Session::on_deadline`] must run next.
+    pub fn deadline(&self) -> Instant {
+        let Some(conn) = &self.conn else {
+            return self.created + self.node.config().connect_timeout;
+        };
+        let mut d = self.next_ping;
+        if let Some(p) = self.pong_deadline {
+            d = d.min(p);
+        }
+        if let Some(e) = conn.expires_at {
+            d = d.min(instant_at(e));
+        }
+        for s in conn.subs.values() {
+            if let Some(e) = s.expires_at {
+                d = d.min(instant_at(e));
+            }
+        }
+        d
+    }
+
+    /// Runs timers: connect timeout, pings, pong check, token expiry.
+    pub async fn on_deadline(&mut self) -> Result<(), DisconnectCode> {
+        let now = Instant::now();
+        let Some(conn) = &self.conn else {
+            if now >= self.created + self.node.config().connect_timeout {
+                return Err(DisconnectCode::STALE);
+            }
+            return Ok(());
+        };
+        if self.pong_deadline.is_some_and(|p| now >= p) {
+            return Err(DisconnectCode::NO_PONG);
+        }
+        let unix = unix_now();
+        if conn.expires_at.is_some_and(|e| unix >= e) {
+            return Err(DisconnectCode::EXPIRED);
+        }
+        let expired: Vec<Arc<str>> = conn
+            .subs
+            .iter()
+            .filter(|(_, s)| s.expires_at.is_some_and(|e| unix >= e))
+            .map(|(c, _)| c.clone())
+            .collect();
+        for channel in expired {
+            // 2501: the SDK resubscribes with a fresh token.
+            self.leave_channel(&channel).await;
+            self.send(Reply::push(
+                channel,
+                fanfare_protocol::PushBody::Unsubscribe {
+                    code: 2501,
+                    reason: "subscription expired".into(),
+                },
+            ));
+        }
+        if now >= self.next_ping {
+            self.outbox.push(ping_frame(self.outbox.codec()));
+            if self.pong_deadline.is_none() {
+                self.pong_deadline = Some(now + self.node.config().pong_timeout);
+            }
+            self.next_ping = now + self.node.config().ping_interval;
+        }
+        Ok(())
+    }
+
+    /// Handles every command in one transport frame, in order.
+    pub async fn handle_frame(&mut self, frame: &[u8]) -> Result<(), DisconnectCode> {
+        let commands = self.outbox.codec().decode(frame).map_err(|e| {
+            tracing::debug!(session = self.id, error = %e, "undecodable frame");
+            DisconnectCode::BAD_REQUEST
+        })?;
+        crate::metrics::hot().messages_received.increment(commands.len() as u64);
+        for cmd in commands {
+            self.handle_command(cmd).await?;
+        }
+        Ok(())
+    }
+
+    fn send(&self, reply: Reply) {
+        self.outbox.push(self.outbox.codec().encode(&reply));
+    }
+
+    async fn handle_command(&mut self, cmd: Command) -> Result<(), DisconnectCode> {
+        metrics::counter!(crate::metrics::COMMANDS, "method" => cmd.request.method()).increment(1);
+        let id = cmd.id;
+        if self.conn.is_none() {
+            // The first command must be connect.
+            return match cmd.request {
+                Request::Connect(req) => {
+                    let result = self.connect(id, req).await;
+                    self.finish(id, result)
+                }
+                _ => Err(DisconnectCode::BAD_REQUEST),
+            };
+        }
+        let result = match cmd.request {
+            Request::Connect(_) => Err(Fail::Disconnect(DisconnectCode::BAD_REQUEST)),
+            Request::Empty if id == 0 => {
+                // Pong: only valid as an answer to a ping.
+                if self.pong_deadline.take().is_none() {
+                    return Err(DisconnectCode::BAD_REQUEST);
+                }
+                return Ok(());
+            }
+            Request::Empty => Err(Fail::Error(ErrorCode::METHOD_NOT_FOUND)),
+            Request::Send { .. } => return Ok(()),
+            Request::Rpc { .. } => Err(Fail::Error(ErrorCode::METHOD_NOT_FOUND)),
+            Request::Ping => Ok(Some(ReplyBody::Ping)),
+            Request::Subscribe(req) => self.subscribe(id, req).await,
+            Request::Unsubscribe { channel } => self.unsubscribe(&channel).await,
+            Request::Publish { channel, data } => self.publish(&channel, data).await,
+            Request::Presence { channel } => self.presence(&channel).await,
+            Request::PresenceStats { channel } => self.presence_stats(&channel).await,
+            Request::History(req) => self.history(req).await,
+            Request::Refresh { token } => self.refresh(&token),
+            Request::SubRefresh { channel, token } => self.sub_refresh(&channel, &token),
+        };
+        self.finish(id, result)
+    }
+
+    fn finish(&self, id: u32, result: Result<Option<ReplyBody>, Fail>) -> Result<(), DisconnectCode> {
+        match result {
+            Ok(Some(body)) => self.send(Reply::new(id, body)),
+            Ok(None) => {}
+            Err(Fail::Error(code)) => self.send(Reply::error(id, code)),
+            Err(Fail::Disconnect(code)) => return Err(code),
+        }
+        Ok(())
+    }
+
+    fn connected(&self) -> &Connected {
+        self.conn.as_ref().expect("commands other than connect run only once connected")
+    }
+
+    fn connected_mut(&mut self) -> &mut Connected {
+        self.conn.as_mut().expect("commands other than connect run only once connected")
+    }
+
+    async fn connect(&mut self, id: u32, req: ConnectRequest) -> Result<Option<ReplyBody>, Fail> {
+        let auth = self.node.auth();
+        let (user, conn_info, expires_at, channels) = if req.token.is_empty() {
+            if !auth.allow_anonymous() {
+                return Err(Fail::Disconnect(DisconnectCode::INVALID_TOKEN));
+            }
+            (String::new(), Bytes::new(), None, Vec::new())
+        } else {
+            match auth.verify_connect(&req.token) {
+                Ok(c) => (c.sub, info_bytes(&c.info), c.exp, c.channels),
+                Err(AuthError::Expired) => return Err(Fail::Error(ErrorCode::TOKEN_EXPIRED)),
+                Err(e) => {
+                    tracing::debug!(session = self.id, error = %e, "connect token refused");
+                    return Err(Fail::Disconnect(DisconnectCode::INVALID_TOKEN));
+                }
+            }
+        };
+        let client: Arc<str> = uuid::Uuid::new_v4().to_string().into();
+        let info = Arc::new(ClientInfo {
+            user: user.as_str().into(),
+            client: client.clone(),
+            conn_info,
+            chan_info: Bytes::new(),
+        });
+        self.conn = Some(Box::new(Connected {
+            info,
+            expires_at,
+            subs: HashMap::default(),
+        }));
+
+        // Server-side subscriptions: the personal channel and the token's channels.
+        let mut server_channels = Vec::new();
+        if !user.is_empty() {
+            server_channels.push(personal_channel(&user));
+        }
+        server_channels.extend(channels);
+        let mut subs = Vec::new();
+        let mut live = Vec::new();
+        for channel in server_channels {
+            let Ok(ns) = self.node.rules().namespace(&channel).cloned() else {
+                tracing::warn!(channel, "token names an invalid channel; skipped");
+                continue;
+            };
+            if self.connected().subs.contains_key(channel.as_str()) {
+                continue;
+            }
+            let wanted = req.subs.iter().find(|(c, _)| *c == channel).map(|(_, s)| s.clone());
+            let sub_req = wanted.unwrap_or_else(|| SubscribeRequest {
+                channel: channel.clone(),
+                recoverable: true,
+                positioned: true,
+                ..Default::default()
+            });
+            match self.join_channel(&channel, &sub_req, &ns, Bytes::new(), None).await {
+                Ok((result, subscriber)) => {
+                    live.push((subscriber, result.offset, channel.clone(), ns.join_leave));
+                    subs.push((channel, result));
+                }
+                Err(_) => {
+                    self.close_subscriptions().await;
+                    self.conn = None;
+                    return Err(Fail::Error(ErrorCode::INTERNAL));
+                }
+            }
+        }
+
+        let cfg = self.node.config();
+        let result = ConnectResult {
+            client: client.to_string(),
+            version: cfg.version.clone(),
+            expires: expires_at.is_some(),
+            ttl: expires_at.map_or(0, ttl_until),
+            data: Bytes::new(),
+            subs,
+            ping: cfg.ping_interval.as_secs() as u32,
+            pong: true,
+            node: String::new(),
+        };
+        self.send(Reply::new(id, ReplyBody::Connect(Box::new(result))));
+        for (subscriber, offset, channel, join_leave) in live {
+            subscriber.go_live(offset);
+            if join_leave {
+                self.announce_join(&channel).await;
+            }
+        }
+        crate::metrics::hot().connects.increment(1);
+        Ok(None)
+    }
+
+    /// Registers this connection as a subscriber of `channel` and reads the
+    /// stream position (recovering missed publications when asked). The returned
+    /// subscriber must go live once the reply carrying the result is queued.
+    async fn join_channel(
+        &mut self,
+        channel: &str,
+        req: &SubscribeRequest,
+        ns: &Namespace,
+        chan_info: Bytes,
+        expires_at: Option<u64>,
+    ) -> Result<(SubscribeResult, Arc<Subscriber>), Fail> {
+        let subscriber = Arc::new(Subscriber::new(self.outbox.clone()));
+        self.node
+            .subscribe_local(channel, self.id, subscriber.clone())
+            .await
+            .map_err(|_| Fail::Error(ErrorCode::INTERNAL))?;
+        let mut result = SubscribeResult::default();
+        if ns.history_enabled() && (req.recover || req.recoverable || req.positioned) {
+            let query = if req.recover {
+                HistoryQuery {
+                    since: Some(StreamPosition { offset: req.offset, epoch: req.epoch.clone() }),
+                    limit: None,
+                    reverse: false,
+                }
+            } else {
+                HistoryQuery { limit: Some(0), ..Default::default() }
+            };
+            match self.node.broker().history(channel, query).await {
+                Ok(page) => {
+                    result.recoverable = req.recoverable || req.recover;
+                    result.positioned = req.positioned || req.recoverable || req.recover;
+                    result.epoch = page.position.epoch;
+                    result.offset = page.position.offset;
+                    if req.recover {
+                        result.was_recovering = true;
+                        result.recovered = page.complete;
+                        if page.complete {
+                            result.publications = page.publications;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(channel, error = %e, "history read failed at subscribe");
+                    self.node.unsubscribe_local(channel, self.id).await;
+                    return Err(Fail::Error(ErrorCode::INTERNAL));
+                }
+            }
+        }
+        let base = &self.connected().info;
+        let info = if chan_info.is_empty() {
+            base.clone()
+        } else {
+            Arc::new(ClientInfo { chan_info, ..(**base).clone() })
+        };
+        if ns.presence {
+            let ttl = self.node.config().presence_ttl;
+            if let Err(e) = self.node.broker().add_presence(channel, (*info).clone(), ttl).await {
+                tracing::warn!(channel, error = %e, "presence add failed");
+            }
+        }
+        if let Some(e) = expires_at {
+            result.expires = true;
+            result.ttl = ttl_until(e);
+        }
+        self.connected_mut().subs.insert(
+            channel.into(),
+            Subscription { presence: ns.presence, join_leave: ns.join_leave, expires_at, info },
+        );
+        Ok((result, subscriber))
+    }
+
+    async fn announce_join(&self, channel: &str) {
+        let Some(sub) = self.connected().subs.get(channel) else { return };
+        let info = (*sub.info).clone();
+        if let Err(e) = self.node.broker().publish_join(channel, info).await {
+            tracing::warn!(channel, error = %e, "join push failed");
+        }
+    }
+
+    async fn subscribe(&mut self, id: u32, req: SubscribeRequest) -> Result<Option<ReplyBody>, Fail> {
+        let channel = req.channel.clone();
+        let ns = self.node.rules().namespace(&channel)?.clone();
+        let conn = self.connected();
+        if conn.subs.contains_key(channel.as_str()) {
+            return Err(ErrorCode::ALREADY_SUBSCRIBED.into());
+        }
+        if conn.subs.len() >= self.node.config().max_channels {
+            return Err(ErrorCode::LIMIT_EXCEEDED.into());
+        }
+        let mut chan_info = Bytes::new();
+        let mut expires_at = None;
+        if channel.starts_with('#') {
+            // Personal channels are joined server-side only.
+            return Err(ErrorCode::PERMISSION_DENIED.into());
+        }
+        if !req.token.is_empty() {
+            let claims = match self.node.auth().verify_subscribe(&req.token) {
+                Ok(c) => c,
+                Err(AuthError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
+                Err(_) => return Err(Fail::Disconnect(DisconnectCode::INVALID_TOKEN)),
+            };
+            if claims.channel != channel || claims.sub != *conn.info.user {
+                return Err(ErrorCode::PERMISSION_DENIED.into());
+            }
+            chan_info = info_bytes(&claims.info);
+            expires_at = claims.exp;
+        } else if ns.private || !ns.allow_subscribe {
+            return Err(ErrorCode::PERMISSION_DENIED.into());
+        }
+        let (result, subscriber) =
+            self.join_channel(&channel, &req, &ns, chan_info, expires_at).await?;
+        let offset = result.offset;
+        self.send(Reply::new(id, ReplyBody::Subscribe(Box::new(result))));
+        subscriber.go_live(offset);
+        if ns.join_leave {
+            self.announce_join(&channel).await;
+        }
+        Ok(None)
+    }
+
+    /// Drops one subscription: hub, presence, leave push.
+    async fn leave_channel(&mut self, channel: &str) -> bool {
+        let Some(sub) = self.connected_mut().subs.remove(channel) else { return false };
+        self.node.unsubscribe_local(channel, self.id).await;
+        self.node.subscription_ended();
+        let broker = self.node.broker();
+        if sub.presence {
+            if let Err(e) = broker.remove_presence(channel, &sub.info.client).await {
+                tracing::warn!(channel, error = %e, "presence remove failed");
+            }
+        }
+        if sub.join_leave {
+            if let Err(e) = broker.publish_leave(channel, (*sub.info).clone()).await {
+                tracing::warn!(channel, error = %e, "leave push failed");
+            }
+        }
+        true
+    }
+
+    async fn unsubscribe(&mut self, channel: &str) -> Result<Option<ReplyBody>, Fail> {
+        self.node.rules().namespace(channel)?;
+        self.leave_channel(channel).await;
+        Ok(Some(ReplyBody::Unsubscribe))
+    }
+
+    async fn publish(&mut self, channel: &str, data: Bytes) -> Result<Option<ReplyBody>, Fail> {
+        let ns = self.node.rules().namespace(channel)?;
+        if data.is_empty() {
+            return Err(ErrorCode::BAD_REQUEST.into());
+        }
+        if !ns.allow_publish || channel.starts_with('#') {
+            return Err(ErrorCode::PERMISSION_DENIED.into());
+        }
+        let conn = self.connected();
+        let info = conn.subs.get(channel).map_or_else(|| conn.info.clone(), |s| s.info.clone());
+        let publication = Publication { data, info: Some(info), ..Default::default() };
+        match self.node.publish(channel, ns, publication).await {
+            Ok(_) => Ok(Some(ReplyBody::Publish)),
+            Err(e) => {
+                tracing::warn!(channel, error = %e, "publish failed");
+                Err(ErrorCode::INTERNAL.into())
+            }
+        }
+    }
+
+    /// Checks that a subscribed client may read `feature` data of `channel`.
+    fn readable(&self, channel: &str, enabled: impl Fn(&Namespace) -> bool) -> Result<(), Fail> {
+        let ns = self.node.rules().namespace(channel)?;
+        if !enabled(ns) {
+            return Err(ErrorCode::NOT_AVAILABLE.into());
+        }
+        if !self.connected().subs.contains_key(channel) {
+            return Err(ErrorCode::PERMISSION_DENIED.into());
+        }
+        Ok(())
+    }
+
+    async fn presence(&self, channel: &str) -> Result<Option<ReplyBody>, Fail> {
+        self.readable(channel, |ns| ns.presence)?;
+        let map = self.node.broker().presence(channel).await.map_err(|_| ErrorCode::INTERNAL)?;
+        Ok(Some(ReplyBody::Presence(map)))
+    }
+
+    async fn presence_stats(&self, channel: &str) -> Result<Option<ReplyBody>, Fail> {
+        self.readable(channel, |ns| ns.presence)?;
+        let (num_clients, num_users) =
+            self.node.broker().presence_stats(channel).await.map_err(|_| ErrorCode::INTERNAL)?;
+        Ok(Some(ReplyBody::PresenceStats { num_clients, num_users }))
+    }
+
+    async fn history(&self, req: HistoryRequest) -> Result<Option<ReplyBody>, Fail> {
+        self.readable(&req.channel, |ns| ns.history_enabled())?;
+        let limit = match req.limit {
+            0 => Some(0),
+            n if n < 0 => None,
+            n => Some(n as usize),
+        };
+        let query = HistoryQuery { since: req.since.clone(), limit, reverse: req.reverse };
+        let page =
+            self.node.broker().history(&req.channel, query).await.map_err(|_| ErrorCode::INTERNAL)?;
+        if let Some(since) = &req.since {
+            if since.epoch != page.position.epoch {
+                return Err(ErrorCode::UNRECOVERABLE_POSITION.into());
+            }
+        }
+        Ok(Some(ReplyBody::History(HistoryResult {
+            publications: page.publications,
+            epoch: page.position.epoch,
+            offset: page.position.offset,
+        })))
+    }
+
+    fn refresh(&mut self, token: &str) -> Result<Option<ReplyBody>, Fail> {
+        let claims = match self.node.auth().verify_connect(token) {
+            Ok(c) => c,
+            Err(AuthError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
+            Err(_) => return Err(Fail::Disconnect(DisconnectCode::INVALID_TOKEN)),
+        };
+        let version = self.node.config().version.clone();
+        let conn = self.connected_mut();
+        if claims.sub != *conn.info.user {
+            return Err(Fail::Disconnect(DisconnectCode::INVALID_TOKEN));
+        }
+        conn.expires_at = claims.exp;
+        Ok(Some(ReplyBody::Refresh {
+            client: conn.info.client.to_string(),
+            version,
+            expires: claims.exp.is_some(),
+            ttl: claims.exp.map_or(0, ttl_until),
+        }))
+    }
+
+    fn sub_refresh(&mut self, channel: &str, token: &str) -> Result<Option<ReplyBody>, Fail> {
+        if !self.connected().subs.contains_key(channel) {
+            return Err(ErrorCode::PERMISSION_DENIED.into());
+        }
+        let claims = match self.node.auth().verify_subscribe(token) {
+            Ok(c) => c,
+            Err(AuthError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
+            Err(_) => return Err(Fail::Disconnect(DisconnectCode::INVALID_TOKEN)),
+        };
+        let conn = self.connected_mut();
+        if claims.channel != channel || claims.sub != *conn.info.user {
+            return Err(ErrorCode::PERMISSION_DENIED.into());
+        }
+        let sub = conn.subs.get_mut(channel).expect("checked above");
+        sub.expires_at = claims.exp;
+        Ok(Some(ReplyBody::SubRefresh {
+            expires: claims.exp.is_some(),
+            ttl: claims.exp.map_or(0, ttl_until),
+        }))
+    }
+
+    async fn close_subscriptions(&mut self) {
+        let channels: Vec<Arc<str>> = match &self.conn {
+            Some(c) => c.subs.keys().cloned().collect(),
+            None => return,
+        };
+        for channel in channels {
+            self.leave_channel(&channel).await;
+        }
+    }
+
+    /// Ends the session: leaves every channel and unregisters from the node.
+    pub async fn close(mut self, code: DisconnectCode) {
+        self.close_subscriptions().await;
+        self.node.unregister(self.id);
+        metrics::counter!(crate::metrics::DISCONNECTS, "reason" => code.label()).increment(1);
+    }
+}

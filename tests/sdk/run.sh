@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# End-to-end test of fanfare with the real centrifuge-js SDK (Node >= 20).
+# Usage: FANFARE_BIN=/abs/path/to/fanfare tests/sdk/run.sh
+# Exit code is the test result. FANFARE_E2E_VERBOSE=1 prints all ws frames.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+if [ -z "${FANFARE_BIN:-}" ]; then
+  echo "run.sh: FANFARE_BIN must be set to the absolute path of the fanfare binary" >&2
+  exit 2
+fi
+case "$FANFARE_BIN" in
+  /*) ;;
+  *) echo "run.sh: FANFARE_BIN must be an absolute path, got: $FANFARE_BIN" >&2; exit 2 ;;
+esac
+if [ ! -x "$FANFARE_BIN" ]; then
+  echo "run.sh: FANFARE_BIN is not an executable file: $FANFARE_BIN" >&2
+  exit 2
+fi
+
+if [ ! -d node_modules ]; then
+  npm ci --no-audit --no-fund
+fi
+
+exec node --test e2e.mjs
