@@ -8,7 +8,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
 /// Token settings (`auth.*`).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Shared secret for HS256/HS384/HS512 tokens.
@@ -97,14 +97,17 @@ impl Authenticator {
         } else if !cfg.public_key_pem.is_empty() {
             let pem = cfg.public_key_pem.as_bytes();
             let key = if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
-                (k, validation(&[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512]))
+                (
+                    k,
+                    validation(&[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512]),
+                )
             } else if let Ok(k) = DecodingKey::from_ec_pem(pem) {
                 (k, validation(&[Algorithm::ES256, Algorithm::ES384]))
             } else if let Ok(k) = DecodingKey::from_ed_pem(pem) {
                 (k, validation(&[Algorithm::EdDSA]))
             } else {
                 return Err(
-                    "auth.public_key_pem: not a PEM RSA, EC or Ed25519 public key".to_string()
+                    "auth.public_key_pem: not a PEM RSA, EC or Ed25519 public key".to_string(),
                 );
             };
             (Some(key), None)
@@ -112,7 +115,11 @@ impl Authenticator {
             (None, None)
         };
         let allow_anonymous = cfg.allow_anonymous.unwrap_or(key.is_none());
-        Ok(Self { key, signing, allow_anonymous })
+        Ok(Self {
+            key,
+            signing,
+            allow_anonymous,
+        })
     }
 
     pub fn allow_anonymous(&self) -> bool {
@@ -125,12 +132,12 @@ impl Authenticator {
 
     fn verify<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, AuthError> {
         let (key, validation) = self.key.as_ref().ok_or(AuthError::NoKey)?;
-        jsonwebtoken::decode::<T>(token, key, validation).map(|d| d.claims).map_err(|e| {
-            match e.kind() {
+        jsonwebtoken::decode::<T>(token, key, validation)
+            .map(|d| d.claims)
+            .map_err(|e| match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid(e.to_string()),
-            }
-        })
+            })
     }
 
     pub fn verify_connect(&self, token: &str) -> Result<ConnectClaims, AuthError> {
@@ -151,7 +158,10 @@ impl Authenticator {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// The `info` claim as raw JSON bytes for `ClientInfo`.
@@ -168,21 +178,37 @@ mod tests {
 
     #[test]
     fn hmac_roundtrip_expiry_and_tamper() {
-        let a = Authenticator::new(&AuthConfig { hmac_secret: "s3".into(), ..Default::default() })
-            .unwrap();
+        let a = Authenticator::new(&AuthConfig {
+            hmac_secret: "s3".into(),
+            ..Default::default()
+        })
+        .unwrap();
         assert!(!a.allow_anonymous());
         let t = a
-            .sign(&ConnectClaims { sub: "42".into(), exp: Some(unix_now() + 60), ..Default::default() })
+            .sign(&ConnectClaims {
+                sub: "42".into(),
+                exp: Some(unix_now() + 60),
+                ..Default::default()
+            })
             .unwrap();
         assert_eq!(a.verify_connect(&t).unwrap().sub, "42");
         let old = a
-            .sign(&ConnectClaims { sub: "42".into(), exp: Some(unix_now() - 5), ..Default::default() })
+            .sign(&ConnectClaims {
+                sub: "42".into(),
+                exp: Some(unix_now() - 5),
+                ..Default::default()
+            })
             .unwrap();
         assert_eq!(a.verify_connect(&old), Err(AuthError::Expired));
-        let other =
-            Authenticator::new(&AuthConfig { hmac_secret: "x".into(), ..Default::default() })
-                .unwrap();
-        assert!(matches!(other.verify_connect(&t), Err(AuthError::Invalid(_))));
+        let other = Authenticator::new(&AuthConfig {
+            hmac_secret: "x".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(matches!(
+            other.verify_connect(&t),
+            Err(AuthError::Invalid(_))
+        ));
         let none = Authenticator::new(&AuthConfig::default()).unwrap();
         assert!(none.allow_anonymous());
         assert_eq!(none.verify_connect(&t), Err(AuthError::NoKey));

@@ -2,11 +2,11 @@
 
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Options of one channel namespace. Channel `ns:name` belongs to namespace `ns`;
 /// a channel without `:` to the default namespace (name `""`).
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Namespace {
     pub name: String,
@@ -77,7 +77,11 @@ impl ChannelRules {
                 default = ns;
                 continue;
             }
-            if !ns.name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+            if !ns
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+            {
                 return Err(format!(
                     "namespaces: name {:?} may only contain letters, digits, '_', '-' and '.'",
                     ns.name
@@ -105,9 +109,11 @@ impl ChannelRules {
         }
         match channel.split_once(':') {
             None => Ok(&self.default),
-            Some((ns, _)) => {
-                self.named.iter().find(|n| n.name == ns).ok_or(ChannelError::UnknownNamespace)
-            }
+            Some((ns, _)) => self
+                .named
+                .iter()
+                .find(|n| n.name == ns)
+                .ok_or(ChannelError::UnknownNamespace),
         }
     }
 
@@ -135,11 +141,22 @@ mod tests {
         .unwrap();
         assert!(rules.namespace("chat:room").unwrap().presence);
         assert!(!rules.namespace("news").unwrap().presence);
-        assert_eq!(rules.namespace("nope:x"), Err(ChannelError::UnknownNamespace));
+        assert_eq!(
+            rules.namespace("nope:x"),
+            Err(ChannelError::UnknownNamespace)
+        );
         assert_eq!(rules.namespace(""), Err(ChannelError::Invalid));
         assert_eq!(rules.namespace("a b"), Err(ChannelError::Invalid));
-        assert_eq!(rules.namespace(&"x".repeat(256)), Err(ChannelError::Invalid));
-        assert!(ChannelRules::new(vec![Namespace { name: "a b".into(), ..Default::default() }])
-            .is_err());
+        assert_eq!(
+            rules.namespace(&"x".repeat(256)),
+            Err(ChannelError::Invalid)
+        );
+        assert!(
+            ChannelRules::new(vec![Namespace {
+                name: "a b".into(),
+                ..Default::default()
+            }])
+            .is_err()
+        );
     }
 }

@@ -27,7 +27,11 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub fn new(outbox: Arc<Outbox>) -> Self {
-        Self { outbox, live: AtomicBool::new(false), held: Mutex::new(Vec::new()) }
+        Self {
+            outbox,
+            live: AtomicBool::new(false),
+            held: Mutex::new(Vec::new()),
+        }
     }
 
     fn deliver(&self, offset: u64, item: &Bytes) {
@@ -69,7 +73,11 @@ pub struct PreparedPush {
 
 impl PreparedPush {
     pub fn new(reply: Reply, offset: u64) -> Self {
-        Self { reply, offset, encoded: std::array::from_fn(|_| OnceLock::new()) }
+        Self {
+            reply,
+            offset,
+            encoded: std::array::from_fn(|_| OnceLock::new()),
+        }
     }
 
     fn get(&self, codec: Codec) -> &Bytes {
@@ -97,7 +105,9 @@ impl Default for Hub {
 impl Hub {
     pub fn new() -> Self {
         Self {
-            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::default())).collect(),
+            shards: (0..SHARDS)
+                .map(|_| RwLock::new(HashMap::default()))
+                .collect(),
             hasher: ahash::RandomState::new(),
         }
     }
@@ -110,7 +120,10 @@ impl Hub {
 
     /// Adds a subscriber; returns true when it is the channel's first on this node.
     pub fn subscribe(&self, channel: &str, session: u64, sub: Arc<Subscriber>) -> bool {
-        let mut shard = self.shard(channel).write().unwrap_or_else(|p| p.into_inner());
+        let mut shard = self
+            .shard(channel)
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
         match shard.get_mut(channel) {
             Some(subs) => {
                 subs.insert(session, sub);
@@ -127,8 +140,13 @@ impl Hub {
 
     /// Removes a subscriber; returns true when the channel has no local subscriber left.
     pub fn unsubscribe(&self, channel: &str, session: u64) -> bool {
-        let mut shard = self.shard(channel).write().unwrap_or_else(|p| p.into_inner());
-        let Some(subs) = shard.get_mut(channel) else { return false };
+        let mut shard = self
+            .shard(channel)
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(subs) = shard.get_mut(channel) else {
+            return false;
+        };
         if subs.remove(&session).is_none() {
             return false;
         }
@@ -141,8 +159,13 @@ impl Hub {
 
     /// Queues `push` for every local subscriber of `channel`; returns how many.
     pub fn fan_out(&self, channel: &str, push: &PreparedPush) -> usize {
-        let shard = self.shard(channel).read().unwrap_or_else(|p| p.into_inner());
-        let Some(subs) = shard.get(channel) else { return 0 };
+        let shard = self
+            .shard(channel)
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(subs) = shard.get(channel) else {
+            return 0;
+        };
         for sub in subs.values() {
             sub.deliver(push.offset, push.get(sub.outbox.codec()));
         }
@@ -150,13 +173,19 @@ impl Hub {
     }
 
     pub fn num_subscribers(&self, channel: &str) -> usize {
-        let shard = self.shard(channel).read().unwrap_or_else(|p| p.into_inner());
+        let shard = self
+            .shard(channel)
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         shard.get(channel).map_or(0, |s| s.len())
     }
 
     /// Number of channels with at least one local subscriber.
     pub fn num_channels(&self) -> usize {
-        self.shards.iter().map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len()).sum()
+        self.shards
+            .iter()
+            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
     }
 
     /// Every channel with local subscribers and their count.
@@ -176,7 +205,11 @@ mod tests {
     use fanfare_protocol::{Publication, PushBody};
 
     fn push(offset: u64) -> PreparedPush {
-        let p = Publication { data: Bytes::from(offset.to_string()), offset, ..Default::default() };
+        let p = Publication {
+            data: Bytes::from(offset.to_string()),
+            offset,
+            ..Default::default()
+        };
         PreparedPush::new(Reply::push("c", PushBody::Pub(p)), offset)
     }
 
@@ -194,7 +227,10 @@ mod tests {
         sub.go_live(5);
         hub.fan_out("c", &push(7));
         outbox.drain(&mut v);
-        let got: Vec<String> = v.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
+        let got: Vec<String> = v
+            .iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect();
         assert_eq!(got.len(), 2);
         assert!(got[0].contains("\"offset\":6"));
         assert!(got[1].contains("\"offset\":7"));

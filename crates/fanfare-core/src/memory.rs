@@ -23,7 +23,11 @@ struct Stream {
 
 impl Stream {
     fn new() -> Self {
-        Self { epoch: new_epoch(), top: 0, items: VecDeque::new() }
+        Self {
+            epoch: new_epoch(),
+            top: 0,
+            items: VecDeque::new(),
+        }
     }
 
     fn expire(&mut self, ttl: Duration, now: Instant) {
@@ -37,7 +41,10 @@ impl Stream {
     }
 
     fn position(&self) -> StreamPosition {
-        StreamPosition { offset: self.top, epoch: self.epoch.clone() }
+        StreamPosition {
+            offset: self.top,
+            epoch: self.epoch.clone(),
+        }
     }
 }
 
@@ -82,7 +89,9 @@ impl MemoryBroker {
     fn shard(&self, channel: &str) -> std::sync::MutexGuard<'_, Shard> {
         let mut h = self.hasher.build_hasher();
         channel.hash(&mut h);
-        self.shards[(h.finish() as usize) % SHARDS].lock().unwrap_or_else(|p| p.into_inner())
+        self.shards[(h.finish() as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     fn handler(&self) -> Option<&Arc<dyn BrokerHandler>> {
@@ -173,7 +182,10 @@ impl Broker for MemoryBroker {
                     0
                 } else {
                     // The first kept offset must directly follow `since`.
-                    let first_kept = stream.items.front().map_or(stream.top + 1, |(_, p)| p.offset);
+                    let first_kept = stream
+                        .items
+                        .front()
+                        .map_or(stream.top + 1, |(_, p)| p.offset);
                     if since.offset + 1 < first_kept {
                         complete = false;
                     }
@@ -183,7 +195,11 @@ impl Broker for MemoryBroker {
             None => 0,
         };
         let limit = query.limit.unwrap_or(usize::MAX);
-        let matching = stream.items.iter().map(|(_, p)| p).filter(|p| p.offset > after);
+        let matching = stream
+            .items
+            .iter()
+            .map(|(_, p)| p)
+            .filter(|p| p.offset > after);
         let publications: Vec<Publication> = if query.reverse {
             let mut v: Vec<_> = matching.cloned().collect();
             v.reverse();
@@ -192,7 +208,11 @@ impl Broker for MemoryBroker {
         } else {
             matching.take(limit).cloned().collect()
         };
-        Ok(HistoryPage { publications, position, complete })
+        Ok(HistoryPage {
+            publications,
+            position,
+            complete,
+        })
     }
 
     async fn add_presence(
@@ -202,7 +222,11 @@ impl Broker for MemoryBroker {
         _ttl: Duration,
     ) -> Result<(), BrokerError> {
         let mut shard = self.shard(channel);
-        shard.presence.entry(channel.to_string()).or_default().insert(info.client.to_string(), info);
+        shard
+            .presence
+            .entry(channel.to_string())
+            .or_default()
+            .insert(info.client.to_string(), info);
         Ok(())
     }
 
@@ -228,7 +252,9 @@ impl Broker for MemoryBroker {
 
     async fn presence_stats(&self, channel: &str) -> Result<(u32, u32), BrokerError> {
         let shard = self.shard(channel);
-        let Some(m) = shard.presence.get(channel) else { return Ok((0, 0)) };
+        let Some(m) = shard.presence.get(channel) else {
+            return Ok((0, 0));
+        };
         let users: HashSet<&str> = m.values().map(|i| &*i.user).collect();
         Ok((m.len() as u32, users.len() as u32))
     }
@@ -240,11 +266,17 @@ mod tests {
     use bytes::Bytes;
 
     fn opts() -> PublishOptions {
-        PublishOptions { history_size: 3, history_ttl: Duration::from_secs(60) }
+        PublishOptions {
+            history_size: 3,
+            history_ttl: Duration::from_secs(60),
+        }
     }
 
     fn publication(n: u8) -> Publication {
-        Publication { data: Bytes::from(vec![b'0' + n]), ..Default::default() }
+        Publication {
+            data: Bytes::from(vec![b'0' + n]),
+            ..Default::default()
+        }
     }
 
     #[tokio::test]
@@ -257,25 +289,71 @@ mod tests {
         assert_eq!(pos.offset, 5);
         // Kept: offsets 3, 4, 5.
         let page = b
-            .history("c", HistoryQuery { since: Some(StreamPosition { offset: 2, epoch: pos.epoch.clone() }), ..Default::default() })
+            .history(
+                "c",
+                HistoryQuery {
+                    since: Some(StreamPosition {
+                        offset: 2,
+                        epoch: pos.epoch.clone(),
+                    }),
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap();
         assert!(page.complete);
-        assert_eq!(page.publications.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(
+            page.publications
+                .iter()
+                .map(|p| p.offset)
+                .collect::<Vec<_>>(),
+            vec![3, 4, 5]
+        );
         let page = b
-            .history("c", HistoryQuery { since: Some(StreamPosition { offset: 1, epoch: pos.epoch.clone() }), ..Default::default() })
+            .history(
+                "c",
+                HistoryQuery {
+                    since: Some(StreamPosition {
+                        offset: 1,
+                        epoch: pos.epoch.clone(),
+                    }),
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap();
         assert!(!page.complete, "offset 2 is gone");
         let page = b
-            .history("c", HistoryQuery { since: Some(StreamPosition { offset: 4, epoch: "other".into() }), ..Default::default() })
+            .history(
+                "c",
+                HistoryQuery {
+                    since: Some(StreamPosition {
+                        offset: 4,
+                        epoch: "other".into(),
+                    }),
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap();
         assert!(!page.complete, "epoch changed");
         let page = b
-            .history("c", HistoryQuery { limit: Some(2), reverse: true, ..Default::default() })
+            .history(
+                "c",
+                HistoryQuery {
+                    limit: Some(2),
+                    reverse: true,
+                    ..Default::default()
+                },
+            )
             .await
             .unwrap();
-        assert_eq!(page.publications.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![5, 4]);
+        assert_eq!(
+            page.publications
+                .iter()
+                .map(|p| p.offset)
+                .collect::<Vec<_>>(),
+            vec![5, 4]
+        );
     }
 }

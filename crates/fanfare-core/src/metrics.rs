@@ -54,17 +54,35 @@ pub fn slow_consumer() {
 /// Describes every metric (HELP lines) once at start-up.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_gauge!(CONNECTIONS, "Client connections currently open on this node.");
+    describe_gauge!(
+        CONNECTIONS,
+        "Client connections currently open on this node."
+    );
     describe_counter!(CONNECTS, "Client connects accepted.");
     describe_counter!(DISCONNECTS, "Client disconnects by reason.");
     describe_gauge!(SUBSCRIPTIONS, "Client subscriptions on this node.");
     describe_gauge!(CHANNELS, "Channels with at least one local subscriber.");
     describe_counter!(MESSAGES_SENT, "Replies and pushes written to clients.");
     describe_counter!(MESSAGES_RECEIVED, "Commands received from clients.");
-    describe_counter!(BYTES_SENT, Unit::Bytes, "WebSocket payload bytes written to clients.");
-    describe_counter!(BYTES_RECEIVED, Unit::Bytes, "WebSocket payload bytes read from clients.");
-    describe_counter!(SLOW_CONSUMERS, "Clients closed with 3008 because their queue overflowed.");
+    describe_counter!(
+        BYTES_SENT,
+        Unit::Bytes,
+        "WebSocket payload bytes written to clients."
+    );
+    describe_counter!(
+        BYTES_RECEIVED,
+        Unit::Bytes,
+        "WebSocket payload bytes read from clients."
+    );
+    describe_counter!(
+        SLOW_CONSUMERS,
+        "Clients closed with 3008 because their queue overflowed."
+    );
     describe_counter!(PUBLICATIONS, "Publications accepted by this node.");
-    describe_histogram!(BROKER_PUBLISH, Unit::Seconds, "Time the broker took to accept a publication.");
+    describe_histogram!(
+        BROKER_PUBLISH,
+        Unit::Seconds,
+        "Time the broker took to accept a publication."
+    );
     describe_counter!(COMMANDS, "Client commands by method.");
 }

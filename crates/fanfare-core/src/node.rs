@@ -5,9 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fanfare_protocol::{
-    ClientInfo, DisconnectCode, Publication, PushBody, Reply, StreamPosition,
-};
+use fanfare_protocol::{ClientInfo, DisconnectCode, Publication, PushBody, Reply, StreamPosition};
 
 use crate::auth::Authenticator;
 use crate::broker::{Broker, BrokerError, BrokerHandler, PublishOptions};
@@ -64,11 +62,17 @@ impl BrokerHandler for HubDelivery {
     }
 
     fn on_join(&self, channel: &str, info: ClientInfo) {
-        self.hub.fan_out(channel, &PreparedPush::new(Reply::push(channel, PushBody::Join(info)), 0));
+        self.hub.fan_out(
+            channel,
+            &PreparedPush::new(Reply::push(channel, PushBody::Join(info)), 0),
+        );
     }
 
     fn on_leave(&self, channel: &str, info: ClientInfo) {
-        self.hub.fan_out(channel, &PreparedPush::new(Reply::push(channel, PushBody::Leave(info)), 0));
+        self.hub.fan_out(
+            channel,
+            &PreparedPush::new(Reply::push(channel, PushBody::Leave(info)), 0),
+        );
     }
 }
 
@@ -156,7 +160,10 @@ impl Node {
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Outbox>, ahash::RandomState>> {
-        self.shared.sessions.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared
+            .sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn num_connections(&self) -> usize {
@@ -204,7 +211,10 @@ impl Node {
         publication: Publication,
     ) -> Result<StreamPosition, BrokerError> {
         let opts = if ns.history_enabled() {
-            PublishOptions { history_size: ns.history_size, history_ttl: ns.history_ttl }
+            PublishOptions {
+                history_size: ns.history_size,
+                history_ttl: ns.history_ttl,
+            }
         } else {
             PublishOptions::default()
         };

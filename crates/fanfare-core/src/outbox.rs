@@ -30,7 +30,12 @@ struct State {
 
 impl Outbox {
     pub fn new(codec: Codec, max_bytes: usize) -> Self {
-        Self { state: Mutex::new(State::default()), notify: Notify::new(), max_bytes, codec }
+        Self {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            max_bytes,
+            codec,
+        }
     }
 
     pub fn codec(&self) -> Codec {

@@ -187,7 +187,9 @@ impl Session {
             tracing::debug!(session = self.id, error = %e, "undecodable frame");
             DisconnectCode::BAD_REQUEST
         })?;
-        crate::metrics::hot().messages_received.increment(commands.len() as u64);
+        crate::metrics::hot()
+            .messages_received
+            .increment(commands.len() as u64);
         for cmd in commands {
             self.handle_command(cmd).await?;
         }
@@ -236,7 +238,11 @@ impl Session {
         self.finish(id, result)
     }
 
-    fn finish(&self, id: u32, result: Result<Option<ReplyBody>, Fail>) -> Result<(), DisconnectCode> {
+    fn finish(
+        &self,
+        id: u32,
+        result: Result<Option<ReplyBody>, Fail>,
+    ) -> Result<(), DisconnectCode> {
         match result {
             Ok(Some(body)) => self.send(Reply::new(id, body)),
             Ok(None) => {}
@@ -247,11 +253,15 @@ impl Session {
     }
 
     fn connected(&self) -> &Connected {
-        self.conn.as_ref().expect("commands other than connect run only once connected")
+        self.conn
+            .as_ref()
+            .expect("commands other than connect run only once connected")
     }
 
     fn connected_mut(&mut self) -> &mut Connected {
-        self.conn.as_mut().expect("commands other than connect run only once connected")
+        self.conn
+            .as_mut()
+            .expect("commands other than connect run only once connected")
     }
 
     async fn connect(&mut self, id: u32, req: ConnectRequest) -> Result<Option<ReplyBody>, Fail> {
@@ -300,14 +310,21 @@ impl Session {
             if self.connected().subs.contains_key(channel.as_str()) {
                 continue;
             }
-            let wanted = req.subs.iter().find(|(c, _)| *c == channel).map(|(_, s)| s.clone());
+            let wanted = req
+                .subs
+                .iter()
+                .find(|(c, _)| *c == channel)
+                .map(|(_, s)| s.clone());
             let sub_req = wanted.unwrap_or_else(|| SubscribeRequest {
                 channel: channel.clone(),
                 recoverable: true,
                 positioned: true,
                 ..Default::default()
             });
-            match self.join_channel(&channel, &sub_req, &ns, Bytes::new(), None).await {
+            match self
+                .join_channel(&channel, &sub_req, &ns, Bytes::new(), None)
+                .await
+            {
                 Ok((result, subscriber)) => {
                     live.push((subscriber, result.offset, channel.clone(), ns.join_leave));
                     subs.push((channel, result));
@@ -363,12 +380,18 @@ impl Session {
         if ns.history_enabled() && (req.recover || req.recoverable || req.positioned) {
             let query = if req.recover {
                 HistoryQuery {
-                    since: Some(StreamPosition { offset: req.offset, epoch: req.epoch.clone() }),
+                    since: Some(StreamPosition {
+                        offset: req.offset,
+                        epoch: req.epoch.clone(),
+                    }),
                     limit: None,
                     reverse: false,
                 }
             } else {
-                HistoryQuery { limit: Some(0), ..Default::default() }
+                HistoryQuery {
+                    limit: Some(0),
+                    ..Default::default()
+                }
             };
             match self.node.broker().history(channel, query).await {
                 Ok(page) => {
@@ -395,11 +418,19 @@ impl Session {
         let info = if chan_info.is_empty() {
             base.clone()
         } else {
-            Arc::new(ClientInfo { chan_info, ..(**base).clone() })
+            Arc::new(ClientInfo {
+                chan_info,
+                ..(**base).clone()
+            })
         };
         if ns.presence {
             let ttl = self.node.config().presence_ttl;
-            if let Err(e) = self.node.broker().add_presence(channel, (*info).clone(), ttl).await {
+            if let Err(e) = self
+                .node
+                .broker()
+                .add_presence(channel, (*info).clone(), ttl)
+                .await
+            {
                 tracing::warn!(channel, error = %e, "presence add failed");
             }
         }
@@ -409,20 +440,31 @@ impl Session {
         }
         self.connected_mut().subs.insert(
             channel.into(),
-            Subscription { presence: ns.presence, join_leave: ns.join_leave, expires_at, info },
+            Subscription {
+                presence: ns.presence,
+                join_leave: ns.join_leave,
+                expires_at,
+                info,
+            },
         );
         Ok((result, subscriber))
     }
 
     async fn announce_join(&self, channel: &str) {
-        let Some(sub) = self.connected().subs.get(channel) else { return };
+        let Some(sub) = self.connected().subs.get(channel) else {
+            return;
+        };
         let info = (*sub.info).clone();
         if let Err(e) = self.node.broker().publish_join(channel, info).await {
             tracing::warn!(channel, error = %e, "join push failed");
         }
     }
 
-    async fn subscribe(&mut self, id: u32, req: SubscribeRequest) -> Result<Option<ReplyBody>, Fail> {
+    async fn subscribe(
+        &mut self,
+        id: u32,
+        req: SubscribeRequest,
+    ) -> Result<Option<ReplyBody>, Fail> {
         let channel = req.channel.clone();
         let ns = self.node.rules().namespace(&channel)?.clone();
         let conn = self.connected();
@@ -452,8 +494,9 @@ impl Session {
         } else if ns.private || !ns.allow_subscribe {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
-        let (result, subscriber) =
-            self.join_channel(&channel, &req, &ns, chan_info, expires_at).await?;
+        let (result, subscriber) = self
+            .join_channel(&channel, &req, &ns, chan_info, expires_at)
+            .await?;
         let offset = result.offset;
         self.send(Reply::new(id, ReplyBody::Subscribe(Box::new(result))));
         subscriber.go_live(offset);
@@ -465,7 +508,9 @@ impl Session {
 
     /// Drops one subscription: hub, presence, leave push.
     async fn leave_channel(&mut self, channel: &str) -> bool {
-        let Some(sub) = self.connected_mut().subs.remove(channel) else { return false };
+        let Some(sub) = self.connected_mut().subs.remove(channel) else {
+            return false;
+        };
         self.node.unsubscribe_local(channel, self.id).await;
         self.node.subscription_ended();
         let broker = self.node.broker();
@@ -497,8 +542,15 @@ impl Session {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
         let conn = self.connected();
-        let info = conn.subs.get(channel).map_or_else(|| conn.info.clone(), |s| s.info.clone());
-        let publication = Publication { data, info: Some(info), ..Default::default() };
+        let info = conn
+            .subs
+            .get(channel)
+            .map_or_else(|| conn.info.clone(), |s| s.info.clone());
+        let publication = Publication {
+            data,
+            info: Some(info),
+            ..Default::default()
+        };
         match self.node.publish(channel, ns, publication).await {
             Ok(_) => Ok(Some(ReplyBody::Publish)),
             Err(e) => {
@@ -522,15 +574,27 @@ impl Session {
 
     async fn presence(&self, channel: &str) -> Result<Option<ReplyBody>, Fail> {
         self.readable(channel, |ns| ns.presence)?;
-        let map = self.node.broker().presence(channel).await.map_err(|_| ErrorCode::INTERNAL)?;
+        let map = self
+            .node
+            .broker()
+            .presence(channel)
+            .await
+            .map_err(|_| ErrorCode::INTERNAL)?;
         Ok(Some(ReplyBody::Presence(map)))
     }
 
     async fn presence_stats(&self, channel: &str) -> Result<Option<ReplyBody>, Fail> {
         self.readable(channel, |ns| ns.presence)?;
-        let (num_clients, num_users) =
-            self.node.broker().presence_stats(channel).await.map_err(|_| ErrorCode::INTERNAL)?;
-        Ok(Some(ReplyBody::PresenceStats { num_clients, num_users }))
+        let (num_clients, num_users) = self
+            .node
+            .broker()
+            .presence_stats(channel)
+            .await
+            .map_err(|_| ErrorCode::INTERNAL)?;
+        Ok(Some(ReplyBody::PresenceStats {
+            num_clients,
+            num_users,
+        }))
     }
 
     async fn history(&self, req: HistoryRequest) -> Result<Option<ReplyBody>, Fail> {
@@ -540,9 +604,17 @@ impl Session {
             n if n < 0 => None,
             n => Some(n as usize),
         };
-        let query = HistoryQuery { since: req.since.clone(), limit, reverse: req.reverse };
-        let page =
-            self.node.broker().history(&req.channel, query).await.map_err(|_| ErrorCode::INTERNAL)?;
+        let query = HistoryQuery {
+            since: req.since.clone(),
+            limit,
+            reverse: req.reverse,
+        };
+        let page = self
+            .node
+            .broker()
+            .history(&req.channel, query)
+            .await
+            .map_err(|_| ErrorCode::INTERNAL)?;
         if let Some(since) = &req.since {
             if since.epoch != page.position.epoch {
                 return Err(ErrorCode::UNRECOVERABLE_POSITION.into());

@@ -14,16 +14,35 @@ pub struct Command {
 pub enum Request {
     Connect(ConnectRequest),
     Subscribe(SubscribeRequest),
-    Unsubscribe { channel: String },
-    Publish { channel: String, data: Bytes },
-    Presence { channel: String },
-    PresenceStats { channel: String },
+    Unsubscribe {
+        channel: String,
+    },
+    Publish {
+        channel: String,
+        data: Bytes,
+    },
+    Presence {
+        channel: String,
+    },
+    PresenceStats {
+        channel: String,
+    },
     History(HistoryRequest),
     Ping,
-    Send { data: Bytes },
-    Rpc { method: String, data: Bytes },
-    Refresh { token: String },
-    SubRefresh { channel: String, token: String },
+    Send {
+        data: Bytes,
+    },
+    Rpc {
+        method: String,
+        data: Bytes,
+    },
+    Refresh {
+        token: String,
+    },
+    SubRefresh {
+        channel: String,
+        token: String,
+    },
     /// A command with no request set: a pong when `id == 0`, otherwise unknown.
     Empty,
 }

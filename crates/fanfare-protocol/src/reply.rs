@@ -25,7 +25,13 @@ impl Reply {
     }
 
     pub fn push(channel: impl Into<Arc<str>>, body: PushBody) -> Self {
-        Self::new(0, ReplyBody::Push(Push { channel: channel.into(), body }))
+        Self::new(
+            0,
+            ReplyBody::Push(Push {
+                channel: channel.into(),
+                body,
+            }),
+        )
     }
 }
 
@@ -38,13 +44,26 @@ pub enum ReplyBody {
     Unsubscribe,
     Publish,
     Presence(BTreeMap<String, ClientInfo>),
-    PresenceStats { num_clients: u32, num_users: u32 },
+    PresenceStats {
+        num_clients: u32,
+        num_users: u32,
+    },
     History(HistoryResult),
     /// Reply to a client `ping` command, and (with id 0) the server ping `{}`.
     Ping,
-    Rpc { data: Bytes },
-    Refresh { client: String, version: String, expires: bool, ttl: u32 },
-    SubRefresh { expires: bool, ttl: u32 },
+    Rpc {
+        data: Bytes,
+    },
+    Refresh {
+        client: String,
+        version: String,
+        expires: bool,
+        ttl: u32,
+    },
+    SubRefresh {
+        expires: bool,
+        ttl: u32,
+    },
     Push(Push),
 }
 
@@ -58,7 +77,11 @@ pub struct ReplyError {
 
 impl From<ErrorCode> for ReplyError {
     fn from(code: ErrorCode) -> Self {
-        Self { code: code.0, message: code.message().to_string(), temporary: code.temporary() }
+        Self {
+            code: code.0,
+            message: code.message().to_string(),
+            temporary: code.temporary(),
+        }
     }
 }
 
@@ -136,11 +159,25 @@ pub enum PushBody {
     Pub(Publication),
     Join(ClientInfo),
     Leave(ClientInfo),
-    Unsubscribe { code: u32, reason: String },
-    Message { data: Bytes },
-    Subscribe { recoverable: bool, epoch: String, offset: u64, positioned: bool, data: Bytes },
+    Unsubscribe {
+        code: u32,
+        reason: String,
+    },
+    Message {
+        data: Bytes,
+    },
+    Subscribe {
+        recoverable: bool,
+        epoch: String,
+        offset: u64,
+        positioned: bool,
+        data: Bytes,
+    },
     Disconnect(Disconnect),
-    Refresh { expires: bool, ttl: u32 },
+    Refresh {
+        expires: bool,
+        ttl: u32,
+    },
 }
 
 /// `Disconnect` push (code 1, reason 2).

@@ -1,3 +1,191 @@
-fn main() {
-    println!("Hello, world!");
+//! The `fanfare` binary: runs an edge node, checks configuration, mints tokens.
+
+mod config;
+mod http;
+mod websocket;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fanfare_core::auth::unix_now;
+use fanfare_core::{Authenticator, ConnectClaims, MemoryBroker, Node};
+use fanfare_protocol::DisconnectCode;
+use tokio::sync::watch;
+
+use crate::config::Settings;
+
+/// fanfare: a horizontally scalable WebSocket gateway and pub/sub broker
+/// speaking the Centrifugo client protocol v2.
+#[derive(Parser, Debug)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// TOML configuration file. Every key can also be set as
+    /// FANFARE__<SECTION>__<KEY> in the environment (lists comma-separated).
+    #[arg(long, short, global = true, env = "FANFARE_CONFIG")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a node (the default).
+    Run,
+    /// Validate the configuration and print the effective settings (secrets masked).
+    CheckConfig,
+    /// Print a connection JWT signed with auth.hmac_secret.
+    Token {
+        /// User id (the `sub` claim).
+        #[arg(long)]
+        user: String,
+        /// Server-side subscriptions, comma-separated (the `channels` claim).
+        #[arg(long, value_delimiter = ',')]
+        channels: Vec<String>,
+        /// Lifetime in seconds; 0 = no expiry.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+        /// JSON for the `info` claim.
+        #[arg(long)]
+        info: Option<String>,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fanfare: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => {
+            println!("# configuration is valid\n{}", settings.to_masked_toml());
+            Ok(())
+        }
+        Command::Token {
+            user,
+            channels,
+            ttl,
+            info,
+        } => {
+            let auth = Authenticator::new(&settings.auth).map_err(|e| anyhow::anyhow!(e))?;
+            if !auth.has_key() || settings.auth.hmac_secret.is_empty() {
+                anyhow::bail!("auth.hmac_secret: must be set to sign tokens");
+            }
+            let info = info
+                .map(|s| serde_json::from_str(&s).context("--info: not valid JSON"))
+                .transpose()?;
+            let claims = ConnectClaims {
+                sub: user,
+                exp: (ttl > 0).then(|| unix_now() + ttl),
+                info,
+                channels,
+            };
+            println!("{}", auth.sign(&claims).map_err(|e| anyhow::anyhow!(e))?);
+            Ok(())
+        }
+        Command::Run => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the tokio runtime")?;
+            rt.block_on(run_node(settings))
+        }
+    }
+}
+
+/// Refreshes gauges that are cheaper to read on scrape than to track per event.
+pub fn refresh_gauges(node: &Node) {
+    metrics::gauge!("fanfare_node_uptime_seconds").set(node.uptime().as_secs_f64());
+    metrics::gauge!("fanfare_node_ready").set(if node.is_ready() { 1.0 } else { 0.0 });
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+async fn run_node(settings: Settings) -> anyhow::Result<()> {
+    init_logging(&settings.log.level);
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(&[
+            0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+        ])
+        .context("metrics buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    fanfare_core::metrics::describe();
+
+    let auth = Authenticator::new(&settings.auth).map_err(|e| anyhow::anyhow!(e))?;
+    if auth.allow_anonymous() {
+        tracing::warn!(
+            "anonymous connections are allowed (no auth key set or auth.allow_anonymous = true)"
+        );
+    }
+    if settings.api.key.is_empty() {
+        tracing::warn!("api.key is not set: the control API will answer loopback callers only");
+    }
+    let node_cfg = settings.node_config();
+    let node = Node::new(
+        node_cfg.clone(),
+        Arc::new(MemoryBroker::new()),
+        auth,
+        settings.channel_rules()?,
+    );
+
+    let addr = settings.http_addr()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("http.listen: cannot listen on {addr}"))?;
+    tracing::info!(node = %node_cfg.name, http = %listener.local_addr()?, broker = "memory", "fanfare node started");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let state = http::HttpState {
+        node: node.clone(),
+        ws: Arc::new(websocket::WsOptions {
+            allowed_origins: settings.websocket.allowed_origins.clone(),
+            max_message_size: settings.websocket.max_message_size,
+            read_buffer_size: settings.websocket.read_buffer_size,
+            write_timeout: settings.websocket.write_timeout,
+        }),
+        metrics,
+    };
+    let server = tokio::spawn(http::serve(listener, state, stop_rx));
+
+    shutdown_signal().await;
+    tracing::info!("shutting down: closing clients with 3001");
+    let _ = stop_tx.send(true);
+    node.drain(DisconnectCode::SHUTDOWN);
+    let _ = server.await;
+    let deadline = tokio::time::Instant::now() + settings.shutdown.drain_timeout;
+    while node.num_connections() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(remaining = node.num_connections(), "stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
 }

@@ -1,0 +1,306 @@
+//! Configuration: built-in defaults < TOML file (`--config`) < `FANFARE__SECTION__KEY`
+//! environment variables. Unknown keys and bad values stop start-up with an
+//! error naming the key.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use fanfare_core::{AuthConfig, ChannelRules, Namespace, NodeConfig};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub node: NodeSection,
+    pub http: HttpSection,
+    pub grpc: GrpcSection,
+    pub broker: BrokerSection,
+    pub redis: RedisSection,
+    pub api: ApiSection,
+    pub auth: AuthConfig,
+    pub websocket: WebSocketSection,
+    pub client: ClientSection,
+    pub shutdown: ShutdownSection,
+    pub log: LogSection,
+    pub namespaces: Vec<Namespace>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// Name shown by Info; default: the host name.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    pub listen: String,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8000".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcSection {
+    pub listen: String,
+}
+
+impl Default for GrpcSection {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9000".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum BrokerKind {
+    #[default]
+    Memory,
+    Redis,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerSection {
+    pub kind: BrokerKind,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSection {
+    pub urls: Vec<String>,
+    pub cluster: bool,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    pub key: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebSocketSection {
+    /// Allowed `Origin` header values; `*` allows any. Requests without an
+    /// Origin header (non-browser clients) are always allowed.
+    pub allowed_origins: Vec<String>,
+    /// Largest client message in bytes; larger closes with 1009.
+    pub max_message_size: usize,
+    /// Read buffer per connection in bytes (memory per idle connection).
+    pub read_buffer_size: usize,
+    /// A write that does not finish within this time drops the connection.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+}
+
+impl Default for WebSocketSection {
+    fn default() -> Self {
+        Self {
+            allowed_origins: vec!["*".into()],
+            max_message_size: 65536,
+            read_buffer_size: 2048,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientSection {
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub pong_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Bound of each connection's outbound queue in bytes; overflow closes 3008.
+    pub queue_max_size: usize,
+    pub max_channels: usize,
+    #[serde(with = "humantime_serde")]
+    pub presence_ttl: Duration,
+}
+
+impl Default for ClientSection {
+    fn default() -> Self {
+        let n = NodeConfig::default();
+        Self {
+            ping_interval: n.ping_interval,
+            pong_timeout: n.pong_timeout,
+            connect_timeout: n.connect_timeout,
+            queue_max_size: n.max_queue_bytes,
+            max_channels: n.max_channels,
+            presence_ttl: n.presence_ttl,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownSection {
+    /// How long to wait for clients to receive their 3001 close before exiting.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownSection {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSection {
+    /// `tracing` filter, e.g. `info` or `fanfare=debug`; `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogSection {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+/// Keys the environment may give as comma-separated lists.
+const LIST_KEYS: &[&str] = &["redis.urls", "websocket.allowed_origins"];
+
+impl Settings {
+    /// Loads defaults, then the file (if any), then the environment.
+    pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let mut b = config::Config::builder();
+        if let Some(path) = file {
+            if !path.exists() {
+                bail!("config file {} does not exist", path.display());
+            }
+            b = b.add_source(config::File::from(path).format(config::FileFormat::Toml));
+        }
+        let mut env = config::Environment::with_prefix("FANFARE")
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .try_parsing(true);
+        for k in LIST_KEYS {
+            env = env.with_list_parse_key(k);
+        }
+        let cfg = b
+            .add_source(env)
+            .build()
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let settings: Settings = serde_path_to_error::deserialize(cfg).map_err(|e| {
+            let path = e.path().to_string();
+            anyhow::anyhow!("invalid configuration at `{path}`: {}", e.into_inner())
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        self.http_addr()?;
+        self.grpc.listen.parse::<SocketAddr>().with_context(|| {
+            format!(
+                "grpc.listen: {:?} is not an address like 0.0.0.0:9000",
+                self.grpc.listen
+            )
+        })?;
+        if self.broker.kind == BrokerKind::Redis {
+            bail!(
+                "broker.kind: \"redis\" is not available in this build yet; use \"memory\" (the default)"
+            );
+        }
+        for u in &self.redis.urls {
+            if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                bail!("redis.urls: {u:?} must start with redis:// or rediss://");
+            }
+        }
+        if self.websocket.max_message_size < 128 {
+            bail!("websocket.max_message_size: must be at least 128 bytes");
+        }
+        if !(64..=1 << 20).contains(&self.websocket.read_buffer_size) {
+            bail!("websocket.read_buffer_size: must be between 64 and 1048576 bytes");
+        }
+        if self.client.ping_interval < Duration::from_secs(1) {
+            bail!("client.ping_interval: must be at least 1s");
+        }
+        if self.client.pong_timeout.is_zero()
+            || self.client.pong_timeout >= self.client.ping_interval
+        {
+            bail!("client.pong_timeout: must be positive and shorter than client.ping_interval");
+        }
+        if self.client.queue_max_size < 1024 {
+            bail!("client.queue_max_size: must be at least 1024 bytes");
+        }
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            if ns.history_size > 0 && ns.history_ttl.is_zero() {
+                bail!("namespaces[{i}].history_ttl: must be set when history_size > 0");
+            }
+        }
+        self.channel_rules()?;
+        fanfare_core::Authenticator::new(&self.auth).map_err(|e| anyhow::anyhow!(e))?;
+        Ok(())
+    }
+
+    pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.http.listen.parse().with_context(|| {
+            format!(
+                "http.listen: {:?} is not an address like 0.0.0.0:8000",
+                self.http.listen
+            )
+        })
+    }
+
+    pub fn channel_rules(&self) -> anyhow::Result<ChannelRules> {
+        ChannelRules::new(self.namespaces.clone()).map_err(|e| anyhow::anyhow!(e))
+    }
+
+    pub fn node_config(&self) -> NodeConfig {
+        let name = if self.node.name.is_empty() {
+            hostname()
+        } else {
+            self.node.name.clone()
+        };
+        NodeConfig {
+            name,
+            ping_interval: self.client.ping_interval,
+            pong_timeout: self.client.pong_timeout,
+            connect_timeout: self.client.connect_timeout,
+            max_queue_bytes: self.client.queue_max_size,
+            max_channels: self.client.max_channels,
+            presence_ttl: self.client.presence_ttl,
+            ..NodeConfig::default()
+        }
+    }
+
+    /// The effective configuration as TOML, secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut s = self.clone();
+        for secret in [&mut s.api.key, &mut s.auth.hmac_secret] {
+            if !secret.is_empty() {
+                *secret = "********".into();
+            }
+        }
+        toml::to_string_pretty(&s).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "fanfare".into())
+}

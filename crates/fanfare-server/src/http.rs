@@ -1,0 +1,98 @@
+//! The public HTTP port: WebSocket upgrades, health, readiness and metrics.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fanfare_core::Node;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::websocket::{self, WsOptions};
+
+pub type Body = Full<Bytes>;
+
+pub fn plain(status: StatusCode, text: &'static str) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from_static(text.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// What every HTTP request needs.
+#[derive(Clone)]
+pub struct HttpState {
+    pub node: Node,
+    pub ws: Arc<WsOptions>,
+    pub metrics: PrometheusHandle,
+}
+
+fn route(req: Request<Incoming>, st: &HttpState) -> Response<Body> {
+    match (req.method(), req.uri().path()) {
+        (_, "/connection/websocket") => websocket::upgrade(req, st.node.clone(), st.ws.clone()),
+        (&Method::GET, "/health") => plain(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/ready") => {
+            if st.node.is_ready() {
+                plain(StatusCode::OK, "ready\n")
+            } else {
+                plain(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            crate::refresh_gauges(&st.node);
+            let mut r = Response::new(Full::new(Bytes::from(st.metrics.render())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
+        }
+        (_, "/health" | "/ready" | "/metrics") => {
+            plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => plain(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Accepts connections until `stop` turns true.
+pub async fn serve(listener: TcpListener, st: HttpState, mut stop: watch::Receiver<bool>) {
+    loop {
+        let (stream, peer): (_, SocketAddr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let st = st.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let resp = route(req, &st);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "http connection error");
+            }
+        });
+    }
+}
