@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Starts a node, drives one client through it, and lints /metrics with promtool.
+set -euo pipefail
+BIN=${1:?usage: check-metrics.sh <fanfare binary>}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+gport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+FANFARE__HTTP__LISTEN=127.0.0.1:$port FANFARE__GRPC__LISTEN=127.0.0.1:$gport "$BIN" >/tmp/fanfare-metrics.$$.log 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; rm -f /tmp/fanfare-metrics.$$.log' EXIT
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && break; sleep 0.1; done
+# One client session so that connection, command and message metrics exist.
+node -e '
+const WebSocket = require(process.argv[1] + "/tests/sdk/node_modules/ws");
+const ws = new WebSocket("ws://127.0.0.1:" + process.argv[2] + "/connection/websocket");
+ws.on("open", () => ws.send("{\"id\":1,\"connect\":{}}\n{\"id\":2,\"subscribe\":{\"channel\":\"m\"}}"));
+ws.on("message", () => { ws.close(); });
+ws.on("close", () => process.exit(0));
+setTimeout(() => process.exit(1), 5000);
+' "$ROOT" "$port"
+sleep 0.2
+body=$(curl -sf "http://127.0.0.1:$port/metrics")
+for m in fanfare_connections fanfare_connects_total fanfare_disconnects_total fanfare_messages_sent_total fanfare_commands_total; do
+  grep -q "^$m" <<<"$body" || { echo "metric $m missing from /metrics"; exit 1; }
+done
+out=$(promtool check metrics <<<"$body" 2>&1) || { echo "$out"; exit 1; }
+if [ -n "$out" ]; then echo "promtool findings:"; echo "$out"; exit 1; fi
+echo "metrics ok: $(grep -c '^fanfare_' <<<"$body") series, promtool clean"

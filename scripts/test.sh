@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Runs every fanfare test on a fresh machine: installs what the tests need
+# (Debian packages, Node modules), then formatting, lints, unit and integration
+# tests against real processes, the SDK end-to-end test and the metrics lint.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+step() { printf '\n==> %s\n' "$*"; }
+
+# Debian packages the tests use: redis-server (broker tests), promtool (metrics lint).
+need_apt=()
+command -v redis-server >/dev/null || need_apt+=(redis-server redis-tools)
+command -v promtool >/dev/null || need_apt+=(prometheus)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  step "installing ${need_apt[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test (unit + integration against the real binary)"
+cargo test --workspace
+
+step "SDK end-to-end (npm centrifuge + ws against the real binary)"
+cargo build -q -p fanfare-server
+FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run.sh
+
+step "metrics lint (promtool check metrics on a live node)"
+scripts/check-metrics.sh "$ROOT/target/debug/fanfare"
+
+step "all tests passed"
