@@ -1,7 +1,6 @@
 //! Channel -> local subscribers, sharded by channel hash.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
@@ -86,13 +85,14 @@ impl PreparedPush {
 }
 
 type Subscribers = HashMap<u64, Arc<Subscriber>, ahash::RandomState>;
+type Shard = RwLock<HashMap<Arc<str>, Subscribers, ahash::RandomState>>;
 
 /// Tracks which local sessions are subscribed to which channel.
 ///
 /// Sharded so that fan-out on one channel does not block subscribe/unsubscribe on
 /// channels of other shards. Locks are `std` locks, never held across `.await`.
 pub struct Hub {
-    shards: Box<[RwLock<HashMap<Arc<str>, Subscribers, ahash::RandomState>>]>,
+    shards: Box<[Shard]>,
     hasher: ahash::RandomState,
 }
 
@@ -112,10 +112,8 @@ impl Hub {
         }
     }
 
-    fn shard(&self, channel: &str) -> &RwLock<HashMap<Arc<str>, Subscribers, ahash::RandomState>> {
-        let mut h = self.hasher.build_hasher();
-        channel.hash(&mut h);
-        &self.shards[(h.finish() as usize) % SHARDS]
+    fn shard(&self, channel: &str) -> &Shard {
+        &self.shards[(self.hasher.hash_one(channel) as usize) % SHARDS]
     }
 
     /// Adds a subscriber; returns true when it is the channel's first on this node.

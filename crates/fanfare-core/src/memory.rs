@@ -1,7 +1,6 @@
 //! In-process broker for a single node.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -87,9 +86,7 @@ impl MemoryBroker {
     }
 
     fn shard(&self, channel: &str) -> std::sync::MutexGuard<'_, Shard> {
-        let mut h = self.hasher.build_hasher();
-        channel.hash(&mut h);
-        self.shards[(h.finish() as usize) % SHARDS]
+        self.shards[(self.hasher.hash_one(channel) as usize) % SHARDS]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }

@@ -514,15 +514,15 @@ impl Session {
         self.node.unsubscribe_local(channel, self.id).await;
         self.node.subscription_ended();
         let broker = self.node.broker();
-        if sub.presence {
-            if let Err(e) = broker.remove_presence(channel, &sub.info.client).await {
-                tracing::warn!(channel, error = %e, "presence remove failed");
-            }
+        if sub.presence
+            && let Err(e) = broker.remove_presence(channel, &sub.info.client).await
+        {
+            tracing::warn!(channel, error = %e, "presence remove failed");
         }
-        if sub.join_leave {
-            if let Err(e) = broker.publish_leave(channel, (*sub.info).clone()).await {
-                tracing::warn!(channel, error = %e, "leave push failed");
-            }
+        if sub.join_leave
+            && let Err(e) = broker.publish_leave(channel, (*sub.info).clone()).await
+        {
+            tracing::warn!(channel, error = %e, "leave push failed");
         }
         true
     }
@@ -615,10 +615,10 @@ impl Session {
             .history(&req.channel, query)
             .await
             .map_err(|_| ErrorCode::INTERNAL)?;
-        if let Some(since) = &req.since {
-            if since.epoch != page.position.epoch {
-                return Err(ErrorCode::UNRECOVERABLE_POSITION.into());
-            }
+        if let Some(since) = &req.since
+            && since.epoch != page.position.epoch
+        {
+            return Err(ErrorCode::UNRECOVERABLE_POSITION.into());
         }
         Ok(Some(ReplyBody::History(HistoryResult {
             publications: page.publications,
