@@ -130,7 +130,11 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     fanfare_core::metrics::describe();
-    metrics::describe_gauge!("fanfare_node_uptime_seconds", metrics::Unit::Seconds, "Seconds since this node started.");
+    metrics::describe_gauge!(
+        "fanfare_node_uptime_seconds",
+        metrics::Unit::Seconds,
+        "Seconds since this node started."
+    );
     metrics::describe_gauge!("fanfare_node_ready", "1 while /ready answers 200, else 0.");
 
     let auth = Authenticator::new(&settings.auth).map_err(|e| anyhow::anyhow!(e))?;
