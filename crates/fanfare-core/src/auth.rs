@@ -97,17 +97,14 @@ impl Authenticator {
         } else if !cfg.public_key_pem.is_empty() {
             let pem = cfg.public_key_pem.as_bytes();
             let key = if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
-                (
-                    k,
-                    validation(&[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512]),
-                )
+                (k, validation(&[Algorithm::RS256, Algorithm::RS384, Algorithm::RS512]))
             } else if let Ok(k) = DecodingKey::from_ec_pem(pem) {
                 (k, validation(&[Algorithm::ES256, Algorithm::ES384]))
             } else if let Ok(k) = DecodingKey::from_ed_pem(pem) {
                 (k, validation(&[Algorithm::EdDSA]))
             } else {
                 return Err(
-                    "auth.public_key_pem: not a PEM RSA, EC or Ed25519 public key".to_string(),
+                    "auth.public_key_pem: not a PEM RSA, EC or Ed25519 public key".to_string()
                 );
             };
             (Some(key), None)
@@ -115,11 +112,7 @@ impl Authenticator {
             (None, None)
         };
         let allow_anonymous = cfg.allow_anonymous.unwrap_or(key.is_none());
-        Ok(Self {
-            key,
-            signing,
-            allow_anonymous,
-        })
+        Ok(Self { key, signing, allow_anonymous })
     }
 
     pub fn allow_anonymous(&self) -> bool {
@@ -132,12 +125,12 @@ impl Authenticator {
 
     fn verify<T: serde::de::DeserializeOwned>(&self, token: &str) -> Result<T, AuthError> {
         let (key, validation) = self.key.as_ref().ok_or(AuthError::NoKey)?;
-        jsonwebtoken::decode::<T>(token, key, validation)
-            .map(|d| d.claims)
-            .map_err(|e| match e.kind() {
+        jsonwebtoken::decode::<T>(token, key, validation).map(|d| d.claims).map_err(|e| {
+            match e.kind() {
                 ErrorKind::ExpiredSignature => AuthError::Expired,
                 _ => AuthError::Invalid(e.to_string()),
-            })
+            }
+        })
     }
 
     pub fn verify_connect(&self, token: &str) -> Result<ConnectClaims, AuthError> {
@@ -158,10 +151,7 @@ impl Authenticator {
 
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// The `info` claim as raw JSON bytes for `ClientInfo`.
@@ -178,11 +168,8 @@ mod tests {
 
     #[test]
     fn hmac_roundtrip_expiry_and_tamper() {
-        let a = Authenticator::new(&AuthConfig {
-            hmac_secret: "s3".into(),
-            ..Default::default()
-        })
-        .unwrap();
+        let a = Authenticator::new(&AuthConfig { hmac_secret: "s3".into(), ..Default::default() })
+            .unwrap();
         assert!(!a.allow_anonymous());
         let t = a
             .sign(&ConnectClaims {
@@ -200,15 +187,10 @@ mod tests {
             })
             .unwrap();
         assert_eq!(a.verify_connect(&old), Err(AuthError::Expired));
-        let other = Authenticator::new(&AuthConfig {
-            hmac_secret: "x".into(),
-            ..Default::default()
-        })
-        .unwrap();
-        assert!(matches!(
-            other.verify_connect(&t),
-            Err(AuthError::Invalid(_))
-        ));
+        let other =
+            Authenticator::new(&AuthConfig { hmac_secret: "x".into(), ..Default::default() })
+                .unwrap();
+        assert!(matches!(other.verify_connect(&t), Err(AuthError::Invalid(_))));
         let none = Authenticator::new(&AuthConfig::default()).unwrap();
         assert!(none.allow_anonymous());
         assert_eq!(none.verify_connect(&t), Err(AuthError::NoKey));

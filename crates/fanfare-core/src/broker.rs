@@ -54,6 +54,12 @@ pub trait BrokerHandler: Send + Sync + 'static {
     fn on_publication(&self, channel: &str, publication: Publication);
     fn on_join(&self, channel: &str, info: ClientInfo);
     fn on_leave(&self, channel: &str, info: ClientInfo);
+    /// Deliveries for `channel` may have been lost (e.g. the broker connection
+    /// dropped): subscribers must be told so they can recover.
+    fn on_gap(&self, channel: &str);
+    /// Whether this node still has local subscribers of `channel` (checked
+    /// before a delayed broker unsubscribe, so a racing subscribe wins).
+    fn has_subscribers(&self, channel: &str) -> bool;
 }
 
 /// Pub/sub, history and presence for a node: `MemoryBroker` for a single node,

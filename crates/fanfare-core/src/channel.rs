@@ -77,11 +77,7 @@ impl ChannelRules {
                 default = ns;
                 continue;
             }
-            if !ns
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
-            {
+            if !ns.name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
                 return Err(format!(
                     "namespaces: name {:?} may only contain letters, digits, '_', '-' and '.'",
                     ns.name
@@ -109,11 +105,9 @@ impl ChannelRules {
         }
         match channel.split_once(':') {
             None => Ok(&self.default),
-            Some((ns, _)) => self
-                .named
-                .iter()
-                .find(|n| n.name == ns)
-                .ok_or(ChannelError::UnknownNamespace),
+            Some((ns, _)) => {
+                self.named.iter().find(|n| n.name == ns).ok_or(ChannelError::UnknownNamespace)
+            }
         }
     }
 
@@ -141,22 +135,13 @@ mod tests {
         .unwrap();
         assert!(rules.namespace("chat:room").unwrap().presence);
         assert!(!rules.namespace("news").unwrap().presence);
-        assert_eq!(
-            rules.namespace("nope:x"),
-            Err(ChannelError::UnknownNamespace)
-        );
+        assert_eq!(rules.namespace("nope:x"), Err(ChannelError::UnknownNamespace));
         assert_eq!(rules.namespace(""), Err(ChannelError::Invalid));
         assert_eq!(rules.namespace("a b"), Err(ChannelError::Invalid));
-        assert_eq!(
-            rules.namespace(&"x".repeat(256)),
-            Err(ChannelError::Invalid)
-        );
+        assert_eq!(rules.namespace(&"x".repeat(256)), Err(ChannelError::Invalid));
         assert!(
-            ChannelRules::new(vec![Namespace {
-                name: "a b".into(),
-                ..Default::default()
-            }])
-            .is_err()
+            ChannelRules::new(vec![Namespace { name: "a b".into(), ..Default::default() }])
+                .is_err()
         );
     }
 }

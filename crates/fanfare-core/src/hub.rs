@@ -1,13 +1,13 @@
 //! Channel -> local subscribers, sharded by channel hash.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
 use fanfare_protocol::{Codec, Reply};
 
-use crate::outbox::Outbox;
+use crate::outbox::{Control, Outbox};
 
 const SHARDS: usize = 64;
 
@@ -26,11 +26,7 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub fn new(outbox: Arc<Outbox>) -> Self {
-        Self {
-            outbox,
-            live: AtomicBool::new(false),
-            held: Mutex::new(Vec::new()),
-        }
+        Self { outbox, live: AtomicBool::new(false), held: Mutex::new(Vec::new()) }
     }
 
     fn deliver(&self, offset: u64, item: &Bytes) {
@@ -72,11 +68,7 @@ pub struct PreparedPush {
 
 impl PreparedPush {
     pub fn new(reply: Reply, offset: u64) -> Self {
-        Self {
-            reply,
-            offset,
-            encoded: std::array::from_fn(|_| OnceLock::new()),
-        }
+        Self { reply, offset, encoded: std::array::from_fn(|_| OnceLock::new()) }
     }
 
     fn get(&self, codec: Codec) -> &Bytes {
@@ -85,7 +77,26 @@ impl PreparedPush {
 }
 
 type Subscribers = HashMap<u64, Arc<Subscriber>, ahash::RandomState>;
-type Shard = RwLock<HashMap<Arc<str>, Subscribers, ahash::RandomState>>;
+
+/// The local subscribers of one channel and the last stream offset this node
+/// delivered for it (0 = none yet), to notice gaps in the broker's stream.
+#[derive(Default)]
+struct ChannelSubs {
+    subs: Subscribers,
+    last_offset: AtomicU64,
+}
+
+type Shard = RwLock<HashMap<Arc<str>, ChannelSubs, ahash::RandomState>>;
+
+/// What [`Hub::fan_out`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FanOut {
+    /// Queued for this many local subscribers.
+    Delivered(usize),
+    /// The offset does not follow the last one delivered: publications were
+    /// missed. Nothing was delivered; the caller must evict the subscribers.
+    Gap,
+}
 
 /// Tracks which local sessions are subscribed to which channel.
 ///
@@ -105,9 +116,7 @@ impl Default for Hub {
 impl Hub {
     pub fn new() -> Self {
         Self {
-            shards: (0..SHARDS)
-                .map(|_| RwLock::new(HashMap::default()))
-                .collect(),
+            shards: (0..SHARDS).map(|_| RwLock::new(HashMap::default())).collect(),
             hasher: ahash::RandomState::new(),
         }
     }
@@ -118,19 +127,16 @@ impl Hub {
 
     /// Adds a subscriber; returns true when it is the channel's first on this node.
     pub fn subscribe(&self, channel: &str, session: u64, sub: Arc<Subscriber>) -> bool {
-        let mut shard = self
-            .shard(channel)
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut shard = self.shard(channel).write().unwrap_or_else(|p| p.into_inner());
         match shard.get_mut(channel) {
-            Some(subs) => {
-                subs.insert(session, sub);
+            Some(entry) => {
+                entry.subs.insert(session, sub);
                 false
             }
             None => {
-                let mut subs = Subscribers::default();
-                subs.insert(session, sub);
-                shard.insert(Arc::from(channel), subs);
+                let mut entry = ChannelSubs::default();
+                entry.subs.insert(session, sub);
+                shard.insert(Arc::from(channel), entry);
                 true
             }
         }
@@ -138,52 +144,68 @@ impl Hub {
 
     /// Removes a subscriber; returns true when the channel has no local subscriber left.
     pub fn unsubscribe(&self, channel: &str, session: u64) -> bool {
-        let mut shard = self
-            .shard(channel)
-            .write()
-            .unwrap_or_else(|p| p.into_inner());
-        let Some(subs) = shard.get_mut(channel) else {
-            return false;
-        };
-        if subs.remove(&session).is_none() {
+        let mut shard = self.shard(channel).write().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = shard.get_mut(channel) else { return false };
+        if entry.subs.remove(&session).is_none() {
             return false;
         }
-        if subs.is_empty() {
+        if entry.subs.is_empty() {
             shard.remove(channel);
             return true;
         }
         false
     }
 
-    /// Queues `push` for every local subscriber of `channel`; returns how many.
-    pub fn fan_out(&self, channel: &str, push: &PreparedPush) -> usize {
-        let shard = self
-            .shard(channel)
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
-        let Some(subs) = shard.get(channel) else {
-            return 0;
-        };
-        for sub in subs.values() {
+    /// Queues `push` for every local subscriber of `channel`.
+    ///
+    /// Pushes with an offset must continue the channel's stream (previous + 1);
+    /// otherwise nothing is delivered and [`FanOut::Gap`] is returned.
+    pub fn fan_out(&self, channel: &str, push: &PreparedPush) -> FanOut {
+        let shard = self.shard(channel).read().unwrap_or_else(|p| p.into_inner());
+        let Some(entry) = shard.get(channel) else { return FanOut::Delivered(0) };
+        if push.offset > 0 {
+            let prev = entry.last_offset.swap(push.offset, Ordering::AcqRel);
+            if prev != 0 && push.offset != prev + 1 {
+                return FanOut::Gap;
+            }
+        }
+        for sub in entry.subs.values() {
             sub.deliver(push.offset, push.get(sub.outbox.codec()));
         }
-        subs.len()
+        FanOut::Delivered(entry.subs.len())
+    }
+
+    /// Removes every local subscriber of `channel` and tells each session, so
+    /// that no further push reaches them before their SDK resubscribes.
+    pub fn evict(&self, channel: &str, code: u32, reason: &'static str) -> usize {
+        let entry = {
+            let mut shard = self.shard(channel).write().unwrap_or_else(|p| p.into_inner());
+            shard.remove(channel)
+        };
+        let Some(entry) = entry else { return 0 };
+        let channel: Arc<str> = Arc::from(channel);
+        for sub in entry.subs.values() {
+            sub.outbox.push_control(Control::Unsubscribed {
+                channel: channel.clone(),
+                code,
+                reason,
+            });
+        }
+        entry.subs.len()
+    }
+
+    pub fn has_subscribers(&self, channel: &str) -> bool {
+        self.num_subscribers(channel) > 0
     }
 
     pub fn num_subscribers(&self, channel: &str) -> usize {
-        let shard = self
-            .shard(channel)
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
-        shard.get(channel).map_or(0, |s| s.len())
+        let shard = self.shard(channel).read().unwrap_or_else(|p| p.into_inner());
+        shard.get(channel).map_or(0, |s| s.subs.len())
     }
 
     /// Number of channels with at least one local subscriber.
     pub fn num_channels(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
+        self.shards.iter().map(|s| s.read().unwrap_or_else(|p| p.into_inner()).len()).sum()
     }
 
     /// Every channel with local subscribers and their count.
@@ -191,7 +213,7 @@ impl Hub {
         let mut out = Vec::new();
         for s in self.shards.iter() {
             let s = s.read().unwrap_or_else(|p| p.into_inner());
-            out.extend(s.iter().map(|(c, subs)| (c.clone(), subs.len())));
+            out.extend(s.iter().map(|(c, e)| (c.clone(), e.subs.len())));
         }
         out
     }
@@ -203,11 +225,7 @@ mod tests {
     use fanfare_protocol::{Publication, PushBody};
 
     fn push(offset: u64) -> PreparedPush {
-        let p = Publication {
-            data: Bytes::from(offset.to_string()),
-            offset,
-            ..Default::default()
-        };
+        let p = Publication { data: Bytes::from(offset.to_string()), offset, ..Default::default() };
         PreparedPush::new(Reply::push("c", PushBody::Pub(p)), offset)
     }
 
@@ -217,7 +235,7 @@ mod tests {
         let outbox = Arc::new(Outbox::new(Codec::Json, 1 << 20));
         let sub = Arc::new(Subscriber::new(outbox.clone()));
         assert!(hub.subscribe("c", 1, sub.clone()));
-        hub.fan_out("c", &push(5));
+        assert_eq!(hub.fan_out("c", &push(5)), FanOut::Delivered(1));
         hub.fan_out("c", &push(6));
         let mut v = Vec::new();
         outbox.drain(&mut v);
@@ -225,16 +243,36 @@ mod tests {
         sub.go_live(5);
         hub.fan_out("c", &push(7));
         outbox.drain(&mut v);
-        let got: Vec<String> = v
-            .iter()
-            .map(|b| String::from_utf8_lossy(b).into_owned())
-            .collect();
+        let got: Vec<String> = v.iter().map(|b| String::from_utf8_lossy(b).into_owned()).collect();
         assert_eq!(got.len(), 2);
         assert!(got[0].contains("\"offset\":6"));
         assert!(got[1].contains("\"offset\":7"));
+        assert_eq!(hub.fan_out("c", &push(9)), FanOut::Gap, "offset 8 is missing");
         assert!(!hub.subscribe("c", 2, Arc::new(Subscriber::new(outbox.clone()))));
         assert!(!hub.unsubscribe("c", 1));
         assert!(hub.unsubscribe("c", 2));
         assert_eq!(hub.num_channels(), 0);
+    }
+}
+
+#[cfg(test)]
+mod evict_tests {
+    use super::*;
+
+    #[test]
+    fn evict_removes_subscribers_and_tells_sessions() {
+        let hub = Hub::new();
+        let outbox = Arc::new(Outbox::new(Codec::Json, 1 << 20));
+        hub.subscribe("c", 1, Arc::new(Subscriber::new(outbox.clone())));
+        assert_eq!(hub.evict("c", 2500, "insufficient state"), 1);
+        assert!(!hub.has_subscribers("c"));
+        assert_eq!(
+            outbox.take_controls(),
+            vec![Control::Unsubscribed {
+                channel: "c".into(),
+                code: 2500,
+                reason: "insufficient state"
+            }]
+        );
     }
 }

@@ -22,11 +22,7 @@ struct Stream {
 
 impl Stream {
     fn new() -> Self {
-        Self {
-            epoch: new_epoch(),
-            top: 0,
-            items: VecDeque::new(),
-        }
+        Self { epoch: new_epoch(), top: 0, items: VecDeque::new() }
     }
 
     fn expire(&mut self, ttl: Duration, now: Instant) {
@@ -40,10 +36,7 @@ impl Stream {
     }
 
     fn position(&self) -> StreamPosition {
-        StreamPosition {
-            offset: self.top,
-            epoch: self.epoch.clone(),
-        }
+        StreamPosition { offset: self.top, epoch: self.epoch.clone() }
     }
 }
 
@@ -179,10 +172,7 @@ impl Broker for MemoryBroker {
                     0
                 } else {
                     // The first kept offset must directly follow `since`.
-                    let first_kept = stream
-                        .items
-                        .front()
-                        .map_or(stream.top + 1, |(_, p)| p.offset);
+                    let first_kept = stream.items.front().map_or(stream.top + 1, |(_, p)| p.offset);
                     if since.offset + 1 < first_kept {
                         complete = false;
                     }
@@ -192,11 +182,7 @@ impl Broker for MemoryBroker {
             None => 0,
         };
         let limit = query.limit.unwrap_or(usize::MAX);
-        let matching = stream
-            .items
-            .iter()
-            .map(|(_, p)| p)
-            .filter(|p| p.offset > after);
+        let matching = stream.items.iter().map(|(_, p)| p).filter(|p| p.offset > after);
         let publications: Vec<Publication> = if query.reverse {
             let mut v: Vec<_> = matching.cloned().collect();
             v.reverse();
@@ -205,11 +191,7 @@ impl Broker for MemoryBroker {
         } else {
             matching.take(limit).cloned().collect()
         };
-        Ok(HistoryPage {
-            publications,
-            position,
-            complete,
-        })
+        Ok(HistoryPage { publications, position, complete })
     }
 
     async fn add_presence(
@@ -263,17 +245,11 @@ mod tests {
     use bytes::Bytes;
 
     fn opts() -> PublishOptions {
-        PublishOptions {
-            history_size: 3,
-            history_ttl: Duration::from_secs(60),
-        }
+        PublishOptions { history_size: 3, history_ttl: Duration::from_secs(60) }
     }
 
     fn publication(n: u8) -> Publication {
-        Publication {
-            data: Bytes::from(vec![b'0' + n]),
-            ..Default::default()
-        }
+        Publication { data: Bytes::from(vec![b'0' + n]), ..Default::default() }
     }
 
     #[tokio::test]
@@ -289,31 +265,19 @@ mod tests {
             .history(
                 "c",
                 HistoryQuery {
-                    since: Some(StreamPosition {
-                        offset: 2,
-                        epoch: pos.epoch.clone(),
-                    }),
+                    since: Some(StreamPosition { offset: 2, epoch: pos.epoch.clone() }),
                     ..Default::default()
                 },
             )
             .await
             .unwrap();
         assert!(page.complete);
-        assert_eq!(
-            page.publications
-                .iter()
-                .map(|p| p.offset)
-                .collect::<Vec<_>>(),
-            vec![3, 4, 5]
-        );
+        assert_eq!(page.publications.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![3, 4, 5]);
         let page = b
             .history(
                 "c",
                 HistoryQuery {
-                    since: Some(StreamPosition {
-                        offset: 1,
-                        epoch: pos.epoch.clone(),
-                    }),
+                    since: Some(StreamPosition { offset: 1, epoch: pos.epoch.clone() }),
                     ..Default::default()
                 },
             )
@@ -324,10 +288,7 @@ mod tests {
             .history(
                 "c",
                 HistoryQuery {
-                    since: Some(StreamPosition {
-                        offset: 4,
-                        epoch: "other".into(),
-                    }),
+                    since: Some(StreamPosition { offset: 4, epoch: "other".into() }),
                     ..Default::default()
                 },
             )
@@ -335,22 +296,9 @@ mod tests {
             .unwrap();
         assert!(!page.complete, "epoch changed");
         let page = b
-            .history(
-                "c",
-                HistoryQuery {
-                    limit: Some(2),
-                    reverse: true,
-                    ..Default::default()
-                },
-            )
+            .history("c", HistoryQuery { limit: Some(2), reverse: true, ..Default::default() })
             .await
             .unwrap();
-        assert_eq!(
-            page.publications
-                .iter()
-                .map(|p| p.offset)
-                .collect::<Vec<_>>(),
-            vec![5, 4]
-        );
+        assert_eq!(page.publications.iter().map(|p| p.offset).collect::<Vec<_>>(), vec![5, 4]);
     }
 }

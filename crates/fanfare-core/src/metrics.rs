@@ -17,6 +17,8 @@ pub const SLOW_CONSUMERS: &str = "fanfare_slow_consumer_disconnects_total";
 pub const PUBLICATIONS: &str = "fanfare_publications_total";
 pub const BROKER_PUBLISH: &str = "fanfare_broker_publish_duration_seconds";
 pub const COMMANDS: &str = "fanfare_commands_total";
+pub const STREAM_GAPS: &str = "fanfare_stream_gaps_total";
+pub const BROKER_RECONNECTS: &str = "fanfare_broker_reconnects_total";
 
 /// Cached handles for counters touched on every message.
 pub struct Hot {
@@ -54,30 +56,16 @@ pub fn slow_consumer() {
 /// Describes every metric (HELP lines) once at start-up.
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_gauge!(
-        CONNECTIONS,
-        "Client connections currently open on this node."
-    );
+    describe_gauge!(CONNECTIONS, "Client connections currently open on this node.");
     describe_counter!(CONNECTS, "Client connects accepted.");
     describe_counter!(DISCONNECTS, "Client disconnects by reason.");
     describe_gauge!(SUBSCRIPTIONS, "Client subscriptions on this node.");
     describe_gauge!(CHANNELS, "Channels with at least one local subscriber.");
     describe_counter!(MESSAGES_SENT, "Replies and pushes written to clients.");
     describe_counter!(MESSAGES_RECEIVED, "Commands received from clients.");
-    describe_counter!(
-        BYTES_SENT,
-        Unit::Bytes,
-        "WebSocket payload bytes written to clients."
-    );
-    describe_counter!(
-        BYTES_RECEIVED,
-        Unit::Bytes,
-        "WebSocket payload bytes read from clients."
-    );
-    describe_counter!(
-        SLOW_CONSUMERS,
-        "Clients closed with 3008 because their queue overflowed."
-    );
+    describe_counter!(BYTES_SENT, Unit::Bytes, "WebSocket payload bytes written to clients.");
+    describe_counter!(BYTES_RECEIVED, Unit::Bytes, "WebSocket payload bytes read from clients.");
+    describe_counter!(SLOW_CONSUMERS, "Clients closed with 3008 because their queue overflowed.");
     describe_counter!(PUBLICATIONS, "Publications accepted by this node.");
     describe_histogram!(
         BROKER_PUBLISH,
@@ -85,4 +73,9 @@ pub fn describe() {
         "Time the broker took to accept a publication."
     );
     describe_counter!(COMMANDS, "Client commands by method.");
+    describe_counter!(
+        STREAM_GAPS,
+        "Channels whose subscribers were told to resubscribe because deliveries may have been lost."
+    );
+    describe_counter!(BROKER_RECONNECTS, "Broker connections re-established after a failure.");
 }

@@ -10,7 +10,7 @@ use fanfare_protocol::{ClientInfo, DisconnectCode, Publication, PushBody, Reply,
 use crate::auth::Authenticator;
 use crate::broker::{Broker, BrokerError, BrokerHandler, PublishOptions};
 use crate::channel::{ChannelRules, Namespace};
-use crate::hub::{Hub, PreparedPush, Subscriber};
+use crate::hub::{FanOut, Hub, PreparedPush, Subscriber};
 use crate::metrics;
 use crate::outbox::Outbox;
 
@@ -54,25 +54,38 @@ struct HubDelivery {
     hub: Arc<Hub>,
 }
 
+/// Unsubscribe push code telling SDKs to resubscribe (with recovery).
+pub const INSUFFICIENT_STATE: u32 = 2500;
+
 impl BrokerHandler for HubDelivery {
     fn on_publication(&self, channel: &str, publication: Publication) {
         let offset = publication.offset;
         let push = PreparedPush::new(Reply::push(channel, PushBody::Pub(publication)), offset);
-        self.hub.fan_out(channel, &push);
+        if self.hub.fan_out(channel, &push) == FanOut::Gap {
+            self.on_gap(channel);
+        }
+    }
+
+    fn on_gap(&self, channel: &str) {
+        let n = self.hub.evict(channel, INSUFFICIENT_STATE, "insufficient state");
+        if n > 0 {
+            tracing::info!(channel, subscribers = n, "stream gap: subscribers told to resubscribe");
+            ::metrics::counter!(metrics::STREAM_GAPS).increment(1);
+        }
+    }
+
+    fn has_subscribers(&self, channel: &str) -> bool {
+        self.hub.has_subscribers(channel)
     }
 
     fn on_join(&self, channel: &str, info: ClientInfo) {
-        self.hub.fan_out(
-            channel,
-            &PreparedPush::new(Reply::push(channel, PushBody::Join(info)), 0),
-        );
+        self.hub
+            .fan_out(channel, &PreparedPush::new(Reply::push(channel, PushBody::Join(info)), 0));
     }
 
     fn on_leave(&self, channel: &str, info: ClientInfo) {
-        self.hub.fan_out(
-            channel,
-            &PreparedPush::new(Reply::push(channel, PushBody::Leave(info)), 0),
-        );
+        self.hub
+            .fan_out(channel, &PreparedPush::new(Reply::push(channel, PushBody::Leave(info)), 0));
     }
 }
 
@@ -160,10 +173,7 @@ impl Node {
     }
 
     fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Outbox>, ahash::RandomState>> {
-        self.shared
-            .sessions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.shared.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn num_connections(&self) -> usize {
@@ -211,10 +221,7 @@ impl Node {
         publication: Publication,
     ) -> Result<StreamPosition, BrokerError> {
         let opts = if ns.history_enabled() {
-            PublishOptions {
-                history_size: ns.history_size,
-                history_ttl: ns.history_ttl,
-            }
+            PublishOptions { history_size: ns.history_size, history_ttl: ns.history_ttl }
         } else {
             PublishOptions::default()
         };

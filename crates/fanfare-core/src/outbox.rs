@@ -26,16 +26,22 @@ struct State {
     items: VecDeque<Bytes>,
     bytes: usize,
     close: Option<DisconnectCode>,
+    controls: Vec<Control>,
+}
+
+/// A request from the node to a session, applied by the session's own task
+/// (so session state is only ever touched by that task).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// The node stopped delivering `channel` to this session (e.g. its stream may
+    /// have a gap): drop the subscription and send an unsubscribe push with `code`
+    /// (>= 2500 makes SDKs resubscribe, with recovery when they use it).
+    Unsubscribed { channel: std::sync::Arc<str>, code: u32, reason: &'static str },
 }
 
 impl Outbox {
     pub fn new(codec: Codec, max_bytes: usize) -> Self {
-        Self {
-            state: Mutex::new(State::default()),
-            notify: Notify::new(),
-            max_bytes,
-            codec,
-        }
+        Self { state: Mutex::new(State::default()), notify: Notify::new(), max_bytes, codec }
     }
 
     pub fn codec(&self) -> Codec {
@@ -83,6 +89,22 @@ impl Outbox {
         }
         drop(st);
         self.notify.notify_one();
+    }
+
+    /// Queues a control request for the session's task.
+    pub fn push_control(&self, control: Control) {
+        let mut st = self.lock();
+        if st.close.is_some() {
+            return;
+        }
+        st.controls.push(control);
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    /// Takes pending control requests.
+    pub fn take_controls(&self) -> Vec<Control> {
+        std::mem::take(&mut self.lock().controls)
     }
 
     pub fn is_closed(&self) -> bool {

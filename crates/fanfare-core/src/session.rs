@@ -21,7 +21,7 @@ use crate::broker::HistoryQuery;
 use crate::channel::{ChannelError, Namespace, personal_channel};
 use crate::hub::Subscriber;
 use crate::node::Node;
-use crate::outbox::Outbox;
+use crate::outbox::{Control, Outbox};
 
 /// How a command failed: a reply error (connection stays) or a disconnect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,6 +72,8 @@ pub struct Session {
     created: Instant,
     next_ping: Instant,
     pong_deadline: Option<Instant>,
+    /// When presence entries of this connection must be written again.
+    presence_refresh: Option<Instant>,
 }
 
 /// The `{}` server ping, encoded once.
@@ -106,6 +108,7 @@ impl Session {
             created: now,
             next_ping: now + jitter,
             pong_deadline: None,
+            presence_refresh: None,
         })
     }
 
@@ -124,7 +127,7 @@ impl Session {
             return self.created + self.node.config().connect_timeout;
         };
         let mut d = self.next_ping;
-        if let Some(p) = self.pong_deadline {
+        for p in [self.pong_deadline, self.presence_refresh].into_iter().flatten() {
             d = d.min(p);
         }
         if let Some(e) = conn.expires_at {
@@ -171,6 +174,9 @@ impl Session {
                 },
             ));
         }
+        if self.presence_refresh.is_some_and(|p| now >= p) {
+            self.refresh_presence().await;
+        }
         if now >= self.next_ping {
             self.outbox.push(ping_frame(self.outbox.codec()));
             if self.pong_deadline.is_none() {
@@ -181,15 +187,50 @@ impl Session {
         Ok(())
     }
 
+    /// Writes this connection's presence entries again before they expire.
+    async fn refresh_presence(&mut self) {
+        let ttl = self.node.config().presence_ttl;
+        self.presence_refresh = Some(Instant::now() + ttl / 3);
+        let Some(conn) = &self.conn else { return };
+        let entries: Vec<(Arc<str>, ClientInfo)> = conn
+            .subs
+            .iter()
+            .filter(|(_, s)| s.presence)
+            .map(|(c, s)| (c.clone(), (*s.info).clone()))
+            .collect();
+        if entries.is_empty() {
+            self.presence_refresh = None;
+        }
+        for (channel, info) in entries {
+            if let Err(e) = self.node.broker().add_presence(&channel, info, ttl).await {
+                tracing::warn!(channel = &*channel, error = %e, "presence refresh failed");
+            }
+        }
+    }
+
+    /// Applies requests the node queued for this session (see [`Control`]).
+    pub async fn apply_controls(&mut self) {
+        for control in self.outbox.take_controls() {
+            match control {
+                Control::Unsubscribed { channel, code, reason } => {
+                    if self.conn.is_some() && self.leave_channel(&channel).await {
+                        self.send(Reply::push(
+                            channel,
+                            fanfare_protocol::PushBody::Unsubscribe { code, reason: reason.into() },
+                        ));
+                    }
+                }
+            }
+        }
+    }
+
     /// Handles every command in one transport frame, in order.
     pub async fn handle_frame(&mut self, frame: &[u8]) -> Result<(), DisconnectCode> {
         let commands = self.outbox.codec().decode(frame).map_err(|e| {
             tracing::debug!(session = self.id, error = %e, "undecodable frame");
             DisconnectCode::BAD_REQUEST
         })?;
-        crate::metrics::hot()
-            .messages_received
-            .increment(commands.len() as u64);
+        crate::metrics::hot().messages_received.increment(commands.len() as u64);
         for cmd in commands {
             self.handle_command(cmd).await?;
         }
@@ -253,15 +294,11 @@ impl Session {
     }
 
     fn connected(&self) -> &Connected {
-        self.conn
-            .as_ref()
-            .expect("commands other than connect run only once connected")
+        self.conn.as_ref().expect("commands other than connect run only once connected")
     }
 
     fn connected_mut(&mut self) -> &mut Connected {
-        self.conn
-            .as_mut()
-            .expect("commands other than connect run only once connected")
+        self.conn.as_mut().expect("commands other than connect run only once connected")
     }
 
     async fn connect(&mut self, id: u32, req: ConnectRequest) -> Result<Option<ReplyBody>, Fail> {
@@ -288,11 +325,7 @@ impl Session {
             conn_info,
             chan_info: Bytes::new(),
         });
-        self.conn = Some(Box::new(Connected {
-            info,
-            expires_at,
-            subs: HashMap::default(),
-        }));
+        self.conn = Some(Box::new(Connected { info, expires_at, subs: HashMap::default() }));
 
         // Server-side subscriptions: the personal channel and the token's channels.
         let mut server_channels = Vec::new();
@@ -310,21 +343,14 @@ impl Session {
             if self.connected().subs.contains_key(channel.as_str()) {
                 continue;
             }
-            let wanted = req
-                .subs
-                .iter()
-                .find(|(c, _)| *c == channel)
-                .map(|(_, s)| s.clone());
+            let wanted = req.subs.iter().find(|(c, _)| *c == channel).map(|(_, s)| s.clone());
             let sub_req = wanted.unwrap_or_else(|| SubscribeRequest {
                 channel: channel.clone(),
                 recoverable: true,
                 positioned: true,
                 ..Default::default()
             });
-            match self
-                .join_channel(&channel, &sub_req, &ns, Bytes::new(), None)
-                .await
-            {
+            match self.join_channel(&channel, &sub_req, &ns, Bytes::new(), None).await {
                 Ok((result, subscriber)) => {
                     live.push((subscriber, result.offset, channel.clone(), ns.join_leave));
                     subs.push((channel, result));
@@ -380,18 +406,12 @@ impl Session {
         if ns.history_enabled() && (req.recover || req.recoverable || req.positioned) {
             let query = if req.recover {
                 HistoryQuery {
-                    since: Some(StreamPosition {
-                        offset: req.offset,
-                        epoch: req.epoch.clone(),
-                    }),
+                    since: Some(StreamPosition { offset: req.offset, epoch: req.epoch.clone() }),
                     limit: None,
                     reverse: false,
                 }
             } else {
-                HistoryQuery {
-                    limit: Some(0),
-                    ..Default::default()
-                }
+                HistoryQuery { limit: Some(0), ..Default::default() }
             };
             match self.node.broker().history(channel, query).await {
                 Ok(page) => {
@@ -418,19 +438,11 @@ impl Session {
         let info = if chan_info.is_empty() {
             base.clone()
         } else {
-            Arc::new(ClientInfo {
-                chan_info,
-                ..(**base).clone()
-            })
+            Arc::new(ClientInfo { chan_info, ..(**base).clone() })
         };
         if ns.presence {
             let ttl = self.node.config().presence_ttl;
-            if let Err(e) = self
-                .node
-                .broker()
-                .add_presence(channel, (*info).clone(), ttl)
-                .await
-            {
+            if let Err(e) = self.node.broker().add_presence(channel, (*info).clone(), ttl).await {
                 tracing::warn!(channel, error = %e, "presence add failed");
             }
         }
@@ -440,12 +452,7 @@ impl Session {
         }
         self.connected_mut().subs.insert(
             channel.into(),
-            Subscription {
-                presence: ns.presence,
-                join_leave: ns.join_leave,
-                expires_at,
-                info,
-            },
+            Subscription { presence: ns.presence, join_leave: ns.join_leave, expires_at, info },
         );
         Ok((result, subscriber))
     }
@@ -494,9 +501,8 @@ impl Session {
         } else if ns.private || !ns.allow_subscribe {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
-        let (result, subscriber) = self
-            .join_channel(&channel, &req, &ns, chan_info, expires_at)
-            .await?;
+        let (result, subscriber) =
+            self.join_channel(&channel, &req, &ns, chan_info, expires_at).await?;
         let offset = result.offset;
         self.send(Reply::new(id, ReplyBody::Subscribe(Box::new(result))));
         subscriber.go_live(offset);
@@ -542,15 +548,8 @@ impl Session {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
         let conn = self.connected();
-        let info = conn
-            .subs
-            .get(channel)
-            .map_or_else(|| conn.info.clone(), |s| s.info.clone());
-        let publication = Publication {
-            data,
-            info: Some(info),
-            ..Default::default()
-        };
+        let info = conn.subs.get(channel).map_or_else(|| conn.info.clone(), |s| s.info.clone());
+        let publication = Publication { data, info: Some(info), ..Default::default() };
         match self.node.publish(channel, ns, publication).await {
             Ok(_) => Ok(Some(ReplyBody::Publish)),
             Err(e) => {
@@ -574,27 +573,15 @@ impl Session {
 
     async fn presence(&self, channel: &str) -> Result<Option<ReplyBody>, Fail> {
         self.readable(channel, |ns| ns.presence)?;
-        let map = self
-            .node
-            .broker()
-            .presence(channel)
-            .await
-            .map_err(|_| ErrorCode::INTERNAL)?;
+        let map = self.node.broker().presence(channel).await.map_err(|_| ErrorCode::INTERNAL)?;
         Ok(Some(ReplyBody::Presence(map)))
     }
 
     async fn presence_stats(&self, channel: &str) -> Result<Option<ReplyBody>, Fail> {
         self.readable(channel, |ns| ns.presence)?;
-        let (num_clients, num_users) = self
-            .node
-            .broker()
-            .presence_stats(channel)
-            .await
-            .map_err(|_| ErrorCode::INTERNAL)?;
-        Ok(Some(ReplyBody::PresenceStats {
-            num_clients,
-            num_users,
-        }))
+        let (num_clients, num_users) =
+            self.node.broker().presence_stats(channel).await.map_err(|_| ErrorCode::INTERNAL)?;
+        Ok(Some(ReplyBody::PresenceStats { num_clients, num_users }))
     }
 
     async fn history(&self, req: HistoryRequest) -> Result<Option<ReplyBody>, Fail> {
@@ -604,11 +591,7 @@ impl Session {
             n if n < 0 => None,
             n => Some(n as usize),
         };
-        let query = HistoryQuery {
-            since: req.since.clone(),
-            limit,
-            reverse: req.reverse,
-        };
+        let query = HistoryQuery { since: req.since.clone(), limit, reverse: req.reverse };
         let page = self
             .node
             .broker()

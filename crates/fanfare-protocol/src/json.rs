@@ -195,10 +195,7 @@ fn into_command(w: WireCommand<'_>) -> Command {
     } else if let Some(u) = w.unsubscribe {
         Request::Unsubscribe { channel: u.channel }
     } else if let Some(p) = w.publish {
-        Request::Publish {
-            channel: p.channel,
-            data: raw(p.data),
-        }
+        Request::Publish { channel: p.channel, data: raw(p.data) }
     } else if let Some(p) = w.presence {
         Request::Presence { channel: p.channel }
     } else if let Some(p) = w.presence_stats {
@@ -207,10 +204,7 @@ fn into_command(w: WireCommand<'_>) -> Command {
         Request::History(HistoryRequest {
             channel: h.channel,
             limit: h.limit,
-            since: h.since.map(|p| StreamPosition {
-                offset: p.offset,
-                epoch: p.epoch,
-            }),
+            since: h.since.map(|p| StreamPosition { offset: p.offset, epoch: p.epoch }),
             reverse: h.reverse,
         })
     } else if w.ping.is_some() {
@@ -218,17 +212,11 @@ fn into_command(w: WireCommand<'_>) -> Command {
     } else if let Some(s) = w.send {
         Request::Send { data: raw(s.data) }
     } else if let Some(r) = w.rpc {
-        Request::Rpc {
-            method: r.method,
-            data: raw(r.data),
-        }
+        Request::Rpc { method: r.method, data: raw(r.data) }
     } else if let Some(r) = w.refresh {
         Request::Refresh { token: r.token }
     } else if let Some(r) = w.sub_refresh {
-        Request::SubRefresh {
-            channel: r.channel,
-            token: r.token,
-        }
+        Request::SubRefresh { channel: r.channel, token: r.token }
     } else {
         Request::Empty
     };
@@ -288,8 +276,7 @@ impl<'a> Obj<'a> {
     fn uint(&mut self, name: &str, v: u64) -> &mut Self {
         if v != 0 {
             self.key(name);
-            self.out
-                .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+            self.out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
         }
         self
     }
@@ -297,8 +284,7 @@ impl<'a> Obj<'a> {
     fn int(&mut self, name: &str, v: i64) -> &mut Self {
         if v != 0 {
             self.key(name);
-            self.out
-                .extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+            self.out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
         }
         self
     }
@@ -413,9 +399,7 @@ fn connect_result(o: &mut Obj<'_>, r: &ConnectResult) {
         }
         subs.close();
     }
-    o.uint("ping", r.ping.into())
-        .bool("pong", r.pong)
-        .str("node", &r.node);
+    o.uint("ping", r.ping.into()).bool("pong", r.pong).str("node", &r.node);
 }
 
 fn history_result(o: &mut Obj<'_>, r: &HistoryResult) {
@@ -474,13 +458,9 @@ pub(crate) fn encode_reply(reply: &Reply, out: &mut Vec<u8>) {
             m.close();
             p.close();
         }
-        ReplyBody::PresenceStats {
-            num_clients,
-            num_users,
-        } => {
+        ReplyBody::PresenceStats { num_clients, num_users } => {
             let mut p = o.nested("presence_stats");
-            p.uint("num_clients", (*num_clients).into())
-                .uint("num_users", (*num_users).into());
+            p.uint("num_clients", (*num_clients).into()).uint("num_users", (*num_users).into());
             p.close();
         }
         ReplyBody::History(r) => {
@@ -498,12 +478,7 @@ pub(crate) fn encode_reply(reply: &Reply, out: &mut Vec<u8>) {
             r.raw("data", data);
             r.close();
         }
-        ReplyBody::Refresh {
-            client,
-            version,
-            expires,
-            ttl,
-        } => {
+        ReplyBody::Refresh { client, version, expires, ttl } => {
             let mut r = o.nested("refresh");
             r.str("client", client)
                 .str("version", version)
@@ -541,13 +516,7 @@ pub(crate) fn encode_reply(reply: &Reply, out: &mut Vec<u8>) {
                     m.raw("data", data);
                     m.close();
                 }
-                PushBody::Subscribe {
-                    recoverable,
-                    epoch,
-                    offset,
-                    positioned,
-                    data,
-                } => {
+                PushBody::Subscribe { recoverable, epoch, offset, positioned, data } => {
                     let mut s = p.nested("subscribe");
                     s.bool("recoverable", *recoverable)
                         .str("epoch", epoch)
@@ -612,10 +581,7 @@ mod tests {
             decode_commands(br#"{"subscribe":{"channel":"a"}}"#),
             Err(DecodeError::MissingId)
         );
-        assert!(matches!(
-            decode_commands(b"{\"id\":1,"),
-            Err(DecodeError::Malformed(_))
-        ));
+        assert!(matches!(decode_commands(b"{\"id\":1,"), Err(DecodeError::Malformed(_))));
         assert_eq!(decode_commands(b"  \n"), Err(DecodeError::Empty));
     }
 

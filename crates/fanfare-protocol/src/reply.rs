@@ -25,13 +25,7 @@ impl Reply {
     }
 
     pub fn push(channel: impl Into<Arc<str>>, body: PushBody) -> Self {
-        Self::new(
-            0,
-            ReplyBody::Push(Push {
-                channel: channel.into(),
-                body,
-            }),
-        )
+        Self::new(0, ReplyBody::Push(Push { channel: channel.into(), body }))
     }
 }
 
@@ -77,11 +71,7 @@ pub struct ReplyError {
 
 impl From<ErrorCode> for ReplyError {
     fn from(code: ErrorCode) -> Self {
-        Self {
-            code: code.0,
-            message: code.message().to_string(),
-            temporary: code.temporary(),
-        }
+        Self { code: code.0, message: code.message().to_string(), temporary: code.temporary() }
     }
 }
 
@@ -159,25 +149,11 @@ pub enum PushBody {
     Pub(Publication),
     Join(ClientInfo),
     Leave(ClientInfo),
-    Unsubscribe {
-        code: u32,
-        reason: String,
-    },
-    Message {
-        data: Bytes,
-    },
-    Subscribe {
-        recoverable: bool,
-        epoch: String,
-        offset: u64,
-        positioned: bool,
-        data: Bytes,
-    },
+    Unsubscribe { code: u32, reason: String },
+    Message { data: Bytes },
+    Subscribe { recoverable: bool, epoch: String, offset: u64, positioned: bool, data: Bytes },
     Disconnect(Disconnect),
-    Refresh {
-        expires: bool,
-        ttl: u32,
-    },
+    Refresh { expires: bool, ttl: u32 },
 }
 
 /// `Disconnect` push (code 1, reason 2).

@@ -42,9 +42,7 @@ pub struct HttpSection {
 
 impl Default for HttpSection {
     fn default() -> Self {
-        Self {
-            listen: "0.0.0.0:8000".into(),
-        }
+        Self { listen: "0.0.0.0:8000".into() }
     }
 }
 
@@ -56,9 +54,7 @@ pub struct GrpcSection {
 
 impl Default for GrpcSection {
     fn default() -> Self {
-        Self {
-            listen: "0.0.0.0:9000".into(),
-        }
+        Self { listen: "0.0.0.0:9000".into() }
     }
 }
 
@@ -155,9 +151,7 @@ pub struct ShutdownSection {
 
 impl Default for ShutdownSection {
     fn default() -> Self {
-        Self {
-            drain_timeout: Duration::from_secs(5),
-        }
+        Self { drain_timeout: Duration::from_secs(5) }
     }
 }
 
@@ -170,9 +164,7 @@ pub struct LogSection {
 
 impl Default for LogSection {
     fn default() -> Self {
-        Self {
-            level: "info".into(),
-        }
+        Self { level: "info".into() }
     }
 }
 
@@ -197,10 +189,7 @@ impl Settings {
         for k in LIST_KEYS {
             env = env.with_list_parse_key(k);
         }
-        let cfg = b
-            .add_source(env)
-            .build()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let cfg = b.add_source(env).build().map_err(|e| anyhow::anyhow!("{e}"))?;
         let settings: Settings = serde_path_to_error::deserialize(cfg).map_err(|e| {
             let path = e.path().to_string();
             anyhow::anyhow!("invalid configuration at `{path}`: {}", e.into_inner())
@@ -212,10 +201,7 @@ impl Settings {
     fn validate(&self) -> anyhow::Result<()> {
         self.http_addr()?;
         self.grpc.listen.parse::<SocketAddr>().with_context(|| {
-            format!(
-                "grpc.listen: {:?} is not an address like 0.0.0.0:9000",
-                self.grpc.listen
-            )
+            format!("grpc.listen: {:?} is not an address like 0.0.0.0:9000", self.grpc.listen)
         })?;
         if self.broker.kind == BrokerKind::Redis {
             bail!(
@@ -256,10 +242,7 @@ impl Settings {
 
     pub fn http_addr(&self) -> anyhow::Result<SocketAddr> {
         self.http.listen.parse().with_context(|| {
-            format!(
-                "http.listen: {:?} is not an address like 0.0.0.0:8000",
-                self.http.listen
-            )
+            format!("http.listen: {:?} is not an address like 0.0.0.0:8000", self.http.listen)
         })
     }
 
@@ -268,11 +251,7 @@ impl Settings {
     }
 
     pub fn node_config(&self) -> NodeConfig {
-        let name = if self.node.name.is_empty() {
-            hostname()
-        } else {
-            self.node.name.clone()
-        };
+        let name = if self.node.name.is_empty() { hostname() } else { self.node.name.clone() };
         NodeConfig {
             name,
             ping_interval: self.client.ping_interval,

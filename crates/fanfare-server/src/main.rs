@@ -72,12 +72,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("# configuration is valid\n{}", settings.to_masked_toml());
             Ok(())
         }
-        Command::Token {
-            user,
-            channels,
-            ttl,
-            info,
-        } => {
+        Command::Token { user, channels, ttl, info } => {
             let auth = Authenticator::new(&settings.auth).map_err(|e| anyhow::anyhow!(e))?;
             if !auth.has_key() || settings.auth.hmac_secret.is_empty() {
                 anyhow::bail!("auth.hmac_secret: must be set to sign tokens");
@@ -114,10 +109,7 @@ fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
 }
 
 async fn run_node(settings: Settings) -> anyhow::Result<()> {
@@ -147,12 +139,8 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         tracing::warn!("api.key is not set: the control API will answer loopback callers only");
     }
     let node_cfg = settings.node_config();
-    let node = Node::new(
-        node_cfg.clone(),
-        Arc::new(MemoryBroker::new()),
-        auth,
-        settings.channel_rules()?,
-    );
+    let node =
+        Node::new(node_cfg.clone(), Arc::new(MemoryBroker::new()), auth, settings.channel_rules()?);
 
     let addr = settings.http_addr()?;
     let listener = tokio::net::TcpListener::bind(addr)

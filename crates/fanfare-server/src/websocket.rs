@@ -36,9 +36,7 @@ pub struct WsOptions {
 impl WsOptions {
     fn origin_allowed(&self, origin: Option<&HeaderValue>) -> bool {
         let Some(origin) = origin else { return true };
-        self.allowed_origins
-            .iter()
-            .any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
+        self.allowed_origins.iter().any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
     }
 
     fn ws_config(&self) -> WebSocketConfig {
@@ -64,25 +62,11 @@ pub fn upgrade(mut req: Request<Incoming>, node: Node, opts: Arc<WsOptions>) -> 
         || !header_has_token(&req, header::CONNECTION, "upgrade")
         || !header_has_token(&req, header::UPGRADE, "websocket")
     {
-        return plain(
-            StatusCode::BAD_REQUEST,
-            "expected a WebSocket upgrade request\n",
-        );
+        return plain(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade request\n");
     }
-    if req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(|v| v.as_bytes())
-        != Some(b"13")
-    {
-        let mut r = plain(
-            StatusCode::UPGRADE_REQUIRED,
-            "unsupported WebSocket version\n",
-        );
-        r.headers_mut().insert(
-            header::SEC_WEBSOCKET_VERSION,
-            HeaderValue::from_static("13"),
-        );
+    if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+        let mut r = plain(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version\n");
+        r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
         return r;
     }
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
@@ -149,6 +133,7 @@ where
         tokio::select! {
             biased;
             _ = outbox.ready() => {
+                session.apply_controls().await;
                 match flush_outbox(&mut ws, &outbox, codec, opts.write_timeout).await {
                     Ok(None) => {}
                     Ok(Some(code)) => break End::Close(code),
@@ -244,9 +229,7 @@ where
         let mut iter = items.into_iter().peekable();
         while let Some(item) = iter.next() {
             if frame.is_empty()
-                && iter
-                    .peek()
-                    .is_none_or(|n| item.len() + n.len() >= MAX_BATCH_FRAME)
+                && iter.peek().is_none_or(|n| item.len() + n.len() >= MAX_BATCH_FRAME)
             {
                 // A lone item goes out as is: the shared bytes, no copy.
                 bytes += item.len();
@@ -256,8 +239,7 @@ where
             codec.append(&mut frame, &item);
             if frame.len() >= MAX_BATCH_FRAME || iter.peek().is_none() {
                 bytes += frame.len();
-                ws.feed(message(codec, Bytes::from(std::mem::take(&mut frame)))?)
-                    .await?;
+                ws.feed(message(codec, Bytes::from(std::mem::take(&mut frame)))?).await?;
             }
         }
         ws.flush().await?;
@@ -290,10 +272,8 @@ async fn send_close<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let frame = CloseFrame {
-        code: CloseCode::from(code.0),
-        reason: Utf8Bytes::from_static(code.reason()),
-    };
+    let frame =
+        CloseFrame { code: CloseCode::from(code.0), reason: Utf8Bytes::from_static(code.reason()) };
     let close = async {
         ws.close(Some(frame)).await?;
         // Give the peer a moment to answer the close handshake.
@@ -303,7 +283,5 @@ where
         .await;
         Ok(())
     };
-    tokio::time::timeout(write_timeout, close)
-        .await
-        .unwrap_or(Ok(()))
+    tokio::time::timeout(write_timeout, close).await.unwrap_or(Ok(()))
 }
