@@ -696,3 +696,48 @@ e2e('B: after a server restart (SIGTERM) the SDK reconnects and resubscribes by 
   assert.equal(goneCtx.code, 3001, `clients must be closed with code 3001 on shutdown, SDK saw ${JSON.stringify(goneCtx)}`);
   assert.equal(goneCtx.reason, 'shutdown', `close reason on shutdown: ${JSON.stringify(goneCtx)}`);
 });
+
+// ---------------------------------------------------------------------------
+// D: WebSocket closing handshake (RFC 6455 §5.5.1) on a client-initiated close
+// ---------------------------------------------------------------------------
+
+// Known server issue at the time of writing: fanfare answers a client's Close
+// frame by closing TCP without sending a Close frame back, so clients see 1006
+// (abnormal closure) instead of the echoed code. Marked `todo` so it is reported
+// without failing the run; drop the todo once the server echoes the Close.
+test(
+  'D: the server echoes the Close frame when the client closes (raw ws)',
+  { timeout: 15_000, todo: 'fanfare drops TCP without echoing Close (client sees 1006)' },
+  async () => {
+    const ws = new WebSocket(server.wsUrl);
+    allSockets.add(ws);
+    try {
+      await withTimeout(
+        new Promise((resolve, reject) => {
+          ws.once('open', resolve);
+          ws.once('error', reject);
+        }),
+        WAIT_MS,
+        'raw ws to open',
+      );
+      const reply = withTimeout(
+        new Promise((resolve) => ws.once('message', (d) => resolve(JSON.parse(d.toString())))),
+        WAIT_MS,
+        'connect reply',
+      );
+      ws.send(JSON.stringify({ id: 1, connect: { name: 'raw' } }));
+      assert.ok((await reply).connect, 'expected a connect reply');
+      const closed = withTimeout(
+        new Promise((resolve) => ws.once('close', (code, reason) => resolve({ code, reason: reason.toString() }))),
+        WAIT_MS,
+        'close event',
+      );
+      ws.close(1000, 'bye');
+      const { code } = await closed;
+      assert.equal(code, 1000, `server must echo Close(1000); ws saw code ${code} (1006 = no Close frame received)`);
+    } finally {
+      ws.terminate();
+      allSockets.delete(ws);
+    }
+  },
+);
