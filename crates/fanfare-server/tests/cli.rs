@@ -1,0 +1,103 @@
+//! The command line: check-config errors naming the bad key, environment
+//! overrides, and `fanfare token`.
+
+mod common;
+
+use common::{Server, free_port, http_get, run_cli};
+use serde_json::json;
+
+fn write_config(dir: &tempfile::TempDir, text: &str) -> String {
+    let path = dir.path().join("fanfare.toml");
+    std::fs::write(&path, text).expect("writing config");
+    path.to_str().expect("utf-8 path").to_string()
+}
+
+#[test]
+fn check_config_names_the_bad_key() {
+    let dir = tempfile::tempdir().expect("temp dir");
+
+    // Unknown key.
+    let cfg = write_config(&dir, "[http]\nlisen = \"127.0.0.1:1\"\n");
+    let (status, _, stderr) = run_cli(&["check-config", "--config", &cfg], &[]);
+    assert!(!status.success(), "unknown key accepted");
+    assert!(stderr.contains("http.lisen"), "stderr does not name http.lisen: {stderr}");
+
+    // Bad value.
+    let cfg = write_config(&dir, "[client]\nping_interval = \"soon\"\n");
+    let (status, _, stderr) = run_cli(&["check-config", "--config", &cfg], &[]);
+    assert!(!status.success(), "bad duration accepted");
+    assert!(
+        stderr.contains("client.ping_interval"),
+        "stderr does not name client.ping_interval: {stderr}"
+    );
+
+    // Bad value from the environment.
+    let cfg = write_config(&dir, "");
+    let (status, _, stderr) = run_cli(
+        &["check-config", "--config", &cfg],
+        &[("FANFARE__HTTP__LISTEN", "not-an-address")],
+    );
+    assert!(!status.success(), "bad http.listen accepted");
+    assert!(stderr.contains("http.listen"), "{stderr}");
+
+    // A missing file.
+    let missing = dir.path().join("missing.toml");
+    let (status, _, stderr) =
+        run_cli(&["check-config", "--config", missing.to_str().expect("utf-8")], &[]);
+    assert!(!status.success(), "missing config file accepted");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+
+    // Valid: exit 0, effective settings printed with secrets masked.
+    let cfg = write_config(
+        &dir,
+        "[auth]\nhmac_secret = \"topsecret\"\n\n[client]\nping_interval = \"5s\"\npong_timeout = \"2s\"\n",
+    );
+    let (status, stdout, stderr) = run_cli(&["check-config", "--config", &cfg], &[]);
+    assert!(status.success(), "valid config refused: {stderr}");
+    assert!(stdout.contains("configuration is valid"), "{stdout}");
+    assert!(!stdout.contains("topsecret"), "secret printed: {stdout}");
+    assert!(stdout.contains("ping_interval"), "{stdout}");
+}
+
+#[test]
+fn env_overrides_the_listen_address() {
+    let file_port = free_port();
+    let env_port = free_port();
+    let config = format!(
+        "[http]\nlisten = \"127.0.0.1:{file_port}\"\n\n[grpc]\nlisten = \"127.0.0.1:{}\"\n",
+        free_port()
+    );
+    let env_addr = format!("127.0.0.1:{env_port}");
+    let server = Server::spawn(&config, env_port, &[("FANFARE__HTTP__LISTEN", &env_addr)])
+        .unwrap_or_else(|log| panic!("node did not listen on the env address: {log}"));
+    assert_eq!(http_get(env_port, "/health").expect("GET /health").0, 200);
+    assert!(http_get(file_port, "/health").is_err(), "the node also listens on the file's address");
+    drop(server);
+}
+
+#[tokio::test]
+async fn token_subcommand_mints_usable_tokens() {
+    let server = Server::start(&format!("[auth]\nhmac_secret = \"{}\"\n", common::SECRET));
+    let cfg = server.config_path.to_str().expect("utf-8 path");
+    let (status, stdout, stderr) = run_cli(
+        &["token", "--user", "42", "--ttl", "60", "--channels", "news", "--config", cfg],
+        &[],
+    );
+    assert!(status.success(), "fanfare token failed: {stderr}");
+    let token = stdout.trim();
+    assert_eq!(token.split('.').count(), 3, "not a JWT: {stdout}");
+    let mut c = server.client().await;
+    let reply = c.connect_ok(token).await;
+    let subs = reply["subs"].as_object().expect("subs");
+    assert!(subs.contains_key("#42") && subs.contains_key("news"), "{reply}");
+    assert_eq!(reply["expires"], true, "{reply}");
+    let r = c.subscribe("health:t", json!({})).await;
+    assert!(r.get("subscribe").is_some(), "{r}");
+
+    // Without a secret there is nothing to sign with.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let cfg = write_config(&dir, "");
+    let (status, _, stderr) = run_cli(&["token", "--user", "1", "--config", &cfg], &[]);
+    assert!(!status.success());
+    assert!(stderr.contains("auth.hmac_secret"), "{stderr}");
+}
