@@ -701,13 +701,10 @@ e2e('B: after a server restart (SIGTERM) the SDK reconnects and resubscribes by 
 // D: WebSocket closing handshake (RFC 6455 §5.5.1) on a client-initiated close
 // ---------------------------------------------------------------------------
 
-// Known server issue at the time of writing: fanfare answers a client's Close
-// frame by closing TCP without sending a Close frame back, so clients see 1006
-// (abnormal closure) instead of the echoed code. Marked `todo` so it is reported
-// without failing the run; drop the todo once the server echoes the Close.
+// Without the echoed Close frame clients would see 1006 (abnormal closure).
 test(
   'D: the server echoes the Close frame when the client closes (raw ws)',
-  { timeout: 15_000, todo: 'fanfare drops TCP without echoing Close (client sees 1006)' },
+  { timeout: 15_000 },
   async () => {
     const ws = new WebSocket(server.wsUrl);
     allSockets.add(ws);

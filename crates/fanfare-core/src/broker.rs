@@ -17,6 +17,21 @@ pub enum BrokerError {
     Internal(String),
 }
 
+/// What a node announces about itself to the cluster every few seconds.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NodeInfo {
+    /// Unique per process (a restarted node is a new entry).
+    pub uid: String,
+    pub name: String,
+    pub version: String,
+    pub num_clients: u64,
+    pub num_subscriptions: u64,
+    pub num_channels: u64,
+    pub uptime_secs: u64,
+    /// Unix milliseconds of this announcement.
+    pub updated_at_ms: u64,
+}
+
 /// How one publication is stored.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PublishOptions {
@@ -103,6 +118,13 @@ pub trait Broker: Send + Sync + 'static {
     async fn presence(&self, channel: &str) -> Result<BTreeMap<String, ClientInfo>, BrokerError>;
     /// (clients, unique users).
     async fn presence_stats(&self, channel: &str) -> Result<(u32, u32), BrokerError>;
+
+    /// Publishes this node's announcement; entries older than `ttl` are dropped
+    /// by readers.
+    async fn announce(&self, info: &NodeInfo, ttl: Duration) -> Result<(), BrokerError>;
+
+    /// Every node that announced itself within its ttl, this one included.
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError>;
 
     /// Whether deliveries are flowing (false while a connection is down).
     fn is_healthy(&self) -> bool {

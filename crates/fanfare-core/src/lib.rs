@@ -16,7 +16,9 @@ pub mod outbox;
 pub mod session;
 
 pub use auth::{AuthConfig, AuthError, Authenticator, ConnectClaims, SubscribeClaims};
-pub use broker::{Broker, BrokerError, BrokerHandler, HistoryPage, HistoryQuery, PublishOptions};
+pub use broker::{
+    Broker, BrokerError, BrokerHandler, HistoryPage, HistoryQuery, NodeInfo, PublishOptions,
+};
 pub use channel::{ChannelError, ChannelRules, Namespace};
 pub use hub::{FanOut, Hub};
 pub use memory::MemoryBroker;

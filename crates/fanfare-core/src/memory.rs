@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use fanfare_protocol::{ClientInfo, Publication, StreamPosition};
 
 use crate::broker::{
-    Broker, BrokerError, BrokerHandler, HistoryPage, HistoryQuery, PublishOptions,
+    Broker, BrokerError, BrokerHandler, HistoryPage, HistoryQuery, NodeInfo, PublishOptions,
 };
 
 const SHARDS: usize = 32;
@@ -61,6 +61,7 @@ pub struct MemoryBroker {
     shards: Box<[Mutex<Shard>]>,
     hasher: ahash::RandomState,
     handler: OnceLock<Arc<dyn BrokerHandler>>,
+    node: Mutex<Option<NodeInfo>>,
 }
 
 impl Default for MemoryBroker {
@@ -75,6 +76,7 @@ impl MemoryBroker {
             shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
             hasher: ahash::RandomState::new(),
             handler: OnceLock::new(),
+            node: Mutex::new(None),
         }
     }
 
@@ -236,6 +238,15 @@ impl Broker for MemoryBroker {
         };
         let users: HashSet<&str> = m.values().map(|i| &*i.user).collect();
         Ok((m.len() as u32, users.len() as u32))
+    }
+
+    async fn announce(&self, info: &NodeInfo, _ttl: Duration) -> Result<(), BrokerError> {
+        *self.node.lock().unwrap_or_else(|p| p.into_inner()) = Some(info.clone());
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
+        Ok(self.node.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect())
     }
 }
 

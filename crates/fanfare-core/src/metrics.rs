@@ -17,6 +17,7 @@ pub const SLOW_CONSUMERS: &str = "fanfare_slow_consumer_disconnects_total";
 pub const PUBLICATIONS: &str = "fanfare_publications_total";
 pub const BROKER_PUBLISH: &str = "fanfare_broker_publish_duration_seconds";
 pub const COMMANDS: &str = "fanfare_commands_total";
+pub const CLUSTER_NODES: &str = "fanfare_cluster_nodes";
 pub const STREAM_GAPS: &str = "fanfare_stream_gaps_total";
 pub const BROKER_RECONNECTS: &str = "fanfare_broker_reconnects_total";
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use fanfare_protocol::{ClientInfo, DisconnectCode, Publication, PushBody, Reply, StreamPosition};
 
 use crate::auth::Authenticator;
-use crate::broker::{Broker, BrokerError, BrokerHandler, PublishOptions};
+use crate::broker::{Broker, BrokerError, BrokerHandler, NodeInfo, PublishOptions};
 use crate::channel::{ChannelRules, Namespace};
 use crate::hub::{FanOut, Hub, PreparedPush, Subscriber};
 use crate::metrics;
@@ -99,6 +99,7 @@ struct Shared {
     next_session: AtomicU64,
     draining: AtomicBool,
     started: Instant,
+    uid: String,
 }
 
 /// A fanfare node. Cheap to clone (a handle around `Arc`); thread-safe.
@@ -127,6 +128,7 @@ impl Node {
                 next_session: AtomicU64::new(1),
                 draining: AtomicBool::new(false),
                 started: Instant::now(),
+                uid: uuid::Uuid::new_v4().to_string(),
             }),
         }
     }
@@ -232,6 +234,41 @@ impl Node {
             ::metrics::counter!(metrics::PUBLICATIONS).increment(1);
         }
         res
+    }
+
+    /// This node's announcement for the cluster view.
+    pub fn info(&self) -> NodeInfo {
+        let channels = self.shared.hub.channels();
+        NodeInfo {
+            uid: self.shared.uid.clone(),
+            name: self.shared.config.name.clone(),
+            version: self.shared.config.version.clone(),
+            num_clients: self.num_connections() as u64,
+            num_subscriptions: channels.iter().map(|(_, n)| *n as u64).sum(),
+            num_channels: channels.len() as u64,
+            uptime_secs: self.uptime().as_secs(),
+            updated_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        }
+    }
+
+    /// Announces this node through the broker every `period` until the process
+    /// ends, and keeps the cluster-size gauge current.
+    pub async fn announce_forever(self, period: Duration) {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tick.tick().await;
+            let broker = self.shared.broker.clone();
+            if let Err(e) = broker.announce(&self.info(), period * 3).await {
+                tracing::debug!(error = %e, "node announcement failed");
+                continue;
+            }
+            if let Ok(nodes) = broker.nodes().await {
+                ::metrics::gauge!(metrics::CLUSTER_NODES).set(nodes.len() as f64);
+            }
+        }
     }
 
     pub fn is_draining(&self) -> bool {

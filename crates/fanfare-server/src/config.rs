@@ -72,11 +72,51 @@ pub struct BrokerSection {
     pub kind: BrokerKind,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisSection {
+    /// `redis://host:port` URLs: one Redis, several (channels sharded across
+    /// them), or seed nodes of a Redis Cluster.
     pub urls: Vec<String>,
     pub cluster: bool,
+    /// Prefix of every Redis key and pub/sub channel fanfare uses.
+    pub prefix: String,
+    /// How long a node stays subscribed after its last local subscriber left.
+    #[serde(with = "humantime_serde")]
+    pub unsubscribe_delay: Duration,
+    /// How long a channel's offset and epoch survive after its last publication.
+    #[serde(with = "humantime_serde")]
+    pub history_meta_ttl: Duration,
+    /// How long to keep trying to reach Redis at start-up.
+    #[serde(with = "humantime_serde")]
+    pub startup_timeout: Duration,
+}
+
+impl Default for RedisSection {
+    fn default() -> Self {
+        let d = fanfare_redis::RedisConfig::default();
+        Self {
+            urls: d.urls,
+            cluster: d.cluster,
+            prefix: d.prefix,
+            unsubscribe_delay: d.unsubscribe_delay,
+            history_meta_ttl: d.history_meta_ttl,
+            startup_timeout: d.startup_timeout,
+        }
+    }
+}
+
+impl RedisSection {
+    pub fn broker_config(&self) -> fanfare_redis::RedisConfig {
+        fanfare_redis::RedisConfig {
+            urls: self.urls.clone(),
+            cluster: self.cluster,
+            prefix: self.prefix.clone(),
+            unsubscribe_delay: self.unsubscribe_delay,
+            history_meta_ttl: self.history_meta_ttl,
+            startup_timeout: self.startup_timeout,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -203,10 +243,11 @@ impl Settings {
         self.grpc.listen.parse::<SocketAddr>().with_context(|| {
             format!("grpc.listen: {:?} is not an address like 0.0.0.0:9000", self.grpc.listen)
         })?;
-        if self.broker.kind == BrokerKind::Redis {
-            bail!(
-                "broker.kind: \"redis\" is not available in this build yet; use \"memory\" (the default)"
-            );
+        if self.broker.kind == BrokerKind::Redis && self.redis.urls.is_empty() {
+            bail!("redis.urls: at least one URL is needed when broker.kind = \"redis\"");
+        }
+        if self.redis.prefix.is_empty() || self.redis.prefix.contains(['{', '}']) {
+            bail!("redis.prefix: must be non-empty and contain no braces");
         }
         for u in &self.redis.urls {
             if !(u.starts_with("redis://") || u.starts_with("rediss://")) {

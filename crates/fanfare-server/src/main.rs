@@ -11,11 +11,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fanfare_core::auth::unix_now;
-use fanfare_core::{Authenticator, ConnectClaims, MemoryBroker, Node};
+use fanfare_core::{Authenticator, Broker, ConnectClaims, MemoryBroker, Node};
 use fanfare_protocol::DisconnectCode;
+use fanfare_redis::RedisBroker;
 use tokio::sync::watch;
 
-use crate::config::Settings;
+use crate::config::{BrokerKind, Settings};
 
 /// fanfare: a horizontally scalable WebSocket gateway and pub/sub broker
 /// speaking the Centrifugo client protocol v2.
@@ -139,14 +140,26 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         tracing::warn!("api.key is not set: the control API will answer loopback callers only");
     }
     let node_cfg = settings.node_config();
-    let node =
-        Node::new(node_cfg.clone(), Arc::new(MemoryBroker::new()), auth, settings.channel_rules()?);
+    let broker: Arc<dyn Broker> = match settings.broker.kind {
+        BrokerKind::Memory => Arc::new(MemoryBroker::new()),
+        BrokerKind::Redis => Arc::new(
+            RedisBroker::connect(settings.redis.broker_config())
+                .await
+                .context("broker.kind = \"redis\"")?,
+        ),
+    };
+    let broker_kind = match settings.broker.kind {
+        BrokerKind::Memory => "memory",
+        BrokerKind::Redis => "redis",
+    };
+    let node = Node::new(node_cfg.clone(), broker, auth, settings.channel_rules()?);
+    tokio::spawn(node.clone().announce_forever(Duration::from_secs(5)));
 
     let addr = settings.http_addr()?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("http.listen: cannot listen on {addr}"))?;
-    tracing::info!(node = %node_cfg.name, http = %listener.local_addr()?, broker = "memory", "fanfare node started");
+    tracing::info!(node = %node_cfg.name, http = %listener.local_addr()?, broker = broker_kind, "fanfare node started");
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let state = http::HttpState {

@@ -155,9 +155,12 @@ where
                         }
                     }
                     Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Ok(()),
-                    Some(Ok(Message::Close(_))) | None => {
-                        break End::Gone(DisconnectCode::CONNECTION_CLOSED)
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite queued the close reply; send it (RFC 6455 5.5.1).
+                        let _ = tokio::time::timeout(opts.write_timeout, ws.flush()).await;
+                        break End::Gone(DisconnectCode::CONNECTION_CLOSED);
                     }
+                    None => break End::Gone(DisconnectCode::CONNECTION_CLOSED),
                     Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
                         Err(DisconnectCode::MESSAGE_TOO_BIG)
                     }
@@ -253,7 +256,11 @@ where
             Ok(close)
         }
         Ok(Err(_)) => Err(DisconnectCode::WRITE_ERROR),
-        Err(_) => Err(DisconnectCode::SLOW),
+        Err(_) => {
+            // The client stopped reading: the same failure as a queue overflow.
+            fanfare_core::metrics::slow_consumer();
+            Err(DisconnectCode::SLOW)
+        }
     }
 }
 

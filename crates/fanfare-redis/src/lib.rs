@@ -1,0 +1,542 @@
+//! `RedisBroker`: the [`Broker`] for a cluster of fanfare nodes sharing Redis.
+//!
+//! - **Interest-based pub/sub.** A node subscribes to a channel's Redis pub/sub
+//!   channel when its first local subscriber arrives and unsubscribes
+//!   `unsubscribe_delay` after the last one left. Requests from many sessions are
+//!   batched into one SUBSCRIBE/UNSUBSCRIBE per round trip, so a reconnect storm
+//!   costs a handful of commands.
+//! - **Separate connections.** Publishes, history and presence go through a
+//!   multiplexed (pipelining) command connection; pub/sub has its own RESP3
+//!   connection per Redis (standalone/sharded) or per cluster node (Redis Cluster,
+//!   sharded pub/sub with SSUBSCRIBE/SPUBLISH).
+//! - **History.** One Lua script assigns the next offset, appends to a capped
+//!   stream with a TTL, keeps the epoch and publishes — atomically, so pub/sub
+//!   order equals offset order.
+//! - **No silent loss.** When the pub/sub connection drops the broker reports
+//!   unhealthy (`/ready` 503), reconnects with backoff, resubscribes every live
+//!   channel and tells the node each channel may have a gap, so subscribers are
+//!   asked to resubscribe with recovery.
+
+mod conn;
+mod scripts;
+mod subscriptions;
+mod wire;
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fanfare_core::broker::{
+    Broker, BrokerError, BrokerHandler, HistoryPage, HistoryQuery, NodeInfo, PublishOptions,
+};
+use fanfare_protocol::{ClientInfo, Publication, StreamPosition};
+use redis::{AsyncCommands, Script, Value};
+
+use crate::conn::{CmdConn, PubSubTarget};
+use crate::subscriptions::{Manager, SubRequest};
+
+/// Redis settings (`redis.*`).
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// One URL per Redis (several = client-side sharding), or cluster seeds.
+    pub urls: Vec<String>,
+    /// The URLs are seeds of a Redis Cluster; use sharded pub/sub.
+    pub cluster: bool,
+    /// Prefix of every key and pub/sub channel.
+    pub prefix: String,
+    /// How long a node stays subscribed after its last local subscriber left.
+    pub unsubscribe_delay: Duration,
+    /// How long a stream's offset and epoch outlive its last publication.
+    pub history_meta_ttl: Duration,
+    /// How long to keep trying to reach Redis at start-up.
+    pub startup_timeout: Duration,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            urls: vec!["redis://127.0.0.1:6379".into()],
+            cluster: false,
+            prefix: "fanfare".into(),
+            unsubscribe_delay: Duration::from_secs(1),
+            history_meta_ttl: Duration::from_secs(24 * 3600),
+            startup_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("redis.urls: {0}")]
+    Config(String),
+    #[error("redis: cannot reach {url}: {source}")]
+    Unreachable { url: String, source: redis::RedisError },
+}
+
+type HandlerCell = Arc<OnceLock<Arc<dyn BrokerHandler>>>;
+
+/// One Redis (or the whole cluster) with its connections and subscription manager.
+struct Shard {
+    cmd: CmdConn,
+    requests: tokio::sync::mpsc::UnboundedSender<SubRequest>,
+    health: Arc<subscriptions::Health>,
+}
+
+/// See the crate docs.
+pub struct RedisBroker {
+    shards: Vec<Shard>,
+    names: Names,
+    cluster: bool,
+    handler: HandlerCell,
+    meta_ttl: Duration,
+    publish_script: Script,
+    history_script: Script,
+    presence_add_script: Script,
+    presence_get_script: Script,
+}
+
+/// Key and channel names. Every name of one channel carries the channel as hash
+/// tag, so a channel's keys and its pub/sub channel live on one cluster slot.
+#[derive(Debug, Clone)]
+pub(crate) struct Names {
+    prefix: String,
+}
+
+impl Names {
+    fn stream(&self, ch: &str) -> String {
+        format!("{}.s.{{{ch}}}", self.prefix)
+    }
+    fn meta(&self, ch: &str) -> String {
+        format!("{}.m.{{{ch}}}", self.prefix)
+    }
+    fn presence_hash(&self, ch: &str) -> String {
+        format!("{}.ph.{{{ch}}}", self.prefix)
+    }
+    fn presence_zset(&self, ch: &str) -> String {
+        format!("{}.pz.{{{ch}}}", self.prefix)
+    }
+    pub(crate) fn pubsub(&self, ch: &str) -> String {
+        format!("{}.c.{{{ch}}}", self.prefix)
+    }
+    /// The channel of a pub/sub channel name.
+    pub(crate) fn channel_of<'a>(&self, name: &'a str) -> Option<&'a str> {
+        name.strip_prefix(self.prefix.as_str())?.strip_prefix(".c.{")?.strip_suffix('}')
+    }
+    fn nodes(&self) -> String {
+        format!("{}.nodes", self.prefix)
+    }
+}
+
+fn unavailable(e: redis::RedisError) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn new_epoch() -> String {
+    format!("{:08x}", rand_u32())
+}
+
+fn rand_u32() -> u32 {
+    // Epochs only need to differ between stream instances; time + address
+    // entropy is plenty and avoids another dependency.
+    let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let local = 0u8;
+    (t as u32) ^ ((t >> 32) as u32) ^ (&local as *const u8 as usize as u32)
+}
+
+/// Jump consistent hash (Lamping & Veach): channel -> shard, stable when shards
+/// are added at the end.
+fn jump_hash(mut key: u64, buckets: usize) -> usize {
+    let (mut b, mut j) = (-1i64, 0i64);
+    while j < buckets as i64 {
+        b = j;
+        key = key.wrapping_mul(2862933555777941757).wrapping_add(1);
+        j = ((b + 1) as f64 * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as i64;
+    }
+    b as usize
+}
+
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+impl RedisBroker {
+    /// Connects to every Redis (retrying up to `startup_timeout`) and starts the
+    /// pub/sub tasks.
+    pub async fn connect(cfg: RedisConfig) -> Result<Self, StartError> {
+        if cfg.urls.is_empty() {
+            return Err(StartError::Config("at least one URL is needed".into()));
+        }
+        let names = Names { prefix: cfg.prefix.clone() };
+        let handler: HandlerCell = Arc::new(OnceLock::new());
+        let groups: Vec<Vec<String>> = if cfg.cluster {
+            vec![cfg.urls.clone()]
+        } else {
+            cfg.urls.iter().map(|u| vec![u.clone()]).collect()
+        };
+        let mut shards = Vec::new();
+        for urls in groups {
+            let deadline = tokio::time::Instant::now() + cfg.startup_timeout;
+            let (cmd, target) = loop {
+                match conn::open(&urls, cfg.cluster).await {
+                    Ok(x) => break x,
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        tracing::warn!(urls = ?urls, error = %e, "redis not reachable yet; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(source) => {
+                        return Err(StartError::Unreachable { url: urls.join(","), source });
+                    }
+                }
+            };
+            shards.push(Self::start_shard(cmd, target, &names, &handler, &cfg).await?);
+        }
+        Ok(Self {
+            shards,
+            names,
+            cluster: cfg.cluster,
+            handler,
+            meta_ttl: cfg.history_meta_ttl,
+            publish_script: Script::new(scripts::PUBLISH),
+            history_script: Script::new(scripts::HISTORY),
+            presence_add_script: Script::new(scripts::PRESENCE_ADD),
+            presence_get_script: Script::new(scripts::PRESENCE_GET),
+        })
+    }
+
+    async fn start_shard(
+        cmd: CmdConn,
+        target: PubSubTarget,
+        names: &Names,
+        handler: &HandlerCell,
+        cfg: &RedisConfig,
+    ) -> Result<Shard, StartError> {
+        let (push_tx, push_rx) = tokio::sync::mpsc::unbounded_channel();
+        let pubsub = target
+            .connect(push_tx.clone())
+            .await
+            .map_err(|source| StartError::Unreachable { url: target.describe(), source })?;
+        let health = Arc::new(subscriptions::Health::new(target.describe()));
+        let (req_tx, req_rx) = tokio::sync::mpsc::unbounded_channel();
+        subscriptions::spawn_delivery(push_rx, names.clone(), handler.clone(), health.clone());
+        let manager = Manager::new(
+            target,
+            pubsub,
+            push_tx,
+            names.clone(),
+            handler.clone(),
+            health.clone(),
+            cfg.unsubscribe_delay,
+        );
+        tokio::spawn(manager.run(req_rx));
+        Ok(Shard { cmd, requests: req_tx, health })
+    }
+
+    fn shard(&self, channel: &str) -> &Shard {
+        if self.shards.len() == 1 {
+            return &self.shards[0];
+        }
+        &self.shards[jump_hash(fnv1a(channel), self.shards.len())]
+    }
+
+    fn cmd(&self, channel: &str) -> CmdConn {
+        self.shard(channel).cmd.clone()
+    }
+
+    fn publish_command(&self) -> &'static str {
+        if self.cluster { "spublish" } else { "publish" }
+    }
+
+    async fn send_event(&self, channel: &str, msg: Vec<u8>) -> Result<(), BrokerError> {
+        let mut conn = self.cmd(channel);
+        redis::cmd(&self.publish_command().to_uppercase())
+            .arg(self.names.pubsub(channel))
+            .arg(msg)
+            .exec_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    /// Redis servers this broker talks to (one entry per shard or per cluster).
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+}
+
+fn as_u64(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(i) => u64::try_from(*i).ok(),
+        Value::BulkString(b) => std::str::from_utf8(b).ok()?.parse().ok(),
+        Value::SimpleString(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
+fn as_string(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+/// Parses XRANGE entries `[[id, [field, value, ...]], ...]` into publications.
+fn parse_entries(v: &Value) -> Vec<Publication> {
+    let Value::Array(entries) = v else { return Vec::new() };
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        let Value::Array(pair) = e else { continue };
+        let (Some(id), Some(Value::Array(fields))) = (pair.first(), pair.get(1)) else { continue };
+        let Some(id) = as_string(id) else { continue };
+        let Some(offset) = id.split('-').next().and_then(|o| o.parse::<u64>().ok()) else {
+            continue;
+        };
+        let Some(Value::BulkString(body)) = fields.get(1) else { continue };
+        if let Some(p) = wire::decode_publication(&Bytes::from(body.clone()), 0, offset) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    fn set_handler(&self, handler: Arc<dyn BrokerHandler>) {
+        let _ = self.handler.set(handler);
+    }
+
+    async fn publish(
+        &self,
+        channel: &str,
+        publication: Publication,
+        opts: PublishOptions,
+    ) -> Result<StreamPosition, BrokerError> {
+        let body = wire::encode_publication(&publication);
+        if opts.history_size == 0 || opts.history_ttl.is_zero() {
+            self.send_event(channel, wire::publication_message(&body)).await?;
+            return Ok(StreamPosition::default());
+        }
+        let ttl = opts.history_ttl.as_secs().max(1);
+        let meta_ttl = self.meta_ttl.as_secs().max(ttl);
+        let mut conn = self.cmd(channel);
+        let (offset, epoch): (u64, String) = self
+            .publish_script
+            .key(self.names.stream(channel))
+            .key(self.names.meta(channel))
+            .arg(body)
+            .arg(opts.history_size)
+            .arg(ttl)
+            .arg(new_epoch())
+            .arg(meta_ttl)
+            .arg(self.names.pubsub(channel))
+            .arg(self.publish_command())
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(StreamPosition { offset, epoch })
+    }
+
+    async fn publish_join(&self, channel: &str, info: ClientInfo) -> Result<(), BrokerError> {
+        self.send_event(channel, wire::event_message(b'j', &info)).await
+    }
+
+    async fn publish_leave(&self, channel: &str, info: ClientInfo) -> Result<(), BrokerError> {
+        self.send_event(channel, wire::event_message(b'l', &info)).await
+    }
+
+    async fn subscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.shard(channel)
+            .requests
+            .send(SubRequest::Subscribe(channel.to_string(), tx))
+            .map_err(|_| BrokerError::Unavailable("subscription manager stopped".into()))?;
+        rx.await.map_err(|_| BrokerError::Unavailable("subscription manager stopped".into()))?
+    }
+
+    async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
+        let _ = self.shard(channel).requests.send(SubRequest::Unsubscribe(channel.to_string()));
+        Ok(())
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        query: HistoryQuery,
+    ) -> Result<HistoryPage, BrokerError> {
+        let mut conn = self.cmd(channel);
+        let from = query.since.as_ref().filter(|_| !query.reverse).map(|s| s.offset.to_string());
+        let limit: i64 = match query.limit {
+            None => -1,
+            Some(n) => n.min(i64::MAX as usize) as i64,
+        };
+        let v: Value = self
+            .history_script
+            .key(self.names.stream(channel))
+            .key(self.names.meta(channel))
+            .arg(new_epoch())
+            .arg(self.meta_ttl.as_secs().max(1))
+            .arg(from.unwrap_or_default())
+            .arg(limit)
+            .arg(if query.reverse { "1" } else { "0" })
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let Value::Array(parts) = v else {
+            return Err(BrokerError::Internal("unexpected history reply".into()));
+        };
+        let top = parts.first().and_then(as_u64).unwrap_or(0);
+        let epoch = parts.get(1).and_then(as_string).unwrap_or_default();
+        let mut publications = parts.get(2).map(parse_entries).unwrap_or_default();
+        let position = StreamPosition { offset: top, epoch };
+        let mut complete = true;
+        if let Some(since) = &query.since {
+            if since.epoch != position.epoch || since.offset > top {
+                complete = false;
+            } else if since.offset < top && !query.reverse {
+                complete = publications.first().is_some_and(|p| p.offset == since.offset + 1);
+            }
+            if query.reverse {
+                publications.retain(|p| p.offset > since.offset);
+            }
+        }
+        Ok(HistoryPage { publications, position, complete })
+    }
+
+    async fn add_presence(
+        &self,
+        channel: &str,
+        info: ClientInfo,
+        ttl: Duration,
+    ) -> Result<(), BrokerError> {
+        let mut conn = self.cmd(channel);
+        let ttl = ttl.as_secs().max(1);
+        let expire_at = unix_ms() / 1000 + ttl;
+        let _: i64 = self
+            .presence_add_script
+            .key(self.names.presence_hash(channel))
+            .key(self.names.presence_zset(channel))
+            .arg(info.client.as_ref())
+            .arg(wire::encode_info(&info))
+            .arg(expire_at)
+            .arg(ttl)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn remove_presence(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
+        let mut conn = self.cmd(channel);
+        redis::pipe()
+            .hdel(self.names.presence_hash(channel), client)
+            .ignore()
+            .zrem(self.names.presence_zset(channel), client)
+            .ignore()
+            .exec_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn presence(&self, channel: &str) -> Result<BTreeMap<String, ClientInfo>, BrokerError> {
+        let mut conn = self.cmd(channel);
+        let flat: Vec<Vec<u8>> = self
+            .presence_get_script
+            .key(self.names.presence_hash(channel))
+            .key(self.names.presence_zset(channel))
+            .arg(unix_ms() / 1000)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        let mut out = BTreeMap::new();
+        for pair in flat.chunks_exact(2) {
+            let client = String::from_utf8_lossy(&pair[0]).into_owned();
+            let mut msg = b"j0:".to_vec();
+            msg.extend_from_slice(&pair[1]);
+            if let Some(wire::Event::Join(info)) = wire::decode_message(&Bytes::from(msg)) {
+                out.insert(client, info);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn presence_stats(&self, channel: &str) -> Result<(u32, u32), BrokerError> {
+        let map = self.presence(channel).await?;
+        let users: HashSet<&str> = map.values().map(|i| &*i.user).collect();
+        Ok((map.len() as u32, users.len() as u32))
+    }
+
+    async fn announce(&self, info: &NodeInfo, ttl: Duration) -> Result<(), BrokerError> {
+        let mut conn = self.shards[0].cmd.clone();
+        let json = serde_json::to_string(info).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let key = self.names.nodes();
+        let _: () = conn.hset(&key, &info.uid, json).await.map_err(unavailable)?;
+        // The hash outlives its members by a margin; stale members are dropped by readers.
+        let _: () =
+            conn.expire(&key, (ttl.as_secs() * 10).max(60) as i64).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
+        let mut conn = self.shards[0].cmd.clone();
+        let key = self.names.nodes();
+        let all: BTreeMap<String, String> = conn.hgetall(&key).await.map_err(unavailable)?;
+        let now = unix_ms();
+        let mut out = Vec::new();
+        let mut stale = Vec::new();
+        for (uid, json) in all {
+            match serde_json::from_str::<NodeInfo>(&json) {
+                // Three missed announcements (5 s apart) = gone.
+                Ok(n) if now.saturating_sub(n.updated_at_ms) <= NODE_TTL.as_millis() as u64 => {
+                    out.push(n)
+                }
+                _ => stale.push(uid),
+            }
+        }
+        if !stale.is_empty() {
+            let _: Result<(), _> = conn.hdel(&key, stale).await;
+        }
+        Ok(out)
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.shards.iter().all(|s| s.health.is_up())
+    }
+}
+
+/// Nodes that did not announce within this time are dropped from the cluster view.
+pub const NODE_TTL: Duration = Duration::from_secs(15);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_share_a_hash_tag_and_roundtrip() {
+        let n = Names { prefix: "ff".into() };
+        assert_eq!(n.stream("chat:1"), "ff.s.{chat:1}");
+        assert_eq!(n.channel_of(&n.pubsub("a}b")), Some("a}b"));
+        assert_eq!(n.channel_of("other"), None);
+    }
+
+    #[test]
+    fn jump_hash_spreads_and_is_stable() {
+        let mut counts = [0usize; 3];
+        for i in 0..3000 {
+            counts[jump_hash(fnv1a(&format!("ch{i}")), 3)] += 1;
+        }
+        assert!(counts.iter().all(|c| *c > 800), "{counts:?}");
+        for i in 0..100 {
+            let k = fnv1a(&format!("ch{i}"));
+            let two = jump_hash(k, 2);
+            let three = jump_hash(k, 3);
+            assert!(three == two || three == 2, "moves only to the new shard");
+        }
+    }
+}

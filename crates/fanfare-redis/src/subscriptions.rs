@@ -1,0 +1,279 @@
+//! The pub/sub side of one Redis (or of the cluster): which channels this node
+//! is subscribed to, batching of SUBSCRIBE/UNSUBSCRIBE, delivery of pushes, and
+//! reconnection.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fanfare_core::broker::BrokerError;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::{Notify, oneshot};
+use tokio::time::Instant;
+
+use crate::conn::{PubSubConn, PubSubTarget};
+use crate::wire::{self, Event};
+use crate::{HandlerCell, Names};
+
+/// A request from the broker to the manager.
+pub enum SubRequest {
+    /// Subscribe (if not yet) and answer once deliveries flow.
+    Subscribe(String, oneshot::Sender<Result<(), BrokerError>>),
+    /// The node's last local subscriber left; unsubscribe after the delay unless
+    /// a subscriber came back.
+    Unsubscribe(String),
+}
+
+/// Whether the pub/sub connection is live; shared with `/ready`.
+pub struct Health {
+    up: AtomicBool,
+    lost: Notify,
+    target: String,
+}
+
+impl Health {
+    pub fn new(target: String) -> Self {
+        Self { up: AtomicBool::new(true), lost: Notify::new(), target }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+}
+
+/// Reads pushes and hands publications to the node. Runs for the broker's life;
+/// reconnected connections reuse the same push channel.
+pub fn spawn_delivery(
+    mut rx: UnboundedReceiver<PushInfo>,
+    names: Names,
+    handler: HandlerCell,
+    health: Arc<Health>,
+) {
+    tokio::spawn(async move {
+        while let Some(push) = rx.recv().await {
+            match push.kind {
+                PushKind::Message | PushKind::SMessage => {
+                    let (Some(Value::BulkString(name)), Some(Value::BulkString(payload))) =
+                        (push.data.first(), push.data.get(1))
+                    else {
+                        continue;
+                    };
+                    let Some(channel) =
+                        std::str::from_utf8(name).ok().and_then(|n| names.channel_of(n))
+                    else {
+                        continue;
+                    };
+                    let Some(h) = handler.get() else { continue };
+                    match wire::decode_message(&Bytes::copy_from_slice(payload)) {
+                        Some(Event::Publication(p)) => h.on_publication(channel, p),
+                        Some(Event::Join(i)) => h.on_join(channel, i),
+                        Some(Event::Leave(i)) => h.on_leave(channel, i),
+                        None => tracing::warn!(channel, "undecodable message from redis; ignored"),
+                    }
+                }
+                PushKind::Disconnection => {
+                    health.up.store(false, Ordering::Release);
+                    health.lost.notify_one();
+                }
+                _ => {}
+            }
+        }
+    });
+}
+
+/// Owns the pub/sub connection; the only task that subscribes or unsubscribes.
+pub struct Manager {
+    target: PubSubTarget,
+    conn: PubSubConn,
+    push: UnboundedSender<PushInfo>,
+    names: Names,
+    handler: HandlerCell,
+    health: Arc<Health>,
+    delay: Duration,
+    /// Channels subscribed in Redis.
+    live: HashSet<String>,
+    /// Channels to unsubscribe at the given time unless a local subscriber returns.
+    leaving: HashMap<String, Instant>,
+}
+
+impl Manager {
+    pub fn new(
+        target: PubSubTarget,
+        conn: PubSubConn,
+        push: UnboundedSender<PushInfo>,
+        names: Names,
+        handler: HandlerCell,
+        health: Arc<Health>,
+        delay: Duration,
+    ) -> Self {
+        Self {
+            target,
+            conn,
+            push,
+            names,
+            handler,
+            health,
+            delay,
+            live: HashSet::new(),
+            leaving: HashMap::new(),
+        }
+    }
+
+    pub async fn run(mut self, mut rx: UnboundedReceiver<SubRequest>) {
+        let mut tick = tokio::time::interval(
+            Duration::from_millis(100).min(self.delay.max(Duration::from_millis(10))),
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                req = rx.recv() => {
+                    let Some(first) = req else { return };
+                    // Take everything already queued: one command for the batch.
+                    let mut batch = vec![first];
+                    while batch.len() < 50_000 {
+                        match rx.try_recv() {
+                            Ok(r) => batch.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                    self.apply(batch).await;
+                }
+                _ = tick.tick() => self.flush_leaving().await,
+                _ = self.health.lost.notified() => self.reconnect().await,
+            }
+        }
+    }
+
+    async fn apply(&mut self, batch: Vec<SubRequest>) {
+        let now = Instant::now();
+        let mut wanted: Vec<String> = Vec::new();
+        let mut waiting: Vec<oneshot::Sender<Result<(), BrokerError>>> = Vec::new();
+        for req in batch {
+            match req {
+                SubRequest::Unsubscribe(ch) => {
+                    self.leaving.insert(ch, now + self.delay);
+                }
+                SubRequest::Subscribe(ch, ack) => {
+                    self.leaving.remove(&ch);
+                    if !self.health.is_up() {
+                        let _ = ack.send(Err(BrokerError::Unavailable(format!(
+                            "redis {} is reconnecting",
+                            self.health.target
+                        ))));
+                    } else if self.live.contains(&ch) {
+                        let _ = ack.send(Ok(()));
+                    } else {
+                        if !wanted.contains(&ch) {
+                            wanted.push(ch);
+                        }
+                        waiting.push(ack);
+                    }
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return;
+        }
+        let names: Vec<String> = wanted.iter().map(|c| self.names.pubsub(c)).collect();
+        match self.conn.subscribe(&names).await {
+            Ok(()) => {
+                self.live.extend(wanted);
+                for ack in waiting {
+                    let _ = ack.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(redis = %self.health.target, error = %e, "subscribe failed");
+                for ack in waiting {
+                    let _ = ack.send(Err(BrokerError::Unavailable(e.to_string())));
+                }
+                self.health.up.store(false, Ordering::Release);
+                self.reconnect().await;
+            }
+        }
+    }
+
+    async fn flush_leaving(&mut self) {
+        if self.leaving.is_empty() || !self.health.is_up() {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<String> =
+            self.leaving.iter().filter(|(_, at)| **at <= now).map(|(c, _)| c.clone()).collect();
+        if due.is_empty() {
+            return;
+        }
+        let handler = self.handler.get();
+        let mut gone = Vec::new();
+        for ch in due {
+            self.leaving.remove(&ch);
+            // A subscriber that arrived meanwhile keeps the channel.
+            if handler.is_some_and(|h| h.has_subscribers(&ch)) {
+                continue;
+            }
+            if self.live.remove(&ch) {
+                gone.push(ch);
+            }
+        }
+        if gone.is_empty() {
+            return;
+        }
+        let names: Vec<String> = gone.iter().map(|c| self.names.pubsub(c)).collect();
+        if let Err(e) = self.conn.unsubscribe(&names).await {
+            tracing::warn!(redis = %self.health.target, error = %e, "unsubscribe failed");
+            self.health.up.store(false, Ordering::Release);
+            self.reconnect().await;
+        }
+    }
+
+    /// Re-establishes the pub/sub connection and resubscribes every live channel,
+    /// then tells the node that each of them may have missed publications.
+    async fn reconnect(&mut self) {
+        self.health.up.store(false, Ordering::Release);
+        tracing::warn!(redis = %self.health.target, channels = self.live.len(), "redis pub/sub connection lost; reconnecting");
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let attempt = async {
+                let mut conn = match &self.target {
+                    // The cluster connection re-connects nodes itself; prove it works.
+                    PubSubTarget::Cluster { .. } => match &self.conn {
+                        PubSubConn::Cluster(c) => PubSubConn::Cluster(c.clone()),
+                        PubSubConn::Single(_) => {
+                            unreachable!("a cluster target has a cluster connection")
+                        }
+                    },
+                    PubSubTarget::Single { .. } => self.target.connect(self.push.clone()).await?,
+                };
+                conn.ping().await?;
+                let names: Vec<String> = self.live.iter().map(|c| self.names.pubsub(c)).collect();
+                conn.subscribe(&names).await?;
+                Ok::<_, redis::RedisError>(conn)
+            };
+            match attempt.await {
+                Ok(conn) => {
+                    self.conn = conn;
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(redis = %self.health.target, error = %e, "reconnect attempt failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+        // A Disconnection push from the connection we just replaced may still be
+        // pending; drop it.
+        let _ = tokio::time::timeout(Duration::ZERO, self.health.lost.notified()).await;
+        self.health.up.store(true, Ordering::Release);
+        metrics::counter!(fanfare_core::metrics::BROKER_RECONNECTS).increment(1);
+        tracing::info!(redis = %self.health.target, channels = self.live.len(), "redis pub/sub reconnected; subscribers told to recover");
+        if let Some(h) = self.handler.get() {
+            for ch in &self.live {
+                h.on_gap(ch);
+            }
+        }
+    }
+}
