@@ -33,11 +33,15 @@ pub struct NodeInfo {
 }
 
 /// How one publication is stored.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PublishOptions {
     /// Keep up to this many publications (0 = no history, no offset).
     pub history_size: usize,
     pub history_ttl: Duration,
+    /// With a key: a second publish with the same key into the same channel
+    /// within `idempotency_window` returns the first result and publishes nothing.
+    pub idempotency_key: Option<String>,
+    pub idempotency_window: Duration,
 }
 
 /// Which part of a channel's history to read.
@@ -75,6 +79,9 @@ pub trait BrokerHandler: Send + Sync + 'static {
     /// Whether this node still has local subscribers of `channel` (checked
     /// before a delayed broker unsubscribe, so a racing subscribe wins).
     fn has_subscribers(&self, channel: &str) -> bool;
+    /// A control-plane message sent by some node (this one included) with
+    /// [`Broker::publish_control`].
+    fn on_control(&self, message: bytes::Bytes);
 }
 
 /// Pub/sub, history and presence for a node: `MemoryBroker` for a single node,
@@ -118,6 +125,9 @@ pub trait Broker: Send + Sync + 'static {
     async fn presence(&self, channel: &str) -> Result<BTreeMap<String, ClientInfo>, BrokerError>;
     /// (clients, unique users).
     async fn presence_stats(&self, channel: &str) -> Result<(u32, u32), BrokerError>;
+
+    /// Sends a control-plane message to every node (this one included).
+    async fn publish_control(&self, message: bytes::Bytes) -> Result<(), BrokerError>;
 
     /// Publishes this node's announcement; entries older than `ttl` are dropped
     /// by readers.

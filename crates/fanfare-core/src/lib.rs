@@ -5,9 +5,11 @@
 //! one [`Session`] per client connection, feed it decoded frames and write out
 //! what lands in its [`Outbox`].
 
+pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod channel;
+pub mod control;
 pub mod hub;
 pub mod memory;
 pub mod metrics;
@@ -15,6 +17,7 @@ pub mod node;
 pub mod outbox;
 pub mod session;
 
+pub use api::{ApiError, ApiLimits, ApiPublish};
 pub use auth::{AuthConfig, AuthError, Authenticator, ConnectClaims, SubscribeClaims};
 pub use broker::{
     Broker, BrokerError, BrokerHandler, HistoryPage, HistoryQuery, NodeInfo, PublishOptions,

@@ -49,6 +49,8 @@ fn new_epoch() -> String {
 struct Shard {
     streams: HashMap<String, (Stream, Duration)>,
     presence: HashMap<String, HashMap<String, ClientInfo>>,
+    /// (channel, idempotency key) -> first result and when it expires.
+    idempotency: HashMap<(String, String), (StreamPosition, Instant)>,
 }
 
 /// Keeps history and presence in memory and delivers publications to this node
@@ -104,8 +106,14 @@ impl Broker for MemoryBroker {
         opts: PublishOptions,
     ) -> Result<StreamPosition, BrokerError> {
         let mut shard = self.shard(channel);
+        let now = Instant::now();
+        if let Some(key) = &opts.idempotency_key {
+            shard.idempotency.retain(|_, (_, until)| *until > now);
+            if let Some((pos, _)) = shard.idempotency.get(&(channel.to_string(), key.clone())) {
+                return Ok(pos.clone());
+            }
+        }
         let position = if opts.history_size > 0 && !opts.history_ttl.is_zero() {
-            let now = Instant::now();
             let (stream, ttl) = shard
                 .streams
                 .entry(channel.to_string())
@@ -122,6 +130,10 @@ impl Broker for MemoryBroker {
         } else {
             StreamPosition::default()
         };
+        if let Some(key) = opts.idempotency_key {
+            let until = now + opts.idempotency_window;
+            shard.idempotency.insert((channel.to_string(), key), (position.clone(), until));
+        }
         if let Some(h) = self.handler() {
             h.on_publication(channel, publication);
         }
@@ -240,6 +252,13 @@ impl Broker for MemoryBroker {
         Ok((m.len() as u32, users.len() as u32))
     }
 
+    async fn publish_control(&self, message: bytes::Bytes) -> Result<(), BrokerError> {
+        if let Some(h) = self.handler() {
+            h.on_control(message);
+        }
+        Ok(())
+    }
+
     async fn announce(&self, info: &NodeInfo, _ttl: Duration) -> Result<(), BrokerError> {
         *self.node.lock().unwrap_or_else(|p| p.into_inner()) = Some(info.clone());
         Ok(())
@@ -256,7 +275,11 @@ mod tests {
     use bytes::Bytes;
 
     fn opts() -> PublishOptions {
-        PublishOptions { history_size: 3, history_ttl: Duration::from_secs(60) }
+        PublishOptions {
+            history_size: 3,
+            history_ttl: Duration::from_secs(60),
+            ..Default::default()
+        }
     }
 
     fn publication(n: u8) -> Publication {

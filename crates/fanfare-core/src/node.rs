@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use fanfare_protocol::{ClientInfo, DisconnectCode, Publication, PushBody, Reply, StreamPosition};
@@ -10,9 +10,10 @@ use fanfare_protocol::{ClientInfo, DisconnectCode, Publication, PushBody, Reply,
 use crate::auth::Authenticator;
 use crate::broker::{Broker, BrokerError, BrokerHandler, NodeInfo, PublishOptions};
 use crate::channel::{ChannelRules, Namespace};
+use crate::control::ControlMessage;
 use crate::hub::{FanOut, Hub, PreparedPush, Subscriber};
 use crate::metrics;
-use crate::outbox::Outbox;
+use crate::outbox::{Control, Outbox};
 
 /// Per-node settings that shape every session.
 #[derive(Debug, Clone)]
@@ -48,16 +49,17 @@ impl Default for NodeConfig {
     }
 }
 
-/// Delivers what the broker hands over to local subscribers: one encoding per
-/// codec per publication, shared by all of them.
-struct HubDelivery {
-    hub: Arc<Hub>,
-}
-
 /// Unsubscribe push code telling SDKs to resubscribe (with recovery).
 pub const INSUFFICIENT_STATE: u32 = 2500;
 
-impl BrokerHandler for HubDelivery {
+/// Receives broker deliveries: publications go to local subscribers (encoded
+/// once per codec, shared by all of them); control messages to the registry.
+struct NodeHandler {
+    hub: Arc<Hub>,
+    node: Weak<Shared>,
+}
+
+impl BrokerHandler for NodeHandler {
     fn on_publication(&self, channel: &str, publication: Publication) {
         let offset = publication.offset;
         let push = PreparedPush::new(Reply::push(channel, PushBody::Pub(publication)), offset);
@@ -87,6 +89,27 @@ impl BrokerHandler for HubDelivery {
         self.hub
             .fan_out(channel, &PreparedPush::new(Reply::push(channel, PushBody::Leave(info)), 0));
     }
+
+    fn on_control(&self, message: bytes::Bytes) {
+        if let Some(shared) = self.node.upgrade() {
+            Node { shared }.handle_control(&message);
+        }
+    }
+}
+
+/// An open connection as the node's registry sees it.
+struct SessionEntry {
+    outbox: Arc<Outbox>,
+    user: Option<Arc<str>>,
+    client: Option<Arc<str>>,
+}
+
+/// Open connections, indexed for the control API.
+#[derive(Default)]
+pub(crate) struct Registry {
+    sessions: HashMap<u64, SessionEntry, ahash::RandomState>,
+    by_user: HashMap<Arc<str>, Vec<u64>, ahash::RandomState>,
+    by_client: HashMap<Arc<str>, u64, ahash::RandomState>,
 }
 
 struct Shared {
@@ -95,7 +118,9 @@ struct Shared {
     broker: Arc<dyn Broker>,
     auth: Authenticator,
     rules: ChannelRules,
-    sessions: Mutex<HashMap<u64, Arc<Outbox>, ahash::RandomState>>,
+    registry: Mutex<Registry>,
+    /// Cluster-wide requests of this node waiting for replies, by request id.
+    pending: Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<ControlMessage>>>,
     next_session: AtomicU64,
     draining: AtomicBool,
     started: Instant,
@@ -116,21 +141,25 @@ impl Node {
         rules: ChannelRules,
     ) -> Self {
         let hub = Arc::new(Hub::new());
-        broker.set_handler(Arc::new(HubDelivery { hub: hub.clone() }));
-        Self {
+        let node = Self {
             shared: Arc::new(Shared {
                 config,
-                hub,
+                hub: hub.clone(),
                 broker,
                 auth,
                 rules,
-                sessions: Mutex::new(HashMap::default()),
+                registry: Mutex::new(Registry::default()),
+                pending: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 draining: AtomicBool::new(false),
                 started: Instant::now(),
                 uid: uuid::Uuid::new_v4().to_string(),
             }),
-        }
+        };
+        node.shared
+            .broker
+            .set_handler(Arc::new(NodeHandler { hub, node: Arc::downgrade(&node.shared) }));
+        node
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -163,23 +192,176 @@ impl Node {
             return None;
         }
         let id = self.shared.next_session.fetch_add(1, Ordering::Relaxed);
-        self.sessions().insert(id, outbox);
+        self.registry().sessions.insert(id, SessionEntry { outbox, user: None, client: None });
         metrics::hot().connections.increment(1.0);
         Some(id)
     }
 
-    pub(crate) fn unregister(&self, id: u64) {
-        if self.sessions().remove(&id).is_some() {
-            metrics::hot().connections.decrement(1.0);
-        }
+    /// Records who a connected session is, for the control API.
+    pub(crate) fn bind(&self, id: u64, user: Arc<str>, client: Arc<str>) {
+        let mut reg = self.registry();
+        let Some(entry) = reg.sessions.get_mut(&id) else { return };
+        entry.user = Some(user.clone());
+        entry.client = Some(client.clone());
+        reg.by_user.entry(user).or_default().push(id);
+        reg.by_client.insert(client, id);
     }
 
-    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Outbox>, ahash::RandomState>> {
-        self.shared.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn unregister(&self, id: u64) {
+        let mut reg = self.registry();
+        let Some(entry) = reg.sessions.remove(&id) else { return };
+        if let Some(user) = entry.user
+            && let Some(ids) = reg.by_user.get_mut(&user)
+        {
+            ids.retain(|i| *i != id);
+            if ids.is_empty() {
+                reg.by_user.remove(&user);
+            }
+        }
+        if let Some(client) = entry.client {
+            reg.by_client.remove(&client);
+        }
+        metrics::hot().connections.decrement(1.0);
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.shared.registry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn num_connections(&self) -> usize {
-        self.sessions().len()
+        self.registry().sessions.len()
+    }
+
+    /// Local connections of `user` (all of them, or only `client` when given).
+    fn local_targets(&self, user: &str, client: &str) -> Vec<Arc<Outbox>> {
+        let reg = self.registry();
+        if !client.is_empty() {
+            return reg
+                .by_client
+                .get(client)
+                .and_then(|id| reg.sessions.get(id))
+                .filter(|e| user.is_empty() || e.user.as_deref() == Some(user))
+                .map(|e| vec![e.outbox.clone()])
+                .unwrap_or_default();
+        }
+        reg.by_user
+            .get(user)
+            .map(|ids| {
+                ids.iter().filter_map(|i| reg.sessions.get(i)).map(|e| e.outbox.clone()).collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Applies a control-plane message from any node.
+    fn handle_control(&self, raw: &[u8]) {
+        let msg: ControlMessage = match serde_json::from_slice(raw) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable control message ignored");
+                return;
+            }
+        };
+        match msg {
+            ControlMessage::Subscribe { user, client, channel } => {
+                let channel: Arc<str> = channel.into();
+                for o in self.local_targets(&user, &client) {
+                    o.push_control(Control::Subscribe { channel: channel.clone() });
+                }
+            }
+            ControlMessage::Unsubscribe { user, client, channel } => {
+                let channel: Arc<str> = channel.into();
+                for o in self.local_targets(&user, &client) {
+                    o.push_control(Control::Unsubscribed {
+                        channel: channel.clone(),
+                        code: 2000,
+                        reason: "server unsubscribe",
+                    });
+                }
+            }
+            ControlMessage::Disconnect { user, client, code, reason } => {
+                for o in self.local_targets(&user, &client) {
+                    o.close_with_reason(DisconnectCode(code), reason.clone());
+                }
+            }
+            ControlMessage::ChannelsRequest { id, from, pattern } => {
+                let matcher =
+                    wildmatch::WildMatch::new(if pattern.is_empty() { "*" } else { &pattern });
+                let channels: Vec<(String, u32)> = self
+                    .shared
+                    .hub
+                    .channels()
+                    .into_iter()
+                    .filter(|(c, _)| matcher.matches(c))
+                    .map(|(c, n)| (c.to_string(), n as u32))
+                    .collect();
+                let reply = ControlMessage::ChannelsReply {
+                    id,
+                    to: from,
+                    node: self.shared.uid.clone(),
+                    channels,
+                };
+                let node = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = node.send_control(&reply).await {
+                        tracing::warn!(error = %e, "channels reply failed");
+                    }
+                });
+            }
+            reply @ ControlMessage::ChannelsReply { .. } => {
+                let ControlMessage::ChannelsReply { id, to, .. } = &reply else { unreachable!() };
+                if *to != self.shared.uid {
+                    return;
+                }
+                let pending = self.shared.pending.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(tx) = pending.get(id) {
+                    let _ = tx.send(reply);
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn send_control(&self, msg: &ControlMessage) -> Result<(), BrokerError> {
+        let raw = serde_json::to_vec(msg).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        self.shared.broker.publish_control(bytes::Bytes::from(raw)).await
+    }
+
+    /// Asks every node for its channels matching `pattern` and merges the
+    /// answers (channel -> subscribers cluster-wide). Waits for every node that
+    /// announced itself, at most `timeout`.
+    pub(crate) async fn cluster_channels(
+        &self,
+        pattern: &str,
+        timeout: Duration,
+    ) -> Result<HashMap<String, u32>, BrokerError> {
+        let expected = self.shared.broker.nodes().await?.len().max(1);
+        let id = uuid::Uuid::new_v4().to_string();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), tx);
+        let request = ControlMessage::ChannelsRequest {
+            id: id.clone(),
+            from: self.shared.uid.clone(),
+            pattern: pattern.to_string(),
+        };
+        let sent = self.send_control(&request).await;
+        let mut merged: HashMap<String, u32> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        if sent.is_ok() {
+            let deadline = tokio::time::Instant::now() + timeout;
+            while seen.len() < expected {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(ControlMessage::ChannelsReply { node, channels, .. })) => {
+                        if seen.insert(node) {
+                            for (c, n) in channels {
+                                *merged.entry(c).or_default() += n;
+                            }
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
+        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
+        sent.map(|_| merged)
     }
 
     /// Adds a local subscriber, subscribing the node in the broker when it is the
@@ -222,11 +404,28 @@ impl Node {
         ns: &Namespace,
         publication: Publication,
     ) -> Result<StreamPosition, BrokerError> {
-        let opts = if ns.history_enabled() {
-            PublishOptions { history_size: ns.history_size, history_ttl: ns.history_ttl }
+        self.publish_with(channel, publication, Self::publish_options(ns)).await
+    }
+
+    /// How a namespace stores publications.
+    pub(crate) fn publish_options(ns: &Namespace) -> PublishOptions {
+        if ns.history_enabled() {
+            PublishOptions {
+                history_size: ns.history_size,
+                history_ttl: ns.history_ttl,
+                ..Default::default()
+            }
         } else {
             PublishOptions::default()
-        };
+        }
+    }
+
+    pub(crate) async fn publish_with(
+        &self,
+        channel: &str,
+        publication: Publication,
+        opts: PublishOptions,
+    ) -> Result<StreamPosition, BrokerError> {
         let start = Instant::now();
         let res = self.shared.broker.publish(channel, publication, opts).await;
         ::metrics::histogram!(metrics::BROKER_PUBLISH).record(start.elapsed().as_secs_f64());
@@ -284,7 +483,8 @@ impl Node {
     /// `code` (3001 shutdown makes SDKs reconnect to another node).
     pub fn drain(&self, code: DisconnectCode) {
         self.shared.draining.store(true, Ordering::Release);
-        let outboxes: Vec<Arc<Outbox>> = self.sessions().values().cloned().collect();
+        let outboxes: Vec<Arc<Outbox>> =
+            self.registry().sessions.values().map(|e| e.outbox.clone()).collect();
         for o in outboxes {
             o.close(code);
         }

@@ -26,6 +26,8 @@ struct State {
     items: VecDeque<Bytes>,
     bytes: usize,
     close: Option<DisconnectCode>,
+    /// A reason replacing the code's standard one (set by the control API).
+    close_reason: Option<String>,
     controls: Vec<Control>,
 }
 
@@ -37,6 +39,8 @@ pub enum Control {
     /// have a gap): drop the subscription and send an unsubscribe push with `code`
     /// (>= 2500 makes SDKs resubscribe, with recovery when they use it).
     Unsubscribed { channel: std::sync::Arc<str>, code: u32, reason: &'static str },
+    /// Subscribe the session to `channel` server-side and send it a subscribe push.
+    Subscribe { channel: std::sync::Arc<str> },
 }
 
 impl Outbox {
@@ -105,6 +109,22 @@ impl Outbox {
     /// Takes pending control requests.
     pub fn take_controls(&self) -> Vec<Control> {
         std::mem::take(&mut self.lock().controls)
+    }
+
+    /// Like [`Outbox::close`] with a custom reason (at most 123 bytes are sent).
+    pub fn close_with_reason(&self, code: DisconnectCode, reason: String) {
+        let mut st = self.lock();
+        if st.close.is_none() {
+            st.close = Some(code);
+            st.close_reason = Some(reason);
+        }
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    /// The reason to send with the close frame.
+    pub fn close_reason(&self) -> Option<String> {
+        self.lock().close_reason.clone()
     }
 
     pub fn is_closed(&self) -> bool {

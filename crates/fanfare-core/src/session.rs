@@ -212,6 +212,11 @@ impl Session {
     pub async fn apply_controls(&mut self) {
         for control in self.outbox.take_controls() {
             match control {
+                Control::Subscribe { channel } => {
+                    if self.conn.is_some() {
+                        self.subscribe_server_side(&channel).await;
+                    }
+                }
                 Control::Unsubscribed { channel, code, reason } => {
                     if self.conn.is_some() && self.leave_channel(&channel).await {
                         self.send(Reply::push(
@@ -221,6 +226,40 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    /// A subscription made by the control API: joins the channel and tells the
+    /// client with a `subscribe` push (SDKs surface it as a server-side subscription).
+    async fn subscribe_server_side(&mut self, channel: &str) {
+        if self.connected().subs.contains_key(channel) {
+            return;
+        }
+        let Ok(ns) = self.node.rules().namespace(channel).cloned() else { return };
+        let req = SubscribeRequest {
+            channel: channel.to_string(),
+            recoverable: true,
+            positioned: true,
+            ..Default::default()
+        };
+        match self.join_channel(channel, &req, &ns, Bytes::new(), None).await {
+            Ok((r, subscriber)) => {
+                self.send(Reply::push(
+                    channel,
+                    fanfare_protocol::PushBody::Subscribe {
+                        recoverable: r.recoverable,
+                        epoch: r.epoch,
+                        offset: r.offset,
+                        positioned: r.positioned,
+                        data: Bytes::new(),
+                    },
+                ));
+                subscriber.go_live(r.offset);
+                if ns.join_leave {
+                    self.announce_join(channel).await;
+                }
+            }
+            Err(_) => tracing::warn!(channel, "server-side subscribe failed"),
         }
     }
 
@@ -325,6 +364,7 @@ impl Session {
             conn_info,
             chan_info: Bytes::new(),
         });
+        self.node.bind(self.id, info.user.clone(), client.clone());
         self.conn = Some(Box::new(Connected { info, expires_at, subs: HashMap::default() }));
 
         // Server-side subscriptions: the personal channel and the token's channels.

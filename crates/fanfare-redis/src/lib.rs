@@ -125,6 +125,13 @@ impl Names {
     pub(crate) fn channel_of<'a>(&self, name: &'a str) -> Option<&'a str> {
         name.strip_prefix(self.prefix.as_str())?.strip_prefix(".c.{")?.strip_suffix('}')
     }
+    fn idempotency(&self, ch: &str, key: &str) -> String {
+        format!("{}.i.{{{ch}}}.{key}", self.prefix)
+    }
+    /// The control-plane pub/sub channel (on the first shard).
+    pub(crate) fn control(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
     fn nodes(&self) -> String {
         format!("{}.nodes", self.prefix)
     }
@@ -181,7 +188,7 @@ impl RedisBroker {
             cfg.urls.iter().map(|u| vec![u.clone()]).collect()
         };
         let mut shards = Vec::new();
-        for urls in groups {
+        for (index, urls) in groups.into_iter().enumerate() {
             let deadline = tokio::time::Instant::now() + cfg.startup_timeout;
             let (cmd, target) = loop {
                 match conn::open(&urls, cfg.cluster).await {
@@ -195,7 +202,7 @@ impl RedisBroker {
                     }
                 }
             };
-            shards.push(Self::start_shard(cmd, target, &names, &handler, &cfg).await?);
+            shards.push(Self::start_shard(cmd, target, &names, &handler, &cfg, index == 0).await?);
         }
         Ok(Self {
             shards,
@@ -216,24 +223,28 @@ impl RedisBroker {
         names: &Names,
         handler: &HandlerCell,
         cfg: &RedisConfig,
+        control: bool,
     ) -> Result<Shard, StartError> {
         let (push_tx, push_rx) = tokio::sync::mpsc::unbounded_channel();
-        let pubsub = target
-            .connect(push_tx.clone())
-            .await
-            .map_err(|source| StartError::Unreachable { url: target.describe(), source })?;
+        let unreachable = |source| StartError::Unreachable { url: target.describe(), source };
+        let mut pubsub = target.connect(push_tx.clone()).await.map_err(unreachable)?;
+        let always: Vec<String> = if control { vec![names.control()] } else { Vec::new() };
+        pubsub.subscribe(&always).await.map_err(unreachable)?;
         let health = Arc::new(subscriptions::Health::new(target.describe()));
         let (req_tx, req_rx) = tokio::sync::mpsc::unbounded_channel();
         subscriptions::spawn_delivery(push_rx, names.clone(), handler.clone(), health.clone());
-        let manager = Manager::new(
+        let manager = Manager {
             target,
-            pubsub,
-            push_tx,
-            names.clone(),
-            handler.clone(),
-            health.clone(),
-            cfg.unsubscribe_delay,
-        );
+            conn: pubsub,
+            push: push_tx,
+            names: names.clone(),
+            handler: handler.clone(),
+            health: health.clone(),
+            delay: cfg.unsubscribe_delay,
+            live: Default::default(),
+            leaving: Default::default(),
+            always,
+        };
         tokio::spawn(manager.run(req_rx));
         Ok(Shard { cmd, requests: req_tx, health })
     }
@@ -319,24 +330,29 @@ impl Broker for RedisBroker {
         opts: PublishOptions,
     ) -> Result<StreamPosition, BrokerError> {
         let body = wire::encode_publication(&publication);
-        if opts.history_size == 0 || opts.history_ttl.is_zero() {
+        let history = opts.history_size > 0 && !opts.history_ttl.is_zero();
+        let idempotent =
+            opts.idempotency_key.as_ref().filter(|_| !opts.idempotency_window.is_zero());
+        if !history && idempotent.is_none() {
             self.send_event(channel, wire::publication_message(&body)).await?;
             return Ok(StreamPosition::default());
         }
         let ttl = opts.history_ttl.as_secs().max(1);
         let meta_ttl = self.meta_ttl.as_secs().max(ttl);
         let mut conn = self.cmd(channel);
-        let (offset, epoch): (u64, String) = self
+        let (offset, epoch, _duplicate): (u64, String, u8) = self
             .publish_script
             .key(self.names.stream(channel))
             .key(self.names.meta(channel))
+            .key(self.names.idempotency(channel, idempotent.map_or("", |k| k.as_str())))
             .arg(body)
-            .arg(opts.history_size)
+            .arg(if history { opts.history_size } else { 0 })
             .arg(ttl)
             .arg(new_epoch())
             .arg(meta_ttl)
             .arg(self.names.pubsub(channel))
             .arg(self.publish_command())
+            .arg(idempotent.map_or(0, |_| opts.idempotency_window.as_secs().max(1)))
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
@@ -470,6 +486,16 @@ impl Broker for RedisBroker {
         let map = self.presence(channel).await?;
         let users: HashSet<&str> = map.values().map(|i| &*i.user).collect();
         Ok((map.len() as u32, users.len() as u32))
+    }
+
+    async fn publish_control(&self, message: bytes::Bytes) -> Result<(), BrokerError> {
+        let mut conn = self.shards[0].cmd.clone();
+        redis::cmd(&self.publish_command().to_uppercase())
+            .arg(self.names.control())
+            .arg(message.as_ref())
+            .exec_async(&mut conn)
+            .await
+            .map_err(unavailable)
     }
 
     async fn announce(&self, info: &NodeInfo, ttl: Duration) -> Result<(), BrokerError> {

@@ -1,21 +1,36 @@
 //! Lua scripts: each runs atomically on the Redis that owns the channel's keys
 //! (all keys of a channel share a hash tag, so this holds in Redis Cluster too).
 
-/// Publish with history. KEYS: stream, meta. ARGV: body, history size, stream
-/// ttl (s), epoch candidate, meta ttl (s), pub/sub channel, publish command.
-/// Returns {offset, epoch}.
+/// Publish, with history when the size is not 0 and idempotency when the
+/// window is not 0. KEYS: stream, meta, idempotency key. ARGV: body, history
+/// size, stream ttl (s), epoch candidate, meta ttl (s), pub/sub channel, publish
+/// command, idempotency window (s). Returns {offset, epoch, duplicate (0/1)}.
 pub const PUBLISH: &str = r#"
-local offset = redis.call('hincrby', KEYS[2], 's', 1)
-if redis.call('hsetnx', KEYS[2], 'e', ARGV[4]) == 1 then
-  -- A new epoch: whatever an older stream held is no longer addressable.
-  redis.call('del', KEYS[1])
+if ARGV[8] ~= '0' then
+  local prev = redis.call('get', KEYS[3])
+  if prev then
+    local sep = string.find(prev, ':', 1, true)
+    return {tonumber(string.sub(prev, 1, sep - 1)), string.sub(prev, sep + 1), 1}
+  end
 end
-local epoch = redis.call('hget', KEYS[2], 'e')
-redis.call('expire', KEYS[2], ARGV[5])
-redis.call('xadd', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1])
-redis.call('expire', KEYS[1], ARGV[3])
+local offset = 0
+local epoch = ''
+if ARGV[2] ~= '0' then
+  offset = redis.call('hincrby', KEYS[2], 's', 1)
+  if redis.call('hsetnx', KEYS[2], 'e', ARGV[4]) == 1 then
+    -- A new epoch: whatever an older stream held is no longer addressable.
+    redis.call('del', KEYS[1])
+  end
+  epoch = redis.call('hget', KEYS[2], 'e')
+  redis.call('expire', KEYS[2], ARGV[5])
+  redis.call('xadd', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-0', 'd', ARGV[1])
+  redis.call('expire', KEYS[1], ARGV[3])
+end
 redis.call(ARGV[7], ARGV[6], 'p' .. offset .. ':' .. ARGV[1])
-return {offset, epoch}
+if ARGV[8] ~= '0' then
+  redis.call('set', KEYS[3], offset .. ':' .. epoch, 'EX', ARGV[8])
+end
+return {offset, epoch, 0}
 "#;
 
 /// Read history. KEYS: stream, meta. ARGV: epoch candidate, meta ttl (s),

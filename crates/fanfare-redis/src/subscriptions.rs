@@ -52,6 +52,7 @@ pub fn spawn_delivery(
     handler: HandlerCell,
     health: Arc<Health>,
 ) {
+    let control = names.control();
     tokio::spawn(async move {
         while let Some(push) = rx.recv().await {
             match push.kind {
@@ -61,12 +62,13 @@ pub fn spawn_delivery(
                     else {
                         continue;
                     };
-                    let Some(channel) =
-                        std::str::from_utf8(name).ok().and_then(|n| names.channel_of(n))
-                    else {
-                        continue;
-                    };
                     let Some(h) = handler.get() else { continue };
+                    let Ok(name) = std::str::from_utf8(name) else { continue };
+                    if name == control {
+                        h.on_control(Bytes::copy_from_slice(payload));
+                        continue;
+                    }
+                    let Some(channel) = names.channel_of(name) else { continue };
                     match wire::decode_message(&Bytes::copy_from_slice(payload)) {
                         Some(Event::Publication(p)) => h.on_publication(channel, p),
                         Some(Event::Join(i)) => h.on_join(channel, i),
@@ -86,42 +88,22 @@ pub fn spawn_delivery(
 
 /// Owns the pub/sub connection; the only task that subscribes or unsubscribes.
 pub struct Manager {
-    target: PubSubTarget,
-    conn: PubSubConn,
-    push: UnboundedSender<PushInfo>,
-    names: Names,
-    handler: HandlerCell,
-    health: Arc<Health>,
-    delay: Duration,
+    pub(crate) target: PubSubTarget,
+    pub(crate) conn: PubSubConn,
+    pub(crate) push: UnboundedSender<PushInfo>,
+    pub(crate) names: Names,
+    pub(crate) handler: HandlerCell,
+    pub(crate) health: Arc<Health>,
+    pub(crate) delay: Duration,
     /// Channels subscribed in Redis.
-    live: HashSet<String>,
+    pub(crate) live: HashSet<String>,
     /// Channels to unsubscribe at the given time unless a local subscriber returns.
-    leaving: HashMap<String, Instant>,
+    pub(crate) leaving: HashMap<String, Instant>,
+    /// Pub/sub names subscribed for the node's whole life (the control channel).
+    pub(crate) always: Vec<String>,
 }
 
 impl Manager {
-    pub fn new(
-        target: PubSubTarget,
-        conn: PubSubConn,
-        push: UnboundedSender<PushInfo>,
-        names: Names,
-        handler: HandlerCell,
-        health: Arc<Health>,
-        delay: Duration,
-    ) -> Self {
-        Self {
-            target,
-            conn,
-            push,
-            names,
-            handler,
-            health,
-            delay,
-            live: HashSet::new(),
-            leaving: HashMap::new(),
-        }
-    }
-
     pub async fn run(mut self, mut rx: UnboundedReceiver<SubRequest>) {
         let mut tick = tokio::time::interval(
             Duration::from_millis(100).min(self.delay.max(Duration::from_millis(10))),
@@ -248,7 +230,9 @@ impl Manager {
                     PubSubTarget::Single { .. } => self.target.connect(self.push.clone()).await?,
                 };
                 conn.ping().await?;
-                let names: Vec<String> = self.live.iter().map(|c| self.names.pubsub(c)).collect();
+                let mut names: Vec<String> =
+                    self.live.iter().map(|c| self.names.pubsub(c)).collect();
+                names.extend(self.always.iter().cloned());
                 conn.subscribe(&names).await?;
                 Ok::<_, redis::RedisError>(conn)
             };

@@ -119,10 +119,48 @@ impl RedisSection {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ApiSection {
+    /// Control API key; empty = loopback callers only.
     pub key: String,
+    /// Largest API request (HTTP body or gRPC message) in bytes.
+    pub max_request_size: usize,
+    /// A repeated `idempotency_key` within this window publishes nothing.
+    #[serde(with = "humantime_serde")]
+    pub idempotency_window: Duration,
+    /// Most channels in one Broadcast.
+    pub max_broadcast_channels: usize,
+    /// How long cluster-wide calls (Channels) wait for other nodes.
+    #[serde(with = "humantime_serde")]
+    pub cluster_timeout: Duration,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        let l = fanfare_core::ApiLimits::default();
+        Self {
+            key: String::new(),
+            max_request_size: 1 << 20,
+            idempotency_window: l.idempotency_window,
+            max_broadcast_channels: l.max_broadcast_channels,
+            cluster_timeout: l.cluster_timeout,
+        }
+    }
+}
+
+impl ApiSection {
+    pub fn context(&self) -> crate::api::ApiContext {
+        crate::api::ApiContext {
+            key: self.key.clone(),
+            max_request_size: self.max_request_size,
+            limits: fanfare_core::ApiLimits {
+                max_broadcast_channels: self.max_broadcast_channels,
+                idempotency_window: self.idempotency_window,
+                cluster_timeout: self.cluster_timeout,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -253,6 +291,12 @@ impl Settings {
             if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
                 bail!("redis.urls: {u:?} must start with redis:// or rediss://");
             }
+        }
+        if self.api.max_request_size < 1024 {
+            bail!("api.max_request_size: must be at least 1024 bytes");
+        }
+        if self.api.max_broadcast_channels == 0 {
+            bail!("api.max_broadcast_channels: must be at least 1");
         }
         if self.websocket.max_message_size < 128 {
             bail!("websocket.max_message_size: must be at least 128 bytes");

@@ -16,6 +16,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::api::ApiContext;
 use crate::websocket::{self, WsOptions};
 
 pub type Body = Full<Bytes>;
@@ -34,9 +35,13 @@ pub struct HttpState {
     pub node: Node,
     pub ws: Arc<WsOptions>,
     pub metrics: PrometheusHandle,
+    pub api: Arc<ApiContext>,
 }
 
-fn route(req: Request<Incoming>, st: &HttpState) -> Response<Body> {
+async fn route(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<Body> {
+    if req.uri().path().starts_with("/api/") {
+        return crate::api_http::handle(req, &st.node, &st.api, peer).await;
+    }
     match (req.method(), req.uri().path()) {
         (_, "/connection/websocket") => websocket::upgrade(req, st.node.clone(), st.ws.clone()),
         (&Method::GET, "/health") => plain(StatusCode::OK, "ok\n"),
@@ -82,8 +87,8 @@ pub async fn serve(listener: TcpListener, st: HttpState, mut stop: watch::Receiv
         let st = st.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let resp = route(req, &st);
-                async move { Ok::<_, Infallible>(resp) }
+                let st = st.clone();
+                async move { Ok::<_, Infallible>(route(req, st, peer).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

@@ -1,6 +1,9 @@
 //! The `fanfare` binary: runs an edge node, checks configuration, mints tokens.
 
+mod api;
+mod api_http;
 mod config;
+mod grpc;
 mod http;
 mod websocket;
 
@@ -123,6 +126,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     fanfare_core::metrics::describe();
+    api::describe_metrics();
     metrics::describe_gauge!(
         "fanfare_node_uptime_seconds",
         metrics::Unit::Seconds,
@@ -161,6 +165,12 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("http.listen: cannot listen on {addr}"))?;
     tracing::info!(node = %node_cfg.name, http = %listener.local_addr()?, broker = broker_kind, "fanfare node started");
 
+    let grpc_addr: std::net::SocketAddr = settings.grpc.listen.parse().context("grpc.listen")?;
+    let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
+        .await
+        .with_context(|| format!("grpc.listen: cannot listen on {grpc_addr}"))?;
+    tracing::info!(grpc = %grpc_listener.local_addr()?, "control API listening");
+    let api_ctx = Arc::new(settings.api.context());
     let (stop_tx, stop_rx) = watch::channel(false);
     let state = http::HttpState {
         node: node.clone(),
@@ -171,14 +181,28 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
             write_timeout: settings.websocket.write_timeout,
         }),
         metrics,
+        api: api_ctx.clone(),
     };
-    let server = tokio::spawn(http::serve(listener, state, stop_rx));
+    let server = tokio::spawn(http::serve(listener, state, stop_rx.clone()));
+    let grpc = {
+        let mut stop = stop_rx.clone();
+        let node = node.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = stop.changed().await;
+            };
+            if let Err(e) = grpc::serve(grpc_listener, node, api_ctx, stop).await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        })
+    };
 
     shutdown_signal().await;
     tracing::info!("shutting down: closing clients with 3001");
     let _ = stop_tx.send(true);
     node.drain(DisconnectCode::SHUTDOWN);
     let _ = server.await;
+    let _ = grpc.await;
     let deadline = tokio::time::Instant::now() + settings.shutdown.drain_timeout;
     while node.num_connections() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;

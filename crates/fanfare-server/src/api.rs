@@ -1,0 +1,124 @@
+//! Shared pieces of the control API transports: authentication, limits and
+//! per-method metrics.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use fanfare_core::{ApiError, ApiLimits};
+
+/// API settings every transport needs.
+#[derive(Debug, Clone)]
+pub struct ApiContext {
+    /// Empty = no key: only loopback callers are served.
+    pub key: String,
+    pub limits: ApiLimits,
+    /// Largest request body / message in bytes.
+    pub max_request_size: usize,
+}
+
+/// Why a caller was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// Wrong or missing key.
+    BadKey,
+    /// No key configured and the caller is not on loopback.
+    NotLoopback,
+}
+
+impl AuthFailure {
+    pub fn message(self) -> &'static str {
+        match self {
+            AuthFailure::BadKey => "missing or wrong API key (send `authorization: apikey <key>`)",
+            AuthFailure::NotLoopback => {
+                "no api.key is configured: the control API answers loopback callers only"
+            }
+        }
+    }
+}
+
+impl ApiContext {
+    /// Checks the `authorization` value (or HTTP `X-API-Key`) of a caller.
+    pub fn authorize(
+        &self,
+        authorization: Option<&str>,
+        x_api_key: Option<&str>,
+        peer: Option<SocketAddr>,
+    ) -> Result<(), AuthFailure> {
+        if self.key.is_empty() {
+            return match peer {
+                Some(p) if p.ip().is_loopback() => Ok(()),
+                _ => Err(AuthFailure::NotLoopback),
+            };
+        }
+        let from_auth = authorization.and_then(|v| {
+            let (scheme, key) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("apikey").then(|| key.trim())
+        });
+        let given = from_auth.or(x_api_key.map(str::trim));
+        match given {
+            Some(k) if constant_time_eq(k.as_bytes(), self.key.as_bytes()) => Ok(()),
+            _ => Err(AuthFailure::BadKey),
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The gRPC code name of an error (also the HTTP error `code`).
+pub fn code_name(e: &ApiError) -> &'static str {
+    match e {
+        ApiError::InvalidArgument(_) => "INVALID_ARGUMENT",
+        ApiError::NotFound(_) => "NOT_FOUND",
+        ApiError::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+        ApiError::Unavailable(_) => "UNAVAILABLE",
+    }
+}
+
+pub const REQUESTS: &str = "fanfare_api_requests_total";
+pub const DURATION: &str = "fanfare_api_request_duration_seconds";
+
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        REQUESTS,
+        "Control API requests by method, protocol and result code."
+    );
+    metrics::describe_histogram!(
+        DURATION,
+        metrics::Unit::Seconds,
+        "Control API request duration by method and protocol."
+    );
+}
+
+/// Records one API call.
+pub fn observe(method: &'static str, protocol: &'static str, code: &'static str, start: Instant) {
+    metrics::counter!(REQUESTS, "method" => method, "protocol" => protocol, "code" => code)
+        .increment(1);
+    metrics::histogram!(DURATION, "method" => method, "protocol" => protocol)
+        .record(start.elapsed().as_secs_f64());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx(key: &str) -> ApiContext {
+        ApiContext { key: key.into(), limits: ApiLimits::default(), max_request_size: 1024 }
+    }
+
+    #[test]
+    fn key_and_loopback_rules() {
+        let lo: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let remote: SocketAddr = "10.0.0.1:1".parse().unwrap();
+        assert_eq!(ctx("").authorize(None, None, Some(lo)), Ok(()));
+        assert_eq!(ctx("").authorize(None, None, Some(remote)), Err(AuthFailure::NotLoopback));
+        let k = ctx("s3cret");
+        assert_eq!(k.authorize(Some("apikey s3cret"), None, Some(remote)), Ok(()));
+        assert_eq!(k.authorize(Some("ApiKey  s3cret "), None, Some(remote)), Ok(()));
+        assert_eq!(k.authorize(None, Some("s3cret"), Some(remote)), Ok(()));
+        assert_eq!(k.authorize(Some("apikey nope"), None, Some(lo)), Err(AuthFailure::BadKey));
+        assert_eq!(k.authorize(Some("Bearer s3cret"), None, Some(lo)), Err(AuthFailure::BadKey));
+        assert_eq!(k.authorize(None, None, Some(lo)), Err(AuthFailure::BadKey));
+    }
+}

@@ -1,0 +1,302 @@
+//! The gRPC control API: `fanfare.v1.ControlService`, the standard health
+//! service and server reflection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use fanfare_core::{ApiError, ApiPublish, Node};
+use fanfare_protocol::StreamPosition;
+use tonic::{Request, Response, Status};
+
+use crate::api::{ApiContext, AuthFailure, code_name, observe};
+
+pub mod pb {
+    tonic::include_proto!("fanfare.v1");
+}
+
+/// Encoded descriptors for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/control_descriptor.bin"));
+
+use pb::control_service_server::{ControlService, ControlServiceServer};
+
+fn status(e: &ApiError) -> Status {
+    match e {
+        ApiError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+        ApiError::NotFound(m) => Status::not_found(m.clone()),
+        ApiError::ResourceExhausted(m) => Status::resource_exhausted(m.clone()),
+        ApiError::Unavailable(m) => Status::unavailable(m.clone()),
+    }
+}
+
+/// The service implementation: thin translation onto `Node`'s API methods.
+pub struct Control {
+    node: Node,
+    ctx: Arc<ApiContext>,
+}
+
+async fn run<T, R>(
+    method: &'static str,
+    f: impl std::future::Future<Output = Result<T, ApiError>>,
+    into: impl FnOnce(T) -> R,
+) -> Result<Response<R>, Status> {
+    let start = Instant::now();
+    match f.await {
+        Ok(v) => {
+            observe(method, "grpc", "OK", start);
+            Ok(Response::new(into(v)))
+        }
+        Err(e) => {
+            observe(method, "grpc", code_name(&e), start);
+            Err(status(&e))
+        }
+    }
+}
+
+fn position(p: StreamPosition) -> pb::PublishResponse {
+    pb::PublishResponse { offset: p.offset, epoch: p.epoch }
+}
+
+fn client_info(i: fanfare_protocol::ClientInfo) -> pb::ClientInfo {
+    pb::ClientInfo {
+        user: i.user.to_string(),
+        client: i.client.to_string(),
+        conn_info: i.conn_info.to_vec(),
+        chan_info: i.chan_info.to_vec(),
+    }
+}
+
+#[tonic::async_trait]
+impl ControlService for Control {
+    async fn publish(
+        &self,
+        req: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let r = req.into_inner();
+        let p = ApiPublish {
+            data: r.data.into(),
+            idempotency_key: r.idempotency_key,
+            tags: r.tags.into_iter().collect(),
+            skip_history: r.skip_history,
+        };
+        run("publish", self.node.api_publish(&r.channel, &p, &self.ctx.limits), position).await
+    }
+
+    async fn broadcast(
+        &self,
+        req: Request<pb::BroadcastRequest>,
+    ) -> Result<Response<pb::BroadcastResponse>, Status> {
+        let r = req.into_inner();
+        let p = ApiPublish {
+            data: r.data.into(),
+            idempotency_key: r.idempotency_key,
+            tags: r.tags.into_iter().collect(),
+            skip_history: r.skip_history,
+        };
+        let channels = r.channels;
+        let fut = self.node.api_broadcast(&channels, &p, &self.ctx.limits);
+        run("broadcast", fut, |results| pb::BroadcastResponse {
+            results: channels
+                .iter()
+                .zip(results)
+                .map(|(c, res)| match res {
+                    Ok(pos) => pb::BroadcastResult {
+                        channel: c.clone(),
+                        offset: pos.offset,
+                        epoch: pos.epoch,
+                        error: None,
+                    },
+                    Err(e) => pb::BroadcastResult {
+                        channel: c.clone(),
+                        offset: 0,
+                        epoch: String::new(),
+                        error: Some(pb::Error {
+                            code: code_name(&e).into(),
+                            message: e.to_string(),
+                        }),
+                    },
+                })
+                .collect(),
+        })
+        .await
+    }
+
+    async fn publish_to_user(
+        &self,
+        req: Request<pb::PublishToUserRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let r = req.into_inner();
+        let p = ApiPublish {
+            data: r.data.into(),
+            idempotency_key: r.idempotency_key,
+            tags: r.tags.into_iter().collect(),
+            skip_history: false,
+        };
+        run(
+            "publish_to_user",
+            self.node.api_publish_to_user(&r.user, &p, &self.ctx.limits),
+            position,
+        )
+        .await
+    }
+
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<pb::SubscribeResponse>, Status> {
+        let r = req.into_inner();
+        run("subscribe", self.node.api_subscribe(&r.user, &r.client, &r.channel), |_| {
+            pb::SubscribeResponse {}
+        })
+        .await
+    }
+
+    async fn unsubscribe(
+        &self,
+        req: Request<pb::UnsubscribeRequest>,
+    ) -> Result<Response<pb::UnsubscribeResponse>, Status> {
+        let r = req.into_inner();
+        run("unsubscribe", self.node.api_unsubscribe(&r.user, &r.client, &r.channel), |_| {
+            pb::UnsubscribeResponse {}
+        })
+        .await
+    }
+
+    async fn disconnect(
+        &self,
+        req: Request<pb::DisconnectRequest>,
+    ) -> Result<Response<pb::DisconnectResponse>, Status> {
+        let r = req.into_inner();
+        run("disconnect", self.node.api_disconnect(&r.user, &r.client, r.code, &r.reason), |_| {
+            pb::DisconnectResponse {}
+        })
+        .await
+    }
+
+    async fn presence(
+        &self,
+        req: Request<pb::PresenceRequest>,
+    ) -> Result<Response<pb::PresenceResponse>, Status> {
+        let r = req.into_inner();
+        run("presence", self.node.api_presence(&r.channel), |m| pb::PresenceResponse {
+            clients: m.into_iter().map(|(k, v)| (k, client_info(v))).collect(),
+        })
+        .await
+    }
+
+    async fn presence_stats(
+        &self,
+        req: Request<pb::PresenceStatsRequest>,
+    ) -> Result<Response<pb::PresenceStatsResponse>, Status> {
+        let r = req.into_inner();
+        run("presence_stats", self.node.api_presence_stats(&r.channel), |(c, u)| {
+            pb::PresenceStatsResponse { num_clients: c, num_users: u }
+        })
+        .await
+    }
+
+    async fn history(
+        &self,
+        req: Request<pb::HistoryRequest>,
+    ) -> Result<Response<pb::HistoryResponse>, Status> {
+        let r = req.into_inner();
+        let since = (!r.epoch.is_empty())
+            .then(|| StreamPosition { offset: r.since_offset, epoch: r.epoch.clone() });
+        run("history", self.node.api_history(&r.channel, r.limit, since, r.reverse), |page| {
+            pb::HistoryResponse {
+                publications: page
+                    .publications
+                    .into_iter()
+                    .map(|p| pb::Publication {
+                        data: p.data.to_vec(),
+                        info: p.info.map(|i| client_info((*i).clone())),
+                        offset: p.offset,
+                        tags: p
+                            .tags
+                            .map(|t| (*t).clone().into_iter().collect())
+                            .unwrap_or_default(),
+                    })
+                    .collect(),
+                offset: page.position.offset,
+                epoch: page.position.epoch,
+            }
+        })
+        .await
+    }
+
+    async fn channels(
+        &self,
+        req: Request<pb::ChannelsRequest>,
+    ) -> Result<Response<pb::ChannelsResponse>, Status> {
+        let r = req.into_inner();
+        run("channels", self.node.api_channels(&r.pattern, &self.ctx.limits), |m| {
+            pb::ChannelsResponse {
+                channels: m
+                    .into_iter()
+                    .map(|(c, n)| (c, pb::ChannelInfo { num_clients: n }))
+                    .collect::<HashMap<_, _>>(),
+            }
+        })
+        .await
+    }
+
+    async fn info(
+        &self,
+        _req: Request<pb::InfoRequest>,
+    ) -> Result<Response<pb::InfoResponse>, Status> {
+        run("info", self.node.api_info(), |nodes| pb::InfoResponse {
+            nodes: nodes
+                .into_iter()
+                .map(|n| pb::NodeInfo {
+                    uid: n.uid,
+                    name: n.name,
+                    version: n.version,
+                    num_clients: n.num_clients,
+                    num_subscriptions: n.num_subscriptions,
+                    num_channels: n.num_channels,
+                    uptime_secs: n.uptime_secs,
+                })
+                .collect(),
+        })
+        .await
+    }
+}
+
+/// Serves gRPC on `listener` until `stop` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    node: Node,
+    ctx: Arc<ApiContext>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<ControlServiceServer<Control>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let auth_ctx = ctx.clone();
+    let interceptor = move |req: Request<()>| -> Result<Request<()>, Status> {
+        let md = req.metadata();
+        let authorization = md.get("authorization").and_then(|v| v.to_str().ok());
+        match auth_ctx.authorize(authorization, None, req.remote_addr()) {
+            Ok(()) => Ok(req),
+            Err(f @ AuthFailure::BadKey) => Err(Status::unauthenticated(f.message())),
+            Err(f @ AuthFailure::NotLoopback) => Err(Status::permission_denied(f.message())),
+        }
+    };
+    let server = ControlServiceServer::new(Control { node, ctx: ctx.clone() })
+        .max_decoding_message_size(ctx.max_request_size);
+    let service = tonic::service::interceptor::InterceptedService::new(server, interceptor);
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(service)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stop,
+        )
+        .await?;
+    Ok(())
+}
