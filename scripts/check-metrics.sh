@@ -18,9 +18,11 @@ ws.on("message", () => { ws.close(); });
 ws.on("close", () => process.exit(0));
 setTimeout(() => process.exit(1), 5000);
 ' "$ROOT" "$port"
+# One control API call so that API metrics exist.
+curl -sf -XPOST "http://127.0.0.1:$port/api/publish" -d '{"channel":"m","data":{"n":1}}' >/dev/null
 sleep 0.2
 body=$(curl -sf "http://127.0.0.1:$port/metrics")
-for m in fanfare_connections fanfare_connects_total fanfare_disconnects_total fanfare_messages_sent_total fanfare_commands_total; do
+for m in fanfare_connections fanfare_connects_total fanfare_disconnects_total fanfare_messages_sent_total fanfare_commands_total fanfare_api_requests_total fanfare_api_request_duration_seconds_bucket; do
   grep -q "^$m" <<<"$body" || { echo "metric $m missing from /metrics"; exit 1; }
 done
 out=$(promtool check metrics <<<"$body" 2>&1) || { echo "$out"; exit 1; }

@@ -79,4 +79,5 @@ pub fn describe() {
         "Channels whose subscribers were told to resubscribe because deliveries may have been lost."
     );
     describe_counter!(BROKER_RECONNECTS, "Broker connections re-established after a failure.");
+    describe_gauge!(CLUSTER_NODES, "Nodes that announced themselves recently, this one included.");
 }
