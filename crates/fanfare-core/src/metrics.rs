@@ -2,7 +2,7 @@
 
 use std::sync::OnceLock;
 
-use metrics::{Counter, Gauge, counter, gauge};
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
 pub const CONNECTIONS: &str = "fanfare_connections";
 pub const CONNECTS: &str = "fanfare_connects_total";
@@ -32,6 +32,8 @@ pub struct Hot {
     pub bytes_received: Counter,
     pub slow_consumers: Counter,
     pub connects: Counter,
+    pub publications: Counter,
+    pub broker_publish: Histogram,
 }
 
 /// The cached handles. The recorder must be installed before the first call.
@@ -47,6 +49,8 @@ pub fn hot() -> &'static Hot {
         bytes_received: counter!(BYTES_RECEIVED),
         slow_consumers: counter!(SLOW_CONSUMERS),
         connects: counter!(CONNECTS),
+        publications: counter!(PUBLICATIONS),
+        broker_publish: histogram!(BROKER_PUBLISH),
     })
 }
 

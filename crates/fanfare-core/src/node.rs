@@ -428,9 +428,10 @@ impl Node {
     ) -> Result<StreamPosition, BrokerError> {
         let start = Instant::now();
         let res = self.shared.broker.publish(channel, publication, opts).await;
-        ::metrics::histogram!(metrics::BROKER_PUBLISH).record(start.elapsed().as_secs_f64());
+        let hot = metrics::hot();
+        hot.broker_publish.record(start.elapsed().as_secs_f64());
         if res.is_ok() {
-            ::metrics::counter!(metrics::PUBLICATIONS).increment(1);
+            hot.publications.increment(1);
         }
         res
     }
