@@ -123,7 +123,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let Some(mut session) = Session::new(node, codec) else {
-        let _ = send_close(&mut ws, DisconnectCode::SHUTDOWN, opts.write_timeout).await;
+        let _ = Box::pin(send_close(&mut ws, DisconnectCode::SHUTDOWN, opts.write_timeout)).await;
         return;
     };
     let outbox = session.outbox().clone();
@@ -133,8 +133,10 @@ where
         tokio::select! {
             biased;
             _ = outbox.ready() => {
-                session.apply_controls().await;
-                match flush_outbox(&mut ws, &outbox, codec, opts.write_timeout).await {
+                // Cold paths are boxed: their state exists only while they run,
+                // so an idle connection's task stays small.
+                Box::pin(session.apply_controls()).await;
+                match Box::pin(flush_outbox(&mut ws, &outbox, codec, opts.write_timeout)).await {
                     Ok(None) => {}
                     Ok(Some(code)) => break End::Close(code),
                     Err(code) => break End::Gone(code),
@@ -144,12 +146,12 @@ where
                 let res = match msg {
                     Some(Ok(Message::Text(text))) => {
                         account_received(text.len());
-                        session.handle_frame(text.as_bytes()).await
+                        Box::pin(session.handle_frame(text.as_bytes())).await
                     }
                     Some(Ok(Message::Binary(data))) => {
                         account_received(data.len());
                         match codec.frame_kind() {
-                            FrameKind::Binary => session.handle_frame(&data).await,
+                            FrameKind::Binary => Box::pin(session.handle_frame(&data)).await,
                             // Binary frames are not part of the JSON protocol.
                             FrameKind::Text => Err(DisconnectCode::BAD_REQUEST),
                         }
@@ -177,7 +179,7 @@ where
                 timer.as_mut().reset(session.deadline().into());
             }
             _ = &mut timer => {
-                if let Err(code) = session.on_deadline().await {
+                if let Err(code) = Box::pin(session.on_deadline()).await {
                     break End::Close(code);
                 }
                 timer.as_mut().reset(session.deadline().into());
@@ -188,8 +190,8 @@ where
         End::Close(code) => {
             // Write what the session queued before closing (e.g. an error reply),
             // except after overflow, where the queue was dropped.
-            let _ = flush_outbox(&mut ws, &outbox, codec, opts.write_timeout).await;
-            let _ = send_close(&mut ws, code, opts.write_timeout).await;
+            let _ = Box::pin(flush_outbox(&mut ws, &outbox, codec, opts.write_timeout)).await;
+            let _ = Box::pin(send_close(&mut ws, code, opts.write_timeout)).await;
             code
         }
         End::Gone(code) => code,
@@ -197,7 +199,7 @@ where
     if code == DisconnectCode::SLOW {
         tracing::debug!(client = session.client_id(), "slow consumer closed");
     }
-    session.close(code).await;
+    Box::pin(session.close(code)).await;
 }
 
 /// WebSocket standard codes for transport-level violations.
