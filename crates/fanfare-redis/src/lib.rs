@@ -236,6 +236,7 @@ impl RedisBroker {
         let manager = Manager {
             target,
             conn: pubsub,
+            cmd: cmd.clone(),
             push: push_tx,
             names: names.clone(),
             handler: handler.clone(),
