@@ -10,7 +10,8 @@ step() { printf '\n==> %s\n' "$*"; }
 
 # Debian packages the tests use: redis-server (broker tests), promtool (metrics lint).
 need_apt=()
-command -v redis-server >/dev/null || need_apt+=(redis-server redis-tools)
+command -v redis-server >/dev/null || need_apt+=(redis-server)
+command -v redis-cli >/dev/null || need_apt+=(redis-tools) # redis-cli --cluster create
 command -v promtool >/dev/null || need_apt+=(prometheus)
 if [ ${#need_apt[@]} -gt 0 ]; then
   step "installing ${need_apt[*]}"
@@ -32,6 +33,9 @@ cargo test --workspace
 step "SDK end-to-end (npm centrifuge + ws against the real binary)"
 cargo build -q -p fanfare-server
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run.sh
+
+step "Redis chaos (npm centrifuge: Redis killed and restarted, a node SIGKILLed)"
+FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run-redis.sh
 
 step "metrics lint (promtool check metrics on a live node)"
 scripts/check-metrics.sh "$ROOT/target/debug/fanfare"

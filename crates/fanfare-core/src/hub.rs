@@ -1,7 +1,7 @@
 //! Channel -> local subscribers, sharded by channel hash.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
@@ -17,44 +17,64 @@ const SHARDS: usize = 64;
 /// while the session reads the channel position or recovers missed
 /// publications, so the subscribe reply always precedes the first push and no
 /// offset is delivered twice. [`Subscriber::go_live`] releases them.
+///
+/// Once live, pushes at or below the position the subscriber went live at are
+/// still dropped: with an asynchronous broker (Redis) a publication can reach
+/// the node after the session's history read already returned it.
 #[derive(Debug)]
 pub struct Subscriber {
     outbox: Arc<Outbox>,
-    live: AtomicBool,
+    /// `SYNCING`, or the offset the subscriber went live after.
+    live_after: AtomicU64,
     held: Mutex<Vec<(u64, Bytes)>>,
+}
+
+const SYNCING: u64 = u64::MAX;
+
+/// Whether a push with `offset` (0 = not part of a stream) follows position `after`.
+fn is_new(offset: u64, after: u64) -> bool {
+    offset == 0 || offset > after
 }
 
 impl Subscriber {
     pub fn new(outbox: Arc<Outbox>) -> Self {
-        Self { outbox, live: AtomicBool::new(false), held: Mutex::new(Vec::new()) }
+        Self { outbox, live_after: AtomicU64::new(SYNCING), held: Mutex::new(Vec::new()) }
     }
 
     fn deliver(&self, offset: u64, item: &Bytes) {
-        if self.live.load(Ordering::Acquire) {
-            self.outbox.push(item.clone());
+        let after = self.live_after.load(Ordering::Acquire);
+        if after != SYNCING {
+            if is_new(offset, after) {
+                self.outbox.push(item.clone());
+            }
             return;
         }
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        // Re-check under the lock: go_live flips `live` while holding it.
-        if self.live.load(Ordering::Acquire) {
-            drop(held);
-            self.outbox.push(item.clone());
-        } else {
+        // Re-check under the lock: go_live sets the position while holding it.
+        let after = self.live_after.load(Ordering::Acquire);
+        if after == SYNCING {
             held.push((offset, item.clone()));
+        } else {
+            drop(held);
+            if is_new(offset, after) {
+                self.outbox.push(item.clone());
+            }
         }
     }
 
     /// Ends syncing: queues held pushes newer than `after_offset` (pushes
-    /// without an offset always pass) and delivers directly from now on.
+    /// without an offset always pass) and delivers directly from now on, still
+    /// skipping offsets up to `after_offset`.
     pub fn go_live(&self, after_offset: u64) {
+        let after_offset = after_offset.min(SYNCING - 1);
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         for (offset, item) in held.drain(..) {
-            if offset == 0 || offset > after_offset {
+            if is_new(offset, after_offset) {
                 self.outbox.push(item);
             }
         }
         *held = Vec::new();
-        self.live.store(true, Ordering::Release);
+        self.live_after.store(after_offset, Ordering::Release);
     }
 }
 
@@ -248,6 +268,20 @@ mod tests {
         assert!(got[0].contains("\"offset\":6"));
         assert!(got[1].contains("\"offset\":7"));
         assert_eq!(hub.fan_out("c", &push(9)), FanOut::Gap, "offset 8 is missing");
+
+        // A publication the subscriber already got with its subscribe reply
+        // (read from history) that reaches the node late is not delivered again.
+        let late = Arc::new(Subscriber::new(outbox.clone()));
+        assert!(hub.subscribe("d", 3, late.clone()));
+        late.go_live(12);
+        let mut v = Vec::new();
+        for offset in [11, 12, 13] {
+            hub.fan_out("d", &push(offset));
+        }
+        outbox.drain(&mut v);
+        assert_eq!(v.len(), 1, "only offset 13 is new");
+        assert!(String::from_utf8_lossy(&v[0]).contains("\"offset\":13"));
+        assert!(hub.unsubscribe("d", 3));
         assert!(!hub.subscribe("c", 2, Arc::new(Subscriber::new(outbox.clone()))));
         assert!(!hub.unsubscribe("c", 1));
         assert!(hub.unsubscribe("c", 2));

@@ -50,6 +50,9 @@ impl From<ChannelError> for Fail {
 struct Subscription {
     presence: bool,
     join_leave: bool,
+    /// Joined by the server at connect (personal channel, token `channels`):
+    /// the client cannot resubscribe it by itself.
+    server_side: bool,
     /// Unix seconds after which the subscription token must have been refreshed.
     expires_at: Option<u64>,
     info: Arc<ClientInfo>,
@@ -218,6 +221,18 @@ impl Session {
                     }
                 }
                 Control::Unsubscribed { channel, code, reason } => {
+                    let server_side = self
+                        .conn
+                        .as_ref()
+                        .and_then(|c| c.subs.get(&*channel))
+                        .is_some_and(|s| s.server_side);
+                    if server_side {
+                        // SDKs drop a server-side subscription on an unsubscribe
+                        // push and cannot resubscribe it: reconnect instead, which
+                        // joins (and recovers) it again. As Centrifugo does.
+                        self.outbox.close(DisconnectCode::INSUFFICIENT_STATE);
+                        return;
+                    }
                     if self.conn.is_some() && self.leave_channel(&channel).await {
                         self.send(Reply::push(
                             channel,
@@ -242,7 +257,7 @@ impl Session {
             positioned: true,
             ..Default::default()
         };
-        match self.join_channel(channel, &req, &ns, Bytes::new(), None).await {
+        match self.join_channel(channel, &req, &ns, Bytes::new(), None, true).await {
             Ok((r, subscriber)) => {
                 self.send(Reply::push(
                     channel,
@@ -390,7 +405,7 @@ impl Session {
                 positioned: true,
                 ..Default::default()
             });
-            match self.join_channel(&channel, &sub_req, &ns, Bytes::new(), None).await {
+            match self.join_channel(&channel, &sub_req, &ns, Bytes::new(), None, true).await {
                 Ok((result, subscriber)) => {
                     live.push((subscriber, result.offset, channel.clone(), ns.join_leave));
                     subs.push((channel, result));
@@ -436,6 +451,7 @@ impl Session {
         ns: &Namespace,
         chan_info: Bytes,
         expires_at: Option<u64>,
+        server_side: bool,
     ) -> Result<(SubscribeResult, Arc<Subscriber>), Fail> {
         let subscriber = Arc::new(Subscriber::new(self.outbox.clone()));
         self.node
@@ -492,7 +508,13 @@ impl Session {
         }
         self.connected_mut().subs.insert(
             channel.into(),
-            Subscription { presence: ns.presence, join_leave: ns.join_leave, expires_at, info },
+            Subscription {
+                presence: ns.presence,
+                join_leave: ns.join_leave,
+                server_side,
+                expires_at,
+                info,
+            },
         );
         Ok((result, subscriber))
     }
@@ -542,7 +564,7 @@ impl Session {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
         let (result, subscriber) =
-            self.join_channel(&channel, &req, &ns, chan_info, expires_at).await?;
+            self.join_channel(&channel, &req, &ns, chan_info, expires_at, false).await?;
         let offset = result.offset;
         self.send(Reply::new(id, ReplyBody::Subscribe(Box::new(result))));
         subscriber.go_live(offset);

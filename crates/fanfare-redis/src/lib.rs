@@ -3,8 +3,9 @@
 //! - **Interest-based pub/sub.** A node subscribes to a channel's Redis pub/sub
 //!   channel when its first local subscriber arrives and unsubscribes
 //!   `unsubscribe_delay` after the last one left. Requests from many sessions are
-//!   batched into one SUBSCRIBE/UNSUBSCRIBE per round trip, so a reconnect storm
-//!   costs a handful of commands.
+//!   batched into one SUBSCRIBE/UNSUBSCRIBE per round trip: subscribes that
+//!   arrive together (a reconnect storm) cost a handful of commands; subscribes
+//!   trickling in slower than a round trip still cost one command each.
 //! - **Separate connections.** Publishes, history and presence go through a
 //!   multiplexed (pipelining) command connection; pub/sub has its own RESP3
 //!   connection per Redis (standalone/sharded) or per cluster node (Redis Cluster,
@@ -236,6 +237,7 @@ impl RedisBroker {
         let manager = Manager {
             target,
             conn: pubsub,
+            cmd: cmd.clone(),
             push: push_tx,
             names: names.clone(),
             handler: handler.clone(),

@@ -14,7 +14,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::conn::{PubSubConn, PubSubTarget};
+use crate::conn::{CmdConn, PubSubConn, PubSubTarget};
 use crate::wire::{self, Event};
 use crate::{HandlerCell, Names};
 
@@ -90,6 +90,8 @@ pub fn spawn_delivery(
 pub struct Manager {
     pub(crate) target: PubSubTarget,
     pub(crate) conn: PubSubConn,
+    /// The shard's command connection: proven to work before reporting healthy.
+    pub(crate) cmd: CmdConn,
     pub(crate) push: UnboundedSender<PushInfo>,
     pub(crate) names: Names,
     pub(crate) handler: HandlerCell,
@@ -230,6 +232,11 @@ impl Manager {
                     PubSubTarget::Single { .. } => self.target.connect(self.push.clone()).await?,
                 };
                 conn.ping().await?;
+                // Publishes, history and presence use the command connection,
+                // which reconnects lazily: a command failing on the dead socket
+                // starts its reconnect. Ready only once it answers again, so the
+                // first client command after `/ready` turns 200 does not fail.
+                redis::cmd("PING").exec_async(&mut self.cmd.clone()).await?;
                 let mut names: Vec<String> =
                     self.live.iter().map(|c| self.names.pubsub(c)).collect();
                 names.extend(self.always.iter().cloned());

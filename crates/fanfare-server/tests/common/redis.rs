@@ -1,0 +1,470 @@
+//! Real `redis-server` processes for the Redis broker tests: a standalone server
+//! on a free loopback port (that can be killed and restarted on the same port),
+//! and a 3-master Redis Cluster made with
+//! `redis-cli --cluster create`. Every process is started by the test, stopped
+//! by its PID on drop, and every wait is bounded.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::free_port;
+
+/// A RESP2 reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resp {
+    Simple(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<Vec<u8>>),
+    Array(Option<Vec<Resp>>),
+}
+
+impl Resp {
+    /// The reply as text (simple or bulk string), else panics.
+    pub fn text(&self) -> String {
+        match self {
+            Resp::Simple(s) => s.clone(),
+            Resp::Bulk(Some(b)) => String::from_utf8_lossy(b).into_owned(),
+            Resp::Int(i) => i.to_string(),
+            other => panic!("expected a string reply, got {other:?}"),
+        }
+    }
+
+    pub fn int(&self) -> i64 {
+        match self {
+            Resp::Int(i) => *i,
+            other => panic!("expected an integer reply, got {other:?}"),
+        }
+    }
+
+    /// The elements of an array reply, each as text.
+    pub fn texts(&self) -> Vec<String> {
+        match self {
+            Resp::Array(Some(items)) => items.iter().map(Resp::text).collect(),
+            other => panic!("expected an array reply, got {other:?}"),
+        }
+    }
+}
+
+fn read_line(r: &mut impl BufRead) -> std::io::Result<String> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "redis closed"));
+    }
+    Ok(line.trim_end_matches(['\r', '\n']).to_string())
+}
+
+fn parse_len(s: &str) -> std::io::Result<i64> {
+    s.parse().map_err(|_| std::io::Error::other(format!("bad RESP length {s:?}")))
+}
+
+fn read_resp(r: &mut impl BufRead) -> std::io::Result<Resp> {
+    let line = read_line(r)?;
+    let (kind, rest) = line.split_at(1.min(line.len()));
+    Ok(match kind {
+        "+" => Resp::Simple(rest.to_string()),
+        "-" => Resp::Error(rest.to_string()),
+        ":" => Resp::Int(parse_len(rest)?),
+        "$" => {
+            let n = parse_len(rest)?;
+            if n < 0 {
+                Resp::Bulk(None)
+            } else {
+                let mut buf = vec![0; n as usize + 2];
+                r.read_exact(&mut buf)?;
+                buf.truncate(n as usize);
+                Resp::Bulk(Some(buf))
+            }
+        }
+        "*" => {
+            let n = parse_len(rest)?;
+            if n < 0 {
+                Resp::Array(None)
+            } else {
+                let mut items = Vec::with_capacity(n as usize);
+                for _ in 0..n {
+                    items.push(read_resp(r)?);
+                }
+                Resp::Array(Some(items))
+            }
+        }
+        _ => return Err(std::io::Error::other(format!("bad RESP line {line:?}"))),
+    })
+}
+
+/// Sends one command to the Redis on `port` over a fresh connection.
+pub fn redis_cmd(port: u16, args: &[&str]) -> std::io::Result<Resp> {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut out = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    (&s).write_all(&out)?;
+    read_resp(&mut BufReader::new(&s))
+}
+
+/// `calls` per command from `INFO commandstats` text, e.g. `"subscribe" -> 3`.
+pub fn parse_commandstats(info: &str) -> BTreeMap<String, u64> {
+    info.lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter_map(|l| {
+            let (name, fields) = l.split_once(':')?;
+            let calls = fields.split(',').find_map(|f| f.strip_prefix("calls="))?;
+            Some((name.to_string(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+/// A `redis-server` child process on a loopback port; SIGKILLed (by PID) on drop.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    args: Vec<String>,
+    dir: Arc<tempfile::TempDir>,
+}
+
+impl RedisServer {
+    /// A throw-away server: no RDB snapshots, no AOF.
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// A server with extra command-line options (`--name value` pairs).
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        let dir = Arc::new(tempfile::tempdir().expect("creating a temp dir for redis"));
+        Self::start_in(dir, extra, |_| Vec::new())
+    }
+
+    /// Starts in `dir`; `per_port` adds options that depend on the chosen port.
+    fn start_in(
+        dir: Arc<tempfile::TempDir>,
+        extra: &[&str],
+        per_port: impl Fn(u16) -> Vec<String>,
+    ) -> RedisServer {
+        let mut last = String::new();
+        // A port picked free can be taken before redis binds it: retry.
+        for _ in 0..5 {
+            let port = free_port();
+            let mut args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            args.extend(per_port(port));
+            let mut r = RedisServer { child: None, port, args, dir: dir.clone() };
+            match r.spawn() {
+                Ok(()) => return r,
+                Err(e) => last = e,
+            }
+        }
+        panic!("redis-server did not start: {last}");
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join(format!("redis-{}.log", self.port))
+    }
+
+    /// Starts the process with this server's port, directory and options and
+    /// waits (up to 10 s) for PING to answer PONG.
+    fn spawn(&mut self) -> Result<(), String> {
+        assert!(self.child.is_none(), "redis-server already running");
+        let mut cmd = Command::new("redis-server");
+        cmd.arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--protected-mode", "no", "--save", ""])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .arg("--logfile")
+            .arg(self.log_path())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().map_err(|e| {
+            format!("cannot run redis-server ({e}); scripts/test.sh installs it (apt redis-server)")
+        })?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Resp::Simple(s)) = redis_cmd(self.port, &["PING"])
+                && s == "PONG"
+            {
+                return Ok(());
+            }
+            let child = self.child.as_mut().expect("child present");
+            if let Some(status) = child.try_wait().expect("polling redis-server") {
+                self.child = None;
+                return Err(format!("redis-server exited with {status}:\n{}", self.log()));
+            }
+            if Instant::now() > deadline {
+                self.kill();
+                return Err(format!("redis-server did not answer PING in 10 s:\n{}", self.log()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("redis-server is running").id()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGKILL (by PID) and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again on the same port, in the same directory, with the same options.
+    pub fn restart(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // The port may linger briefly after the kill; retry within the bound.
+            match self.spawn() {
+                Ok(()) => return,
+                Err(e) if Instant::now() > deadline => panic!("redis restart failed: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// Runs a command; panics on an I/O error or an error reply.
+    pub fn cmd(&self, args: &[&str]) -> Resp {
+        match redis_cmd(self.port, args) {
+            Ok(Resp::Error(e)) => panic!("redis {args:?} on :{}: {e}", self.port),
+            Ok(r) => r,
+            Err(e) => panic!("redis {args:?} on :{}: {e}", self.port),
+        }
+    }
+
+    /// Command calls since start or the last [`RedisServer::reset_stats`].
+    pub fn commandstats(&self) -> BTreeMap<String, u64> {
+        parse_commandstats(&self.cmd(&["INFO", "commandstats"]).text())
+    }
+
+    /// Calls of one command (lower case, e.g. `"subscribe"`), 0 when never called.
+    pub fn calls(&self, command: &str) -> u64 {
+        self.commandstats().get(command).copied().unwrap_or(0)
+    }
+
+    pub fn reset_stats(&self) {
+        self.cmd(&["CONFIG", "RESETSTAT"]);
+    }
+
+    /// Pub/sub channels with at least one subscriber, matching `pattern`.
+    pub fn pubsub_channels(&self, pattern: &str) -> Vec<String> {
+        self.cmd(&["PUBSUB", "CHANNELS", pattern]).texts()
+    }
+
+    /// Sharded pub/sub channels (SSUBSCRIBE) with at least one subscriber.
+    pub fn pubsub_shardchannels(&self, pattern: &str) -> Vec<String> {
+        self.cmd(&["PUBSUB", "SHARDCHANNELS", pattern]).texts()
+    }
+
+    /// One field of `CLUSTER INFO` (e.g. `cluster_state`).
+    pub fn cluster_info(&self, field: &str) -> Option<String> {
+        let info = redis_cmd(self.port, &["CLUSTER", "INFO"]).ok()?;
+        let Resp::Bulk(Some(b)) = info else { return None };
+        String::from_utf8_lossy(&b)
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':').map(|v| v.trim().to_string()))
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if std::thread::panicking() && self.child.is_some() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!(
+                "---- redis :{} log (last 20 lines) ----\n{}\n----",
+                self.port,
+                tail.join("\n")
+            );
+        }
+        self.kill();
+    }
+}
+
+/// A Redis Cluster of masters without replicas, made with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub masters: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts `n` (>= 3) cluster-enabled servers, joins them and waits for
+    /// `cluster_state:ok` on every one.
+    pub fn start(n: usize) -> RedisCluster {
+        let dir = Arc::new(tempfile::tempdir().expect("creating a temp dir for the cluster"));
+        let masters: Vec<RedisServer> = (0..n)
+            .map(|_| {
+                RedisServer::start_in(
+                    dir.clone(),
+                    &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+                    |port| {
+                        vec![
+                            "--cluster-config-file".into(),
+                            format!("nodes-{port}.conf"),
+                            // The bus port defaults to port + 10000, which may be
+                            // taken or out of range for an ephemeral port.
+                            "--cluster-port".into(),
+                            free_port().to_string(),
+                        ]
+                    },
+                )
+            })
+            .collect();
+        let mut cmd = Command::new("redis-cli");
+        cmd.args(["--cluster", "create"]);
+        for m in &masters {
+            cmd.arg(format!("127.0.0.1:{}", m.port));
+        }
+        cmd.args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("running redis-cli (apt redis-tools)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("polling redis-cli") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("redis-cli --cluster create did not finish within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut out = String::new();
+        if let Some(mut o) = child.stdout.take() {
+            let _ = o.read_to_string(&mut out);
+        }
+        if let Some(mut e) = child.stderr.take() {
+            let _ = e.read_to_string(&mut out);
+        }
+        assert!(status.success(), "redis-cli --cluster create failed ({status}):\n{out}");
+        let cluster = RedisCluster { masters };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let states: Vec<Option<String>> =
+                cluster.masters.iter().map(|m| m.cluster_info("cluster_state")).collect();
+            if states.iter().all(|s| s.as_deref() == Some("ok")) {
+                return cluster;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster_state not ok on every master within 20 s: {states:?}\n{out}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Seed URLs for `[redis] cluster = true`.
+    pub fn urls(&self) -> Vec<String> {
+        self.masters.iter().map(RedisServer::url).collect()
+    }
+}
+
+/// The `[broker]` and `[redis]` sections for a node using these Redis URLs;
+/// `redis_extra` are more `key = value` lines of the `[redis]` section.
+pub fn broker_toml(urls: &[String], cluster: bool, redis_extra: &str) -> String {
+    let urls: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
+    format!(
+        "[broker]\nkind = \"redis\"\n\n[redis]\nurls = [{}]\ncluster = {cluster}\nstartup_timeout = \"10s\"\n{redis_extra}\n",
+        urls.join(", ")
+    )
+}
+
+/// Starts `n` fanfare nodes sharing the given Redis (or cluster), each with
+/// `extra` appended to its config.
+pub fn start_nodes(n: usize, urls: &[String], cluster: bool, extra: &str) -> Vec<super::Server> {
+    start_nodes_with(n, urls, cluster, "", extra)
+}
+
+/// [`start_nodes`] with more `[redis]` settings.
+pub fn start_nodes_with(
+    n: usize,
+    urls: &[String],
+    cluster: bool,
+    redis_extra: &str,
+    extra: &str,
+) -> Vec<super::Server> {
+    let toml = format!("{}\n{extra}", broker_toml(urls, cluster, redis_extra));
+    (0..n).map(|_| super::Server::start(&toml)).collect()
+}
+
+/// One publication push as a subscriber saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seen {
+    pub channel: String,
+    pub offset: u64,
+    pub data: serde_json::Value,
+}
+
+/// Publishes every `(channel, data)` from `client`, `per_frame` commands per
+/// WebSocket frame, without waiting between frames; then checks every reply.
+pub async fn publish_pipelined(
+    client: &mut super::Client,
+    items: &[(String, serde_json::Value)],
+    per_frame: usize,
+) {
+    let mut ids = Vec::with_capacity(items.len());
+    for chunk in items.chunks(per_frame.max(1)) {
+        let mut frame = String::new();
+        for (channel, data) in chunk {
+            let id = client.next_id();
+            ids.push(id);
+            if !frame.is_empty() {
+                frame.push('\n');
+            }
+            let cmd = serde_json::json!({"id": id, "publish": {"channel": channel, "data": data}});
+            frame.push_str(&cmd.to_string());
+        }
+        client.send_text(&frame).await;
+    }
+    for id in ids {
+        let r = client.reply(id).await;
+        assert_eq!(r["publish"], serde_json::json!({}), "publish failed: {r}");
+    }
+}
+
+/// The next `n` publication pushes of `client` (each within the client's timeout).
+pub async fn collect_pubs(client: &mut super::Client, n: usize) -> Vec<Seen> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let v = client.recv_push().await;
+        let push = &v["push"];
+        let p = push.get("pub").unwrap_or_else(|| panic!("expected a publication push: {v}"));
+        out.push(Seen {
+            channel: push["channel"].as_str().expect("push channel").to_string(),
+            offset: p["offset"].as_u64().unwrap_or(0),
+            data: p["data"].clone(),
+        });
+    }
+    out
+}
