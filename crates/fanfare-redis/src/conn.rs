@@ -7,6 +7,9 @@ use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, PushInfo, RedisFuture, RedisResult, Value};
 use tokio::sync::mpsc::UnboundedSender;
 
+/// How long one Redis command may take before the caller gets an error.
+const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// The command connection: reconnects by itself (standalone: `ConnectionManager`;
 /// cluster: the cluster connection follows MOVED and re-connects nodes).
 #[derive(Clone)]
@@ -68,13 +71,22 @@ fn with_resp3(url: &str) -> String {
 /// Opens the command connection and describes the pub/sub target.
 pub async fn open(urls: &[String], cluster: bool) -> RedisResult<(CmdConn, PubSubTarget)> {
     if cluster {
-        let client = ClusterClientBuilder::new(urls.to_vec()).build()?;
+        let client = ClusterClientBuilder::new(urls.to_vec())
+            .response_timeout(COMMAND_TIMEOUT)
+            .connection_timeout(std::time::Duration::from_secs(2))
+            .build()?;
         let cmd = client.get_async_connection().await?;
         Ok((CmdConn::Cluster(cmd), PubSubTarget::Cluster { urls: urls.to_vec() }))
     } else {
         let url = urls[0].clone();
         let client = redis::Client::open(url.as_str())?;
-        let cmd = client.get_connection_manager().await?;
+        // The default 500 ms response timeout fails commands spuriously on a busy
+        // machine; few retries so that callers learn of an outage quickly.
+        let cfg = redis::aio::ConnectionManagerConfig::new()
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+            .set_number_of_retries(2);
+        let cmd = client.get_connection_manager_with_config(cfg).await?;
         let sub_client = redis::Client::open(with_resp3(&url).as_str())?;
         Ok((CmdConn::Single(cmd), PubSubTarget::Single { url, client: sub_client }))
     }

@@ -331,6 +331,15 @@ impl Broker for RedisBroker {
         publication: Publication,
         opts: PublishOptions,
     ) -> Result<StreamPosition, BrokerError> {
+        // Fail fast while the connection is down: a caller told "unavailable"
+        // retries; one left waiting may time out while the publish still happens.
+        let shard = self.shard(channel);
+        if !shard.health.is_up() {
+            return Err(BrokerError::Unavailable(format!(
+                "redis {} is reconnecting",
+                shard.health.target()
+            )));
+        }
         let body = wire::encode_publication(&publication);
         let history = opts.history_size > 0 && !opts.history_ttl.is_zero();
         let idempotent =

@@ -39,6 +39,10 @@ impl Health {
         Self { up: AtomicBool::new(true), lost: Notify::new(), target }
     }
 
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
     }
