@@ -226,10 +226,11 @@ impl Session {
                         .as_ref()
                         .and_then(|c| c.subs.get(&*channel))
                         .is_some_and(|s| s.server_side);
-                    if server_side {
+                    if server_side && code >= 2500 {
                         // SDKs drop a server-side subscription on an unsubscribe
                         // push and cannot resubscribe it: reconnect instead, which
-                        // joins (and recovers) it again. As Centrifugo does.
+                        // joins (and recovers) it again. As Centrifugo does. A
+                        // plain server unsubscribe (2000) is just an unsubscribe.
                         self.outbox.close(DisconnectCode::INSUFFICIENT_STATE);
                         return;
                     }
