@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every fanfare test on a fresh machine: installs what the tests need
 # (Debian packages, Node modules), then formatting, lints, unit and integration
-# tests against real processes, the SDK end-to-end test and the metrics lint.
+# tests against real processes, the SDK end-to-end test, the metrics lint and the
+# deployment checks (scripts/test-deploy.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -39,5 +40,8 @@ FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run-redis.sh
 
 step "metrics lint (promtool check metrics on a live node)"
 scripts/check-metrics.sh "$ROOT/target/debug/fanfare"
+
+step "deployment: Helm chart, manifests, rehearsal, Prometheus, Grafana, compose"
+FANFARE_BIN="$ROOT/target/debug/fanfare" scripts/test-deploy.sh
 
 step "all tests passed"

@@ -4,6 +4,9 @@
 
 Standard library only (a minimal RFC 6455 client), so it runs anywhere python3 is.
 Usage: drive.py HOST:PORT [--api-key KEY] [--token JWT]
+       drive.py HOST:PORT --hold SECONDS   subscribe, print "subscribed", then wait
+                                           for the node to unsubscribe us (a stream
+                                           gap after a broker reconnect)
 """
 import argparse
 import base64
@@ -90,6 +93,7 @@ def main():
     ap.add_argument("addr", help="HOST:PORT of the node's HTTP port")
     ap.add_argument("--api-key", default="")
     ap.add_argument("--token", default="", help="connection JWT")
+    ap.add_argument("--hold", type=float, default=0)
     a = ap.parse_args()
     host, port = a.addr.rsplit(":", 1)
     port = int(port)
@@ -107,6 +111,14 @@ def main():
     for i in (1, 2):
         if "error" in got[i]:
             raise RuntimeError(f"command {i} failed: {got[i]}")
+    if a.hold:
+        print("subscribed", flush=True)
+        s.settimeout(a.hold)
+        for m in it:
+            if "push" in m and "unsubscribe" in m["push"]:
+                print(f"drive: unsubscribed by the node: {m['push']}")
+                return
+        raise RuntimeError("connection closed before an unsubscribe push")
     # A control API call; the publication is then pushed to our subscription.
     req = urllib.request.Request(
         f"http://{host}:{port}/api/publish",

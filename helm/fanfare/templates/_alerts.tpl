@@ -49,9 +49,7 @@ groups:
             their outbound queue overflowed (client.queue_max_size): clients cannot keep up
             with the publication rate, or nodes are CPU-starved.
       - alert: FanfareApiErrors
-        expr: |-
-          sum by (namespace) (rate(fanfare_api_requests_total{ {{- $sel -}} ,code!="OK"}[5m]))
-            / sum by (namespace) (rate(fanfare_api_requests_total{ {{- $sel -}} }[5m])) > {{ $r.apiErrorRatio }}
+        expr: sum by (namespace) (rate(fanfare_api_requests_total{ {{- $sel -}} ,code!="OK"}[5m])) / sum by (namespace) (rate(fanfare_api_requests_total{ {{- $sel -}} }[5m])) > {{ $r.apiErrorRatio }}
         for: 5m
         labels:
           severity: warning

@@ -1,0 +1,192 @@
+#!/usr/bin/env bash
+# Deployment checks (called by scripts/test.sh; runs on its own too):
+#   - helm lint --strict and helm template: default values and helm/fanfare/ci/*.yaml
+#   - every rendered manifest validated with kubernetes-validate --strict against
+#     the oldest and the newest Kubernetes the chart targets; CRD objects
+#     (ServiceMonitor, PrometheusRule, HTTPRoute) are not in its schemas: the
+#     PrometheusRule's rules go through promtool instead
+#   - bad values (helm/fanfare/tests/) rejected, each with the expected message
+#   - a rehearsal of every rendered Deployment: the real binary with exactly the
+#     rendered args, config file and environment, against local Redis
+#     (scripts/deploy/rehearse.py): probes, a client, an API call, SIGTERM
+#   - deploy/k8s/ and deploy/prometheus/fanfare-alerts.yml equal a fresh render
+#   - promtool check config / check rules / test rules on deploy/prometheus
+#   - the Grafana dashboard parses, its queries are valid PromQL, and every
+#     metric it queries exists on a live node (driven through a Redis restart)
+#   - deploy/compose references and ports agree; its node config passes check-config
+# Tools are installed if missing (helm via go install, kubernetes-validate from
+# PyPI, Debian packages). Processes started here are stopped by PID.
+# Usage: FANFARE_BIN=target/debug/fanfare scripts/test-deploy.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+source scripts/deploy/lib.sh
+
+step() { printf '\n--> %s\n' "$*"; }
+die() { echo "test-deploy: FAILED: $*" >&2; exit 1; }
+passed=0
+ok() { passed=$((passed + 1)); echo "ok: $*"; }
+
+# Tools.
+need_apt=()
+command -v redis-server >/dev/null || need_apt+=(redis-server redis-tools)
+command -v promtool >/dev/null || need_apt+=(prometheus)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+HELM=$(ensure_helm "$ROOT")
+export HELM
+ensure_kubernetes_validate
+FANFARE_BIN=${FANFARE_BIN:-target/debug/fanfare}
+case "$FANFARE_BIN" in /*) ;; *) FANFARE_BIN="$ROOT/$FANFARE_BIN" ;; esac
+if [ ! -x "$FANFARE_BIN" ]; then
+  cargo build -q -p fanfare-server
+  FANFARE_BIN="$ROOT/target/debug/fanfare"
+fi
+echo "helm: $HELM ($("$HELM" version --short 2>/dev/null)), kubernetes-validate $KUBERNETES_VALIDATE_VERSION, fanfare: $FANFARE_BIN"
+
+TMP=$(mktemp -d)
+PIDS=()
+cleanup() {
+  local p
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+CHART=helm/fanfare
+# Stand-ins for keys of Secrets the chart does not render (existingSecret).
+STAND_INS=(--existing-secret api-key=rehearsal-api-key --existing-secret hmac-secret=rehearsal-hmac-secret
+           --existing-secret redis-urls=redis://redis-a:6379,redis://redis-b:6379)
+
+step "helm lint --strict"
+"$HELM" lint --strict "$CHART" --kube-version "$KUBE_RENDER_VERSION" >"$TMP/lint.log" 2>&1 || { cat "$TMP/lint.log"; die "helm lint (default values)"; }
+for f in "$CHART"/ci/*.yaml; do
+  "$HELM" lint --strict "$CHART" -f "$f" --kube-version "$KUBE_RENDER_VERSION" >"$TMP/lint.log" 2>&1 || { cat "$TMP/lint.log"; die "helm lint -f $f"; }
+done
+ok "helm lint --strict: default values and $(ls "$CHART"/ci/*.yaml | wc -l) ci values files"
+
+step "helm template + kubernetes-validate --strict (Kubernetes ${KUBE_VERSIONS[*]})"
+renders=(default)
+"$HELM" template fanfare "$CHART" --kube-version "$KUBE_RENDER_VERSION" >"$TMP/default.yaml"
+for f in "$CHART"/ci/*.yaml; do
+  n=$(basename "$f" .yaml)
+  renders+=("$n")
+  "$HELM" template fanfare "$CHART" -f "$f" --kube-version "$KUBE_RENDER_VERSION" >"$TMP/$n.yaml"
+done
+renders+=(deploy-k8s)
+cp deploy/k8s/fanfare.yaml "$TMP/deploy-k8s.yaml"
+for n in "${renders[@]}"; do
+  for kv in "${KUBE_VERSIONS[@]}"; do
+    out=$(kubernetes-validate --strict -k "$kv" "$TMP/$n.yaml" 2>&1) || { echo "$out"; die "kubernetes-validate $n (Kubernetes $kv)"; }
+    # Objects without a built-in schema must be the CRDs we expect.
+    unknown=$(grep "Couldn't find schema" <<<"$out" | grep -v -E "kind (ServiceMonitor|PrometheusRule) with api version monitoring.coreos.com/v1|kind HTTPRoute with api version gateway.networking.k8s.io/v1" || true)
+    [ -z "$unknown" ] || { echo "$unknown"; die "$n: objects without a schema"; }
+    grep -q "ERROR\|FAIL" <<<"$out" && { echo "$out"; die "kubernetes-validate $n"; }
+  done
+  kinds=$(python3 -c 'import sys,yaml; print(" ".join(sorted({d["kind"] for d in yaml.safe_load_all(open(sys.argv[1])) if d})))' "$TMP/$n.yaml")
+  echo "  $n: $kinds"
+done
+ok "${#renders[@]} renders valid against Kubernetes ${KUBE_VERSIONS[*]} (CRDs: ServiceMonitor, PrometheusRule, HTTPRoute checked below)"
+
+# The production render has every optional object; the PrometheusRule's rules pass promtool.
+prod_kinds=$(python3 -c 'import sys,yaml; print(" ".join(sorted({d["kind"] for d in yaml.safe_load_all(open(sys.argv[1])) if d})))' "$TMP/production-values.yaml")
+for k in Deployment Service ConfigMap HorizontalPodAutoscaler PodDisruptionBudget Ingress HTTPRoute ServiceMonitor PrometheusRule NetworkPolicy; do
+  grep -qw "$k" <<<"$prod_kinds" || die "production render lacks a $k"
+done
+python3 - "$TMP/production-values.yaml" "$TMP/prodrules.yml" <<'EOF'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+rule = next(d for d in docs if d["kind"] == "PrometheusRule")
+hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
+assert any(m["type"] == "Pods" and m["pods"]["metric"]["name"] == "fanfare_connections" for m in hpa["spec"]["metrics"]), "HPA lacks the connections metric"
+sm = next(d for d in docs if d["kind"] == "ServiceMonitor")
+svc = next(d for d in docs if d["kind"] == "Service" and any(p["name"] == sm["spec"]["endpoints"][0]["port"] for p in d["spec"]["ports"]))
+assert all(svc["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items()), "ServiceMonitor does not select the client Service"
+route = next(d for d in docs if d["kind"] == "HTTPRoute")
+assert route["spec"]["rules"][0]["backendRefs"][0]["name"] == svc["metadata"]["name"], "HTTPRoute backend is not the client Service"
+yaml.safe_dump({"groups": rule["spec"]["groups"]}, open(sys.argv[2], "w"))
+EOF
+promtool check rules "$TMP/prodrules.yml" >"$TMP/promtool.log" 2>&1 || { cat "$TMP/promtool.log"; die "PrometheusRule rules"; }
+ok "production render: all optional objects present; ServiceMonitor/HTTPRoute select the client Service; PrometheusRule passes promtool check rules"
+
+step "bad values are rejected"
+nbad=0
+for f in "$CHART"/tests/bad-values.yaml "$CHART"/tests/bad/*.yaml; do
+  if "$HELM" template fanfare "$CHART" -f "$f" --kube-version "$KUBE_RENDER_VERSION" >/dev/null 2>"$TMP/bad.err"; then
+    die "$f was accepted"
+  fi
+  while IFS= read -r want; do
+    grep -qF -- "$want" "$TMP/bad.err" || { cat "$TMP/bad.err"; die "$f: error does not mention: $want"; }
+  done < <(sed -n 's/^# expect: //p' "$f")
+  grep -q '^# expect: ' "$f" || die "$f has no '# expect:' line"
+  nbad=$((nbad + 1))
+done
+"$HELM" lint --strict "$CHART" -f "$CHART/tests/bad-values.yaml" >/dev/null 2>&1 && die "helm lint accepted tests/bad-values.yaml"
+ok "$nbad bad values files rejected with the expected messages"
+
+step "rehearsal: the rendered Deployments run the real binary"
+for n in "${renders[@]}"; do
+  echo "  == $n"
+  timeout 180 python3 scripts/deploy/rehearse.py "$TMP/$n.yaml" --bin "$FANFARE_BIN" "${STAND_INS[@]}" >"$TMP/rehearse.log" 2>&1 \
+    || { cat "$TMP/rehearse.log"; die "rehearsal of $n"; }
+  sed 's/^/    /' "$TMP/rehearse.log"
+done
+ok "${#renders[@]} rehearsals: probes 200, client + API call, exit 0 on SIGTERM within the grace period"
+
+step "deploy/k8s and deploy/prometheus/fanfare-alerts.yml equal a fresh render"
+scripts/render-k8s.sh "$TMP/render" >/dev/null
+diff -u deploy/k8s/fanfare.yaml "$TMP/render/k8s/fanfare.yaml" || die "deploy/k8s/fanfare.yaml is stale: run scripts/render-k8s.sh"
+diff -u deploy/prometheus/fanfare-alerts.yml "$TMP/render/prometheus/fanfare-alerts.yml" || die "deploy/prometheus/fanfare-alerts.yml is stale: run scripts/render-k8s.sh"
+cmp -s deploy/grafana/fanfare.json "$CHART/dashboards/fanfare.json" || die "helm/fanfare/dashboards/fanfare.json differs from deploy/grafana/fanfare.json (copy it)"
+ok "rendered files are in sync (and the chart's dashboard copy)"
+
+step "promtool: deploy/prometheus"
+promtool check config deploy/prometheus/prometheus.yml >"$TMP/p.log" 2>&1 || { cat "$TMP/p.log"; die "promtool check config"; }
+promtool check rules deploy/prometheus/fanfare-alerts.yml >"$TMP/p.log" 2>&1 || { cat "$TMP/p.log"; die "promtool check rules"; }
+promtool test rules deploy/prometheus/tests/fanfare-alerts.test.yml >"$TMP/p.log" 2>&1 || { cat "$TMP/p.log"; die "promtool test rules"; }
+ok "promtool check config, check rules, test rules (each alert fires on its input, none on a healthy cluster)"
+
+step "Grafana dashboard against a live node"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+rport=$(free_port); hport=$(free_port); gport=$(free_port)
+redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >"$TMP/redis.log" 2>&1 &
+rpid=$!; PIDS+=("$rpid")
+for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
+FANFARE__BROKER__KIND=redis FANFARE__REDIS__URLS="redis://127.0.0.1:$rport" \
+FANFARE__HTTP__LISTEN="127.0.0.1:$hport" FANFARE__GRPC__LISTEN="127.0.0.1:$gport" \
+  "$FANFARE_BIN" >"$TMP/node.log" 2>&1 &
+PIDS+=("$!")
+wait_ready() { for _ in $(seq 150); do curl -sf "http://127.0.0.1:$hport/ready" >/dev/null && return 0; sleep 0.1; done; cat "$TMP/node.log"; die "node not ready"; }
+wait_ready
+# One client session and one control API call.
+timeout 30 python3 scripts/deploy/drive.py "127.0.0.1:$hport" >/dev/null || die "client/API drive"
+# A subscriber held through a Redis restart: broker reconnect, then a stream gap.
+timeout 40 python3 scripts/deploy/drive.py "127.0.0.1:$hport" --hold 30 >"$TMP/hold.log" 2>&1 &
+hpid=$!; PIDS+=("$hpid")
+for _ in $(seq 100); do grep -q subscribed "$TMP/hold.log" && break; sleep 0.1; done
+grep -q subscribed "$TMP/hold.log" || { cat "$TMP/hold.log"; die "holder did not subscribe"; }
+kill "$rpid"; wait "$rpid" 2>/dev/null || true
+sleep 1
+redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >"$TMP/redis.log" 2>&1 &
+PIDS+=("$!")
+wait_ready
+wait "$hpid" || { cat "$TMP/hold.log"; die "the held subscriber was not told to recover"; }
+sleep 0.2
+curl -sf "http://127.0.0.1:$hport/metrics" >"$TMP/metrics.txt"
+python3 scripts/deploy/check_dashboard.py deploy/grafana/fanfare.json "$TMP/metrics.txt" "$TMP/dashboard-rules.yml" || die "dashboard"
+promtool check rules "$TMP/dashboard-rules.yml" >"$TMP/p.log" 2>&1 || { cat "$TMP/p.log"; die "dashboard queries are not valid PromQL"; }
+ok "dashboard parses, its queries are valid PromQL, and every metric it queries is on a live node"
+
+step "compose"
+python3 scripts/deploy/check_compose.py "$ROOT" "$TMP/compose.env" || die "compose"
+(
+  set -a; source <(grep -v '^CONFIG=' "$TMP/compose.env"); set +a
+  "$FANFARE_BIN" check-config --config "$(sed -n 's/^CONFIG=//p' "$TMP/compose.env")" >"$TMP/cc.log" 2>&1
+) || { cat "$TMP/cc.log"; die "the compose node configuration does not pass check-config"; }
+ok "compose file references agree; the nodes' config + environment pass fanfare check-config"
+
+echo
+echo "test-deploy: $passed passed, 0 failed"
