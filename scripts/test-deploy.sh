@@ -6,6 +6,7 @@
 #     (ServiceMonitor, PrometheusRule, HTTPRoute) are not in its schemas: the
 #     PrometheusRule's rules go through promtool instead
 #   - bad values (helm/fanfare/tests/) rejected, each with the expected message
+#   - values.schema.json `config` and the binary's configuration keys agree
 #   - a rehearsal of every rendered Deployment: the real binary with exactly the
 #     rendered args, config file and environment, against local Redis
 #     (scripts/deploy/rehearse.py): probes, a client, an API call, SIGTERM
@@ -126,6 +127,27 @@ for f in "$CHART"/tests/bad-values.yaml "$CHART"/tests/bad/*.yaml; do
 done
 "$HELM" lint --strict "$CHART" -f "$CHART/tests/bad-values.yaml" >/dev/null 2>&1 && die "helm lint accepted tests/bad-values.yaml"
 ok "$nbad bad values files rejected with the expected messages"
+
+python3 - "$CHART" <<'PY' || die "chart README"
+import sys, yaml
+chart = sys.argv[1]
+readme = open(f"{chart}/README.md").read()
+def flat(d, prefix=""):
+    for k, v in d.items():
+        p = f"{prefix}{k}"
+        if isinstance(v, dict) and v and p != "commonLabels":
+            yield from flat(v, p + ".")
+        else:
+            yield p
+missing = [k for k in flat(yaml.safe_load(open(f"{chart}/values.yaml"))) if f"| `{k}` |" not in readme]
+if missing:
+    sys.exit("helm/fanfare/README.md does not list: " + ", ".join(missing))
+PY
+ok "the chart README lists every value"
+
+step "values schema and binary agree on configuration keys"
+python3 scripts/deploy/check_schema_keys.py "$FANFARE_BIN" "$CHART/values.schema.json" || die "schema keys"
+ok "every binary config key is in the schema (or chart-managed); every schema key is accepted by the binary"
 
 step "rehearsal: the rendered Deployments run the real binary"
 for n in "${renders[@]}"; do
