@@ -3,8 +3,9 @@
 #   - helm lint --strict and helm template: default values and helm/fanfare/ci/*.yaml
 #   - every rendered manifest validated with kubernetes-validate --strict against
 #     the oldest and the newest Kubernetes the chart targets; CRD objects
-#     (ServiceMonitor, PrometheusRule, HTTPRoute) are not in its schemas: the
-#     PrometheusRule's rules go through promtool instead
+#     (ServiceMonitor, PrometheusRule, HTTPRoute) are not in its schemas: they
+#     are decoded strictly into their projects' Go types (scripts/deploy/crdcheck)
+#     and the PrometheusRule's rules go through promtool
 #   - bad values (helm/fanfare/tests/) rejected, each with the expected message
 #   - values.schema.json `config` and the binary's configuration keys agree
 #   - a rehearsal of every rendered Deployment: the real binary with exactly the
@@ -90,7 +91,7 @@ for n in "${renders[@]}"; do
   kinds=$(python3 -c 'import sys,yaml; print(" ".join(sorted({d["kind"] for d in yaml.safe_load_all(open(sys.argv[1])) if d})))' "$TMP/$n.yaml")
   echo "  $n: $kinds"
 done
-ok "${#renders[@]} renders valid against Kubernetes ${KUBE_VERSIONS[*]} (CRDs: ServiceMonitor, PrometheusRule, HTTPRoute checked below)"
+ok "${#renders[@]} renders valid against Kubernetes ${KUBE_VERSIONS[*]} (custom resources checked below)"
 
 # The production render has every optional object; the PrometheusRule's rules pass promtool.
 prod_kinds=$(python3 -c 'import sys,yaml; print(" ".join(sorted({d["kind"] for d in yaml.safe_load_all(open(sys.argv[1])) if d})))' "$TMP/production-values.yaml")
@@ -111,7 +112,10 @@ assert route["spec"]["rules"][0]["backendRefs"][0]["name"] == svc["metadata"]["n
 yaml.safe_dump({"groups": rule["spec"]["groups"]}, open(sys.argv[2], "w"))
 EOF
 promtool check rules "$TMP/prodrules.yml" >"$TMP/promtool.log" 2>&1 || { cat "$TMP/promtool.log"; die "PrometheusRule rules"; }
-ok "production render: all optional objects present; ServiceMonitor/HTTPRoute select the client Service; PrometheusRule passes promtool check rules"
+CRDCHECK=$(ensure_crdcheck "$ROOT")
+"$CRDCHECK" "$TMP/production-values.yaml" >"$TMP/crd.log" 2>&1 || { cat "$TMP/crd.log"; die "custom resources"; }
+grep -c '^ok ' "$TMP/crd.log" | grep -qx 3 || { cat "$TMP/crd.log"; die "expected 3 custom resources"; }
+ok "production render: all optional objects present; ServiceMonitor, PrometheusRule, HTTPRoute decode strictly into their Go types and select the client Service; the rules pass promtool"
 
 step "bad values are rejected"
 nbad=0
@@ -156,7 +160,7 @@ for n in "${renders[@]}"; do
     || { cat "$TMP/rehearse.log"; die "rehearsal of $n"; }
   sed 's/^/    /' "$TMP/rehearse.log"
 done
-ok "${#renders[@]} rehearsals: probes 200, client + API call, exit 0 on SIGTERM within the grace period"
+ok "${#renders[@]} rehearsals: probes 200, client + API call, SIGTERM closes clients with 3001 and exits 0 within the grace period"
 
 step "deploy/k8s and deploy/prometheus/fanfare-alerts.yml equal a fresh render"
 scripts/render-k8s.sh "$TMP/render" >/dev/null

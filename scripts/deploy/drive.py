@@ -7,6 +7,10 @@ Usage: drive.py HOST:PORT [--api-key KEY] [--token JWT]
        drive.py HOST:PORT --hold SECONDS   subscribe, print "subscribed", then wait
                                            for the node to unsubscribe us (a stream
                                            gap after a broker reconnect)
+       drive.py HOST:PORT --hold SECONDS --expect-close CODE
+                                           subscribe, print "subscribed", then wait
+                                           for the node to close with CODE (3001 on
+                                           shutdown)
 """
 import argparse
 import base64
@@ -56,6 +60,7 @@ def ws_send(s, text, opcode=1):
 class Reader:
     def __init__(self, s, buf):
         self.s, self.buf = s, buf
+        self.close_code = None
 
     def _need(self, n):
         while len(self.buf) < n:
@@ -77,10 +82,12 @@ class Reader:
 
 
 def messages(reader):
-    """Yields decoded JSON messages (a frame may carry several, newline-delimited)."""
+    """Yields decoded JSON messages (a frame may carry several, newline-delimited).
+    Ends at a close frame, whose code is kept in reader.close_code."""
     while True:
         op, data = reader.frame()
         if op == 8:
+            reader.close_code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
             return
         if op == 1:
             for line in data.decode().split("\n"):
@@ -94,6 +101,7 @@ def main():
     ap.add_argument("--api-key", default="")
     ap.add_argument("--token", default="", help="connection JWT")
     ap.add_argument("--hold", type=float, default=0)
+    ap.add_argument("--expect-close", type=int, default=0)
     a = ap.parse_args()
     host, port = a.addr.rsplit(":", 1)
     port = int(port)
@@ -114,6 +122,13 @@ def main():
     if a.hold:
         print("subscribed", flush=True)
         s.settimeout(a.hold)
+        if a.expect_close:
+            for _ in it:
+                pass
+            if r.close_code != a.expect_close:
+                raise RuntimeError(f"closed with {r.close_code}, expected {a.expect_close}")
+            print(f"drive: closed by the node with {r.close_code}")
+            return
         for m in it:
             if "push" in m and "unsubscribe" in m["push"]:
                 print(f"drive: unsubscribed by the node: {m['push']}")

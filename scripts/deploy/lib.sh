@@ -24,7 +24,7 @@ ensure_helm() {
   done
   command -v go >/dev/null || { echo "ensure_helm: go is needed to install helm $HELM_VERSION" >&2; return 1; }
   echo "installing helm $HELM_VERSION with go install (a few minutes, once)" >&2
-  GOBIN=$gobin GOFLAGS=-mod=mod go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2
+  GOBIN=$gobin go install "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" >&2
   echo "$gobin/helm"
 }
 
@@ -36,4 +36,21 @@ ensure_kubernetes_validate() {
     python3 -m pip install -q --disable-pip-version-check "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" >&2
   fi
   command -v kubernetes-validate >/dev/null || { echo "kubernetes-validate is not on PATH" >&2; return 1; }
+}
+
+# Prints the path of scripts/deploy/crdcheck built from its current source
+# (cached by content hash in ~/.cache/fanfare, outside the repository, so fresh
+# clones on the same machine reuse it).
+ensure_crdcheck() {
+  local root=$1 src=$1/scripts/deploy/crdcheck hash dir bin
+  command -v go >/dev/null || { echo "ensure_crdcheck: go is needed" >&2; return 1; }
+  hash=$(cat "$src"/go.mod "$src"/go.sum "$src"/*.go | sha256sum | cut -c1-16)
+  dir=${XDG_CACHE_HOME:-$HOME/.cache}/fanfare
+  bin=$dir/crdcheck-$hash
+  if [ ! -x "$bin" ]; then
+    echo "building scripts/deploy/crdcheck (Prometheus Operator and Gateway API types; once)" >&2
+    mkdir -p "$dir"
+    (cd "$src" && go build -o "$bin.tmp" . && mv "$bin.tmp" "$bin") >&2
+  fi
+  echo "$bin"
 }

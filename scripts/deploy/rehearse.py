@@ -10,7 +10,8 @@ as many standalone servers as URLs otherwise): FANFARE__REDIS__URLS is the one
 override. The node then has to pass its startup, liveness and readiness probes
 (the paths and ports the Deployment declares), serve one WebSocket client and
 one control API call (with the API key and a token signed by the rendered JWT
-secret), and stop with exit code 0 on SIGTERM within the grace period.
+secret), and on SIGTERM close a connected client with 3001 and exit 0 within
+the grace period.
 
 When `unshare --net` works (root) everything runs in a private network
 namespace, so the rendered listen addresses (0.0.0.0:8000, ...) are used as they
@@ -375,19 +376,26 @@ def rehearse(args):
             fail("/metrics does not report fanfare_node_ready 1")
 
         # One client and one API call with the rendered secrets.
-        drive = [sys.executable, os.path.join(HERE, "drive.py"), f"127.0.0.1:{http_port}"]
-        if run_env.get("FANFARE__API__KEY"):
-            drive += ["--api-key", run_env["FANFARE__API__KEY"]]
+        client = [sys.executable, os.path.join(HERE, "drive.py"), f"127.0.0.1:{http_port}"]
         if run_env.get("FANFARE__AUTH__HMAC_SECRET"):
             tok = subprocess.run(argv[:1] + ["token", "--user", "rehearsal", "--ttl", "300"] + argv[1:],
                                  env=run_env, cwd=tmp, capture_output=True, text=True, timeout=30)
             if tok.returncode != 0:
                 fail(f"fanfare token failed: {tok.stderr}")
-            drive += ["--token", tok.stdout.strip()]
+            client += ["--token", tok.stdout.strip()]
+        drive = list(client)
+        if run_env.get("FANFARE__API__KEY"):
+            drive += ["--api-key", run_env["FANFARE__API__KEY"]]
         r = subprocess.run(drive, capture_output=True, text=True, timeout=30)
         if r.returncode != 0:
             fail(f"client/API check failed: {r.stdout}{r.stderr}\n{open(node_log).read()}")
         log(r.stdout.strip())
+
+        # A client that stays connected: SIGTERM must close it with 3001 (reconnect).
+        holder = procs.start(client + ["--hold", "30", "--expect-close", "3001"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if holder.stdout.readline().strip() != "subscribed":
+            fail(f"the held client did not subscribe: {holder.stdout.read()}")
 
         # SIGTERM: exit 0 within the grace period left after the preStop sleep.
         grace = pod.spec.get("terminationGracePeriodSeconds", 30)
@@ -404,7 +412,14 @@ def rehearse(args):
             fail(f"fanfare did not stop within {grace - pre_sleep}s after SIGTERM (grace {grace}s - preStop {pre_sleep}s)")
         if rc != 0:
             fail(f"fanfare exited with {rc} after SIGTERM:\n{open(node_log).read()}")
-        log(f"SIGTERM: exit 0 after {time.time() - t0:.1f}s (grace {grace}s, preStop {pre_sleep}s)")
+        try:
+            out, _ = holder.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            fail("the held client was not closed on SIGTERM")
+        if holder.returncode != 0:
+            fail(f"the held client: {out}")
+        log(f"SIGTERM: the connected client was closed with 3001, node exit 0 after "
+            f"{time.time() - t0:.1f}s (grace {grace}s, preStop {pre_sleep}s)")
     finally:
         procs.stop_all()
         if args.keep:
