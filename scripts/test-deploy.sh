@@ -93,6 +93,18 @@ for n in "${renders[@]}"; do
 done
 ok "${#renders[@]} renders valid against Kubernetes ${KUBE_VERSIONS[*]} (custom resources checked below)"
 
+# NOTES.txt renders for every values set (helm template does not render it: a
+# copy of the chart wraps it in a ConfigMap).
+cp -r "$CHART" "$TMP/notes-chart"
+{ echo '{{- define "fanfare.notesCopy" -}}'; cat "$CHART/templates/NOTES.txt"; echo '{{- end }}'; } >"$TMP/notes-chart/templates/_notescopy.tpl"
+printf 'apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n  notes: |\n    {{- include "fanfare.notesCopy" . | nindent 4 }}\n' >"$TMP/notes-chart/templates/zz-notes.yaml"
+for f in "" "$CHART"/ci/*.yaml; do
+  "$HELM" template fanfare "$TMP/notes-chart" ${f:+-f "$f"} --kube-version "$KUBE_RENDER_VERSION" \
+      --show-only templates/zz-notes.yaml >"$TMP/notes.yaml" 2>&1 || { cat "$TMP/notes.yaml"; die "NOTES.txt with ${f:-default values}"; }
+  grep -q "connection/websocket" "$TMP/notes.yaml" || die "NOTES.txt with ${f:-default values} lacks the endpoint"
+done
+ok "NOTES.txt renders with every values set"
+
 # The production render has every optional object; the PrometheusRule's rules pass promtool.
 prod_kinds=$(python3 -c 'import sys,yaml; print(" ".join(sorted({d["kind"] for d in yaml.safe_load_all(open(sys.argv[1])) if d})))' "$TMP/production-values.yaml")
 for k in Deployment Service ConfigMap HorizontalPodAutoscaler PodDisruptionBudget Ingress HTTPRoute ServiceMonitor PrometheusRule NetworkPolicy; do
