@@ -84,4 +84,8 @@ pub fn describe() {
     );
     describe_counter!(BROKER_RECONNECTS, "Broker connections re-established after a failure.");
     describe_gauge!(CLUSTER_NODES, "Nodes that announced themselves recently, this one included.");
+    // Counters alerts use exist from the start, so a first increment is a change.
+    for c in [BROKER_RECONNECTS, STREAM_GAPS, SLOW_CONSUMERS, PUBLICATIONS] {
+        metrics::counter!(c).absolute(0);
+    }
 }

@@ -252,6 +252,16 @@ const LIST_KEYS: &[&str] = &["redis.urls", "websocket.allowed_origins"];
 impl Settings {
     /// Loads defaults, then the file (if any), then the environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
+        let env: std::collections::HashMap<String, String> =
+            std::env::vars().filter(|(k, _)| k.starts_with("FANFARE__")).collect();
+        Self::load_with_env(file, env)
+    }
+
+    /// [`Settings::load`] with the environment given as a map (for tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: std::collections::HashMap<String, String>,
+    ) -> anyhow::Result<Self> {
         let mut b = config::Config::builder();
         if let Some(path) = file {
             if !path.exists() {
@@ -259,15 +269,27 @@ impl Settings {
             }
             b = b.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
-        let mut env = config::Environment::with_prefix("FANFARE")
-            .prefix_separator("__")
-            .separator("__")
-            .list_separator(",")
-            .try_parsing(true);
+        // Values stay strings here (serde converts them to the field's type), so a
+        // secret such as "00123" is not turned into the number 123.
+        let mut lists = Vec::new();
         for k in LIST_KEYS {
-            env = env.with_list_parse_key(k);
+            let var = format!("FANFARE__{}", k.to_uppercase().replace('.', "__"));
+            if let Some(v) = env.get(&var) {
+                let items: Vec<String> =
+                    v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+                lists.push((*k, items));
+            }
         }
-        let cfg = b.add_source(env).build().map_err(|e| anyhow::anyhow!("{e}"))?;
+        b = b.add_source(
+            config::Environment::with_prefix("FANFARE")
+                .prefix_separator("__")
+                .separator("__")
+                .source(Some(env.into_iter().collect())),
+        );
+        for (k, items) in lists {
+            b = b.set_override(k, items).map_err(|e| anyhow::anyhow!("{k}: {e}"))?;
+        }
+        let cfg = b.build().map_err(|e| anyhow::anyhow!("{e}"))?;
         let settings: Settings = serde_path_to_error::deserialize(cfg).map_err(|e| {
             let path = e.path().to_string();
             anyhow::anyhow!("invalid configuration at `{path}`: {}", e.into_inner())
@@ -367,4 +389,43 @@ fn hostname() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "fanfare".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> std::collections::HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn environment_values_keep_their_text_and_lists_split() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("FANFARE__API__KEY", "00123"),
+                ("FANFARE__AUTH__HMAC_SECRET", "1e5"),
+                ("FANFARE__REDIS__URLS", "redis://a:1, redis://b:2"),
+                ("FANFARE__CLIENT__MAX_CHANNELS", "7"),
+                ("FANFARE__REDIS__CLUSTER", "true"),
+                ("FANFARE__CLIENT__PING_INTERVAL", "30s"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.api.key, "00123");
+        assert_eq!(s.auth.hmac_secret, "1e5");
+        assert_eq!(s.redis.urls, vec!["redis://a:1", "redis://b:2"]);
+        assert_eq!(s.client.max_channels, 7);
+        assert!(s.redis.cluster);
+        assert_eq!(s.client.ping_interval, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn bad_environment_value_names_the_key() {
+        let e = Settings::load_with_env(None, env(&[("FANFARE__CLIENT__MAX_CHANNELS", "many")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("client.max_channels"), "{e}");
+    }
 }

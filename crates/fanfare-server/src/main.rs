@@ -73,7 +73,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
-            println!("# configuration is valid\n{}", settings.to_masked_toml());
+            use std::io::Write;
+            // A closed pipe (`check-config | head`) is not an error worth a panic.
+            let _ = writeln!(
+                std::io::stdout(),
+                "# configuration is valid\n{}",
+                settings.to_masked_toml()
+            );
             Ok(())
         }
         Command::Token { user, channels, ttl, info } => {
