@@ -16,6 +16,7 @@ pub const BYTES_RECEIVED: &str = "fanfare_bytes_received_total";
 pub const SLOW_CONSUMERS: &str = "fanfare_slow_consumer_disconnects_total";
 pub const PUBLICATIONS: &str = "fanfare_publications_total";
 pub const BROKER_PUBLISH: &str = "fanfare_broker_publish_duration_seconds";
+pub const DELIVERY_LAG: &str = "fanfare_broker_delivery_lag_seconds";
 pub const COMMANDS: &str = "fanfare_commands_total";
 pub const CLUSTER_NODES: &str = "fanfare_cluster_nodes";
 pub const STREAM_GAPS: &str = "fanfare_stream_gaps_total";
@@ -78,6 +79,11 @@ pub fn describe() {
         "Time the broker took to accept a publication."
     );
     describe_counter!(COMMANDS, "Client commands by method.");
+    describe_histogram!(
+        DELIVERY_LAG,
+        Unit::Seconds,
+        "Time from publish on any node until the broker delivered the publication to this node (Redis broker; clocks of nodes must agree)."
+    );
     describe_counter!(
         STREAM_GAPS,
         "Channels whose subscribers were told to resubscribe because deliveries may have been lost."

@@ -57,6 +57,7 @@ pub fn spawn_delivery(
     health: Arc<Health>,
 ) {
     let control = names.control();
+    let delivery_lag = metrics::histogram!(fanfare_core::metrics::DELIVERY_LAG);
     tokio::spawn(async move {
         while let Some(push) = rx.recv().await {
             match push.kind {
@@ -74,7 +75,11 @@ pub fn spawn_delivery(
                     }
                     let Some(channel) = names.channel_of(name) else { continue };
                     match wire::decode_message(&Bytes::copy_from_slice(payload)) {
-                        Some(Event::Publication(p)) => h.on_publication(channel, p),
+                        Some(Event::Publication(p, sent)) => {
+                            let lag = wire::unix_micros().saturating_sub(sent);
+                            delivery_lag.record(lag as f64 / 1e6);
+                            h.on_publication(channel, p)
+                        }
                         Some(Event::Join(i)) => h.on_join(channel, i),
                         Some(Event::Leave(i)) => h.on_leave(channel, i),
                         None => tracing::warn!(channel, "undecodable message from redis; ignored"),

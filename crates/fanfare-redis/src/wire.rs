@@ -18,7 +18,8 @@ const VERSION: u8 = 1;
 /// A decoded pub/sub message.
 #[derive(Debug, PartialEq)]
 pub enum Event {
-    Publication(Publication),
+    /// A publication and when it was published (unix microseconds).
+    Publication(Publication, u64),
     Join(ClientInfo),
     Leave(ClientInfo),
 }
@@ -39,6 +40,8 @@ fn put_info(out: &mut Vec<u8>, info: &ClientInfo) {
 pub fn encode_publication(p: &Publication) -> Vec<u8> {
     let mut out = Vec::with_capacity(p.data.len() + 64);
     out.push(VERSION);
+    // When it was published: each receiving node measures its delivery lag.
+    out.extend_from_slice(&unix_micros().to_be_bytes());
     out.extend_from_slice(&p.time.to_be_bytes());
     put_bytes(&mut out, &p.data);
     match &p.info {
@@ -116,12 +119,26 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Unix time in microseconds.
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
 /// Decodes a publication body starting at `from`.
 pub fn decode_publication(src: &Bytes, from: usize, offset: u64) -> Option<Publication> {
+    decode_publication_sent(src, from, offset).map(|(p, _)| p)
+}
+
+/// Decodes a publication body and the time it was published (unix µs).
+fn decode_publication_sent(src: &Bytes, from: usize, offset: u64) -> Option<(Publication, u64)> {
     let mut r = Reader::new(src, from)?;
     if r.u8()? != VERSION {
         return None;
     }
+    let sent = r.i64()? as u64;
     let time = r.i64()?;
     let data = r.bytes()?;
     let info = match r.u8()? {
@@ -139,7 +156,7 @@ pub fn decode_publication(src: &Bytes, from: usize, offset: u64) -> Option<Publi
         }
         Some(Arc::new(t))
     };
-    Some(Publication { data, info, offset, tags, time })
+    Some((Publication { data, info, offset, tags, time }, sent))
 }
 
 fn decode_info(src: &Bytes, from: usize) -> Option<ClientInfo> {
@@ -174,7 +191,9 @@ pub fn decode_message(msg: &Bytes) -> Option<Event> {
     let colon = msg.iter().position(|b| *b == b':')?;
     let offset: u64 = std::str::from_utf8(&msg[1..colon]).ok()?.parse().ok()?;
     match kind {
-        b'p' => decode_publication(msg, colon + 1, offset).map(Event::Publication),
+        b'p' => {
+            decode_publication_sent(msg, colon + 1, offset).map(|(p, t)| Event::Publication(p, t))
+        }
         b'j' => decode_info(msg, colon + 1).map(Event::Join),
         b'l' => decode_info(msg, colon + 1).map(Event::Leave),
         _ => None,
@@ -205,7 +224,8 @@ mod tests {
         let mut msg = b"p42:".to_vec();
         msg.extend_from_slice(&body);
         match decode_message(&Bytes::from(msg)) {
-            Some(Event::Publication(got)) => {
+            Some(Event::Publication(got, sent)) => {
+                assert!(sent > 0 && sent <= unix_micros());
                 assert_eq!(got.offset, 42);
                 assert_eq!(Publication { offset: 0, ..got }, p);
             }
