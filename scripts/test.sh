@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every fanfare test on a fresh machine: installs what the tests need
-# (Debian packages, Node modules), then formatting, lints, unit and integration
-# tests against real processes, the SDK end-to-end test and the metrics lint.
+# (Debian packages, Node modules, a Python venv for tests/api), then formatting,
+# lints, unit and integration tests against real processes, the SDK end-to-end
+# test, the Python control-API test and the metrics lint.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -32,6 +33,9 @@ cargo test --workspace
 step "SDK end-to-end (npm centrifuge + ws against the real binary)"
 cargo build -q -p fanfare-server
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run.sh
+
+step "control API from Python (grpcio stubs generated from proto/ at test time, HTTP, WebSocket; 3 nodes on Redis)"
+FANFARE_BIN="$ROOT/target/debug/fanfare" tests/api/run.sh
 
 step "metrics lint (promtool check metrics on a live node)"
 scripts/check-metrics.sh "$ROOT/target/debug/fanfare"

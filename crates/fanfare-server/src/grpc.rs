@@ -11,13 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::{ApiContext, AuthFailure, code_name, observe};
 
-pub mod pb {
-    tonic::include_proto!("fanfare.v1");
-}
-
-/// Encoded descriptors for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/control_descriptor.bin"));
+pub use fanfare_server::{FILE_DESCRIPTOR_SET, pb};
 
 use pb::control_service_server::{ControlService, ControlServiceServer};
 
