@@ -183,6 +183,17 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         metrics,
         api: api_ctx.clone(),
     };
+    // Histogram samples are kept raw until the recorder's upkeep folds them into
+    // buckets; `install_recorder` runs no upkeep, so without this they would
+    // pile up between scrapes (without bound when nothing scrapes /metrics).
+    let upkeep = state.metrics.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     let server = tokio::spawn(http::serve(listener, state, stop_rx.clone()));
     let grpc = {
         let mut stop = stop_rx.clone();
