@@ -93,7 +93,23 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-async fn run(o: Opts) -> anyhow::Result<()> {
+/// What one generator thread measured.
+struct Part {
+    latencies: Vec<u32>,
+    errors: u64,
+}
+
+/// The shared clock of all generator threads.
+struct Phase {
+    measuring: AtomicBool,
+    stop: AtomicBool,
+}
+
+/// One generator thread: its own current-thread runtime, `connections` HTTP/2
+/// connections and `concurrency` call loops. (A current-thread runtime lets
+/// each connection write many queued requests per syscall; on a multi-thread
+/// runtime a woken connection task tends to run after every single request.)
+async fn generate(o: Opts, id: usize, phase: Arc<Phase>) -> anyhow::Result<Part> {
     let mut clients = Vec::new();
     for _ in 0..o.connections {
         // One Channel = one HTTP/2 connection; calls on it are multiplexed.
@@ -109,21 +125,18 @@ async fn run(o: Opts) -> anyhow::Result<()> {
     let pad = "x".repeat(o.payload.saturating_sub(20));
     let channels: Arc<Vec<String>> =
         Arc::new((0..o.channels).map(|i| format!("bench-{i}")).collect());
-
-    let measuring = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for t in 0..o.concurrency {
         let mut client = clients[t % clients.len()].clone();
         let auth = auth.clone();
         let channels = channels.clone();
-        let (measuring, stop, errors) = (measuring.clone(), stop.clone(), errors.clone());
-        let data = format!("{{\"t\":{t},\"pad\":\"{pad}\"}}").into_bytes();
+        let (phase, errors) = (phase.clone(), errors.clone());
+        let data = format!("{{\"t\":{t},\"g\":{id},\"pad\":\"{pad}\"}}").into_bytes();
         tasks.push(tokio::spawn(async move {
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 14);
             let mut i = t;
-            while !stop.load(Ordering::Relaxed) {
+            while !phase.stop.load(Ordering::Relaxed) {
                 let mut req = tonic::Request::new(pb::PublishRequest {
                     channel: channels[i % channels.len()].clone(),
                     data: data.clone(),
@@ -135,7 +148,7 @@ async fn run(o: Opts) -> anyhow::Result<()> {
                 i += 1;
                 let start = Instant::now();
                 let ok = client.publish(req).await.is_ok();
-                if measuring.load(Ordering::Relaxed) {
+                if phase.measuring.load(Ordering::Relaxed) {
                     if ok {
                         lat.push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
                     } else {
@@ -146,40 +159,73 @@ async fn run(o: Opts) -> anyhow::Result<()> {
             lat
         }));
     }
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await?);
+    }
+    Ok(Part { latencies, errors: errors.load(Ordering::Relaxed) })
+}
 
-    tokio::time::sleep(o.warmup).await;
+fn run(o: Opts) -> anyhow::Result<()> {
+    let phase = Arc::new(Phase { measuring: AtomicBool::new(false), stop: AtomicBool::new(false) });
+    // Connections and call loops are split across the generator threads.
+    let mut threads = Vec::new();
+    for id in 0..o.threads {
+        let mut part = o.clone();
+        part.connections =
+            (o.connections / o.threads + usize::from(id < o.connections % o.threads)).max(1);
+        part.concurrency =
+            (o.concurrency / o.threads + usize::from(id < o.concurrency % o.threads)).max(1);
+        let phase = phase.clone();
+        threads.push(std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            rt.block_on(generate(part, id, phase))
+        }));
+    }
+
+    std::thread::sleep(o.warmup);
     let node_pid = o.node_pid.map(|p| p.to_string());
     let node_cpu0 = node_pid.as_deref().and_then(cpu_seconds);
     let gen_cpu0 = cpu_seconds("self");
     let t0 = Instant::now();
-    measuring.store(true, Ordering::Relaxed);
-    tokio::time::sleep(o.duration).await;
-    measuring.store(false, Ordering::Relaxed);
+    phase.measuring.store(true, Ordering::Relaxed);
+    std::thread::sleep(o.duration);
+    phase.measuring.store(false, Ordering::Relaxed);
     let wall = t0.elapsed().as_secs_f64();
     let node_cpu = node_pid.as_deref().and_then(cpu_seconds).zip(node_cpu0).map(|(b, a)| b - a);
     let gen_cpu = cpu_seconds("self").zip(gen_cpu0).map(|(b, a)| b - a);
-    stop.store(true, Ordering::Relaxed);
+    phase.stop.store(true, Ordering::Relaxed);
 
     let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await?);
+    let mut errors = 0;
+    for t in threads {
+        let part = t.join().map_err(|_| anyhow::anyhow!("generator thread panicked"))??;
+        lat.extend(part.latencies);
+        errors += part.errors;
     }
     lat.sort_unstable();
     let calls = lat.len() as f64;
     let pct = |c: Option<f64>| c.map(|c| format!("{:.0}%", 100.0 * c / wall)).unwrap_or("-".into());
+    let per_call = |c: Option<f64>| {
+        c.filter(|_| calls > 0.0).map(|c| format!("{:.1}", 1e6 * c / calls)).unwrap_or("-".into())
+    };
     println!(
         "calls/s {:.0}  calls {}  errors {}  p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  \
-         node CPU {}  generator CPU {}  (connections {}, concurrency {}, {:.1} s)",
+         node CPU {} ({} us/call)  generator CPU {} ({} us/call)  \
+         (connections {}, concurrency {}, threads {}, {:.1} s)",
         calls / wall,
         lat.len(),
-        errors.load(Ordering::Relaxed),
+        errors,
         percentile(&lat, 0.50),
         percentile(&lat, 0.99),
         percentile(&lat, 0.999),
         pct(node_cpu),
+        per_call(node_cpu),
         pct(gen_cpu),
+        per_call(gen_cpu),
         o.connections,
         o.concurrency,
+        o.threads,
         wall,
     );
     Ok(())
@@ -187,9 +233,5 @@ async fn run(o: Opts) -> anyhow::Result<()> {
 
 fn main() -> anyhow::Result<()> {
     let o = parse_args();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(o.threads)
-        .enable_all()
-        .build()?;
-    rt.block_on(run(o))
+    run(o)
 }

@@ -196,13 +196,11 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     });
     let server = tokio::spawn(http::serve(listener, state, stop_rx.clone()));
     let grpc = {
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
         let node = node.clone();
+        let threads = settings.grpc.worker_threads();
         tokio::spawn(async move {
-            let stop = async move {
-                let _ = stop.changed().await;
-            };
-            if let Err(e) = grpc::serve(grpc_listener, node, api_ctx, stop).await {
+            if let Err(e) = grpc::serve(grpc_listener, threads, node, api_ctx, stop).await {
                 tracing::error!(error = %e, "gRPC server failed");
             }
         })
@@ -210,11 +208,15 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
 
     shutdown_signal().await;
     tracing::info!("shutting down: closing clients with 3001");
+    let deadline = tokio::time::Instant::now() + settings.shutdown.drain_timeout;
     let _ = stop_tx.send(true);
     node.drain(DisconnectCode::SHUTDOWN);
     let _ = server.await;
-    let _ = grpc.await;
-    let deadline = tokio::time::Instant::now() + settings.shutdown.drain_timeout;
+    // gRPC drains gracefully (GOAWAY, in-flight calls finish), but a client
+    // that never answers would hold it up forever: bounded by drain_timeout.
+    if tokio::time::timeout_at(deadline, grpc).await.is_err() {
+        tracing::warn!("gRPC connections still open after shutdown.drain_timeout; exiting");
+    }
     while node.num_connections() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

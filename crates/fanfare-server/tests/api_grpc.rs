@@ -484,3 +484,51 @@ async fn health_reflection_and_metrics() {
     let n = metric_with(server.port, "fanfare_api_request_duration_seconds_count", &dur);
     assert_eq!(n, 3.0, "duration histogram counts every call");
 }
+
+// Multi-thread: the clients' connections must keep running (answering the
+// server's GOAWAY/PING) while the test thread blocks waiting for the exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_threads_serve_every_connection_and_stop_on_sigterm() {
+    // `[grpc]` is written by the helper; `threads` comes from the environment.
+    let mut server = Server::start_with_env(&node_toml(), &[("FANFARE__GRPC__THREADS", "3")]);
+    let mut clients = Vec::new();
+    for i in 0..5 {
+        let mut c = api(&server).await;
+        c.publish(publish_req("news", json!({"conn": i}))).await.expect("publish");
+        clients.push(c);
+    }
+    // Every connection keeps working, in any order.
+    for c in clients.iter_mut().rev() {
+        c.info(pb::InfoRequest {}).await.expect("info");
+    }
+    let h = clients[0]
+        .history(pb::HistoryRequest { channel: "news".into(), limit: -1, ..Default::default() })
+        .await
+        .expect("history")
+        .into_inner();
+    assert_eq!(h.publications.len(), 5);
+    // Idle gRPC connections are closed gracefully on SIGTERM, promptly.
+    let t = std::time::Instant::now();
+    let status = server.sigterm();
+    assert!(status.success(), "exit status {status}");
+    assert!(t.elapsed() < Duration::from_secs(4), "shutdown took {:?}", t.elapsed());
+    drop(clients);
+}
+
+#[tokio::test]
+async fn unresponsive_grpc_client_does_not_block_shutdown() {
+    let mut server = Server::start(&format!(
+        "{}
+[shutdown]
+drain_timeout = \"2s\"\n",
+        node_toml()
+    ));
+    let mut c = api(&server).await;
+    c.info(pb::InfoRequest {}).await.expect("info");
+    // This test's runtime has one thread, blocked below: the client's
+    // connection cannot answer the server's graceful GOAWAY/PING.
+    let t = std::time::Instant::now();
+    let status = server.sigterm();
+    assert!(status.success(), "exit status {status}");
+    assert!(t.elapsed() < Duration::from_secs(6), "shutdown took {:?}", t.elapsed());
+}
