@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every fanfare test on a fresh machine: installs what the tests need
-# (Debian packages, Node modules), then formatting, lints, unit and integration
-# tests against real processes, the SDK end-to-end test, the metrics lint and the
-# deployment checks (scripts/test-deploy.sh).
+# (Debian packages, Node modules, a Python venv for tests/api), then formatting,
+# lints, unit and integration tests against real processes, the SDK end-to-end
+# tests, the Python control-API test, the metrics lint and the deployment checks
+# (scripts/test-deploy.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -37,6 +38,9 @@ FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run.sh
 
 step "Redis chaos (npm centrifuge: Redis killed and restarted, a node SIGKILLed)"
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run-redis.sh
+
+step "control API from Python (grpcio stubs generated from proto/ at test time, HTTP, WebSocket; 3 nodes on Redis)"
+FANFARE_BIN="$ROOT/target/debug/fanfare" tests/api/run.sh
 
 step "metrics lint (promtool check metrics on a live node)"
 scripts/check-metrics.sh "$ROOT/target/debug/fanfare"

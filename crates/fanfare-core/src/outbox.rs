@@ -122,9 +122,11 @@ impl Outbox {
         self.notify.notify_one();
     }
 
-    /// The reason to send with the close frame.
-    pub fn close_reason(&self) -> Option<String> {
-        self.lock().close_reason.clone()
+    /// The custom reason to send with the close frame when `code` is the close
+    /// this outbox was asked for.
+    pub fn close_reason(&self, code: DisconnectCode) -> Option<String> {
+        let st = self.lock();
+        st.close_reason.clone().filter(|_| st.close == Some(code))
     }
 
     pub fn is_closed(&self) -> bool {

@@ -1,7 +1,9 @@
 //! Connections: the command connection (pipelined) and the pub/sub connection
 //! (RESP3 pushes), for a standalone Redis or a Redis Cluster.
 
-use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, PushInfo, RedisFuture, RedisResult, Value};
@@ -81,11 +83,13 @@ pub async fn open(urls: &[String], cluster: bool) -> RedisResult<(CmdConn, PubSu
         let url = urls[0].clone();
         let client = redis::Client::open(url.as_str())?;
         // The default 500 ms response timeout fails commands spuriously on a busy
-        // machine; few retries so that callers learn of an outage quickly.
-        let cfg = redis::aio::ConnectionManagerConfig::new()
+        // machine. One quick retry per reconnect: while Redis is down every command
+        // waits for the reconnect in progress, and the default (6 retries with
+        // exponential backoff, ~9 s) would hold each API call that long.
+        let cfg = ConnectionManagerConfig::new()
             .set_response_timeout(Some(COMMAND_TIMEOUT))
             .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-            .set_number_of_retries(2);
+            .set_number_of_retries(1);
         let cmd = client.get_connection_manager_with_config(cfg).await?;
         let sub_client = redis::Client::open(with_resp3(&url).as_str())?;
         Ok((CmdConn::Single(cmd), PubSubTarget::Single { url, client: sub_client }))

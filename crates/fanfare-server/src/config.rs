@@ -50,11 +50,26 @@ impl Default for HttpSection {
 #[serde(deny_unknown_fields, default)]
 pub struct GrpcSection {
     pub listen: String,
+    /// Dedicated threads serving gRPC connections (each a current-thread
+    /// runtime; connections are dealt round-robin). 0 = half the CPUs, at
+    /// least 1. Unary calls cost about half as much CPU there as on the shared
+    /// runtime (docs/BENCHMARKS.md).
+    pub threads: usize,
 }
 
 impl Default for GrpcSection {
     fn default() -> Self {
-        Self { listen: "0.0.0.0:9000".into() }
+        Self { listen: "0.0.0.0:9000".into(), threads: 0 }
+    }
+}
+
+impl GrpcSection {
+    /// `threads`, with 0 resolved to half the CPUs (at least 1).
+    pub fn worker_threads(&self) -> usize {
+        if self.threads > 0 {
+            return self.threads;
+        }
+        std::thread::available_parallelism().map(|n| n.get() / 2).unwrap_or(1).max(1)
     }
 }
 

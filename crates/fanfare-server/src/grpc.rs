@@ -11,13 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::{ApiContext, AuthFailure, code_name, observe};
 
-pub mod pb {
-    tonic::include_proto!("fanfare.v1");
-}
-
-/// Encoded descriptors for server reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/control_descriptor.bin"));
+pub use fanfare_server::{FILE_DESCRIPTOR_SET, pb};
 
 use pb::control_service_server::{ControlService, ControlServiceServer};
 
@@ -263,13 +257,107 @@ impl ControlService for Control {
     }
 }
 
-/// Serves gRPC on `listener` until `stop` resolves.
+/// Serves gRPC on `listener` until `stop` turns true.
+///
+/// The connections are served on `threads` dedicated threads, each with its own
+/// current-thread runtime; accepted connections are dealt round-robin. On a
+/// current-thread runtime the responses that calls
+/// finish while the connection task waits are written together, one syscall
+/// for many; on the shared multi-thread runtime the woken connection task
+/// tends to run right after each call (tokio's LIFO slot) and writes every
+/// response on its own, which halves unary throughput (docs/BENCHMARKS.md).
 pub async fn serve(
     listener: tokio::net::TcpListener,
+    threads: usize,
     node: Node,
     ctx: Arc<ApiContext>,
-    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let threads = threads.max(1);
+    let mut done = Vec::with_capacity(threads);
+    let mut senders = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+        let (node, ctx, stop) = (node.clone(), ctx.clone(), stop.clone());
+        std::thread::Builder::new().name(format!("fanfare-grpc-{i}")).spawn(move || {
+            let served = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| {
+                    rt.block_on(async move {
+                        // Sockets are registered with this thread's runtime here.
+                        let incoming = futures_util::stream::poll_fn(move |cx| {
+                            rx.poll_recv(cx).map(|s| s.map(tokio::net::TcpStream::from_std))
+                        });
+                        serve_incoming(incoming, node, ctx, stopped(stop)).await
+                    })
+                });
+            let _ = done_tx.send(served);
+        })?;
+        done.push(done_rx);
+        senders.push(tx);
+    }
+    let mut next = 0usize;
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "gRPC accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        match stream.into_std() {
+            Ok(s) => {
+                let _ = senders[next % senders.len()].send(s);
+                next = next.wrapping_add(1);
+            }
+            Err(e) => tracing::warn!(error = %e, "gRPC connection not handed over"),
+        }
+    }
+    drop(listener);
+    drop(senders);
+    // Each worker drains its connections gracefully, then ends. (The caller
+    // bounds this wait: a client that never lets go must not hold up exit.)
+    for d in done {
+        match d.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "gRPC worker failed"),
+            Err(_) => tracing::error!("gRPC worker ended abnormally"),
+            Ok(Ok(())) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Resolves when `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|v| *v).await;
+}
+
+/// Serves the control API, health and reflection on the connections of `incoming`.
+async fn serve_incoming<I, IO, IE>(
+    incoming: I,
+    node: Node,
+    ctx: Arc<ApiContext>,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()>
+where
+    I: futures_util::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ControlServiceServer<Control>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -293,10 +381,7 @@ pub async fn serve(
         .add_service(health)
         .add_service(reflection)
         .add_service(service)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            stop,
-        )
+        .serve_with_incoming_shutdown(incoming, stop)
         .await?;
     Ok(())
 }

@@ -189,15 +189,24 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         metrics,
         api: api_ctx.clone(),
     };
+    // Histogram samples are kept raw until the recorder's upkeep folds them into
+    // buckets; `install_recorder` runs no upkeep, so without this they would
+    // pile up between scrapes (without bound when nothing scrapes /metrics).
+    let upkeep = state.metrics.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     let server = tokio::spawn(http::serve(listener, state, stop_rx.clone()));
     let grpc = {
-        let mut stop = stop_rx.clone();
+        let stop = stop_rx.clone();
         let node = node.clone();
+        let threads = settings.grpc.worker_threads();
         tokio::spawn(async move {
-            let stop = async move {
-                let _ = stop.changed().await;
-            };
-            if let Err(e) = grpc::serve(grpc_listener, node, api_ctx, stop).await {
+            if let Err(e) = grpc::serve(grpc_listener, threads, node, api_ctx, stop).await {
                 tracing::error!(error = %e, "gRPC server failed");
             }
         })
@@ -205,11 +214,15 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
 
     shutdown_signal().await;
     tracing::info!("shutting down: closing clients with 3001");
+    let deadline = tokio::time::Instant::now() + settings.shutdown.drain_timeout;
     let _ = stop_tx.send(true);
     node.drain(DisconnectCode::SHUTDOWN);
     let _ = server.await;
-    let _ = grpc.await;
-    let deadline = tokio::time::Instant::now() + settings.shutdown.drain_timeout;
+    // gRPC drains gracefully (GOAWAY, in-flight calls finish), but a client
+    // that never answers would hold it up forever: bounded by drain_timeout.
+    if tokio::time::timeout_at(deadline, grpc).await.is_err() {
+        tracing::warn!("gRPC connections still open after shutdown.drain_timeout; exiting");
+    }
     while node.num_connections() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

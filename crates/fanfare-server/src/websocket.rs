@@ -123,7 +123,8 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let Some(mut session) = Session::new(node, codec) else {
-        let _ = Box::pin(send_close(&mut ws, DisconnectCode::SHUTDOWN, opts.write_timeout)).await;
+        let _ =
+            Box::pin(send_close(&mut ws, DisconnectCode::SHUTDOWN, None, opts.write_timeout)).await;
         return;
     };
     let outbox = session.outbox().clone();
@@ -191,7 +192,8 @@ where
             // Write what the session queued before closing (e.g. an error reply),
             // except after overflow, where the queue was dropped.
             let _ = Box::pin(flush_outbox(&mut ws, &outbox, codec, opts.write_timeout)).await;
-            let _ = Box::pin(send_close(&mut ws, code, opts.write_timeout)).await;
+            let reason = outbox.close_reason(code);
+            let _ = Box::pin(send_close(&mut ws, code, reason, opts.write_timeout)).await;
             code
         }
         End::Gone(code) => code,
@@ -276,13 +278,25 @@ fn message(codec: Codec, payload: Bytes) -> Result<Message, WsError> {
 async fn send_close<S>(
     ws: &mut WebSocketStream<S>,
     code: DisconnectCode,
+    reason: Option<String>,
     write_timeout: Duration,
 ) -> Result<(), WsError>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    let frame =
-        CloseFrame { code: CloseCode::from(code.0), reason: Utf8Bytes::from_static(code.reason()) };
+    let reason = match reason {
+        // A close frame's reason is at most 123 bytes; cut at a char boundary.
+        Some(mut r) => {
+            let mut end = r.len().min(123);
+            while !r.is_char_boundary(end) {
+                end -= 1;
+            }
+            r.truncate(end);
+            Utf8Bytes::from(r)
+        }
+        None => Utf8Bytes::from_static(code.reason()),
+    };
+    let frame = CloseFrame { code: CloseCode::from(code.0), reason };
     let close = async {
         ws.close(Some(frame)).await?;
         // Give the peer a moment to answer the close handshake.

@@ -3,6 +3,7 @@
 //! client protocol.
 #![allow(dead_code)]
 
+pub mod api;
 pub mod redis;
 
 use std::collections::VecDeque;
@@ -110,6 +111,8 @@ pub struct Server {
     child: Option<Child>,
     /// The HTTP/WebSocket port.
     pub port: u16,
+    /// The gRPC control API port (`grpc.listen`), 0 when the config sets none.
+    pub grpc_port: u16,
     pub config_path: PathBuf,
     /// `auth.hmac_secret` when the config sets one (tokens are then needed
     /// unless anonymous access is allowed).
@@ -122,6 +125,15 @@ fn find_secret(toml: &str) -> Option<String> {
     let rest = &toml[toml.find("hmac_secret")?..];
     let rest = &rest[rest.find('"')? + 1..];
     Some(rest[..rest.find('"')?].to_string())
+}
+
+/// The port of `listen = "127.0.0.1:PORT"` in the `[grpc]` section of a config.
+fn grpc_port_of(config: &str) -> u16 {
+    let Some(section) = config.split("[grpc]").nth(1) else { return 0 };
+    let Some(line) = section.lines().find(|l| l.trim_start().starts_with("listen")) else {
+        return 0;
+    };
+    line.trim().trim_end_matches('"').rsplit(':').next().and_then(|p| p.parse().ok()).unwrap_or(0)
 }
 
 impl Server {
@@ -179,7 +191,9 @@ impl Server {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawning fanfare");
-        let mut server = Server { child: Some(child), port, config_path, secret: None, dir };
+        let grpc_port = grpc_port_of(config);
+        let mut server =
+            Server { child: Some(child), port, grpc_port, config_path, secret: None, dir };
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Ok((200, _)) = http_get(port, "/health") {

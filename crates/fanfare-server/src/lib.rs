@@ -1,0 +1,12 @@
+//! The library part of fanfare-server: the control API's generated protobuf
+//! types, server and client (`fanfare.v1`), shared by the `fanfare` binary,
+//! the integration tests and the API benchmark (`examples/api_bench.rs`).
+
+/// `fanfare.v1` from proto/fanfare/v1/control.proto (prost + tonic).
+pub mod pb {
+    tonic::include_proto!("fanfare.v1");
+}
+
+/// Encoded descriptors of `fanfare.v1`, for server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/control_descriptor.bin"));
