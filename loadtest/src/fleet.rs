@@ -20,6 +20,7 @@ pub struct Fleet {
     children: Vec<tokio::process::Child>,
     progress: Vec<Progress>,
     printer: Printer,
+    tick: tokio::time::Interval,
 }
 
 impl Fleet {
@@ -95,6 +96,10 @@ impl Fleet {
             children,
             progress: vec![Progress::default(); n],
             printer: Printer::new(quiet, target),
+            tick: tokio::time::interval_at(
+                tokio::time::Instant::now() + Duration::from_secs(1),
+                Duration::from_secs(1),
+            ),
         })
     }
 
@@ -133,7 +138,6 @@ impl Fleet {
         mut pick: impl FnMut(FromWorker) -> Option<T>,
     ) -> anyhow::Result<Vec<T>> {
         let mut got: Vec<Option<T>> = (0..self.len()).map(|_| None).collect();
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
         while got.iter().any(Option::is_none) {
             tokio::select! {
                 m = self.rx.recv() => match m {
@@ -150,7 +154,7 @@ impl Fleet {
                         }
                     }
                 },
-                _ = tick.tick() => {
+                _ = self.tick.tick() => {
                     let cpu = self.cpu_seconds();
                     self.printer.show(&self.progress, cpu);
                 }
@@ -165,7 +169,6 @@ impl Fleet {
     /// Sleeps `d` (bounded by `deadline`) while showing progress.
     pub async fn pause(&mut self, d: Duration, deadline: Instant) -> anyhow::Result<()> {
         let until = (Instant::now() + d).min(deadline);
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
                 m = self.rx.recv() => match m {
@@ -174,7 +177,7 @@ impl Fleet {
                     Some(_) => {}
                     None => bail!("workers ended early"),
                 },
-                _ = tick.tick() => {
+                _ = self.tick.tick() => {
                     let cpu = self.cpu_seconds();
                     self.printer.show(&self.progress, cpu);
                 }

@@ -147,16 +147,24 @@ pub struct Storm {
     pub redis_commands_total: Option<u64>,
 }
 
-/// `git rev-parse HEAD` in the current directory, or "unknown".
+/// `git rev-parse HEAD` in the current directory, else in the directory of
+/// this binary (a build inside the repository), else "unknown".
 pub fn git_commit() -> String {
-    std::process::Command::new("git")
-        .args(["rev-parse", "HEAD"])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|s| !s.is_empty())
+    let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.to_path_buf()));
+    let dirs = [Some(std::path::PathBuf::from(".")), exe_dir];
+    dirs.into_iter()
+        .flatten()
+        .find_map(|dir| {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir)
+                .args(["rev-parse", "HEAD"])
+                .stderr(std::process::Stdio::null())
+                .output()
+                .ok()?;
+            let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            (out.status.success() && !s.is_empty()).then_some(s)
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 

@@ -330,10 +330,18 @@ impl Publisher {
         }
     }
 
-    /// Publications due by now and not sent yet.
+    /// Publications due by now and not sent yet. The k-th publication (from 0)
+    /// is due at (k - phase) / rate, with a phase in [0, 1) that differs per
+    /// publisher: many slow publishers spread out instead of firing together,
+    /// and the count over a window is right on average.
     fn due(&self) -> u64 {
         let Some(start) = self.started else { return 0 };
-        ((start.elapsed().as_secs_f64() * self.rate) as u64).saturating_sub(self.sent)
+        ((start.elapsed().as_secs_f64() * self.rate + self.phase()) as u64)
+            .saturating_sub(self.sent)
+    }
+
+    fn phase(&self) -> f64 {
+        (f64::from(self.id) * 0.618_033_988_75).fract()
     }
 
     /// The next publication: (channel position, channel name, probe JSON).
@@ -705,8 +713,8 @@ async fn api_publisher(ctx: &Ctx, p: usize) {
     let start = Instant::now();
     while *phase_rx.borrow() == Phase::Go {
         if publisher.due() == 0 {
-            let next =
-                start + Duration::from_secs_f64((publisher.sent + 1) as f64 / publisher.rate);
+            let k = (publisher.sent + 1) as f64 - publisher.phase();
+            let next = start + Duration::from_secs_f64(k.max(0.0) / publisher.rate);
             tokio::select! {
                 _ = tokio::time::sleep_until(next.into()) => {}
                 _ = phase_rx.changed() => {}
