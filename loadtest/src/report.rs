@@ -52,11 +52,17 @@ pub struct Report {
     /// False when a check failed (see `problems`).
     pub ok: bool,
     pub problems: Vec<String>,
+    /// Conditions that make figures unreliable (e.g. other processes busy).
+    pub warnings: Vec<String>,
     pub elapsed_seconds: f64,
     pub connections: Connections,
     pub connect: Connect,
     pub server: Server,
     pub loadgen: Loadgen,
+    /// Whole-machine CPU over the main phase.
+    pub machine: Machine,
+    /// Whole-machine CPU over the connect phase.
+    pub machine_connect: Machine,
     pub messages: Option<Messages>,
     pub storm: Option<Storm>,
     pub errors: Errors,
@@ -103,6 +109,14 @@ pub struct Loadgen {
     /// This process and its workers over the main phase.
     pub cpu_seconds_per_second: f64,
     pub cpu_seconds_total: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Machine {
+    /// All CPUs busy (user, system, irq, softirq, steal), CPU s/s.
+    pub cpu_busy_seconds_per_second: Option<f64>,
+    /// Busy time neither the server (`--server-pid`) nor the load generator used.
+    pub other_cpu_seconds_per_second: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -263,6 +277,14 @@ impl Report {
                 self.loadgen.cpu_seconds_total
             ),
         );
+        row(
+            "machine cpu busy / other",
+            format!(
+                "{} / {} s/s",
+                self.machine.cpu_busy_seconds_per_second.map_or("?".into(), |v| format!("{v:.2}")),
+                self.machine.other_cpu_seconds_per_second.map_or("?".into(), |v| format!("{v:.2}"))
+            ),
+        );
         if let Some(m) = &self.messages {
             row(
                 "published",
@@ -322,6 +344,9 @@ impl Report {
         }
         if self.errors.count > 0 {
             row("errors", format!("{} (e.g. {:?})", self.errors.count, self.errors.samples));
+        }
+        for w in &self.warnings {
+            row("WARNING", w.clone());
         }
         for p in &self.problems {
             row("PROBLEM", p.clone());

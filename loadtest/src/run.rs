@@ -11,8 +11,8 @@ use crate::options::{Plan, Scenario, Share};
 use crate::procfs;
 use crate::redis_stats;
 use crate::report::{
-    Connect, Connections, Loadgen, Messages, Percentiles, Report, Server, Storm, StormRoundReport,
-    git_commit, rfc3339,
+    Connect, Connections, Loadgen, Machine, Messages, Percentiles, Report, Server, Storm,
+    StormRoundReport, git_commit, rfc3339,
 };
 use crate::worker::now_ns;
 
@@ -34,11 +34,33 @@ struct CpuMark {
     at: Instant,
     server: Option<f64>,
     loadgen: f64,
+    machine: Option<f64>,
 }
 
 impl CpuMark {
     fn now(plan: &Plan, fleet: &Fleet) -> CpuMark {
-        CpuMark { at: Instant::now(), server: server_cpu(plan), loadgen: fleet.cpu_seconds() }
+        CpuMark {
+            at: Instant::now(),
+            server: server_cpu(plan),
+            loadgen: fleet.cpu_seconds(),
+            machine: procfs::machine_busy_seconds().ok(),
+        }
+    }
+
+    /// Machine-wide busy CPU s/s since `self`, and the part of it used by
+    /// neither the server nor the load generator (other processes, kernel threads).
+    fn machine_to(&self, end: &CpuMark) -> Machine {
+        let secs = end.at.duration_since(self.at).as_secs_f64();
+        let busy = match (self.machine, end.machine) {
+            (Some(a), Some(b)) => rate(Some(b - a), secs),
+            _ => None,
+        };
+        let (_, server, loadgen) = self.rates_to(end);
+        Machine {
+            cpu_busy_seconds_per_second: busy,
+            other_cpu_seconds_per_second: busy
+                .map(|b| (b - server.unwrap_or(0.0) - loadgen).max(0.0)),
+        }
     }
 
     /// (seconds, server CPU s/s, loadgen CPU s/s) since `self`.
@@ -82,6 +104,7 @@ pub async fn run(plan: Plan, command_line: Vec<String>, quiet: bool) -> anyhow::
     let setup_end = CpuMark::now(&plan, &fleet);
     report.connections = connections(&plan, &readies);
     report.connect = connect(&readies, &setup_start, &setup_end);
+    report.machine_connect = setup_start.machine_to(&setup_end);
     let mut errors = Errors::default();
     for r in &readies {
         errors.merge(&r.errors);
@@ -118,6 +141,7 @@ pub async fn run(plan: Plan, command_line: Vec<String>, quiet: bool) -> anyhow::
     }
     let main_end = main_end.unwrap_or_else(|| CpuMark::now(&plan, &fleet));
     let (window, server_rate, loadgen_rate) = main_start.rates_to(&main_end);
+    report.machine = main_start.machine_to(&main_end);
 
     fleet.send_all(ToWorker::Finish).await?;
     let results = fleet
@@ -156,6 +180,7 @@ pub async fn run(plan: Plan, command_line: Vec<String>, quiet: bool) -> anyhow::
     report.errors = errors;
     report.elapsed_seconds = started.elapsed().as_secs_f64();
     report.problems = problems(&plan, &report);
+    report.warnings = warnings(&plan, &report);
     report.ok = report.problems.is_empty();
     report.plan = Some(plan);
     Ok(report)
@@ -326,4 +351,25 @@ fn problems(plan: &Plan, r: &Report) -> Vec<String> {
         }
     }
     p
+}
+
+/// Conditions that make figures unreliable without making the run fail.
+fn warnings(plan: &Plan, r: &Report) -> Vec<String> {
+    let mut w = Vec::new();
+    for (phase, m) in [("connect phase", &r.machine_connect), ("main phase", &r.machine)] {
+        if let Some(other) = m.other_cpu_seconds_per_second.filter(|o| *o > 0.1) {
+            let what = if plan.server_pids.is_empty() {
+                "the server or other processes"
+            } else {
+                "other processes"
+            };
+            w.push(format!(
+                "{what} used {other:.2} CPU s/s during the {phase}: CPU-bound figures are unreliable"
+            ));
+        }
+    }
+    if r.loadgen.cpu_seconds_per_second > 0.8 * r.cpus as f64 {
+        w.push("the load generator used most of the CPUs: it may have been the limit".into());
+    }
+    w
 }
