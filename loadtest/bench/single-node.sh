@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Single-node benchmarks behind docs/BENCHMARKS.md ("Single node, memory broker").
+# Each run starts a fresh release `fanfare` (memory broker, client publish allowed,
+# default 25 s pings), runs fanfare-loadtest against it with --json, and stops it.
+#
+#   loadtest/bench/single-node.sh OUT_DIR idle N HOLD [extra loadtest flags]
+#   loadtest/bench/single-node.sh OUT_DIR fanout RATE [extra loadtest flags]
+#   loadtest/bench/summarize.py OUT_DIR        # medians per configuration
+#
+# Run `cargo build --release -p fanfare-server -p fanfare-loadtest` first.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+OUT=$1; KIND=$2; shift 2
+mkdir -p "$OUT"
+FANFARE=${FANFARE_BIN:-$ROOT/target/release/fanfare}
+LOADTEST=${LOADTEST_BIN:-$ROOT/target/release/fanfare-loadtest}
+PORT=${PORT:-18400}
+
+# Other work on the machine (builds, tests) ruins CPU-bound figures: wait (up
+# to QUIET_WAIT seconds) until all CPUs together are less than 15 % busy over 5 s.
+# The report's `machine.other_cpu_seconds_per_second` says how quiet it stayed.
+wait_quiet() {
+  local deadline=$((SECONDS + ${QUIET_WAIT:-900}))
+  while [ $SECONDS -lt $deadline ]; do
+    read -r _ u n s _ _ i si st _ < /proc/stat; local b1=$((u + n + s + i + si + st))
+    sleep 5
+    read -r _ u n s _ _ i si st _ < /proc/stat; local b2=$((u + n + s + i + si + st))
+    # ticks are 1/100 s: 5 s x 2 CPUs = 1000 ticks; 15 % = 150
+    [ $((b2 - b1)) -lt 150 ] && return 0
+  done
+  echo "machine not quiet; running anyway" >&2
+}
+
+start_server() {
+  cat > "$OUT/fanfare.toml" <<EOF
+[http]
+listen = "127.0.0.1:$PORT"
+[grpc]
+listen = "127.0.0.1:$((PORT + 1))"
+[log]
+level = "warn"
+[[namespaces]]
+name = ""
+allow_publish = true
+EOF
+  "$FANFARE" --config "$OUT/fanfare.toml" >>"$OUT/fanfare.log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 100); do
+    (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "fanfare did not start" >&2; exit 1
+}
+
+stop_server() {
+  kill -TERM "$SERVER" 2>/dev/null || true
+  wait "$SERVER" 2>/dev/null || true
+}
+trap stop_server EXIT
+
+URL=ws://127.0.0.1:$PORT/connection/websocket
+wait_quiet
+case $KIND in
+  idle)
+    N=$1; HOLD=$2; shift 2
+    NAME="idle-n$N-$(date +%s)"
+    start_server
+    "$LOADTEST" idle --url "$URL" -n "$N" --subs 1 --ramp 0 --hold "$HOLD" --settle 3s \
+      --server-pid "$SERVER" --json --quiet "$@" >"$OUT/$NAME.json" 2>"$OUT/$NAME.txt" || true
+    ;;
+  fanout)
+    RATE=$1; shift
+    NAME="fanout-r$RATE-$(date +%s)"
+    start_server
+    "$LOADTEST" fanout --url "$URL" --rate "$RATE" --server-pid "$SERVER" --json --quiet "$@" \
+      >"$OUT/$NAME.json" 2>"$OUT/$NAME.txt" || true
+    ;;
+  *) echo "unknown kind $KIND" >&2; exit 2 ;;
+esac
+stop_server
+trap - EXIT
+cat "$OUT/$NAME.txt"
