@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 cargo build -q --release -p fanfare-server --bin fanfare --example api_bench
-BIN="$ROOT/target/release/fanfare"
+# FANFARE_BIN runs another binary as the node (e.g. an older build to compare).
+BIN="${FANFARE_BIN:-$ROOT/target/release/fanfare}"
 BENCH="$ROOT/target/release/examples/api_bench"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -38,7 +39,7 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 
-echo "node pid $NODE_PID, grpc 127.0.0.1:$GRPC_PORT, commit $(git rev-parse --short HEAD), $(nproc) cores"
+echo "node $BIN pid $NODE_PID, grpc 127.0.0.1:$GRPC_PORT, grpc threads ${FANFARE__GRPC__THREADS:-default}, commit $(git rev-parse --short HEAD), $(nproc) cores"
 RESULTS=()
 for run in 1 2 3; do
   line=$("$BENCH" --addr "127.0.0.1:$GRPC_PORT" --key bench-key --node-pid "$NODE_PID" "$@")

@@ -178,7 +178,15 @@ async fn generate_raw(o: Opts, id: usize, phase: Arc<Phase>) -> anyhow::Result<P
     for _ in 0..o.connections {
         let tcp = tokio::net::TcpStream::connect(&o.addr).await?;
         tcp.set_nodelay(true)?;
-        let (send, conn) = h2::client::handshake(tcp).await?;
+        // Many small gRPC replies may be buffered before their tasks read them:
+        // a larger window and small-frame budget than h2's defaults (which
+        // would close the connection with ENHANCE_YOUR_CALM past ~200 in flight).
+        let (send, conn) = h2::client::Builder::new()
+            .initial_window_size(1 << 20)
+            .initial_connection_window_size(8 << 20)
+            .data_frame_budget(8 << 20)
+            .handshake(tcp)
+            .await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
@@ -239,7 +247,17 @@ async fn generate_raw(o: Opts, id: usize, phase: Arc<Phase>) -> anyhow::Result<P
                         .or_else(|| parts.headers.get("grpc-status"));
                     Ok::<bool, h2::Error>(parts.status == 200 && status.is_some_and(|s| s == "0"))
                 };
-                let ok = matches!(call.await, Ok(true));
+                let ok = match call.await {
+                    Ok(ok) => ok,
+                    Err(e) => {
+                        // Report the first failure; do not spin on a broken connection.
+                        if errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                            eprintln!("api_bench: call failed: {e}");
+                        }
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                };
                 if phase.measuring.load(Ordering::Relaxed) {
                     if ok {
                         lat.push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
