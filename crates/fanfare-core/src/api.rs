@@ -159,28 +159,33 @@ impl Node {
         client: &str,
         channel: &str,
     ) -> Result<(), ApiError> {
-        self.check_target(user, client)?;
-        self.api_namespace(channel)?;
-        let msg = ControlMessage::Subscribe {
-            user: user.into(),
-            client: client.into(),
-            channel: channel.into(),
-        };
-        Ok(self.send_control(&msg).await?)
+        self.api_membership(user, client, channel, true).await
     }
 
+    /// Unsubscribes a user's connections from a channel on every node (API `Unsubscribe`).
     pub async fn api_unsubscribe(
         &self,
         user: &str,
         client: &str,
         channel: &str,
     ) -> Result<(), ApiError> {
+        self.api_membership(user, client, channel, false).await
+    }
+
+    async fn api_membership(
+        &self,
+        user: &str,
+        client: &str,
+        channel: &str,
+        subscribe: bool,
+    ) -> Result<(), ApiError> {
         self.check_target(user, client)?;
         self.api_namespace(channel)?;
-        let msg = ControlMessage::Unsubscribe {
-            user: user.into(),
-            client: client.into(),
-            channel: channel.into(),
+        let (user, client, channel) = (user.into(), client.into(), channel.into());
+        let msg = if subscribe {
+            ControlMessage::Subscribe { user, client, channel }
+        } else {
+            ControlMessage::Unsubscribe { user, client, channel }
         };
         Ok(self.send_control(&msg).await?)
     }
