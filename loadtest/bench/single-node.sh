@@ -60,24 +60,31 @@ stop_server() {
 trap stop_server EXIT
 
 URL=ws://127.0.0.1:$PORT/connection/websocket
-wait_quiet
-case $KIND in
-  idle)
-    N=$1; HOLD=$2; shift 2
-    NAME="idle-n$N-$(date +%s)"
-    start_server
-    "$LOADTEST" idle --url "$URL" -n "$N" --subs 1 --ramp 0 --hold "$HOLD" --settle 3s \
-      --server-pid "$SERVER" --json --quiet "$@" >"$OUT/$NAME.json" 2>"$OUT/$NAME.txt" || true
-    ;;
-  fanout)
-    RATE=$1; shift
-    NAME="fanout-r$RATE-$(date +%s)"
-    start_server
-    "$LOADTEST" fanout --url "$URL" --rate "$RATE" --server-pid "$SERVER" --json --quiet "$@" \
-      >"$OUT/$NAME.json" 2>"$OUT/$NAME.txt" || true
-    ;;
-  *) echo "unknown kind $KIND" >&2; exit 2 ;;
-esac
-stop_server
+# A run during which other processes used CPU is moved to OUT/noisy/ and
+# repeated (at most ATTEMPTS times).
+for attempt in $(seq "${ATTEMPTS:-4}"); do
+  wait_quiet
+  case $KIND in
+    idle)
+      N=$1; HOLD=$2
+      NAME="idle-n$N-$(date +%s)"
+      start_server
+      "$LOADTEST" idle --url "$URL" -n "$N" --subs 1 --ramp 0 --hold "$HOLD" --settle 3s \
+        --server-pid "$SERVER" --json --quiet "${@:3}" >"$OUT/$NAME.json" 2>"$OUT/$NAME.txt" || true
+      ;;
+    fanout)
+      RATE=$1
+      NAME="fanout-r$RATE-$(date +%s)"
+      start_server
+      "$LOADTEST" fanout --url "$URL" --rate "$RATE" --server-pid "$SERVER" --json --quiet "${@:2}" \
+        >"$OUT/$NAME.json" 2>"$OUT/$NAME.txt" || true
+      ;;
+    *) echo "unknown kind $KIND" >&2; exit 2 ;;
+  esac
+  stop_server
+  cat "$OUT/$NAME.txt"
+  grep -q "other processes used" "$OUT/$NAME.json" || break
+  mkdir -p "$OUT/noisy"
+  mv "$OUT/$NAME.json" "$OUT/$NAME.txt" "$OUT/noisy/"
+done
 trap - EXIT
-cat "$OUT/$NAME.txt"

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Medians of fanfare-loadtest --json reports, grouped by scenario and size.
 
-usage: summarize.py DIR   (reads DIR/*.json written by single-node.sh)
+usage: summarize.py DIR...   (reads DIR/*.json written by single-node.sh)
 """
 import glob
 import json
@@ -14,9 +14,9 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
-def main(d):
+def main(dirs):
     groups = {}
-    for path in sorted(glob.glob(f"{d}/*.json")):
+    for path in sorted(p for d in dirs for p in glob.glob(f"{d}/*.json")):
         try:
             r = json.load(open(path))
         except (ValueError, OSError):
@@ -30,6 +30,7 @@ def main(d):
         groups.setdefault(key, []).append(r)
     for key, rs in groups.items():
         out = {"runs": len(rs), "ok": [r["ok"] for r in rs], "commit": rs[0]["git_commit"]}
+        out["other_cpu"] = [round(r["machine"]["other_cpu_seconds_per_second"] or 0, 2) for r in rs]
         out["connect_rate"] = med([r["connect"]["rate_per_second"] for r in rs])
         out["connect_server_cpu"] = med([r["connect"]["server_cpu_seconds_per_second"] for r in rs])
         out["connect_loadgen_cpu"] = med([r["connect"]["loadgen_cpu_seconds_per_second"] for r in rs])
@@ -50,4 +51,4 @@ def main(d):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:])

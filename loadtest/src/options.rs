@@ -140,6 +140,12 @@ pub struct Options {
     #[arg(long)]
     pub publishers: Option<usize>,
 
+    /// Publications one publisher may have sent without a reply; beyond it the
+    /// publisher waits (so an overloaded server slows it down instead of
+    /// queueing seconds of commands, pongs included, behind each other). Default 1000.
+    #[arg(long)]
+    pub max_in_flight: Option<usize>,
+
     /// Bytes of each publication's `data` (at least the ~60 bytes of the header). Default 128.
     #[arg(long)]
     pub payload_size: Option<usize>,
@@ -237,6 +243,7 @@ pub struct Plan {
     pub settle: Duration,
     pub rate: f64,
     pub publishers: usize,
+    pub max_in_flight: usize,
     pub payload_size: usize,
     pub room_size: usize,
     pub publish_mode: PublishMode,
@@ -302,6 +309,7 @@ impl Options {
             settle,
             rate,
             publishers,
+            max_in_flight,
             payload_size,
             room_size,
             publish_mode,
@@ -422,6 +430,7 @@ impl Options {
             settle,
             rate,
             publishers,
+            max_in_flight: self.max_in_flight.unwrap_or(1000).max(1),
             payload_size: self.payload_size.unwrap_or(128),
             room_size,
             publish_mode,

@@ -115,7 +115,10 @@ pub struct Loadgen {
 pub struct Machine {
     /// All CPUs busy (user, system, irq, softirq, steal), CPU s/s.
     pub cpu_busy_seconds_per_second: Option<f64>,
-    /// Busy time neither the server (`--server-pid`) nor the load generator used.
+    /// Of that, interrupts (irq, softirq): mostly loopback networking.
+    pub irq_cpu_seconds_per_second: Option<f64>,
+    /// Process time (user, system, steal) neither the server (`--server-pid`)
+    /// nor the load generator used: other processes on the machine.
     pub other_cpu_seconds_per_second: Option<f64>,
 }
 
@@ -278,10 +281,11 @@ impl Report {
             ),
         );
         row(
-            "machine cpu busy / other",
+            "machine cpu busy / irq / other",
             format!(
-                "{} / {} s/s",
+                "{} / {} / {} s/s",
                 self.machine.cpu_busy_seconds_per_second.map_or("?".into(), |v| format!("{v:.2}")),
+                self.machine.irq_cpu_seconds_per_second.map_or("?".into(), |v| format!("{v:.2}")),
                 self.machine.other_cpu_seconds_per_second.map_or("?".into(), |v| format!("{v:.2}"))
             ),
         );

@@ -34,7 +34,8 @@ struct CpuMark {
     at: Instant,
     server: Option<f64>,
     loadgen: f64,
-    machine: Option<f64>,
+    /// Machine-wide (process time, interrupt time).
+    machine: Option<(f64, f64)>,
 }
 
 impl CpuMark {
@@ -47,19 +48,20 @@ impl CpuMark {
         }
     }
 
-    /// Machine-wide busy CPU s/s since `self`, and the part of it used by
-    /// neither the server nor the load generator (other processes, kernel threads).
+    /// Machine-wide CPU s/s since `self`: busy, interrupts, and process time
+    /// used by neither the server nor the load generator.
     fn machine_to(&self, end: &CpuMark) -> Machine {
         let secs = end.at.duration_since(self.at).as_secs_f64();
-        let busy = match (self.machine, end.machine) {
-            (Some(a), Some(b)) => rate(Some(b - a), secs),
+        let diff = match (self.machine, end.machine) {
+            (Some(a), Some(b)) if secs > 0.0 => Some(((b.0 - a.0) / secs, (b.1 - a.1) / secs)),
             _ => None,
         };
         let (_, server, loadgen) = self.rates_to(end);
         Machine {
-            cpu_busy_seconds_per_second: busy,
-            other_cpu_seconds_per_second: busy
-                .map(|b| (b - server.unwrap_or(0.0) - loadgen).max(0.0)),
+            cpu_busy_seconds_per_second: diff.map(|(p, i)| p + i),
+            irq_cpu_seconds_per_second: diff.map(|(_, i)| i),
+            other_cpu_seconds_per_second: diff
+                .map(|(p, _)| (p - server.unwrap_or(0.0) - loadgen).max(0.0)),
         }
     }
 

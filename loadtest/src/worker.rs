@@ -30,8 +30,6 @@ pub fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
-/// Publications a connection may have sent without a reply yet.
-const MAX_IN_FLIGHT: usize = 20_000;
 /// Publish commands per frame stay under the server's 64 KiB message limit.
 const MAX_FRAME_BYTES: usize = 48 * 1024;
 /// Publisher pacing tick.
@@ -356,7 +354,7 @@ impl Publisher {
 
     /// Sends every due publication, batched into frames.
     async fn publish_due(&mut self, conn: &mut Conn, ctx: &Ctx) -> anyhow::Result<()> {
-        let room = MAX_IN_FLIGHT.saturating_sub(self.in_flight.len()) as u64;
+        let room = ctx.plan.max_in_flight.saturating_sub(self.in_flight.len()) as u64;
         let n = self.due().min(room);
         let mut frame = String::new();
         for _ in 0..n {
