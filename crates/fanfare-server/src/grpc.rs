@@ -48,6 +48,21 @@ async fn run<T, R>(
     }
 }
 
+/// The publish fields shared by Publish, Broadcast and PublishToUser.
+fn api_publish(
+    data: Vec<u8>,
+    idempotency_key: String,
+    tags: HashMap<String, String>,
+    skip_history: bool,
+) -> ApiPublish {
+    ApiPublish {
+        data: data.into(),
+        idempotency_key,
+        tags: tags.into_iter().collect(),
+        skip_history,
+    }
+}
+
 fn position(p: StreamPosition) -> pb::PublishResponse {
     pb::PublishResponse { offset: p.offset, epoch: p.epoch }
 }
@@ -68,12 +83,7 @@ impl ControlService for Control {
         req: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let r = req.into_inner();
-        let p = ApiPublish {
-            data: r.data.into(),
-            idempotency_key: r.idempotency_key,
-            tags: r.tags.into_iter().collect(),
-            skip_history: r.skip_history,
-        };
+        let p = api_publish(r.data, r.idempotency_key, r.tags, r.skip_history);
         run("publish", self.node.api_publish(&r.channel, &p, &self.ctx.limits), position).await
     }
 
@@ -82,12 +92,7 @@ impl ControlService for Control {
         req: Request<pb::BroadcastRequest>,
     ) -> Result<Response<pb::BroadcastResponse>, Status> {
         let r = req.into_inner();
-        let p = ApiPublish {
-            data: r.data.into(),
-            idempotency_key: r.idempotency_key,
-            tags: r.tags.into_iter().collect(),
-            skip_history: r.skip_history,
-        };
+        let p = api_publish(r.data, r.idempotency_key, r.tags, r.skip_history);
         let channels = r.channels;
         let fut = self.node.api_broadcast(&channels, &p, &self.ctx.limits);
         run("broadcast", fut, |results| pb::BroadcastResponse {
@@ -121,12 +126,7 @@ impl ControlService for Control {
         req: Request<pb::PublishToUserRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let r = req.into_inner();
-        let p = ApiPublish {
-            data: r.data.into(),
-            idempotency_key: r.idempotency_key,
-            tags: r.tags.into_iter().collect(),
-            skip_history: false,
-        };
+        let p = api_publish(r.data, r.idempotency_key, r.tags, false);
         run(
             "publish_to_user",
             self.node.api_publish_to_user(&r.user, &p, &self.ctx.limits),
