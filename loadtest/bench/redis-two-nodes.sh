@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 RATE=${1:?rate (publications/s)}; DUR=${2:-15s}; RUNS=${3:-3}
-SUBS=${SUBS:-2000}; CHANNELS=${CHANNELS:-10}
+SUBS=${SUBS:-2000}; CHANNELS=${CHANNELS:-10}; PUBLISHERS=${PUBLISHERS:-40}
 BIN=target/release/fanfare; LT=target/release/fanfare-loadtest
 mkdir -p target/bench
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -44,7 +44,7 @@ TOML
 done
 for i in $(seq "$RUNS"); do
   out=target/bench/redis-two-nodes-$RATE-$i.json
-  "$LT" fanout "${urls[@]}" -n "$SUBS" --channels "$CHANNELS" --rate "$RATE" --publishers 4 \
+  "$LT" fanout "${urls[@]}" -n "$SUBS" --channels "$CHANNELS" --rate "$RATE" --publishers "$PUBLISHERS" \
     -d "$DUR" --workers 2 --server-pid "${spids[0]}" --server-pid "${spids[1]}" --json -q >"$out" || true
   python3 - "$out" <<'PY'
 import json, sys

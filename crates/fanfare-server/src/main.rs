@@ -166,15 +166,12 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     tokio::spawn(node.clone().announce_forever(Duration::from_secs(5)));
 
     let addr = settings.http_addr()?;
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("http.listen: cannot listen on {addr}"))?;
+    let listener = listen(addr).with_context(|| format!("http.listen: cannot listen on {addr}"))?;
     tracing::info!(node = %node_cfg.name, http = %listener.local_addr()?, broker = broker_kind, "fanfare node started");
 
     let grpc_addr: std::net::SocketAddr = settings.grpc.listen.parse().context("grpc.listen")?;
-    let grpc_listener = tokio::net::TcpListener::bind(grpc_addr)
-        .await
-        .with_context(|| format!("grpc.listen: cannot listen on {grpc_addr}"))?;
+    let grpc_listener =
+        listen(grpc_addr).with_context(|| format!("grpc.listen: cannot listen on {grpc_addr}"))?;
     tracing::info!(grpc = %grpc_listener.local_addr()?, "control API listening");
     let api_ctx = Arc::new(settings.api.context());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -238,4 +235,21 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
+}
+
+/// Listen backlog. `TcpListener::bind` uses 128 (the standard library's
+/// value); a burst of reconnecting clients overflows that, and every dropped
+/// SYN costs its client a 1 s retransmission. The kernel caps the value at
+/// `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
