@@ -44,6 +44,14 @@ pub struct PublishOptions {
     pub idempotency_window: Duration,
 }
 
+/// One publication of a [`Broker::publish_many`] batch.
+#[derive(Debug, Clone)]
+pub struct PublishItem {
+    pub channel: String,
+    pub publication: Publication,
+    pub opts: PublishOptions,
+}
+
 /// Which part of a channel's history to read.
 #[derive(Debug, Clone, Default)]
 pub struct HistoryQuery {
@@ -102,6 +110,20 @@ pub trait Broker: Send + Sync + 'static {
         publication: Publication,
         opts: PublishOptions,
     ) -> Result<StreamPosition, BrokerError>;
+
+    /// Publishes `items` in their order — publications of one channel get their
+    /// offsets in this order — in as few round trips as the broker allows. One
+    /// result per item, in the same order.
+    async fn publish_many(
+        &self,
+        items: Vec<PublishItem>,
+    ) -> Vec<Result<StreamPosition, BrokerError>> {
+        let mut out = Vec::with_capacity(items.len());
+        for i in items {
+            out.push(self.publish(&i.channel, i.publication, i.opts).await);
+        }
+        out
+    }
 
     async fn publish_join(&self, channel: &str, info: ClientInfo) -> Result<(), BrokerError>;
     async fn publish_leave(&self, channel: &str, info: ClientInfo) -> Result<(), BrokerError>;

@@ -20,11 +20,12 @@ pub mod session;
 pub use api::{ApiError, ApiLimits, ApiPublish};
 pub use auth::{AuthConfig, AuthError, Authenticator, ConnectClaims, SubscribeClaims};
 pub use broker::{
-    Broker, BrokerError, BrokerHandler, HistoryPage, HistoryQuery, NodeInfo, PublishOptions,
+    Broker, BrokerError, BrokerHandler, HistoryPage, HistoryQuery, NodeInfo, PublishItem,
+    PublishOptions,
 };
 pub use channel::{ChannelError, ChannelRules, Namespace};
 pub use hub::{FanOut, Hub};
 pub use memory::MemoryBroker;
 pub use node::{Node, NodeConfig};
 pub use outbox::{Control, Outbox};
-pub use session::Session;
+pub use session::{MAX_PUBLISHES_IN_FLIGHT, Session};

@@ -436,6 +436,24 @@ impl Node {
         res
     }
 
+    /// Publishes a batch in order (see [`Broker::publish_many`]).
+    pub(crate) async fn publish_many(
+        &self,
+        items: Vec<crate::broker::PublishItem>,
+    ) -> Vec<Result<StreamPosition, BrokerError>> {
+        let start = Instant::now();
+        let res = self.shared.broker.publish_many(items).await;
+        let hot = metrics::hot();
+        let took = start.elapsed().as_secs_f64();
+        for r in &res {
+            hot.broker_publish.record(took);
+            if r.is_ok() {
+                hot.publications.increment(1);
+            }
+        }
+        res
+    }
+
     /// This node's announcement for the cluster view.
     pub fn info(&self) -> NodeInfo {
         let channels = self.shared.hub.channels();

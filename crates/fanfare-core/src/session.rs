@@ -3,10 +3,19 @@
 //! The transport feeds frames to [`Session::handle_frame`], wakes it at
 //! [`Session::deadline`], writes out what lands in [`Session::outbox`] and calls
 //! [`Session::close`] when the connection ends. Commands of one connection are
-//! handled one at a time, in order.
+//! handled one at a time, in order, with one exception: publishes are group
+//! committed. While one batch of a connection's publishes waits for the broker,
+//! the connection keeps reading, and the publishes that arrive meanwhile form
+//! the next batch, sent (in order, as one Redis pipeline) when the first is
+//! answered. Any other command first waits for the publishes before it, so it
+//! sees their effects. Without this a client publishing through Redis would be
+//! held to one publication per round trip.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -15,9 +24,10 @@ use fanfare_protocol::{
     HistoryRequest, HistoryResult, Publication, Reply, ReplyBody, Request, StreamPosition,
     SubscribeRequest, SubscribeResult,
 };
+use sync_wrapper::SyncWrapper;
 
 use crate::auth::{AuthError, info_bytes, unix_now};
-use crate::broker::HistoryQuery;
+use crate::broker::{HistoryQuery, PublishItem};
 use crate::channel::{ChannelError, Namespace, personal_channel};
 use crate::hub::Subscriber;
 use crate::node::Node;
@@ -77,6 +87,28 @@ pub struct Session {
     pong_deadline: Option<Instant>,
     /// When presence entries of this connection must be written again.
     presence_refresh: Option<Instant>,
+    /// Publishes waiting for the broker (allocated on the first one that does
+    /// not complete at once: idle connections carry none).
+    publishing: Option<Box<Publishing>>,
+}
+
+/// A connection's publishes: one batch at the broker, the next one forming.
+struct Publishing {
+    /// Resolves to (command id, accepted) per publish of the batch. Only ever
+    /// touched through `&mut`, so `SyncWrapper` keeps the session `Sync`.
+    sent: SyncWrapper<PendingBatch>,
+    sent_len: usize,
+    queued: Vec<(u32, PublishItem)>,
+}
+
+type PendingBatch = Pin<Box<dyn Future<Output = Vec<(u32, bool)>> + Send>>;
+
+/// Publishes one connection may have waiting for the broker; beyond this the
+/// transport stops reading from the client until some are answered.
+pub const MAX_PUBLISHES_IN_FLIGHT: usize = 256;
+
+fn publish_reply(accepted: bool) -> Result<Option<ReplyBody>, Fail> {
+    if accepted { Ok(Some(ReplyBody::Publish)) } else { Err(ErrorCode::INTERNAL.into()) }
 }
 
 /// The `{}` server ping, encoded once.
@@ -112,6 +144,7 @@ impl Session {
             next_ping: now + jitter,
             pong_deadline: None,
             presence_refresh: None,
+            publishing: None,
         })
     }
 
@@ -309,6 +342,10 @@ impl Session {
                 _ => Err(DisconnectCode::BAD_REQUEST),
             };
         }
+        if !matches!(cmd.request, Request::Publish { .. }) {
+            // Everything but a publish sees the effects of the publishes before it.
+            self.finish_publishes().await?;
+        }
         let result = match cmd.request {
             Request::Connect(_) => Err(Fail::Disconnect(DisconnectCode::BAD_REQUEST)),
             Request::Empty if id == 0 => {
@@ -324,7 +361,7 @@ impl Session {
             Request::Ping => Ok(Some(ReplyBody::Ping)),
             Request::Subscribe(req) => self.subscribe(id, req).await,
             Request::Unsubscribe { channel } => self.unsubscribe(&channel).await,
-            Request::Publish { channel, data } => self.publish(&channel, data).await,
+            Request::Publish { channel, data } => self.publish(id, channel, data),
             Request::Presence { channel } => self.presence(&channel).await,
             Request::PresenceStats { channel } => self.presence_stats(&channel).await,
             Request::History(req) => self.history(req).await,
@@ -602,24 +639,100 @@ impl Session {
         Ok(Some(ReplyBody::Unsubscribe))
     }
 
-    async fn publish(&mut self, channel: &str, data: Bytes) -> Result<Option<ReplyBody>, Fail> {
-        let ns = self.node.rules().namespace(channel)?;
+    /// Hands a publish to the broker, or queues it behind the batch the broker
+    /// has. The reply is sent when the broker answers: at once (memory broker)
+    /// or from [`Session::publish_done`].
+    fn publish(
+        &mut self,
+        id: u32,
+        channel: String,
+        data: Bytes,
+    ) -> Result<Option<ReplyBody>, Fail> {
+        let ns = self.node.rules().namespace(&channel)?;
         if data.is_empty() {
             return Err(ErrorCode::BAD_REQUEST.into());
         }
         if !ns.allow_publish || channel.starts_with('#') {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
+        let opts = Node::publish_options(ns);
         let conn = self.connected();
-        let info = conn.subs.get(channel).map_or_else(|| conn.info.clone(), |s| s.info.clone());
+        let info =
+            conn.subs.get(channel.as_str()).map_or_else(|| conn.info.clone(), |s| s.info.clone());
         let publication = Publication { data, info: Some(info), ..Default::default() };
-        match self.node.publish(channel, ns, publication).await {
-            Ok(_) => Ok(Some(ReplyBody::Publish)),
-            Err(e) => {
-                tracing::warn!(channel, error = %e, "publish failed");
-                Err(ErrorCode::INTERNAL.into())
+        let item = PublishItem { channel, publication, opts };
+        if let Some(p) = &mut self.publishing {
+            p.queued.push((id, item));
+            return Ok(None);
+        }
+        self.send_batch(vec![(id, item)]);
+        Ok(None)
+    }
+
+    /// Starts `batch` at the broker. Replies at once to what completes at once.
+    fn send_batch(&mut self, batch: Vec<(u32, PublishItem)>) {
+        let ids: Vec<u32> = batch.iter().map(|(id, _)| *id).collect();
+        let sent_len = ids.len();
+        let items = batch.into_iter().map(|(_, item)| item).collect();
+        let node = self.node.clone();
+        let mut fut: PendingBatch = Box::pin(async move {
+            let results = node.publish_many(items).await;
+            ids.into_iter()
+                .zip(results)
+                .map(|(id, r)| {
+                    if let Err(e) = &r {
+                        tracing::warn!(error = %e, "publish failed");
+                    }
+                    (id, r.is_ok())
+                })
+                .collect()
+        });
+        match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(done) => {
+                for (id, ok) in done {
+                    // A publish reply never disconnects.
+                    let _ = self.finish(id, publish_reply(ok));
+                }
+            }
+            Poll::Pending => {
+                self.publishing = Some(Box::new(Publishing {
+                    sent: SyncWrapper::new(fut),
+                    sent_len,
+                    queued: Vec::new(),
+                }));
             }
         }
+    }
+
+    /// Publishes waiting for the broker or queued behind those.
+    pub fn publishes_in_flight(&self) -> usize {
+        self.publishing.as_ref().map_or(0, |p| p.sent_len + p.queued.len())
+    }
+
+    /// Waits until the broker answers the batch it has, replies to each of its
+    /// publishes and sends the next batch. Never resolves when no batch is out.
+    /// Cancel-safe.
+    pub async fn publish_done(&mut self) -> Result<(), DisconnectCode> {
+        let Some(p) = self.publishing.as_mut() else {
+            return std::future::pending().await;
+        };
+        let done = p.sent.get_mut().await;
+        let p = self.publishing.take().expect("a batch was out");
+        for (id, ok) in done {
+            self.finish(id, publish_reply(ok))?;
+        }
+        if !p.queued.is_empty() {
+            self.send_batch(p.queued);
+        }
+        Ok(())
+    }
+
+    /// Waits for every waiting publish and replies to each.
+    pub async fn finish_publishes(&mut self) -> Result<(), DisconnectCode> {
+        while self.publishing.is_some() {
+            self.publish_done().await?;
+        }
+        Ok(())
     }
 
     /// Checks that a subscribed client may read `feature` data of `channel`.

@@ -30,7 +30,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use bytes::Bytes;
 use fanfare_core::broker::{
-    Broker, BrokerError, BrokerHandler, HistoryPage, HistoryQuery, NodeInfo, PublishOptions,
+    Broker, BrokerError, BrokerHandler, HistoryPage, HistoryQuery, NodeInfo, PublishItem,
+    PublishOptions,
 };
 use fanfare_protocol::{ClientInfo, Publication, StreamPosition};
 use redis::{AsyncCommands, Script, Value};
@@ -93,7 +94,6 @@ pub struct RedisBroker {
     cluster: bool,
     handler: HandlerCell,
     meta_ttl: Duration,
-    publish_script: Script,
     history_script: Script,
     presence_add_script: Script,
     presence_get_script: Script,
@@ -211,7 +211,6 @@ impl RedisBroker {
             cluster: cfg.cluster,
             handler,
             meta_ttl: cfg.history_meta_ttl,
-            publish_script: Script::new(scripts::PUBLISH),
             history_script: Script::new(scripts::HISTORY),
             presence_add_script: Script::new(scripts::PRESENCE_ADD),
             presence_get_script: Script::new(scripts::PRESENCE_GET),
@@ -252,10 +251,14 @@ impl RedisBroker {
     }
 
     fn shard(&self, channel: &str) -> &Shard {
+        &self.shards[self.shard_index(channel)]
+    }
+
+    fn shard_index(&self, channel: &str) -> usize {
         if self.shards.len() == 1 {
-            return &self.shards[0];
+            return 0;
         }
-        &self.shards[jump_hash(fnv1a(channel), self.shards.len())]
+        jump_hash(fnv1a(channel), self.shards.len())
     }
 
     fn cmd(&self, channel: &str) -> CmdConn {
@@ -276,10 +279,113 @@ impl RedisBroker {
             .map_err(unavailable)
     }
 
+    /// Refuses at once while the channel's Redis is reconnecting: a caller told
+    /// "unavailable" retries; one left waiting may time out while the publish
+    /// still happens.
+    fn check_up(&self, channel: &str) -> Result<(), BrokerError> {
+        let shard = self.shard(channel);
+        if shard.health.is_up() {
+            return Ok(());
+        }
+        Err(BrokerError::Unavailable(format!("redis {} is reconnecting", shard.health.target())))
+    }
+
+    /// The command that publishes `publication`; true when it is the script
+    /// (history or idempotency), false for a plain PUBLISH.
+    fn publish_cmd(
+        &self,
+        channel: &str,
+        publication: &Publication,
+        opts: &PublishOptions,
+    ) -> (redis::Cmd, bool) {
+        let body = wire::encode_publication(publication);
+        let history = opts.history_size > 0 && !opts.history_ttl.is_zero();
+        let idempotent =
+            opts.idempotency_key.as_ref().filter(|_| !opts.idempotency_window.is_zero());
+        if !history && idempotent.is_none() {
+            let mut cmd = redis::cmd(&self.publish_command().to_uppercase());
+            cmd.arg(self.names.pubsub(channel)).arg(wire::publication_message(&body));
+            return (cmd, false);
+        }
+        let ttl = opts.history_ttl.as_secs().max(1);
+        let meta_ttl = self.meta_ttl.as_secs().max(ttl);
+        // EVAL with the script's text, not EVALSHA: a NOSCRIPT answer (first
+        // use, Redis restarted or flushed) makes the caller load the script and
+        // retry, and that retry would land after publishes the same client sent
+        // later. Redis caches the compiled script by its hash, so the cost is
+        // ~1 KB more per publish on the wire.
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(scripts::PUBLISH)
+            .arg(3)
+            .arg(self.names.stream(channel))
+            .arg(self.names.meta(channel))
+            .arg(self.names.idempotency(channel, idempotent.map_or("", |k| k.as_str())))
+            .arg(body)
+            .arg(if history { opts.history_size } else { 0 })
+            .arg(ttl)
+            .arg(new_epoch())
+            .arg(meta_ttl)
+            .arg(self.names.pubsub(channel))
+            .arg(self.publish_command())
+            .arg(idempotent.map_or(0, |_| opts.idempotency_window.as_secs().max(1)));
+        (cmd, true)
+    }
+
+    /// Publishes `items[idx]` (all on one connection) as one pipeline.
+    async fn publish_pipeline(
+        &self,
+        items: &[PublishItem],
+        idx: &[usize],
+    ) -> Vec<Result<StreamPosition, BrokerError>> {
+        let channel = &items[idx[0]].channel;
+        if let Err(e) = self.check_up(channel) {
+            return idx.iter().map(|_| Err(e.clone())).collect();
+        }
+        let mut pipe = redis::Pipeline::with_capacity(idx.len());
+        pipe.ignore_errors();
+        let mut scripted = Vec::with_capacity(idx.len());
+        for &i in idx {
+            let (cmd, s) =
+                self.publish_cmd(&items[i].channel, &items[i].publication, &items[i].opts);
+            pipe.add_command(cmd);
+            scripted.push(s);
+        }
+        match pipe.query_async::<Vec<Value>>(&mut self.cmd(channel)).await {
+            Ok(replies) if replies.len() == idx.len() => {
+                replies.into_iter().zip(scripted).map(|(v, s)| publish_result(v, s)).collect()
+            }
+            Ok(replies) => {
+                let e = BrokerError::Unavailable(format!(
+                    "redis answered {} of {} publishes",
+                    replies.len(),
+                    idx.len()
+                ));
+                idx.iter().map(|_| Err(e.clone())).collect()
+            }
+            Err(e) => {
+                let e = unavailable(e);
+                idx.iter().map(|_| Err(e.clone())).collect()
+            }
+        }
+    }
+
     /// Redis servers this broker talks to (one entry per shard or per cluster).
     pub fn num_shards(&self) -> usize {
         self.shards.len()
     }
+}
+
+/// The stream position from a publish command's reply.
+fn publish_result(reply: Value, scripted: bool) -> Result<StreamPosition, BrokerError> {
+    if let Value::ServerError(e) = reply {
+        return Err(unavailable(e.into()));
+    }
+    if !scripted {
+        return Ok(StreamPosition::default());
+    }
+    let (offset, epoch, _duplicate): (u64, String, u8) = redis::from_redis_value(reply)
+        .map_err(|e| BrokerError::Unavailable(format!("unexpected publish reply: {e}")))?;
+    Ok(StreamPosition { offset, epoch })
 }
 
 fn as_u64(v: &Value) -> Option<u64> {
@@ -331,43 +437,54 @@ impl Broker for RedisBroker {
         publication: Publication,
         opts: PublishOptions,
     ) -> Result<StreamPosition, BrokerError> {
-        // Fail fast while the connection is down: a caller told "unavailable"
-        // retries; one left waiting may time out while the publish still happens.
-        let shard = self.shard(channel);
-        if !shard.health.is_up() {
-            return Err(BrokerError::Unavailable(format!(
-                "redis {} is reconnecting",
-                shard.health.target()
-            )));
+        self.check_up(channel)?;
+        let (cmd, scripted) = self.publish_cmd(channel, &publication, &opts);
+        let reply: Value = cmd.query_async(&mut self.cmd(channel)).await.map_err(unavailable)?;
+        publish_result(reply, scripted)
+    }
+
+    async fn publish_many(
+        &self,
+        items: Vec<PublishItem>,
+    ) -> Vec<Result<StreamPosition, BrokerError>> {
+        if items.len() == 1 {
+            let i = items.into_iter().next().expect("one item");
+            return vec![self.publish(&i.channel, i.publication, i.opts).await];
         }
-        let body = wire::encode_publication(&publication);
-        let history = opts.history_size > 0 && !opts.history_ttl.is_zero();
-        let idempotent =
-            opts.idempotency_key.as_ref().filter(|_| !opts.idempotency_window.is_zero());
-        if !history && idempotent.is_none() {
-            self.send_event(channel, wire::publication_message(&body)).await?;
-            return Ok(StreamPosition::default());
+        // One pipeline per connection the items travel on: a pipeline reaches
+        // Redis as one write, so its commands run in the items' order (a set
+        // of separate commands in flight at once has no such guarantee). In a
+        // cluster, one per channel: a channel's keys live in one slot.
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        let mut channels: Vec<&str> = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let key = if self.cluster {
+                match channels.iter().position(|c| *c == item.channel) {
+                    Some(k) => k,
+                    None => {
+                        channels.push(&item.channel);
+                        channels.len() - 1
+                    }
+                }
+            } else {
+                self.shard_index(&item.channel)
+            };
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, g)) => g.push(i),
+                None => groups.push((key, vec![i])),
+            }
         }
-        let ttl = opts.history_ttl.as_secs().max(1);
-        let meta_ttl = self.meta_ttl.as_secs().max(ttl);
-        let mut conn = self.cmd(channel);
-        let (offset, epoch, _duplicate): (u64, String, u8) = self
-            .publish_script
-            .key(self.names.stream(channel))
-            .key(self.names.meta(channel))
-            .key(self.names.idempotency(channel, idempotent.map_or("", |k| k.as_str())))
-            .arg(body)
-            .arg(if history { opts.history_size } else { 0 })
-            .arg(ttl)
-            .arg(new_epoch())
-            .arg(meta_ttl)
-            .arg(self.names.pubsub(channel))
-            .arg(self.publish_command())
-            .arg(idempotent.map_or(0, |_| opts.idempotency_window.as_secs().max(1)))
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(StreamPosition { offset, epoch })
+        let runs = groups.iter().map(|(_, idx)| self.publish_pipeline(&items, idx));
+        let mut out: Vec<Option<Result<StreamPosition, BrokerError>>> =
+            (0..items.len()).map(|_| None).collect();
+        for ((_, idx), results) in groups.iter().zip(futures_util::future::join_all(runs).await) {
+            for (&i, r) in idx.iter().zip(results) {
+                out[i] = Some(r);
+            }
+        }
+        out.into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(BrokerError::Unavailable("no reply".into()))))
+            .collect()
     }
 
     async fn publish_join(&self, channel: &str, info: ClientInfo) -> Result<(), BrokerError> {

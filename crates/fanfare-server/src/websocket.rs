@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fanfare_core::metrics::hot;
-use fanfare_core::{Node, Session};
+use fanfare_core::{MAX_PUBLISHES_IN_FLIGHT, Node, Session};
 use fanfare_protocol::{Codec, DisconnectCode, FrameKind};
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::Full;
@@ -143,7 +143,14 @@ where
                     Err(code) => break End::Gone(code),
                 }
             }
-            msg = ws.next() => {
+            r = session.publish_done() => {
+                if let Err(code) = r {
+                    break End::Close(code);
+                }
+            }
+            // While too many publishes wait for the broker, leave the client's
+            // commands in the socket (backpressure instead of an unbounded queue).
+            msg = ws.next(), if session.publishes_in_flight() < MAX_PUBLISHES_IN_FLIGHT => {
                 let res = match msg {
                     Some(Ok(Message::Text(text))) => {
                         account_received(text.len());
@@ -189,8 +196,12 @@ where
     };
     let code = match end {
         End::Close(code) => {
-            // Write what the session queued before closing (e.g. an error reply),
-            // except after overflow, where the queue was dropped.
+            // Answer publishes still waiting for the broker (a drain must not
+            // leave an accepted publication unacknowledged), then write what the
+            // session queued before closing (e.g. an error reply), except after
+            // overflow, where the queue was dropped.
+            let _ = tokio::time::timeout(opts.write_timeout, Box::pin(session.finish_publishes()))
+                .await;
             let _ = Box::pin(flush_outbox(&mut ws, &outbox, codec, opts.write_timeout)).await;
             let reason = outbox.close_reason(code);
             let _ = Box::pin(send_close(&mut ws, code, reason, opts.write_timeout)).await;

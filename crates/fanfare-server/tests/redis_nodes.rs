@@ -382,3 +382,46 @@ async fn subscribing_during_publishing_never_duplicates_an_offset() {
     }
     drop(publisher);
 }
+
+/// A client's publishes through Redis are pipelined (many wait for Redis at
+/// once, more than the per-connection limit, so reading from the client pauses
+/// too), yet Redis receives them in the client's order, every one is
+/// acknowledged, and a command sent after them sees all of them.
+#[tokio::test]
+async fn pipelined_publishes_keep_client_order_and_later_commands_see_them() {
+    let redis = RedisServer::start();
+    let nodes = start_nodes(2, &[redis.url()], false, &namespaces());
+    let ch = "pipe";
+    let mut sub = nodes[1].connected("s").await;
+    sub.subscribe_ok(ch, json!({"recoverable": true})).await;
+    let mut p = nodes[0].connected("p").await;
+    p.subscribe_ok(ch, json!({})).await;
+
+    // One publish per frame, all written before any reply is read.
+    const N: u64 = 600;
+    let mut ids = Vec::new();
+    for seq in 1..=N {
+        let id = p.next_id();
+        ids.push(id);
+        p.send_json(&json!({"id": id, "publish": {"channel": ch, "data": {"seq": seq}}})).await;
+    }
+    let hid = p.next_id();
+    p.send_json(&json!({"id": hid, "history": {"channel": ch, "limit": -1}})).await;
+
+    let history = p.reply(hid).await;
+    let pubs = history["history"]["publications"].as_array().cloned().unwrap_or_default();
+    let seqs: Vec<u64> = pubs.iter().map(|x| x["data"]["seq"].as_u64().unwrap_or(0)).collect();
+    assert_eq!(seqs, (1..=N).collect::<Vec<u64>>(), "history after the publishes");
+    for id in ids {
+        let r = p.reply(id).await;
+        assert_eq!(r["publish"], json!({}), "publish {id}: {r}");
+    }
+    let seen = collect_pubs(&mut sub, N as usize).await;
+    let offsets: Vec<u64> = seen.iter().map(|x| x.offset).collect();
+    assert_eq!(offsets, (1..=N).collect::<Vec<u64>>(), "offsets on the other node");
+    let seqs: Vec<u64> = seen.iter().map(|x| x.data["seq"].as_u64().unwrap_or(0)).collect();
+    assert_eq!(seqs, (1..=N).collect::<Vec<u64>>(), "the client's order on the other node");
+    for n in &nodes {
+        assert_healthy(n).await;
+    }
+}
