@@ -67,7 +67,7 @@ PY
     c1=$(ok_calls)
     rps=$(echo "$out" | awk '/^finished in/ {print int($4)}')
     ok=$(echo "$out" | awk '/^status codes:/ {print $3}')
-    fail=$(echo "$out" | awk '/^requests:/ {print $8}')
+    fail=$(echo "$out" | sed -n 's/^requests:.* \([0-9]*\) failed.*/\1/p')
     # h2load does not read grpc-status (trailers): the node's own count of
     # calls answered OK (warm-up included) is printed next to h2load's total.
     cpu=$(python3 -c "print(f'{($t1 - $t0) / 100 / ($SECS + 1) * 100:.0f}')")
