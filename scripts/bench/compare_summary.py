@@ -111,7 +111,7 @@ def cell(vals, kind):
 
 def reports(out):
     """{(broker, scenario, server): [report, ...]} and the list of problems."""
-    groups, notes = {}, []
+    groups, notes, noisy = {}, [], []
     for path in sorted(glob.glob(os.path.join(out, "runs", "*.json"))):
         name = os.path.basename(path)[:-5]
         m = re.fullmatch(r"(memory|redis)-(idle|fanout)-(fanfare|centrifugo)-(\d+)", name)
@@ -125,8 +125,12 @@ def reports(out):
         groups.setdefault((broker, scenario, server), []).append(r)
         if not r.get("ok"):
             notes.append(f"{name}: " + "; ".join(r.get("problems") or ["not ok"]))
-        for w in r.get("warnings") or []:
-            notes.append(f"{name}: warning: {w}")
+        other = [get(r, ph, "other_cpu_seconds_per_second") for ph in ("machine_connect", "machine")]
+        if any(o is not None and o > 0.1 for o in other):
+            noisy.append(f"{name} ({' / '.join('?' if o is None else f'{o:.2f}' for o in other)})")
+    if noisy:
+        notes.append("other processes used more than 0.1 CPU s/s (connect / main phase) in "
+                     + ", ".join(noisy) + ": CPU-bound figures of these runs are unreliable")
     return groups, notes
 
 
@@ -222,7 +226,7 @@ channel `#<user>` on both (fanfare always does; Centrifugo
 `redis-server --save ''` started by the script). Idle: `fanfare-loadtest idle
 -n IDLE_N --subs 1 --ramp 0 --hold IDLE_HOLD` (RSS per connection, idle CPU,
 connect rate). Fanout: `fanfare-loadtest fanout -n FANOUT_N --channels
-FANOUT_CHANNELS --rate FANOUT_RATE` ({publish}, 128-byte payloads). Same
+FANOUT_CHANNELS --rate FANOUT_RATE` ({publish}, {env.get('PAYLOAD', '?')}-byte payloads). Same
 flags for both servers; {env.get('WORKERS', '?')} load-generator worker processes.
 Server CPU is the server process only (not Redis).
 
