@@ -46,6 +46,11 @@ ROOT=$PWD
 # shellcheck source=loadtest/bench/lib.sh
 . "$ROOT/loadtest/bench/lib.sh" # wait_quiet, free_port, wait_port
 
+# The size variables the caller set, for the command line in the summary.
+SIZE_VARS="RUNS IDLE_N IDLE_HOLD SETTLE FANOUT_N FANOUT_CHANNELS FANOUT_RATE FANOUT_DUR PAYLOAD WORKERS PUBLISH_MODE AUTH QUIET_WAIT CENTRIFUGO_VERSION"
+ENV_PREFIX=""
+for v in $SIZE_VARS; do [ -n "${!v+x}" ] && ENV_PREFIX+="$v=${!v} "; done
+
 QUICK=0; WRITE_DOCS=0; BUILD=1; OUT=""; BROKERS=memory,redis; RUNS_ARG=""
 ORIG_ARGS=("$@")
 while [ $# -gt 0 ]; do
@@ -88,7 +93,7 @@ API_KEY=compare-bench-api-key
 # `go install` leaves `centrifugo version` at v0.0.0: the module version is read
 # from the build information instead.
 if [ -x "$CENTRIFUGO" ] &&
-  go version -m "$CENTRIFUGO" 2>/dev/null | grep -Eq "^\s+mod\s+github.com/centrifugal/centrifugo/v6\s+$CENTRIFUGO_VERSION\s"; then
+  go version -m "$CENTRIFUGO" 2>/dev/null | grep -E "^\s+mod\s+github.com/centrifugal/centrifugo/v6\s+$CENTRIFUGO_VERSION\s" >/dev/null; then  # not -q: no SIGPIPE
   echo "centrifugo $CENTRIFUGO_VERSION: cached at $CENTRIFUGO"
 else
   echo "installing centrifugo $CENTRIFUGO_VERSION into $BIN_DIR (go install)"
@@ -98,13 +103,13 @@ fi
 if [ $BUILD = 1 ]; then
   cargo build --release -p fanfare-server -p fanfare-loadtest
 fi
-CENTRIFUGO_VERSION_LINE=$(go version -m "$CENTRIFUGO" | awk '$1 == "mod" {print $2 "@" $3; exit}')
-CENTRIFUGO_VERSION_LINE="$CENTRIFUGO_VERSION_LINE, $(go version -m "$CENTRIFUGO" | head -1 | cut -d' ' -f2)"
+BUILDINFO=$(go version -m "$CENTRIFUGO") # whole, not piped: `head` would SIGPIPE it (pipefail)
+CENTRIFUGO_VERSION_LINE="$(awk '$1 == "mod" {print $2 "@" $3; exit}' <<<"$BUILDINFO"), $(awk 'NR == 1 {print $2}' <<<"$BUILDINFO")"
 
 # --- meta data for the summary --------------------------------------------
 COMMIT=$(git rev-parse --short HEAD)
 git diff --quiet HEAD -- crates loadtest Cargo.lock 2>/dev/null || COMMIT="$COMMIT+dirty"
-COMMAND="scripts/bench/compare-centrifugo.sh ${ORIG_ARGS[*]}"
+COMMAND="${ENV_PREFIX}scripts/bench/compare-centrifugo.sh ${ORIG_ARGS[*]}"
 python3 - "$OUT/meta.json" <<PY
 import json, sys
 json.dump({
