@@ -17,20 +17,8 @@ FANFARE=${FANFARE_BIN:-$ROOT/target/release/fanfare}
 LOADTEST=${LOADTEST_BIN:-$ROOT/target/release/fanfare-loadtest}
 PORT=${PORT:-18400}
 
-# Other work on the machine (builds, tests) ruins CPU-bound figures: wait (up
-# to QUIET_WAIT seconds) until all CPUs together are less than 15 % busy over 5 s.
-# The report's `machine.other_cpu_seconds_per_second` says how quiet it stayed.
-wait_quiet() {
-  local deadline=$((SECONDS + ${QUIET_WAIT:-900}))
-  while [ $SECONDS -lt $deadline ]; do
-    read -r _ u n s _ _ i si st _ < /proc/stat; local b1=$((u + n + s + i + si + st))
-    sleep 5
-    read -r _ u n s _ _ i si st _ < /proc/stat; local b2=$((u + n + s + i + si + st))
-    # ticks are 1/100 s: 5 s x 2 CPUs = 1000 ticks; 15 % = 150
-    [ $((b2 - b1)) -lt 150 ] && return 0
-  done
-  echo "machine not quiet; running anyway" >&2
-}
+# shellcheck source=loadtest/bench/lib.sh
+. "$ROOT/loadtest/bench/lib.sh"   # wait_quiet, wait_port
 
 start_server() {
   cat > "$OUT/fanfare.toml" <<EOF
@@ -46,10 +34,7 @@ allow_publish = true
 EOF
   "$FANFARE" --config "$OUT/fanfare.toml" >>"$OUT/fanfare.log" 2>&1 &
   SERVER=$!
-  for _ in $(seq 100); do
-    (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && return 0
-    sleep 0.1
-  done
+  wait_port "$PORT" && return 0
   echo "fanfare did not start" >&2; exit 1
 }
 

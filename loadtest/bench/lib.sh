@@ -1,0 +1,36 @@
+# Shell helpers shared by the benchmark scripts (sourced, not run):
+# loadtest/bench/single-node.sh, scripts/bench/compare-centrifugo.sh.
+
+# Other work on the machine (builds, tests) ruins CPU-bound figures: wait (up
+# to QUIET_WAIT seconds, default 900) until all CPUs together are less than
+# 15 % busy over 5 s. The report's `machine.other_cpu_seconds_per_second` says
+# how quiet it stayed.
+wait_quiet() {
+  local deadline=$((SECONDS + ${QUIET_WAIT:-900}))
+  local cpus ticks
+  cpus=$(nproc)
+  # /proc/stat counts 1/100 s ticks: 5 s x cpus x 100 ticks, 15 % of it
+  ticks=$((5 * cpus * 100 * 15 / 100))
+  while [ $SECONDS -lt $deadline ]; do
+    read -r _ u n s _ _ i si st _ < /proc/stat; local b1=$((u + n + s + i + si + st))
+    sleep 5
+    read -r _ u n s _ _ i si st _ < /proc/stat; local b2=$((u + n + s + i + si + st))
+    [ $((b2 - b1)) -lt "$ticks" ] && return 0
+  done
+  echo "machine not quiet; running anyway" >&2
+}
+
+# A free TCP port on 127.0.0.1 (the kernel's choice; racy but good enough here).
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# wait_port PORT [TRIES]: until something accepts on 127.0.0.1:PORT (0.1 s steps).
+wait_port() {
+  local i
+  for i in $(seq "${2:-100}"); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
