@@ -294,7 +294,7 @@ impl Session {
                     let server_side = self
                         .conn
                         .as_ref()
-                        .and_then(|c| c.subs.get(&*channel))
+                        .and_then(|c| c.subs.get(&channel))
                         .is_some_and(|s| s.server_side);
                     if server_side && code >= 2500 {
                         // SDKs drop a server-side subscription on an unsubscribe
