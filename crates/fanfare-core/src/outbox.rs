@@ -136,13 +136,17 @@ impl Outbox {
     /// Moves everything queued into `into` and reports a pending close.
     pub fn drain(&self, into: &mut Vec<Bytes>) -> Option<DisconnectCode> {
         let mut st = self.lock();
-        into.extend(st.items.drain(..));
+        // Take the queue itself: an idle connection keeps no queue allocation.
+        let items = std::mem::take(&mut st.items);
         st.bytes = 0;
-        if st.items.capacity() > 64 {
-            // Give back the memory of a burst; idle connections stay small.
-            st.items = VecDeque::new();
+        let close = st.close;
+        drop(st);
+        if into.is_empty() {
+            *into = items.into();
+        } else {
+            into.extend(items);
         }
-        st.close
+        close
     }
 
     /// Resolves when something was queued or a close was requested since the

@@ -11,7 +11,6 @@
 //! sees their effects. Without this a client publishing through Redis would be
 //! held to one publication per round trip.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -73,7 +72,71 @@ struct Subscription {
 struct Connected {
     info: Arc<ClientInfo>,
     expires_at: Option<u64>,
-    subs: HashMap<Arc<str>, Subscription, ahash::RandomState>,
+    subs: SubMap,
+}
+
+/// A connection's subscriptions by channel.
+///
+/// A vector searched linearly rather than a hash map: most connections have a
+/// handful of subscriptions (at most `client.max_channels`), and a hash map
+/// allocates room for four entries plus control bytes even for one, which
+/// matters with tens of thousands of idle connections. Grows by half its length
+/// at a time instead of doubling.
+#[derive(Debug, Default)]
+struct SubMap(Vec<(Arc<str>, Subscription)>);
+
+impl SubMap {
+    fn position(&self, channel: &str) -> Option<usize> {
+        self.0.iter().position(|(c, _)| &**c == channel)
+    }
+
+    fn get(&self, channel: &str) -> Option<&Subscription> {
+        self.position(channel).map(|i| &self.0[i].1)
+    }
+
+    fn get_mut(&mut self, channel: &str) -> Option<&mut Subscription> {
+        self.position(channel).map(|i| &mut self.0[i].1)
+    }
+
+    fn contains_key(&self, channel: &str) -> bool {
+        self.position(channel).is_some()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn insert(&mut self, channel: Arc<str>, sub: Subscription) {
+        if let Some(i) = self.position(&channel) {
+            self.0[i].1 = sub;
+            return;
+        }
+        if self.0.len() == self.0.capacity() {
+            self.0.reserve_exact((self.0.len() / 2).max(1));
+        }
+        self.0.push((channel, sub));
+    }
+
+    fn remove(&mut self, channel: &str) -> Option<Subscription> {
+        let i = self.position(channel)?;
+        let (_, sub) = self.0.swap_remove(i);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(sub)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&Arc<str>, &Subscription)> {
+        self.0.iter().map(|(c, s)| (c, s))
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.0.iter().map(|(c, _)| c)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Subscription> {
+        self.0.iter().map(|(_, s)| s)
+    }
 }
 
 /// The protocol state of one client connection. See the module docs.
@@ -109,6 +172,13 @@ pub const MAX_PUBLISHES_IN_FLIGHT: usize = 256;
 
 fn publish_reply(accepted: bool) -> Result<Option<ReplyBody>, Fail> {
     if accepted { Ok(Some(ReplyBody::Publish)) } else { Err(ErrorCode::INTERNAL.into()) }
+}
+
+/// The empty user id of anonymous connections, shared rather than allocated
+/// per connection.
+fn anonymous_user() -> Arc<str> {
+    static EMPTY: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+    EMPTY.clone()
 }
 
 /// The `{}` server ping, encoded once.
@@ -257,7 +327,7 @@ impl Session {
                     let server_side = self
                         .conn
                         .as_ref()
-                        .and_then(|c| c.subs.get(&*channel))
+                        .and_then(|c| c.subs.get(&channel))
                         .is_some_and(|s| s.server_side);
                     if server_side && code >= 2500 {
                         // SDKs drop a server-side subscription on an unsubscribe
@@ -412,13 +482,13 @@ impl Session {
         };
         let client: Arc<str> = uuid::Uuid::new_v4().to_string().into();
         let info = Arc::new(ClientInfo {
-            user: user.as_str().into(),
+            user: if user.is_empty() { anonymous_user() } else { user.as_str().into() },
             client: client.clone(),
             conn_info,
             chan_info: Bytes::new(),
         });
         self.node.bind(self.id, info.user.clone(), client.clone());
-        self.conn = Some(Box::new(Connected { info, expires_at, subs: HashMap::default() }));
+        self.conn = Some(Box::new(Connected { info, expires_at, subs: SubMap::default() }));
 
         // Server-side subscriptions: the personal channel and the token's channels.
         let mut server_channels = Vec::new();

@@ -186,7 +186,8 @@ pub struct WebSocketSection {
     pub allowed_origins: Vec<String>,
     /// Largest client message in bytes; larger closes with 1009.
     pub max_message_size: usize,
-    /// Read buffer per connection in bytes (memory per idle connection).
+    /// Largest socket read in bytes, through a buffer per worker thread (an idle
+    /// connection keeps no read buffer of this size).
     pub read_buffer_size: usize,
     /// A write that does not finish within this time drops the connection.
     #[serde(with = "humantime_serde")]

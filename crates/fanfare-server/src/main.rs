@@ -5,6 +5,7 @@ mod api_http;
 mod config;
 mod grpc;
 mod http;
+mod lean_io;
 mod websocket;
 
 use std::path::PathBuf;

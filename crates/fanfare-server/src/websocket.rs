@@ -14,12 +14,14 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
 
 use crate::http::{Body, plain};
+use crate::lean_io::{LeanIo, WS_READ_CHUNK};
 
 /// Largest frame the writer builds when batching queued messages.
 const MAX_BATCH_FRAME: usize = 64 * 1024;
@@ -41,7 +43,7 @@ impl WsOptions {
 
     fn ws_config(&self) -> WebSocketConfig {
         WebSocketConfig::default()
-            .read_buffer_size(self.read_buffer_size)
+            .read_buffer_size(WS_READ_CHUNK)
             .write_buffer_size(0)
             .max_message_size(Some(self.max_message_size))
             .max_frame_size(Some(self.max_message_size))
@@ -81,21 +83,40 @@ pub fn upgrade(mut req: Request<Incoming>, node: Node, opts: Arc<WsOptions>) -> 
     let codec = Codec::Json;
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
-        // Boxed so the upgrade's state does not stay inside the long-lived task.
-        let upgraded = match Box::pin(on_upgrade).await {
+        let upgraded = match on_upgrade.await {
             Ok(u) => u,
             Err(e) => {
                 tracing::debug!(error = %e, "websocket upgrade failed");
                 return;
             }
         };
-        let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
-            Role::Server,
-            Some(opts.ws_config()),
-        )
-        .await;
-        serve(ws, node, codec, opts).await;
+        // Run on the bare TcpStream: hyper's `Upgraded` boxes the socket and
+        // keeps what it read ahead (usually nothing) in front of it.
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                let stream = LeanIo::new(parts.io.into_inner(), opts.read_buffer_size);
+                let config = Some(opts.ws_config());
+                // What hyper read past the request (usually nothing) is a view
+                // into its 8 KiB read buffer: copy it out, release the buffer.
+                let part = parts.read_buf.to_vec();
+                drop(parts.read_buf);
+                let mut ws = if part.is_empty() {
+                    WebSocketStream::from_raw_socket(stream, Role::Server, config).await
+                } else {
+                    WebSocketStream::from_partially_read(stream, part, Role::Server, config).await
+                };
+                // A task of its own: the long-lived future is just `serve` and
+                // the stream, not also the upgrade's state.
+                tokio::spawn(async move { serve(&mut ws, node, codec, opts).await });
+            }
+            Err(upgraded) => {
+                let io = LeanIo::new(TokioIo::new(upgraded), opts.read_buffer_size);
+                let mut ws =
+                    WebSocketStream::from_raw_socket(io, Role::Server, Some(opts.ws_config()))
+                        .await;
+                tokio::spawn(async move { serve(&mut ws, node, codec, opts).await });
+            }
+        }
     });
     let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
     let mut resp = Response::new(Full::new(Bytes::new()));
@@ -118,13 +139,15 @@ enum End {
     Gone(DisconnectCode),
 }
 
-async fn serve<S>(mut ws: WebSocketStream<S>, node: Node, codec: Codec, opts: Arc<WsOptions>)
+/// Runs one connection. Takes the stream by reference: an `async fn` keeps its
+/// by-value arguments for its whole life next to the locals they move into,
+/// which would store the (large) stream twice in every connection's task.
+async fn serve<S>(ws: &mut WebSocketStream<S>, node: Node, codec: Codec, opts: Arc<WsOptions>)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let Some(mut session) = Session::new(node, codec) else {
-        let _ =
-            Box::pin(send_close(&mut ws, DisconnectCode::SHUTDOWN, None, opts.write_timeout)).await;
+        let _ = Box::pin(send_close(ws, DisconnectCode::SHUTDOWN, None, opts.write_timeout)).await;
         return;
     };
     let outbox = session.outbox().clone();
@@ -137,7 +160,7 @@ where
                 // Cold paths are boxed: their state exists only while they run,
                 // so an idle connection's task stays small.
                 Box::pin(session.apply_controls()).await;
-                match Box::pin(flush_outbox(&mut ws, &outbox, codec, opts.write_timeout)).await {
+                match Box::pin(flush_outbox(ws, &outbox, codec, opts.write_timeout)).await {
                     Ok(None) => {}
                     Ok(Some(code)) => break End::Close(code),
                     Err(code) => break End::Gone(code),
@@ -202,9 +225,9 @@ where
             // overflow, where the queue was dropped.
             let _ = tokio::time::timeout(opts.write_timeout, Box::pin(session.finish_publishes()))
                 .await;
-            let _ = Box::pin(flush_outbox(&mut ws, &outbox, codec, opts.write_timeout)).await;
+            let _ = Box::pin(flush_outbox(ws, &outbox, codec, opts.write_timeout)).await;
             let reason = outbox.close_reason(code);
-            let _ = Box::pin(send_close(&mut ws, code, reason, opts.write_timeout)).await;
+            let _ = Box::pin(send_close(ws, code, reason, opts.write_timeout)).await;
             code
         }
         End::Gone(code) => code,

@@ -235,3 +235,25 @@ allow_publish = true
     common::assert_error(&r, 105);
     assert_healthy(&server).await;
 }
+
+/// The per-connection read buffer is tiny (reads go through a per-thread
+/// buffer); messages near `websocket.max_message_size` must still get through
+/// whole, also several in a row.
+#[tokio::test]
+async fn large_messages_pass_with_small_per_connection_buffers() {
+    let server = Server::start(OPEN_NS);
+    let mut a = server.client().await;
+    let mut b = server.client().await;
+    a.connect_ok("").await;
+    b.connect_ok("").await;
+    b.subscribe_ok("big", json!({})).await;
+    for i in 0..3 {
+        // ~60 KiB of JSON, under the default 64 KiB limit with the command around it.
+        let pad = format!("{i}{}", "y".repeat(60_000));
+        let r = a.publish("big", json!({ "pad": pad })).await;
+        assert_eq!(r["publish"], json!({}), "{r}");
+        let push = b.recv_push().await;
+        assert_eq!(push["push"]["pub"]["data"]["pad"], json!(pad), "publication {i}");
+    }
+    assert_healthy(&server).await;
+}
