@@ -109,6 +109,32 @@ struct Phase {
     stop: AtomicBool,
 }
 
+impl Phase {
+    /// Counts one call if the measured window is open: its latency, or an error.
+    fn record(&self, ok: bool, start: Instant, lat: &mut Vec<u32>, errors: &AtomicU64) {
+        if !self.measuring.load(Ordering::Relaxed) {
+            return;
+        }
+        if ok {
+            lat.push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
+        } else {
+            errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The latencies of every call loop and the error count of this generator.
+async fn collect(
+    tasks: Vec<tokio::task::JoinHandle<Vec<u32>>>,
+    errors: &AtomicU64,
+) -> anyhow::Result<Part> {
+    let mut latencies = Vec::new();
+    for t in tasks {
+        latencies.extend(t.await?);
+    }
+    Ok(Part { latencies, errors: errors.load(Ordering::Relaxed) })
+}
+
 /// One generator thread: its own current-thread runtime, `connections` HTTP/2
 /// connections and `concurrency` call loops. (A current-thread runtime lets
 /// each connection write many queued requests per syscall; on a multi-thread
@@ -152,22 +178,12 @@ async fn generate(o: Opts, id: usize, phase: Arc<Phase>) -> anyhow::Result<Part>
                 i += 1;
                 let start = Instant::now();
                 let ok = client.publish(req).await.is_ok();
-                if phase.measuring.load(Ordering::Relaxed) {
-                    if ok {
-                        lat.push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                phase.record(ok, start, &mut lat, &errors);
             }
             lat
         }));
     }
-    let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await?);
-    }
-    Ok(Part { latencies, errors: errors.load(Ordering::Relaxed) })
+    collect(tasks, &errors).await
 }
 
 /// Like [`generate`] over raw HTTP/2: each request's gRPC message is encoded
@@ -258,22 +274,12 @@ async fn generate_raw(o: Opts, id: usize, phase: Arc<Phase>) -> anyhow::Result<P
                         continue;
                     }
                 };
-                if phase.measuring.load(Ordering::Relaxed) {
-                    if ok {
-                        lat.push(start.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                    } else {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                phase.record(ok, start, &mut lat, &errors);
             }
             lat
         }));
     }
-    let mut latencies = Vec::new();
-    for t in tasks {
-        latencies.extend(t.await?);
-    }
-    Ok(Part { latencies, errors: errors.load(Ordering::Relaxed) })
+    collect(tasks, &errors).await
 }
 
 fn run(o: Opts) -> anyhow::Result<()> {

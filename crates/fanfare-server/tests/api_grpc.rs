@@ -8,42 +8,12 @@ mod common;
 use std::time::Duration;
 
 use common::api::{
-    API_KEY, API_KEY_TOML, api, code_of, data, grpc_channel, grpc_client, grpc_client_raw,
-    http_api, metric_with, pb, publish_req,
+    API_KEY, api, api_node_toml, code_of, data, grpc_channel, grpc_client, grpc_client_raw,
+    http_api, metric_with, pb, publish_req, start_api_node,
 };
 use common::{Server, assert_healthy};
 use serde_json::{Value, json};
 use tonic::Code;
-
-/// One node: API key, token auth, a default namespace with presence and history,
-/// `plain:` without either, at most 3 channels per broadcast and 4 KiB requests.
-fn node_toml() -> String {
-    format!(
-        r#"
-{API_KEY_TOML}max_broadcast_channels = 3
-max_request_size = 4096
-
-[auth]
-hmac_secret = "{secret}"
-
-[[namespaces]]
-name = ""
-presence = true
-history_size = 100
-history_ttl = "300s"
-allow_publish = true
-
-[[namespaces]]
-name = "plain"
-allow_publish = true
-"#,
-        secret = common::SECRET
-    )
-}
-
-fn start() -> Server {
-    Server::start(&node_toml())
-}
 
 fn pub_data(push: &Value) -> &Value {
     &push["push"]["pub"]["data"]
@@ -51,7 +21,7 @@ fn pub_data(push: &Value) -> &Value {
 
 #[tokio::test]
 async fn publish_broadcast_and_history_over_grpc() {
-    let server = start();
+    let server = start_api_node();
     let mut api = api(&server).await;
     let mut sub = server.connected("reader").await;
     sub.subscribe_ok("news", json!({})).await;
@@ -132,7 +102,7 @@ async fn publish_broadcast_and_history_over_grpc() {
 
 #[tokio::test]
 async fn user_methods_presence_channels_and_info_over_grpc() {
-    let server = start();
+    let server = start_api_node();
     let mut api = api(&server).await;
     let mut a1 = server.connected("42").await;
     let mut a2 = server.connected("42").await;
@@ -245,7 +215,7 @@ async fn user_methods_presence_channels_and_info_over_grpc() {
 
 #[tokio::test]
 async fn api_key_is_required_on_grpc() {
-    let server = start();
+    let server = start_api_node();
     for key in [None, Some("wrong"), Some("")] {
         let mut c = grpc_client(&server, key).await;
         let r = c.publish(publish_req("news", json!(1))).await;
@@ -282,7 +252,7 @@ async fn no_key_serves_loopback_callers() {
 
 #[tokio::test]
 async fn grpc_error_statuses() {
-    let server = start();
+    let server = start_api_node();
     let mut api = api(&server).await;
     let publish_code = |channel: &str, payload: &[u8]| pb::PublishRequest {
         channel: channel.into(),
@@ -365,7 +335,7 @@ async fn grpc_error_statuses() {
 
 #[tokio::test]
 async fn idempotent_publish_is_delivered_once() {
-    let server = start();
+    let server = start_api_node();
     let mut api = api(&server).await;
     let mut sub = server.connected("reader").await;
     sub.subscribe_ok("orders", json!({})).await;
@@ -415,7 +385,7 @@ async fn health_reflection_and_metrics() {
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::{ServerReflectionRequest, ServiceResponse};
 
-    let server = start();
+    let server = start_api_node();
     let channel = grpc_channel(&server).await;
 
     // Health: the standard service answers without an API key.
@@ -490,7 +460,7 @@ async fn health_reflection_and_metrics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_threads_serve_every_connection_and_stop_on_sigterm() {
     // `[grpc]` is written by the helper; `threads` comes from the environment.
-    let mut server = Server::start_with_env(&node_toml(), &[("FANFARE__GRPC__THREADS", "3")]);
+    let mut server = Server::start_with_env(&api_node_toml(), &[("FANFARE__GRPC__THREADS", "3")]);
     let mut clients = Vec::new();
     for i in 0..5 {
         let mut c = api(&server).await;
@@ -521,7 +491,7 @@ async fn unresponsive_grpc_client_does_not_block_shutdown() {
         "{}
 [shutdown]
 drain_timeout = \"2s\"\n",
-        node_toml()
+        api_node_toml()
     ));
     let mut c = api(&server).await;
     c.info(pb::InfoRequest {}).await.expect("info");

@@ -8,38 +8,10 @@ mod common;
 use std::time::Duration;
 
 use common::api::{
-    API_KEY, API_KEY_TOML, assert_http_error, http_api, http_api_with, http_request, metric_with,
+    API_KEY, assert_http_error, http_api, http_api_with, http_request, metric_with, start_api_node,
 };
 use common::{Server, assert_healthy};
 use serde_json::{Value, json};
-
-fn node_toml() -> String {
-    format!(
-        r#"
-{API_KEY_TOML}max_broadcast_channels = 3
-max_request_size = 4096
-
-[auth]
-hmac_secret = "{secret}"
-
-[[namespaces]]
-name = ""
-presence = true
-history_size = 100
-history_ttl = "300s"
-allow_publish = true
-
-[[namespaces]]
-name = "plain"
-allow_publish = true
-"#,
-        secret = common::SECRET
-    )
-}
-
-fn start() -> Server {
-    Server::start(&node_toml())
-}
 
 #[track_caller]
 fn ok(server: &Server, method: &str, body: Value) -> Value {
@@ -50,7 +22,7 @@ fn ok(server: &Server, method: &str, body: Value) -> Value {
 
 #[tokio::test]
 async fn every_method_over_http() {
-    let server = start();
+    let server = start_api_node();
     let mut sub = server.connected("42").await;
     let mut other = server.connected("7").await;
     sub.subscribe_ok("news", json!({})).await;
@@ -147,7 +119,7 @@ async fn every_method_over_http() {
 
 #[tokio::test]
 async fn api_key_is_required_on_http() {
-    let server = start();
+    let server = start_api_node();
     let body = json!({"channel": "news", "data": 1});
     let wrong_bearer = format!("Bearer {API_KEY}");
     for headers in [
@@ -177,7 +149,7 @@ async fn api_key_is_required_on_http() {
 
 #[tokio::test]
 async fn http_error_statuses() {
-    let server = start();
+    let server = start_api_node();
     let auth = format!("apikey {API_KEY}");
     let h = [("Authorization", auth.as_str())];
     let call = |method: &str, body: Value| http_api_with(&server, method, &h, &body);

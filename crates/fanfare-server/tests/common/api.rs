@@ -307,6 +307,41 @@ impl Drop for Redis {
 
 /// Config of a node of a Redis cluster named `name`, with the API key, token
 /// auth and a default namespace with presence, history and client publishing.
+/// Token auth and the namespaces of every API test node: the default one with
+/// presence and history, `plain:` without either.
+fn auth_and_namespaces() -> String {
+    format!(
+        r#"
+[auth]
+hmac_secret = "{secret}"
+
+[[namespaces]]
+name = ""
+presence = true
+history_size = 100
+history_ttl = "300s"
+allow_publish = true
+
+[[namespaces]]
+name = "plain"
+allow_publish = true
+"#,
+        secret = super::SECRET,
+    )
+}
+
+/// One node: API key, at most 3 channels per broadcast and 4 KiB requests.
+pub fn api_node_toml() -> String {
+    format!(
+        "{API_KEY_TOML}max_broadcast_channels = 3\nmax_request_size = 4096\n{}",
+        auth_and_namespaces()
+    )
+}
+
+pub fn start_api_node() -> Server {
+    Server::start(&api_node_toml())
+}
+
 pub fn redis_node_toml(redis: &Redis, name: &str) -> String {
     format!(
         r#"
@@ -319,19 +354,9 @@ kind = "redis"
 [redis]
 urls = ["{url}"]
 
-{API_KEY_TOML}
-[auth]
-hmac_secret = "{secret}"
-
-[[namespaces]]
-name = ""
-presence = true
-history_size = 100
-history_ttl = "300s"
-allow_publish = true
-"#,
+{API_KEY_TOML}{rest}"#,
         url = redis.url(),
-        secret = super::SECRET,
+        rest = auth_and_namespaces(),
     )
 }
 
