@@ -13,34 +13,21 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { Centrifuge } from 'centrifuge';
 import WebSocket from 'ws';
+import { freePort, sleep, stamp, withTimeout } from './util.mjs';
 
 const WAIT_MS = 10_000; // bound for every single wait
 const HEALTH_TIMEOUT_MS = 20_000; // bound for the server to become healthy
 const STOP_GRACE_MS = 5_000; // SIGTERM -> SIGKILL
 const VERBOSE = process.env.FANFARE_E2E_VERBOSE === '1';
 
-const T0 = Date.now();
-const stamp = () => `+${String(Date.now() - T0).padStart(6)}ms`;
 
 // ---------------------------------------------------------------------------
 // Generic helpers
 // ---------------------------------------------------------------------------
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** Rejects with a descriptive error when `promise` does not settle within `ms`. */
-function withTimeout(promise, ms, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
 
 /**
  * Resolves with the first `event` of `emitter` whose ctx passes `filter`.
@@ -92,18 +79,6 @@ class PubCollector {
 // ---------------------------------------------------------------------------
 // Ports, config, server process
 // ---------------------------------------------------------------------------
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 async function twoDistinctFreePorts() {
   const a = await freePort();

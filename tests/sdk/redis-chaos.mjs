@@ -27,23 +27,12 @@ import os from 'node:os';
 import path from 'node:path';
 import { Centrifuge } from 'centrifuge';
 import WebSocket from 'ws';
+import { freePort, sleep, stamp, withTimeout } from './util.mjs';
 
 const BIN = process.env.FANFARE_BIN;
 const SECRET = 'redis-chaos-secret';
 const CHANNEL = 'chaos';
 const WAIT_MS = 20_000;
-
-const T0 = Date.now();
-const stamp = () => `+${String(Date.now() - T0).padStart(6)}ms`;
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-function withTimeout(promise, ms, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
 
 /** Polls `cond` every 50 ms until it is true; fails after `ms`. */
 async function waitUntil(cond, ms, what) {
@@ -52,18 +41,6 @@ async function waitUntil(cond, ms, what) {
     if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
     await sleep(50);
   }
-}
-
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
 }
 
 /** An HS256 JWT. */
