@@ -16,7 +16,7 @@ cargo build -q --release -p fanfare-server --bin fanfare --example api_bench
 BIN="${FANFARE_BIN:-$ROOT/target/release/fanfare}"
 BENCH="$ROOT/target/release/examples/api_bench"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. "$ROOT/loadtest/bench/lib.sh"   # free_port
 HTTP_PORT=$(free_port)
 GRPC_PORT=$(free_port)
 DIR=$(mktemp -d)

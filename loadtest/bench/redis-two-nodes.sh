@@ -10,7 +10,7 @@ RATE=${1:?rate (publications/s)}; DUR=${2:-15s}; RUNS=${3:-3}
 SUBS=${SUBS:-2000}; CHANNELS=${CHANNELS:-10}; PUBLISHERS=${PUBLISHERS:-40}
 BIN=target/release/fanfare; LT=target/release/fanfare-loadtest
 mkdir -p target/bench
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. loadtest/bench/lib.sh   # free_port
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
