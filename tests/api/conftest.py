@@ -65,6 +65,17 @@ def pb(tmp_path_factory):
 # ---------------------------------------------------------------- processes
 
 
+
+def kill_and_reap(proc: subprocess.Popen):
+    """SIGKILL a process this suite started (by PID) and reap it (bounded)."""
+    if proc.poll() is None:
+        proc.kill()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+
+
 class Redis:
     def __init__(self):
         for _ in range(3):
@@ -96,12 +107,7 @@ class Redis:
 
     def kill(self):
         """SIGKILL by PID and reap."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_and_reap(self.proc)
 
 
 class Node:
@@ -148,12 +154,7 @@ class Node:
             return ""
 
     def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            pass
+        kill_and_reap(self.proc)
 
     # --- clients
 
