@@ -1,6 +1,8 @@
 //! Shared pieces of the control API transports: authentication, limits and
 //! per-method metrics.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -92,11 +94,30 @@ pub fn describe_metrics() {
 }
 
 /// Records one API call.
+///
+/// The labelled handles are looked up in the recorder once per thread and
+/// label set, then kept: a lookup hashes and compares the whole key, which
+/// cost more than the rest of the bookkeeping at 100 000 calls/s.
 pub fn observe(method: &'static str, protocol: &'static str, code: &'static str, start: Instant) {
-    metrics::counter!(REQUESTS, "method" => method, "protocol" => protocol, "code" => code)
-        .increment(1);
-    metrics::histogram!(DURATION, "method" => method, "protocol" => protocol)
-        .record(start.elapsed().as_secs_f64());
+    type Key = (usize, usize, usize);
+    thread_local! {
+        static HANDLES: RefCell<HashMap<Key, (metrics::Counter, metrics::Histogram)>> =
+            RefCell::new(HashMap::new());
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    // Static strings: their addresses identify them (two copies of one
+    // string at different addresses just mean two entries for one metric).
+    let key = (method.as_ptr() as usize, protocol.as_ptr() as usize, code.as_ptr() as usize);
+    HANDLES.with_borrow_mut(|h| {
+        let (count, duration) = h.entry(key).or_insert_with(|| {
+            (
+                metrics::counter!(REQUESTS, "method" => method, "protocol" => protocol, "code" => code),
+                metrics::histogram!(DURATION, "method" => method, "protocol" => protocol),
+            )
+        });
+        count.increment(1);
+        duration.record(elapsed);
+    });
 }
 
 #[cfg(test)]

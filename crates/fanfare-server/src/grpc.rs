@@ -1,5 +1,5 @@
 //! The gRPC control API: `fanfare.v1.ControlService`, the standard health
-//! service and server reflection.
+//! service and server reflection. The HTTP/2 side is in `grpc_transport`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,7 +9,8 @@ use fanfare_core::{ApiError, ApiPublish, Node};
 use fanfare_protocol::StreamPosition;
 use tonic::{Request, Response, Status};
 
-use crate::api::{ApiContext, AuthFailure, code_name, observe};
+use crate::api::{ApiContext, code_name, observe};
+use crate::grpc_transport::{GrpcService, serve_connection};
 
 pub use fanfare_server::{FILE_DESCRIPTOR_SET, pb};
 
@@ -261,11 +262,9 @@ impl ControlService for Control {
 ///
 /// The connections are served on `threads` dedicated threads, each with its own
 /// current-thread runtime; accepted connections are dealt round-robin. On a
-/// current-thread runtime the responses that calls
-/// finish while the connection task waits are written together, one syscall
-/// for many; on the shared multi-thread runtime the woken connection task
-/// tends to run right after each call (tokio's LIFO slot) and writes every
-/// response on its own, which halves unary throughput (docs/BENCHMARKS.md).
+/// current-thread runtime the responses that calls finish while the connection
+/// waits are written together, one syscall for many (docs/BENCHMARKS.md); the
+/// HTTP/2 side is `grpc_transport`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     threads: usize,
@@ -273,27 +272,20 @@ pub async fn serve(
     ctx: Arc<ApiContext>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let service = Arc::new(grpc_service(node, ctx).await?);
     let threads = threads.max(1);
     let mut done = Vec::with_capacity(threads);
     let mut senders = Vec::with_capacity(threads);
     for i in 0..threads {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
-        let (node, ctx, stop) = (node.clone(), ctx.clone(), stop.clone());
+        let (service, stop) = (service.clone(), stop.clone());
         std::thread::Builder::new().name(format!("fanfare-grpc-{i}")).spawn(move || {
             let served = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| {
-                    rt.block_on(async move {
-                        // Sockets are registered with this thread's runtime here.
-                        let incoming = futures_util::stream::poll_fn(move |cx| {
-                            rx.poll_recv(cx).map(|s| s.map(tokio::net::TcpStream::from_std))
-                        });
-                        serve_incoming(incoming, node, ctx, stopped(stop)).await
-                    })
-                });
+                .and_then(|rt| rt.block_on(serve_worker(rx, service, stop)));
             let _ = done_tx.send(served);
         })?;
         done.push(done_rx);
@@ -336,52 +328,44 @@ pub async fn serve(
     Ok(())
 }
 
-/// Resolves when `stop` turns true (or its sender is gone).
-async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|v| *v).await;
-}
-
-/// Serves the control API, health and reflection on the connections of `incoming`.
-async fn serve_incoming<I, IO, IE>(
-    incoming: I,
-    node: Node,
-    ctx: Arc<ApiContext>,
-    stop: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()>
-where
-    I: futures_util::Stream<Item = Result<IO, IE>>,
-    IO: tokio::io::AsyncRead
-        + tokio::io::AsyncWrite
-        + tonic::transport::server::Connected
-        + Unpin
-        + Send
-        + 'static,
-    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
+/// The control service, the standard health service and server reflection.
+async fn grpc_service(node: Node, ctx: Arc<ApiContext>) -> anyhow::Result<GrpcService> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ControlServiceServer<Control>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let auth_ctx = ctx.clone();
-    let interceptor = move |req: Request<()>| -> Result<Request<()>, Status> {
-        let md = req.metadata();
-        let authorization = md.get("authorization").and_then(|v| v.to_str().ok());
-        match auth_ctx.authorize(authorization, None, req.remote_addr()) {
-            Ok(()) => Ok(req),
-            Err(f @ AuthFailure::BadKey) => Err(Status::unauthenticated(f.message())),
-            Err(f @ AuthFailure::NotLoopback) => Err(Status::permission_denied(f.message())),
+    let routes = tonic::service::Routes::new(health).add_service(reflection);
+    Ok(GrpcService::new(Control { node, ctx: ctx.clone() }, ctx, routes))
+}
+
+/// One gRPC worker thread: serves the connections it is handed until `stop`,
+/// then waits for them to finish gracefully.
+async fn serve_worker(
+    mut incoming: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+    service: Arc<GrpcService>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut conns = tokio::task::JoinSet::new();
+    let mut stopping = std::pin::pin!(stopped(stop.clone()));
+    loop {
+        tokio::select! {
+            s = incoming.recv() => {
+                let Some(s) = s else { break };
+                // Registered with this thread's runtime here.
+                let io = tokio::net::TcpStream::from_std(s)?;
+                conns.spawn(serve_connection(io, service.clone(), stopped(stop.clone())));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = stopping.as_mut() => break,
         }
-    };
-    let server = ControlServiceServer::new(Control { node, ctx: ctx.clone() })
-        .max_decoding_message_size(ctx.max_request_size);
-    let service = tonic::service::interceptor::InterceptedService::new(server, interceptor);
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, stop)
-        .await?;
+    }
+    while conns.join_next().await.is_some() {}
     Ok(())
+}
+
+/// Resolves when `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|v| *v).await;
 }

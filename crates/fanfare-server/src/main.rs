@@ -4,6 +4,7 @@ mod api;
 mod api_http;
 mod config;
 mod grpc;
+mod grpc_transport;
 mod http;
 mod lean_io;
 mod websocket;

@@ -502,3 +502,138 @@ drain_timeout = \"2s\"\n",
     assert!(status.success(), "exit status {status}");
     assert!(t.elapsed() < Duration::from_secs(6), "shutdown took {:?}", t.elapsed());
 }
+
+/// One raw HTTP/2 request to the gRPC port: (HTTP status, headers and
+/// trailers merged, response body).
+async fn raw_call(
+    send: &mut h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, http::HeaderMap, Vec<u8>) {
+    let mut req = http::Request::post(format!("http://127.0.0.1{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let (resp, mut stream) = send
+        .clone()
+        .ready()
+        .await
+        .expect("h2 ready")
+        .send_request(req.body(()).unwrap(), false)
+        .expect("send");
+    stream.send_data(body.into(), true).expect("send body");
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("answer in time")
+        .expect("response");
+    let (parts, mut recv) = resp.into_parts();
+    let mut all = parts.headers;
+    let mut out = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk.expect("body");
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    if let Some(t) = recv.trailers().await.expect("trailers") {
+        all.extend(t);
+    }
+    (parts.status.as_u16(), all, out)
+}
+
+fn grpc_frame(msg: &[u8]) -> Vec<u8> {
+    let mut f = vec![0];
+    f.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    f.extend_from_slice(msg);
+    f
+}
+
+#[tokio::test]
+async fn malformed_grpc_requests_get_specific_statuses() {
+    use prost::Message;
+    let server = start_api_node();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", server.grpc_port)).await.unwrap();
+    let (mut send, conn) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(conn);
+    let auth = format!("apikey {API_KEY}");
+    let grpc = [("content-type", "application/grpc"), ("te", "trailers"), ("authorization", &auth)];
+    let publish = pb::PublishRequest {
+        channel: "news".into(),
+        data: data(json!({"n": 1})),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let status =
+        |h: &http::HeaderMap| h.get("grpc-status").map(|v| v.to_str().unwrap().to_string());
+    let message = |h: &http::HeaderMap| {
+        h.get("grpc-message").map(|v| v.to_str().unwrap().to_string()).unwrap_or_default()
+    };
+    let publish_path = "/fanfare.v1.ControlService/Publish";
+
+    // A well-formed call: 200, a response message, grpc-status 0.
+    let (code, h, body) = raw_call(&mut send, publish_path, &grpc, grpc_frame(&publish)).await;
+    assert_eq!((code, status(&h).as_deref()), (200, Some("0")));
+    let reply = pb::PublishResponse::decode(&body[5..]).expect("a PublishResponse");
+    assert_eq!(reply.offset, 1, "the first publication into news");
+
+    // UNIMPLEMENTED (12): a method the service does not have.
+    let (_, h, _) =
+        raw_call(&mut send, "/fanfare.v1.ControlService/Nope", &grpc, grpc_frame(b"")).await;
+    assert_eq!(status(&h).as_deref(), Some("12"), "{}", message(&h));
+    // UNIMPLEMENTED (12) plus the encodings we accept: a compressed call.
+    let mut gz = grpc.to_vec();
+    gz.push(("grpc-encoding", "gzip"));
+    let (_, h, _) = raw_call(&mut send, publish_path, &gz, grpc_frame(&publish)).await;
+    assert_eq!(status(&h).as_deref(), Some("12"));
+    assert_eq!(h.get("grpc-accept-encoding").unwrap(), "identity");
+    // HTTP 415: not a gRPC content type.
+    let mut plain = grpc.to_vec();
+    plain[0] = ("content-type", "application/json");
+    let (code, _, _) = raw_call(&mut send, publish_path, &plain, grpc_frame(&publish)).await;
+    assert_eq!(code, 415);
+    // INTERNAL (13): framing errors, each with its own message.
+    let mut two = grpc_frame(&publish);
+    two.extend(grpc_frame(&publish));
+    let mut flagged = grpc_frame(&publish);
+    flagged[0] = 1;
+    let mut cut = grpc_frame(&publish);
+    cut.truncate(cut.len() - 3);
+    for (body, what) in [
+        (two, "more than one"),
+        (flagged, "compressed"),
+        (cut, "ends inside"),
+        (vec![], "no message"),
+    ] {
+        let (_, h, _) = raw_call(&mut send, publish_path, &grpc, body).await;
+        assert_eq!(status(&h).as_deref(), Some("13"), "{what}");
+        assert!(message(&h).contains(what), "{what}: {}", message(&h));
+    }
+    // INVALID_ARGUMENT (3): bytes that are not a PublishRequest.
+    let (_, h, _) = raw_call(&mut send, publish_path, &grpc, grpc_frame(&[0xff, 0xff, 0xff])).await;
+    assert_eq!(status(&h).as_deref(), Some("3"));
+    assert!(message(&h).contains("PublishRequest"), "{}", message(&h));
+    // RESOURCE_EXHAUSTED (8): a declared length over api.max_request_size.
+    let mut huge = vec![0];
+    huge.extend_from_slice(&(64u32 << 20).to_be_bytes());
+    let (_, h, _) = raw_call(&mut send, publish_path, &grpc, huge).await;
+    assert_eq!(status(&h).as_deref(), Some("8"));
+    // A grpc-timeout that is not one.
+    let mut bad_timeout = grpc.to_vec();
+    bad_timeout.push(("grpc-timeout", "soon"));
+    let (_, h, _) = raw_call(&mut send, publish_path, &bad_timeout, grpc_frame(&publish)).await;
+    assert_eq!(status(&h).as_deref(), Some("3"));
+    assert!(message(&h).contains("grpc-timeout"), "{}", message(&h));
+    // UNAUTHENTICATED (16) without the key.
+    let (_, h, _) = raw_call(&mut send, publish_path, &grpc[..2], grpc_frame(&publish)).await;
+    assert_eq!(status(&h).as_deref(), Some("16"));
+
+    // The same connection still serves calls, with a valid grpc-timeout too.
+    let mut timed = grpc.to_vec();
+    timed.push(("grpc-timeout", "5S"));
+    let (code, h, body) = raw_call(&mut send, publish_path, &timed, grpc_frame(&publish)).await;
+    assert_eq!((code, status(&h).as_deref()), (200, Some("0")));
+    // None of the refused calls published anything.
+    let reply = pb::PublishResponse::decode(&body[5..]).expect("a PublishResponse");
+    assert_eq!(reply.offset, 2, "only the two good calls published");
+    assert_healthy(&server).await;
+}
