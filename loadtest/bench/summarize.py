@@ -34,6 +34,8 @@ def main(dirs):
         out["connect_rate"] = med([r["connect"]["rate_per_second"] for r in rs])
         out["connect_server_cpu"] = med([r["connect"]["server_cpu_seconds_per_second"] for r in rs])
         out["connect_loadgen_cpu"] = med([r["connect"]["loadgen_cpu_seconds_per_second"] for r in rs])
+        out["connect_loadgen_cpu_us"] = med([r["connect"].get("loadgen_cpu_us_per_connect") for r in rs])
+        out["connect_server_cpu_us"] = med([r["connect"].get("server_cpu_us_per_connect") for r in rs])
         out["handshake_p50_ms"] = med([r["connect"]["handshake_us"]["p50"] / 1000 for r in rs])
         out["handshake_p99_ms"] = med([r["connect"]["handshake_us"]["p99"] / 1000 for r in rs])
         out["rss_per_conn"] = med([r["server"]["rss_per_connection_bytes"] for r in rs])
@@ -44,6 +46,8 @@ def main(dirs):
         if m:
             out["published_per_s"] = med([x["publish_rate_per_second"] for x in m])
             out["deliveries_per_s"] = med([x["deliveries_per_second"] for x in m])
+            out["loadgen_cpu_us_per_delivery"] = med([x.get("loadgen_cpu_us_per_delivery") for x in m])
+            out["server_cpu_us_per_delivery"] = med([x.get("server_cpu_us_per_delivery") for x in m])
             out["lost_dup_ooo"] = [(x["lost"], x["duplicated"], x["out_of_order"]) for x in m]
             for q in ["p50", "p90", "p99", "p999", "max"]:
                 out[f"lat_{q}_ms"] = med([x["latency_us"][q] / 1000 for x in m])

@@ -1,22 +1,24 @@
 //! One client connection: TCP from a chosen source address, the WebSocket
 //! upgrade, `connect`, `subscribe`, and reading frames while answering pings.
+//! The WebSocket framing is our own (`ws.rs`): one read buffer per connection
+//! that yields every complete message of a read without copying, and one
+//! write buffer that sends everything queued in one `write`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{Context, anyhow, bail};
-use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::wire::{self, Line};
+use crate::ws::{self, Decoder, Msg, Rng};
 
-/// A node to connect to: its WebSocket URL and resolved address.
+/// A node to connect to: its resolved address and the upgrade request (all
+/// but the key), built once.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    pub url: String,
     pub addr: SocketAddr,
+    request_head: Vec<u8>,
 }
 
 impl Endpoint {
@@ -25,7 +27,11 @@ impl Endpoint {
         let rest = url
             .strip_prefix("ws://")
             .with_context(|| format!("{url}: only ws:// URLs are supported"))?;
-        let authority = rest.split('/').next().unwrap_or(rest);
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest[i..].starts_with('?') => (&rest[..i], format!("/{}", &rest[i..])),
+            Some(i) => (&rest[..i], rest[i..].to_string()),
+            None => (rest, "/".to_string()),
+        };
         let hostport =
             if authority.contains(':') { authority.to_string() } else { format!("{authority}:80") };
         let addr = tokio::net::lookup_host(&hostport)
@@ -33,7 +39,7 @@ impl Endpoint {
             .with_context(|| format!("resolving {hostport}"))?
             .find(SocketAddr::is_ipv4)
             .with_context(|| format!("{hostport} has no IPv4 address"))?;
-        Ok(Endpoint { url: url.to_string(), addr })
+        Ok(Endpoint { addr, request_head: ws::request_head(&path, authority) })
     }
 
     /// Source address for client slot `slot`: spread over 127.0.0.2.. for a
@@ -50,7 +56,11 @@ impl Endpoint {
 
 /// An open, connected client.
 pub struct Conn {
-    pub ws: WebSocketStream<TcpStream>,
+    stream: TcpStream,
+    dec: Decoder,
+    /// Frames queued for the next [`Conn::flush`].
+    out: Vec<u8>,
+    rng: Rng,
     next_id: u32,
 }
 
@@ -70,33 +80,63 @@ impl std::fmt::Display for Ended {
     }
 }
 
-fn ws_config() -> WebSocketConfig {
-    // Small buffers: a load generator holds tens of thousands of these.
-    WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0)
+/// Binds to `ip` leaving the port to `connect` (IP_BIND_ADDRESS_NO_PORT):
+/// the kernel then picks a port free for this destination only, which is
+/// cheaper than a port free for every destination, and lets one source
+/// address reach many more connections.
+fn bind_source(socket: &TcpSocket, ip: Ipv4Addr) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd;
+    let one: libc::c_int = 1;
+    // SAFETY: a valid socket fd and a c_int option of the size passed.
+    // Failure (an old kernel) only costs the optimisation.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    socket.bind(SocketAddr::new(ip.into(), 0)).with_context(|| format!("bind {ip}"))
 }
 
 impl Conn {
-    /// TCP connect (from `source` when given), WebSocket upgrade, `connect`
-    /// command and its reply.
+    /// TCP connect (from `source` when given), WebSocket upgrade, then the
+    /// `connect` command `connect_cmd` (which must use id 1) and its reply.
     pub async fn open(
         ep: &Endpoint,
         source: Option<Ipv4Addr>,
-        token: &str,
+        connect_cmd: &str,
     ) -> anyhow::Result<Conn> {
         let socket = TcpSocket::new_v4().context("socket")?;
         if let Some(ip) = source {
-            socket.bind(SocketAddr::new(ip.into(), 0)).with_context(|| format!("bind {ip}"))?;
+            bind_source(&socket, ip)?;
         }
         let stream =
             socket.connect(ep.addr).await.with_context(|| format!("connect {}", ep.addr))?;
         stream.set_nodelay(true)?;
-        let (ws, _) =
-            tokio_tungstenite::client_async_with_config(ep.url.as_str(), stream, Some(ws_config()))
-                .await
-                .context("WebSocket upgrade")?;
-        let mut conn = Conn { ws, next_id: 1 };
+        let mut rng = Rng::new();
+        let key = ws::new_key(&mut rng);
+        let mut conn =
+            Conn { stream, dec: Decoder::with_capacity(1024), out: Vec::new(), rng, next_id: 1 };
+        ws::push_request(&mut conn.out, &ep.request_head, &key);
+        conn.flush().await.context("WebSocket upgrade")?;
+        loop {
+            if conn.stream.read_buf(conn.dec.read_buf()).await.context("WebSocket upgrade")? == 0 {
+                bail!("WebSocket upgrade: connection closed before the response");
+            }
+            if let Some(n) = ws::parse_response(conn.dec.unread(), &key)
+                .map_err(|e| anyhow!("WebSocket upgrade: {e}"))?
+            {
+                conn.dec.consume(n);
+                break;
+            }
+        }
         let id = conn.next_id();
-        conn.ws.send(Message::text(wire::connect(id, token))).await.context("sending connect")?;
+        debug_assert_eq!(id, 1);
+        conn.send_text(connect_cmd);
+        conn.flush().await.context("sending connect")?;
         conn.await_replies(&[id]).await.context("connect")?;
         Ok(conn)
     }
@@ -105,6 +145,25 @@ impl Conn {
         let id = self.next_id;
         self.next_id += 1;
         id
+    }
+
+    /// Queues one text frame.
+    pub fn send_text(&mut self, text: &str) {
+        let mask = self.rng.mask();
+        ws::push_frame(&mut self.out, ws::OP_TEXT, text.as_bytes(), mask);
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let r = self.stream.write_all(&self.out).await;
+        self.out.clear();
+        if self.out.capacity() > 64 * 1024 {
+            self.out.shrink_to(4096);
+        }
+        r
     }
 
     /// Subscribes to every channel in one frame and waits for all replies.
@@ -119,7 +178,8 @@ impl Conn {
             wire::subscribe(&mut frame, id, ch);
             ids.push(id);
         }
-        self.ws.send(Message::text(frame)).await.context("sending subscribe")?;
+        self.send_text(&frame);
+        self.flush().await.context("sending subscribe")?;
         self.await_replies(&ids).await.context("subscribe")
     }
 
@@ -127,58 +187,110 @@ impl Conn {
     /// Pings are answered; anything else is dropped (nothing is published yet).
     async fn await_replies(&mut self, ids: &[u32]) -> anyhow::Result<()> {
         let mut left = ids.len();
+        let mut failed: Option<anyhow::Error> = None;
         while left > 0 {
-            let text = self.read_text().await.map_err(|e| anyhow!("{e}"))?;
-            let mut pings = 0;
-            for line in wire::lines(&text) {
-                match line.context("undecodable reply")? {
-                    Line::Ping => pings += 1,
-                    Line::Message(m) if m.id != 0 && ids.contains(&m.id) => {
-                        if let Some(e) = m.error {
-                            bail!("error {} {}", e.code, e.message);
+            self.read().await.map_err(|e| anyhow!("{e}"))?;
+            self.handle(|text| {
+                let mut pings = 0;
+                for line in wire::lines(text) {
+                    match line {
+                        Err(e) => {
+                            failed.get_or_insert(anyhow!("undecodable reply: {e}"));
                         }
-                        left -= 1;
-                    }
-                    Line::Message(m) => {
-                        if let Some(d) = m.push.and_then(|p| p.disconnect) {
-                            bail!("disconnect push {} {}", d.code, d.reason);
+                        Ok(Line::Ping) => pings += 1,
+                        Ok(Line::Message(m)) if m.id != 0 && ids.contains(&m.id) => {
+                            if let Some(e) = m.error {
+                                failed.get_or_insert(anyhow!("error {} {}", e.code, e.message));
+                            }
+                            left -= 1;
+                        }
+                        Ok(Line::Message(m)) => {
+                            if let Some(d) = m.push.and_then(|p| p.disconnect) {
+                                failed.get_or_insert(anyhow!(
+                                    "disconnect push {} {}",
+                                    d.code,
+                                    d.reason
+                                ));
+                            }
                         }
                     }
                 }
+                pings
+            })
+            .map_err(|e| anyhow!("{e}"))?;
+            if let Some(e) = failed {
+                return Err(e);
             }
-            self.pong(pings).await?;
+            self.flush().await.context("sending pong")?;
         }
         Ok(())
     }
 
-    /// Answers `n` server pings with `{}` each.
-    pub async fn pong(&mut self, n: usize) -> anyhow::Result<()> {
-        for _ in 0..n {
-            self.ws.feed(Message::text("{}")).await.context("sending pong")?;
+    /// Waits for bytes from the server and reads what is there (one `read`).
+    /// Cancel-safe: a cancelled read has read nothing.
+    pub async fn read(&mut self) -> Result<(), Ended> {
+        match self.stream.read_buf(self.dec.read_buf()).await {
+            Ok(0) => Err(Ended::Broken("stream ended".into())),
+            Ok(_) => Ok(()),
+            Err(e) => Err(Ended::Broken(e.to_string())),
         }
-        if n > 0 {
-            self.ws.flush().await.context("sending pong")?;
-        }
-        Ok(())
     }
 
-    /// The next text frame. WebSocket-level pings are answered by tungstenite.
-    pub async fn read_text(&mut self) -> Result<Utf8Bytes, Ended> {
+    /// Hands every complete text message read so far to `on_text`, which
+    /// returns how many server pings (`{}`) it held; queues a `{}` for each
+    /// and a pong for each WebSocket ping. Call [`Conn::flush`] afterwards.
+    pub fn handle(&mut self, mut on_text: impl FnMut(&str) -> usize) -> Result<(), Ended> {
         loop {
-            match self.ws.next().await {
-                Some(Ok(Message::Text(t))) => return Ok(t),
-                Some(Ok(Message::Binary(_))) => {
+            let msg = self.dec.next_msg().map_err(|e| Ended::Broken(e.to_string()))?;
+            match msg {
+                None => return Ok(()),
+                Some(Msg::Text(bytes)) => {
+                    let text = std::str::from_utf8(bytes)
+                        .map_err(|_| Ended::Broken("text frame is not UTF-8".into()))?;
+                    for _ in 0..on_text(text) {
+                        let mask = self.rng.mask();
+                        ws::push_frame(&mut self.out, ws::OP_TEXT, b"{}", mask);
+                    }
+                }
+                Some(Msg::Binary(_)) => {
                     return Err(Ended::Broken("binary frame on a JSON connection".into()));
                 }
-                Some(Ok(Message::Close(c))) => {
-                    let (code, reason) =
-                        c.map(|c| (u16::from(c.code), c.reason.to_string())).unwrap_or_default();
-                    return Err(Ended::Closed { code, reason });
+                Some(Msg::Ping(payload)) => {
+                    let mask = self.rng.mask();
+                    ws::push_frame(&mut self.out, ws::OP_PONG, payload, mask);
                 }
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(Ended::Broken(e.to_string())),
-                None => return Err(Ended::Broken("stream ended".into())),
+                Some(Msg::Pong) => {}
+                Some(Msg::Close(code, reason)) => {
+                    // Echo the close (best effort: we stop reading now).
+                    let mask = self.rng.mask();
+                    match code {
+                        Some(c) => ws::push_close(&mut self.out, c, "", mask),
+                        None => ws::push_frame(&mut self.out, ws::OP_CLOSE, b"", mask),
+                    }
+                    let _ = self.stream.try_write(&self.out);
+                    self.out.clear();
+                    // No code is reported as 0, as before.
+                    return Err(Ended::Closed {
+                        code: code.unwrap_or(0),
+                        reason: reason.to_string(),
+                    });
+                }
             }
+        }
+    }
+
+    /// Sends a normal close and waits for the server's close or EOF.
+    pub async fn close(mut self) {
+        let mask = self.rng.mask();
+        ws::push_close(&mut self.out, ws::CLOSE_NORMAL, "", mask);
+        if self.flush().await.is_err() {
+            return;
+        }
+        while self.read().await.is_ok() {
+            if self.handle(|_| 0).is_err() {
+                return;
+            }
+            self.out.clear();
         }
     }
 }

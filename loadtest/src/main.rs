@@ -13,6 +13,7 @@ mod run;
 mod track;
 mod wire;
 mod worker;
+mod ws;
 
 use std::process::ExitCode;
 

@@ -89,6 +89,11 @@ pub struct Connect {
     pub handshake_us: Percentiles,
     pub server_cpu_seconds_per_second: Option<f64>,
     pub loadgen_cpu_seconds_per_second: f64,
+    /// Server CPU over the connect phase per client connected, µs.
+    pub server_cpu_us_per_connect: Option<f64>,
+    /// Generator CPU (all its processes) over the connect phase per client
+    /// connected, µs: TCP connect, upgrade, `connect` and `subscribe` included.
+    pub loadgen_cpu_us_per_connect: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -142,6 +147,11 @@ pub struct Messages {
     pub duplicated: u64,
     pub out_of_order: u64,
     pub latency_us: Percentiles,
+    /// Server CPU s/s over the main phase / `deliveries_per_second`, µs.
+    pub server_cpu_us_per_delivery: Option<f64>,
+    /// Generator CPU s/s over the main phase / `deliveries_per_second`, µs
+    /// (publishing, receiving and checking together).
+    pub loadgen_cpu_us_per_delivery: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -245,6 +255,14 @@ impl Report {
             ),
         );
         row(
+            "cpu per connect server/loadgen",
+            format!(
+                "{} / {} µs",
+                opt(k.server_cpu_us_per_connect, |v| format!("{v:.1}")),
+                k.loadgen_cpu_us_per_connect.map_or("?".into(), |v| format!("{v:.1}"))
+            ),
+        );
+        row(
             "handshake p50/p99/max",
             format!(
                 "{} / {} / {}",
@@ -309,6 +327,14 @@ impl Report {
                     m.expected,
                     m.deliveries_per_second,
                     self.loadgen.cpu_seconds_per_second
+                ),
+            );
+            row(
+                "cpu per delivery server/loadgen",
+                format!(
+                    "{} / {} µs",
+                    opt(m.server_cpu_us_per_delivery, |v| format!("{v:.2}")),
+                    m.loadgen_cpu_us_per_delivery.map_or("?".into(), |v| format!("{v:.2}"))
                 ),
             );
             row(

@@ -176,7 +176,12 @@ pub async fn run(plan: Plan, command_line: Vec<String>, quiet: bool) -> anyhow::
         report.connections.unexpected_disconnects += r.unexpected_disconnects;
     }
     if matches!(plan.scenario, Scenario::Fanout | Scenario::Chat) {
-        report.messages = Some(messages(&results, publish_seconds, go_ns)?);
+        let mut m = messages(&results, publish_seconds, go_ns)?;
+        let dps = m.deliveries_per_second;
+        let per_delivery = |rate: f64| (dps > 0.0).then(|| rate * 1e6 / dps);
+        m.server_cpu_us_per_delivery = server_rate.and_then(per_delivery);
+        m.loadgen_cpu_us_per_delivery = per_delivery(loadgen_rate);
+        report.messages = Some(m);
     }
     report.storm = storm;
     report.errors = errors;
@@ -211,13 +216,16 @@ fn connect(readies: &[Ready], start: &CpuMark, end: &CpuMark) -> Connect {
             h.add(&w).ok();
         }
     }
-    let (_, server, loadgen) = start.rates_to(end);
+    let (window, server, loadgen) = start.rates_to(end);
+    let per_connect = |rate: f64| (connected > 0).then(|| rate * window * 1e6 / connected as f64);
     Connect {
         seconds,
         rate_per_second: if seconds > 0.0 { connected as f64 / seconds } else { 0.0 },
         handshake_us: Percentiles::of(&h),
         server_cpu_seconds_per_second: server,
         loadgen_cpu_seconds_per_second: loadgen,
+        server_cpu_us_per_connect: server.and_then(per_connect),
+        loadgen_cpu_us_per_connect: per_connect(loadgen),
     }
 }
 

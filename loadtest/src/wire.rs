@@ -140,6 +140,90 @@ pub fn lines(frame: &str) -> impl Iterator<Item = Result<Line<'_>, serde_json::E
     })
 }
 
+/// What a line is, told apart without a JSON parse for the shapes the hot
+/// path sees: pings, publications carrying our probe, and replies without an
+/// error. Anything else is [`Fast::Other`]: decode it with [`lines`]' parser.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Fast<'a> {
+    Ping,
+    /// A publication push on `channel` whose data starts with our probe
+    /// (as [`Probe::encode`] writes it; servers embed `data` verbatim).
+    Probe {
+        channel: &'a str,
+        probe: Probe,
+    },
+    /// A reply to command `id` that carries no `"error"`.
+    Reply(u32),
+    Other,
+}
+
+/// Classifies one line (already trimmed) of a server frame.
+pub fn fast(line: &str) -> Fast<'_> {
+    if line == "{}" {
+        return Fast::Ping;
+    }
+    if !line.ends_with('}') {
+        return Fast::Other;
+    }
+    if let Some(rest) = line.strip_prefix("{\"push\":{") {
+        return fast_probe(rest).unwrap_or(Fast::Other);
+    }
+    if let Some(rest) = line.strip_prefix("{\"id\":") {
+        let (id, rest) = digits(rest).unwrap_or((0, ""));
+        if id > 0
+            && id <= u64::from(u32::MAX)
+            && rest.starts_with(',')
+            && !rest.contains("\"error\"")
+        {
+            return Fast::Reply(id as u32);
+        }
+    }
+    Fast::Other
+}
+
+/// The probe publication in the body of a push, if it is one.
+fn fast_probe(push: &str) -> Option<Fast<'_>> {
+    const CHANNEL: &str = "\"channel\":\"";
+    const DATA: &str = "\"data\":{\"ts\":";
+    // fanfare's field order, checked in place: `"channel":"C","pub":{"data":{"ts":`.
+    if let Some(rest) = push.strip_prefix(CHANNEL) {
+        let end = rest.find('"')?;
+        if let Some(data) = rest[end..].strip_prefix("\",\"pub\":{\"data\":{\"ts\":") {
+            return probe_fields(&rest[..end], data);
+        }
+    }
+    // Any other order: search for the fields.
+    let at = push.find(CHANNEL)? + CHANNEL.len();
+    let end = push[at..].find('"')?;
+    push.find("\"pub\":{")?;
+    let data = &push[push.find(DATA)? + DATA.len()..];
+    probe_fields(&push[at..at + end], data)
+}
+
+/// `data` follows `{"ts":` of a probe: `N,"seq":N,"p":N` and more.
+fn probe_fields<'a>(channel: &'a str, data: &str) -> Option<Fast<'a>> {
+    if channel.bytes().any(|b| b == b'\\') {
+        return None;
+    }
+    let (ts, rest) = digits(data)?;
+    let (seq, rest) = digits(rest.strip_prefix(",\"seq\":")?)?;
+    let (p, rest) = digits(rest.strip_prefix(",\"p\":")?)?;
+    if !rest.starts_with([',', '}']) {
+        return None;
+    }
+    Some(Fast::Probe { channel, probe: Probe { ts, seq, p: u32::try_from(p).ok()? } })
+}
+
+/// A decimal number at the start of `s` and what follows it.
+fn digits(s: &str) -> Option<(u64, &str)> {
+    let n = s.bytes().take_while(u8::is_ascii_digit).count();
+    if n == 0 || n > 19 {
+        return None;
+    }
+    let v = s[..n].bytes().fold(0u64, |v, d| v * 10 + u64::from(d - b'0'));
+    Some((v, &s[n..]))
+}
+
 impl PubBody<'_> {
     /// The probe in the publication's data, when it carries one.
     pub fn probe(&self) -> Option<Probe> {
@@ -162,6 +246,42 @@ mod tests {
             s.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(v[0]["subscribe"]["channel"], "a");
         assert_eq!(v[1]["publish"]["data"]["x"], 1);
+    }
+
+    #[test]
+    fn fast_path_agrees_with_the_full_parse() {
+        let probe = Probe { ts: 1_700_000_000_123_456_789, seq: 42, p: 3 };
+        let data = probe.encode(128);
+        let fanfare = format!(
+            "{{\"push\":{{\"channel\":\"lt-7\",\"pub\":{{\"data\":{data},\"offset\":5}}}}}}"
+        );
+        // Other field orders and extra fields, as another server may write them.
+        let other = format!(
+            "{{\"push\":{{\"pub\":{{\"info\":{{\"user\":\"u\"}},\"data\":{data}}},\"channel\":\"lt-7\"}}}}"
+        );
+        for line in [&fanfare, &other] {
+            assert_eq!(fast(line), Fast::Probe { channel: "lt-7", probe }, "{line}");
+            let Ok(Line::Message(m)) = lines(line).next().unwrap() else { panic!() };
+            let push = m.push.unwrap();
+            assert_eq!(push.channel, "lt-7");
+            assert_eq!(push.publication.unwrap().probe(), Some(probe));
+        }
+        assert_eq!(fast("{}"), Fast::Ping);
+        assert_eq!(fast(r#"{"id":17,"publish":{}}"#), Fast::Reply(17));
+        // Everything unusual goes the slow, complete way.
+        for line in [
+            r#"{"id":17,"error":{"code":103,"message":"permission denied"}}"#,
+            r#"{"id":0,"publish":{}}"#,
+            r#"{"push":{"channel":"a\"b","pub":{"data":{"ts":1,"seq":1,"p":0}}}}"#,
+            r#"{"push":{"channel":"a","pub":{"data":{"text":"hi"}}}}"#,
+            r#"{"push":{"channel":"a","pub":{"data":{"ts":1,"seq":1,"p":99999999999}}}}"#,
+            r#"{"push":{"channel":"a","join":{"info":{"user":"u"}}}}"#,
+            r#"{"push":{"channel":"a","unsubscribe":{"code":2000}}}"#,
+            r#"{"push":{"disconnect":{"code":3001,"reason":"shutdown"}}}"#,
+            r#"{"id":1,"connect":{"client":"c"}}"#.trim_end_matches('}'),
+        ] {
+            assert_eq!(fast(line), Fast::Other, "{line}");
+        }
     }
 
     #[test]

@@ -9,12 +9,10 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use futures_util::SinkExt;
 use hdrhistogram::Histogram;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::{MissedTickBehavior, sleep, timeout};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use crate::client::{Conn, Ended, Endpoint};
 use crate::control::{
@@ -23,7 +21,7 @@ use crate::control::{
 use crate::http_publish::ApiClient;
 use crate::options::{Plan, PublishMode, Scenario, Share};
 use crate::track::Streams;
-use crate::wire::{self, Line, Probe};
+use crate::wire::{self, Fast, Line, Probe};
 
 /// Unix time in nanoseconds (publication timestamps compare across processes).
 pub fn now_ns() -> u64 {
@@ -79,6 +77,8 @@ struct Stats {
 
 struct Ctx {
     plan: Plan,
+    /// The `connect` command (id 1) every client sends, when all use one token.
+    connect_cmd: String,
     endpoints: Vec<Endpoint>,
     phase: watch::Receiver<Phase>,
     handshake: Semaphore,
@@ -86,17 +86,19 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn token_for(&self, slot: usize) -> String {
+    /// The `connect` command (id 1) of client slot `slot`.
+    fn connect_cmd_for(&self, slot: usize) -> std::borrow::Cow<'_, str> {
         if self.plan.hmac_secret.is_empty() {
-            return self.plan.token.clone();
+            return self.connect_cmd.as_str().into();
         }
         let exp = now_ns() / 1_000_000_000 + 24 * 3600;
-        jsonwebtoken::encode(
+        let token = jsonwebtoken::encode(
             &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
             &serde_json::json!({"sub": format!("lt-{slot}"), "exp": exp}),
             &jsonwebtoken::EncodingKey::from_secret(self.plan.hmac_secret.as_bytes()),
         )
-        .unwrap_or_default()
+        .unwrap_or_default();
+        wire::connect(1, &token).into()
     }
 
     fn error(&self, msg: impl Into<String>) {
@@ -144,6 +146,7 @@ pub async fn run(
             storm: Mutex::new(StormRound::default()),
             setup_errors: Mutex::new(Errors::default()),
         },
+        connect_cmd: wire::connect(1, &plan.token),
         plan,
         endpoints,
         phase: phase_rx,
@@ -353,7 +356,7 @@ impl Publisher {
     }
 
     /// Sends every due publication, batched into frames.
-    async fn publish_due(&mut self, conn: &mut Conn, ctx: &Ctx) -> anyhow::Result<()> {
+    async fn publish_due(&mut self, conn: &mut Conn, ctx: &Ctx) -> std::io::Result<()> {
         let room = ctx.plan.max_in_flight.saturating_sub(self.in_flight.len()) as u64;
         let n = self.due().min(room);
         let mut frame = String::new();
@@ -363,14 +366,15 @@ impl Publisher {
             wire::publish(&mut frame, id, &self.names[pos], &data);
             self.in_flight.insert(id, pos);
             if frame.len() >= MAX_FRAME_BYTES {
-                conn.ws.feed(Message::text(std::mem::take(&mut frame))).await?;
+                conn.send_text(&frame);
+                frame.clear();
             }
         }
         if !frame.is_empty() {
-            conn.ws.feed(Message::text(frame)).await?;
+            conn.send_text(&frame);
         }
         if n > 0 {
-            conn.ws.flush().await?;
+            conn.flush().await?;
             ctx.stats.published.fetch_add(n, Relaxed);
         }
         Ok(())
@@ -409,13 +413,6 @@ impl Publisher {
     }
 }
 
-enum Event {
-    Phase(Phase),
-    Frame(Utf8Bytes),
-    Ended(Ended),
-    Tick,
-}
-
 /// Connects, subscribes, then serves one WebSocket client until `Finish`.
 async fn ws_client(ctx: &Ctx, role: Role) {
     let plan = &ctx.plan;
@@ -431,7 +428,7 @@ async fn ws_client(ctx: &Ctx, role: Role) {
     let names: Vec<String> = channels.iter().map(|&c| plan.channel_name(c)).collect();
     let ep = &ctx.endpoints[slot % ctx.endpoints.len()];
     let source = ep.source_for(slot, plan.source_ips);
-    let token = ctx.token_for(slot);
+    let connect_cmd = ctx.connect_cmd_for(slot);
     let s = &ctx.stats;
 
     let setup = {
@@ -439,7 +436,7 @@ async fn ws_client(ctx: &Ctx, role: Role) {
         s.first_start_ns.fetch_min(now_ns(), Relaxed);
         let started = Instant::now();
         let r = timeout(plan.connect_timeout, async {
-            let mut c = Conn::open(ep, source, &token).await?;
+            let mut c = Conn::open(ep, source, &connect_cmd).await?;
             let handshake = started.elapsed();
             c.subscribe(&names).await?;
             anyhow::Ok((c, handshake))
@@ -484,25 +481,55 @@ async fn ws_client(ctx: &Ctx, role: Role) {
     ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
     let mut publishing = false;
     loop {
-        let event = match conn.as_mut() {
-            Some(c) => tokio::select! {
-                r = phase_rx.changed() => match r {
-                    Ok(()) => Event::Phase(*phase_rx.borrow_and_update()),
-                    Err(_) => Event::Phase(Phase::Finish),
-                },
-                m = c.read_text() => match m {
-                    Ok(t) => Event::Frame(t),
-                    Err(e) => Event::Ended(e),
-                },
-                _ = ticker.tick(), if publishing => Event::Tick,
-            },
+        let phase = match conn.as_mut() {
             None => match phase_rx.changed().await {
-                Ok(()) => Event::Phase(*phase_rx.borrow_and_update()),
-                Err(_) => Event::Phase(Phase::Finish),
+                Ok(()) => *phase_rx.borrow_and_update(),
+                Err(_) => Phase::Finish,
             },
+            Some(c) => {
+                // Serve the connection until the phase changes or it ends. The
+                // phase future lives across reads: arming one per read costs.
+                let served = {
+                    let changed = phase_rx.changed();
+                    tokio::pin!(changed);
+                    loop {
+                        tokio::select! {
+                            r = &mut changed => break Ok(r.is_ok()),
+                            r = c.read() => {
+                                if let Err(e) = r {
+                                    break Err(e);
+                                }
+                                if let Err(e) = serve(ctx, c, &mut streams, publisher.as_mut()).await {
+                                    break Err(e);
+                                }
+                            }
+                            _ = ticker.tick(), if publishing => {
+                                let Some(p) = publisher.as_mut() else { continue };
+                                if let Err(e) = p.publish_due(c, ctx).await {
+                                    ctx.error(format!("publishing: {e}"));
+                                    publishing = false;
+                                }
+                            }
+                        }
+                    }
+                };
+                match served {
+                    Ok(true) => *phase_rx.borrow_and_update(),
+                    Ok(false) => Phase::Finish,
+                    Err(e) => {
+                        conn = None;
+                        s.open.fetch_sub(1, Relaxed);
+                        publishing = false;
+                        let mut r = s.result.lock().expect("stats lock");
+                        r.unexpected_disconnects += 1;
+                        r.errors.add(e.to_string());
+                        continue;
+                    }
+                }
+            }
         };
-        match event {
-            Event::Phase(Phase::Go) => {
+        match phase {
+            Phase::Go => {
                 if let (Some(p), true) = (publisher.as_mut(), conn.is_some()) {
                     p.started = Some(Instant::now());
                     s.active_publishers.fetch_add(1, Relaxed);
@@ -510,7 +537,7 @@ async fn ws_client(ctx: &Ctx, role: Role) {
                     ticker.reset();
                 }
             }
-            Event::Phase(Phase::StopPublishing) => {
+            Phase::StopPublishing => {
                 publishing = false;
                 if let Some(p) = publisher.as_mut() {
                     p.stopping = true;
@@ -519,50 +546,22 @@ async fn ws_client(ctx: &Ctx, role: Role) {
                     }
                 }
             }
-            Event::Phase(Phase::Storm(_)) => {
+            Phase::Storm(_) => {
                 if conn.take().is_some() {
                     s.open.fetch_sub(1, Relaxed);
-                    conn = reconnect(ctx, ep, source, &token, &names).await;
+                    conn = reconnect(ctx, ep, source, &connect_cmd, &names).await;
                 }
             }
-            Event::Phase(Phase::Finish) => break,
-            Event::Phase(Phase::Setup) => {}
-            Event::Tick => {
-                let (Some(p), Some(c)) = (publisher.as_mut(), conn.as_mut()) else { continue };
-                if let Err(e) = p.publish_due(c, ctx).await {
-                    ctx.error(format!("publishing: {e}"));
-                    publishing = false;
-                }
-            }
-            Event::Frame(text) => {
-                let c = conn.as_mut().expect("a frame implies a connection");
-                let pings = on_frame(ctx, &text, &mut streams, publisher.as_mut());
-                if let Some(p) = publisher.as_mut()
-                    && p.stopping
-                    && p.in_flight.is_empty()
-                {
-                    p.finish(ctx);
-                }
-                if let Err(e) = c.pong(pings).await {
-                    ctx.error(format!("{e:#}"));
-                }
-            }
-            Event::Ended(e) => {
-                conn = None;
-                s.open.fetch_sub(1, Relaxed);
-                publishing = false;
-                let mut r = s.result.lock().expect("stats lock");
-                r.unexpected_disconnects += 1;
-                r.errors.add(e.to_string());
-            }
+            Phase::Finish => break,
+            Phase::Setup => {}
         }
     }
     if let Some(p) = publisher.as_mut() {
         p.finish(ctx);
     }
-    if let Some(mut c) = conn.take() {
+    if let Some(c) = conn.take() {
         s.open.fetch_sub(1, Relaxed);
-        let _ = timeout(Duration::from_secs(2), c.ws.close(None)).await;
+        let _ = timeout(Duration::from_secs(2), c.close()).await;
     }
     let mut r = s.result.lock().expect("stats lock");
     r.received += streams.tally.received;
@@ -570,28 +569,87 @@ async fn ws_client(ctx: &Ctx, role: Role) {
     r.out_of_order += streams.tally.out_of_order;
 }
 
-/// Handles one frame: publication pushes, publish replies, unexpected pushes.
-/// Returns how many server pings it held.
+/// Handles what one read brought: publications, publish replies, pings
+/// (answered), unexpected pushes. `Err` when the server closed or broke the
+/// connection.
+async fn serve(
+    ctx: &Ctx,
+    c: &mut Conn,
+    streams: &mut Streams,
+    mut publisher: Option<&mut Publisher>,
+) -> Result<(), Ended> {
+    let now = now_ns();
+    let mut delivered = 0u64;
+    {
+        let mut hist = ctx.stats.latency.lock().expect("stats lock");
+        c.handle(|text| {
+            on_frame(ctx, text, now, streams, &mut hist, &mut delivered, publisher.as_deref_mut())
+        })?;
+    }
+    if delivered > 0 {
+        ctx.stats.delivered.fetch_add(delivered, Relaxed);
+        ctx.stats.last_delivery_ns.fetch_max(now, Relaxed);
+    }
+    if let Some(p) = publisher
+        && p.stopping
+        && p.in_flight.is_empty()
+    {
+        p.finish(ctx);
+    }
+    if let Err(e) = c.flush().await {
+        ctx.error(format!("sending pong: {e}"));
+    }
+    Ok(())
+}
+
+/// Handles one text message received at `now`: publication pushes, publish
+/// replies, unexpected pushes. Returns how many server pings it held.
 fn on_frame(
     ctx: &Ctx,
     text: &str,
+    now: u64,
     streams: &mut Streams,
+    hist: &mut Histogram<u64>,
+    delivered: &mut u64,
     mut publisher: Option<&mut Publisher>,
 ) -> usize {
-    let now = now_ns();
     let mut pings = 0;
-    let mut latencies: Vec<u64> = Vec::new();
-    for line in wire::lines(text) {
-        let m = match line {
-            Ok(Line::Ping) => {
+    let mut record = |channel: &str, probe: Probe| {
+        if let Some(ch) = ctx.plan.channel_index(channel) {
+            streams.record(ch, probe.p, probe.seq);
+            hist.saturating_record((now.saturating_sub(probe.ts) / 1000).max(1));
+            *delivered += 1;
+        }
+    };
+    for line in text.split('\n') {
+        let line = line.trim_ascii();
+        if line.is_empty() {
+            continue;
+        }
+        let m = match wire::fast(line) {
+            Fast::Ping => {
                 pings += 1;
                 continue;
             }
-            Ok(Line::Message(m)) => m,
-            Err(e) => {
-                ctx.error(format!("undecodable message: {e}"));
+            Fast::Probe { channel, probe } => {
+                record(channel, probe);
                 continue;
             }
+            Fast::Reply(id) => {
+                if let Some(p) = publisher.as_deref_mut() {
+                    p.on_reply(id, None, ctx);
+                }
+                continue;
+            }
+            // Everything else: the complete decode.
+            Fast::Other => match wire::lines(line).next() {
+                Some(Ok(Line::Message(m))) => m,
+                Some(Ok(Line::Ping)) | None => continue,
+                Some(Err(e)) => {
+                    ctx.error(format!("undecodable message: {e}"));
+                    continue;
+                }
+            },
         };
         if m.id != 0 {
             if let Some(p) = publisher.as_deref_mut() {
@@ -601,24 +659,13 @@ fn on_frame(
         }
         let Some(push) = m.push else { continue };
         if let Some(publication) = push.publication {
-            if let (Some(ch), Some(probe)) =
-                (ctx.plan.channel_index(&push.channel), publication.probe())
-            {
-                streams.record(ch, probe.p, probe.seq);
-                latencies.push((now.saturating_sub(probe.ts) / 1000).max(1));
+            if let Some(probe) = publication.probe() {
+                record(&push.channel, probe);
             }
         } else if let Some(d) = push.disconnect {
             ctx.error(format!("disconnect push {} {}", d.code, d.reason));
         } else if let Some(u) = push.unsubscribe {
             ctx.error(format!("server unsubscribed {} (code {})", push.channel, u.code));
-        }
-    }
-    if !latencies.is_empty() {
-        ctx.stats.delivered.fetch_add(latencies.len() as u64, Relaxed);
-        ctx.stats.last_delivery_ns.fetch_max(now, Relaxed);
-        let mut h = ctx.stats.latency.lock().expect("stats lock");
-        for l in latencies {
-            h.saturating_record(l);
         }
     }
     pings
@@ -630,7 +677,7 @@ async fn reconnect(
     ctx: &Ctx,
     ep: &Endpoint,
     source: Option<std::net::Ipv4Addr>,
-    token: &str,
+    connect_cmd: &str,
     names: &[String],
 ) -> Option<Conn> {
     let deadline = Instant::now() + ctx.plan.storm_timeout;
@@ -638,7 +685,7 @@ async fn reconnect(
     let mut attempt = 0u64;
     loop {
         let r = timeout(ctx.plan.connect_timeout, async {
-            let mut c = Conn::open(ep, source, token).await?;
+            let mut c = Conn::open(ep, source, connect_cmd).await?;
             c.subscribe(names).await?;
             anyhow::Ok(c)
         })
@@ -734,8 +781,10 @@ async fn api_publisher(ctx: &Ctx, p: usize) {
 
 /// Runs a worker in this process as the child of a coordinator: control
 /// messages are JSON lines on stdin, reports JSON lines on stdout.
+/// One thread per worker process: its tasks never contend for locks or
+/// wake each other across threads; `--workers N` uses N cores.
 pub fn main_child() -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
         let (to_tx, to_rx) = mpsc::channel::<ToWorker>(16);
