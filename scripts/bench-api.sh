@@ -71,7 +71,8 @@ PY
     # h2load does not read grpc-status (trailers): the node's own count of
     # calls answered OK (warm-up included) is printed next to h2load's total.
     cpu=$(python3 -c "print(f'{($t1 - $t0) / 100 / ($SECS + 1) * 100:.0f}')")
-    echo "run $run: $rps calls/s (2xx $ok, failed $fail, node answered OK $((c1 - c0))), node CPU ${cpu}% (incl. warm-up)"
+    us=$(python3 -c "print(f'{($t1 - $t0) / 100 / max($c1 - $c0, 1) * 1e6:.1f}')")
+    echo "run $run: $rps calls/s (2xx $ok, failed $fail, node answered OK $((c1 - c0))), node CPU ${cpu}% (incl. warm-up), ${us} us/call"
     RESULTS+=("$rps")
   done
   printf '%s\n' "${RESULTS[@]}" | sort -n | sed -n 2p | xargs printf 'median calls/s: %s\n'
