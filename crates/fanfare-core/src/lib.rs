@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod node;
 pub mod outbox;
 pub mod session;
+pub mod timer;
 
 pub use api::{ApiError, ApiLimits, ApiPublish};
 pub use auth::{AuthConfig, AuthError, Authenticator, ConnectClaims, SubscribeClaims};

@@ -14,6 +14,7 @@ use crate::control::ControlMessage;
 use crate::hub::{FanOut, Hub, PreparedPush, Subscriber};
 use crate::metrics;
 use crate::outbox::{Control, Outbox};
+use crate::timer::Timers;
 
 /// Per-node settings that shape every session.
 #[derive(Debug, Clone)]
@@ -119,6 +120,8 @@ struct Shared {
     auth: Authenticator,
     rules: ChannelRules,
     registry: Mutex<Registry>,
+    /// Connection deadlines (pings, timeouts), one coarse timer for all.
+    timers: Timers,
     /// Cluster-wide requests of this node waiting for replies, by request id.
     pending: Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<ControlMessage>>>,
     next_session: AtomicU64,
@@ -141,6 +144,11 @@ impl Node {
         rules: ChannelRules,
     ) -> Self {
         let hub = Arc::new(Hub::new());
+        let timers = Timers::new(Timers::tick_for(&[
+            config.ping_interval,
+            config.pong_timeout,
+            config.connect_timeout,
+        ]));
         let node = Self {
             shared: Arc::new(Shared {
                 config,
@@ -149,6 +157,7 @@ impl Node {
                 auth,
                 rules,
                 registry: Mutex::new(Registry::default()),
+                timers,
                 pending: Mutex::new(HashMap::new()),
                 next_session: AtomicU64::new(1),
                 draining: AtomicBool::new(false),
@@ -176,6 +185,10 @@ impl Node {
 
     pub fn rules(&self) -> &ChannelRules {
         &self.shared.rules
+    }
+
+    pub(crate) fn timers(&self) -> &Timers {
+        &self.shared.timers
     }
 
     pub fn hub(&self) -> &Hub {

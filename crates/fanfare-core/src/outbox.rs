@@ -2,6 +2,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use bytes::Bytes;
 use fanfare_protocol::{Codec, DisconnectCode};
@@ -19,6 +20,10 @@ pub struct Outbox {
     notify: Notify,
     max_bytes: usize,
     codec: Codec,
+    /// The node timer's tick this outbox is armed for (0 = none; see `timer.rs`).
+    armed_tick: AtomicU32,
+    /// The armed deadline came; the session must run its timers.
+    timer_due: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -45,7 +50,34 @@ pub enum Control {
 
 impl Outbox {
     pub fn new(codec: Codec, max_bytes: usize) -> Self {
-        Self { state: Mutex::new(State::default()), notify: Notify::new(), max_bytes, codec }
+        Self {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            max_bytes,
+            codec,
+            armed_tick: AtomicU32::new(0),
+            timer_due: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn armed_tick(&self) -> u32 {
+        self.armed_tick.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_armed_tick(&self, tick: u32) {
+        self.armed_tick.store(tick, Ordering::Release);
+    }
+
+    /// Called by the node timer when the armed deadline came.
+    pub(crate) fn wake_timer(&self) {
+        self.timer_due.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// Whether the armed deadline came since the last call; [`Outbox::ready`]
+    /// resolves when it does.
+    pub fn take_timer_due(&self) -> bool {
+        self.timer_due.load(Ordering::Acquire) && self.timer_due.swap(false, Ordering::AcqRel)
     }
 
     pub fn codec(&self) -> Codec {
@@ -149,8 +181,8 @@ impl Outbox {
         close
     }
 
-    /// Resolves when something was queued or a close was requested since the
-    /// last `drain`.
+    /// Resolves when something was queued, a close was requested or the timer
+    /// deadline came since the last `drain`.
     pub async fn ready(&self) {
         self.notify.notified().await
     }

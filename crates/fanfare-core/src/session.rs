@@ -181,9 +181,11 @@ fn anonymous_user() -> Arc<str> {
     EMPTY.clone()
 }
 
-/// The `{}` server ping, encoded once.
+/// The `{}` server ping, encoded once per codec for the whole process.
 fn ping_frame(codec: Codec) -> Bytes {
-    codec.encode(&Reply::new(0, ReplyBody::Ping))
+    static PINGS: [std::sync::OnceLock<Bytes>; Codec::COUNT] =
+        [const { std::sync::OnceLock::new() }; Codec::COUNT];
+    PINGS[codec.index()].get_or_init(|| codec.encode(&Reply::new(0, ReplyBody::Ping))).clone()
 }
 
 fn instant_at(unix: u64) -> Instant {
@@ -225,6 +227,15 @@ impl Session {
     /// The client id, once connected.
     pub fn client_id(&self) -> Option<&str> {
         self.conn.as_ref().map(|c| &*c.info.client)
+    }
+
+    /// Arms the node's shared timer for [`Session::deadline`]: when it comes,
+    /// the outbox wakes its task ([`Outbox::ready`]) with
+    /// [`Outbox::take_timer_due`] set, and the task calls
+    /// [`Session::on_deadline`]. Call after anything that may move the deadline
+    /// (a frame, a timer run); re-arming for the same deadline is cheap.
+    pub fn arm_timer(&self) {
+        self.node.timers().arm(&self.outbox, self.deadline());
     }
 
     /// When [`Session::on_deadline`] must run next.
@@ -909,6 +920,8 @@ impl Session {
 
     /// Ends the session: leaves every channel and unregisters from the node.
     pub async fn close(mut self, code: DisconnectCode) {
+        // The timer's entry for this outbox is dropped when its bucket is walked.
+        self.outbox.set_armed_tick(0);
         self.close_subscriptions().await;
         self.node.unregister(self.id);
         metrics::counter!(crate::metrics::DISCONNECTS, "reason" => code.label()).increment(1);

@@ -151,14 +151,21 @@ where
         return;
     };
     let outbox = session.outbox().clone();
-    let timer = tokio::time::sleep_until(session.deadline().into());
-    tokio::pin!(timer);
+    // Deadlines (pings, pong and connect timeouts) come from the node's shared
+    // coarse timer through the outbox: the task holds no timer of its own.
+    session.arm_timer();
     let end = loop {
         tokio::select! {
             biased;
             _ = outbox.ready() => {
                 // Cold paths are boxed: their state exists only while they run,
                 // so an idle connection's task stays small.
+                if outbox.take_timer_due() {
+                    if let Err(code) = Box::pin(session.on_deadline()).await {
+                        break End::Close(code);
+                    }
+                    session.arm_timer();
+                }
                 Box::pin(session.apply_controls()).await;
                 match Box::pin(flush_outbox(ws, &outbox, codec, opts.write_timeout)).await {
                     Ok(None) => {}
@@ -207,13 +214,7 @@ where
                 if let Err(code) = res {
                     break End::Close(code);
                 }
-                timer.as_mut().reset(session.deadline().into());
-            }
-            _ = &mut timer => {
-                if let Err(code) = Box::pin(session.on_deadline()).await {
-                    break End::Close(code);
-                }
-                timer.as_mut().reset(session.deadline().into());
+                session.arm_timer();
             }
         }
     };
