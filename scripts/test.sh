@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every fanfare test on a fresh machine: installs what the tests need
 # (Debian packages, Node modules, a Python venv for tests/api), then formatting,
-# lints, unit and integration tests against real processes, the SDK end-to-end
+# lints, unit and integration tests against real processes, the WebSocket
+# conformance cases (tests/conformance), the SDK end-to-end
 # tests, the Python control-API test, the metrics lint and the deployment checks
 # (scripts/test-deploy.sh).
 set -euo pipefail
@@ -31,6 +32,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 
 step "cargo test (unit + integration against the real binary)"
 cargo test --workspace
+
+step "WebSocket conformance (Autobahn server cases via kosoku against examples/ws_echo.rs)"
+tests/conformance/run.sh
 
 step "SDK end-to-end (npm centrifuge + ws against the real binary)"
 cargo build -q -p fanfare-server

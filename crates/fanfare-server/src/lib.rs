@@ -10,3 +10,5 @@ pub mod pb {
 /// Encoded descriptors of `fanfare.v1`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/control_descriptor.bin"));
+
+pub mod ws;

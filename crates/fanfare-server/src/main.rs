@@ -6,7 +6,6 @@ mod config;
 mod grpc;
 mod grpc_transport;
 mod http;
-mod lean_io;
 mod websocket;
 
 use std::path::PathBuf;

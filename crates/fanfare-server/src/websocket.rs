@@ -4,24 +4,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use fanfare_core::metrics::hot;
 use fanfare_core::{MAX_PUBLISHES_IN_FLIGHT, Node, Session};
 use fanfare_protocol::{Codec, DisconnectCode, FrameKind};
-use futures_util::{SinkExt, StreamExt};
-use http_body_util::Full;
-use hyper::body::Incoming;
+use fanfare_server::ws::{self, Incoming, OP_PONG, OP_TEXT, WsConn, WsError};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes, error::CapacityError};
 
 use crate::http::{Body, plain};
-use crate::lean_io::{LeanIo, WS_READ_CHUNK};
 
 /// Largest frame the writer builds when batching queued messages.
 const MAX_BATCH_FRAME: usize = 64 * 1024;
@@ -41,38 +34,27 @@ impl WsOptions {
         self.allowed_origins.iter().any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
     }
 
-    fn ws_config(&self) -> WebSocketConfig {
-        WebSocketConfig::default()
-            .read_buffer_size(WS_READ_CHUNK)
-            .write_buffer_size(0)
-            .max_message_size(Some(self.max_message_size))
-            .max_frame_size(Some(self.max_message_size))
+    fn conn<S: AsyncRead + AsyncWrite + Unpin>(&self, io: S, read_ahead: &[u8]) -> WsConn<S> {
+        WsConn::new(io, read_ahead, self.read_buffer_size, self.max_message_size)
     }
-}
-
-fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
-    req.headers().get_all(name).iter().any(|v| {
-        v.to_str()
-            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-            .unwrap_or(false)
-    })
 }
 
 /// Answers the upgrade request and spawns the connection task.
-pub fn upgrade(mut req: Request<Incoming>, node: Node, opts: Arc<WsOptions>) -> Response<Body> {
-    if req.method() != hyper::Method::GET
-        || !header_has_token(&req, header::CONNECTION, "upgrade")
-        || !header_has_token(&req, header::UPGRADE, "websocket")
-    {
-        return plain(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade request\n");
-    }
-    if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
-        let mut r = plain(StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version\n");
-        r.headers_mut().insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
-        return r;
-    }
-    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return plain(StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n");
+pub fn upgrade(
+    mut req: Request<hyper::body::Incoming>,
+    node: Node,
+    opts: Arc<WsOptions>,
+) -> Response<Body> {
+    let key = match ws::check_upgrade(&req) {
+        Ok(key) => key,
+        Err((status, text)) => {
+            let mut r = plain(status, text);
+            if status == StatusCode::UPGRADE_REQUIRED {
+                r.headers_mut()
+                    .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            }
+            return r;
+        }
     };
     if !opts.origin_allowed(req.headers().get(header::ORIGIN)) {
         return plain(StatusCode::FORBIDDEN, "origin not allowed\n");
@@ -91,44 +73,23 @@ pub fn upgrade(mut req: Request<Incoming>, node: Node, opts: Arc<WsOptions>) -> 
             }
         };
         // Run on the bare TcpStream: hyper's `Upgraded` boxes the socket and
-        // keeps what it read ahead (usually nothing) in front of it.
+        // keeps what it read ahead (usually nothing) in its 8 KiB read buffer,
+        // which is released here.
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
-                let stream = LeanIo::new(parts.io.into_inner(), opts.read_buffer_size);
-                let config = Some(opts.ws_config());
-                // What hyper read past the request (usually nothing) is a view
-                // into its 8 KiB read buffer: copy it out, release the buffer.
-                let part = parts.read_buf.to_vec();
+                let mut conn = opts.conn(parts.io.into_inner(), &parts.read_buf);
                 drop(parts.read_buf);
-                let mut ws = if part.is_empty() {
-                    WebSocketStream::from_raw_socket(stream, Role::Server, config).await
-                } else {
-                    WebSocketStream::from_partially_read(stream, part, Role::Server, config).await
-                };
                 // A task of its own: the long-lived future is just `serve` and
-                // the stream, not also the upgrade's state.
-                tokio::spawn(async move { serve(&mut ws, node, codec, opts).await });
+                // the connection, not also the upgrade's state.
+                tokio::spawn(async move { serve(&mut conn, node, codec, opts).await });
             }
             Err(upgraded) => {
-                let io = LeanIo::new(TokioIo::new(upgraded), opts.read_buffer_size);
-                let mut ws =
-                    WebSocketStream::from_raw_socket(io, Role::Server, Some(opts.ws_config()))
-                        .await;
-                tokio::spawn(async move { serve(&mut ws, node, codec, opts).await });
+                let mut conn = opts.conn(TokioIo::new(upgraded), &[]);
+                tokio::spawn(async move { serve(&mut conn, node, codec, opts).await });
             }
         }
     });
-    let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = resp.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept).expect("base64 is a valid header value"),
-    );
-    resp
+    ws::switching_protocols(&key)
 }
 
 /// Why the connection loop ended.
@@ -139,15 +100,16 @@ enum End {
     Gone(DisconnectCode),
 }
 
-/// Runs one connection. Takes the stream by reference: an `async fn` keeps its
-/// by-value arguments for its whole life next to the locals they move into,
-/// which would store the (large) stream twice in every connection's task.
-async fn serve<S>(ws: &mut WebSocketStream<S>, node: Node, codec: Codec, opts: Arc<WsOptions>)
+/// Runs one connection. Takes the connection by reference: an `async fn`
+/// keeps its by-value arguments for its whole life next to the locals they
+/// move into, which would store the connection twice in every task.
+async fn serve<S>(conn: &mut WsConn<S>, node: Node, codec: Codec, opts: Arc<WsOptions>)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let Some(mut session) = Session::new(node, codec) else {
-        let _ = Box::pin(send_close(ws, DisconnectCode::SHUTDOWN, None, opts.write_timeout)).await;
+        let _ =
+            Box::pin(send_close(conn, DisconnectCode::SHUTDOWN, None, opts.write_timeout)).await;
         return;
     };
     let outbox = session.outbox().clone();
@@ -167,7 +129,7 @@ where
                     session.arm_timer();
                 }
                 Box::pin(session.apply_controls()).await;
-                match Box::pin(flush_outbox(ws, &outbox, codec, opts.write_timeout)).await {
+                match Box::pin(flush_outbox(conn, &outbox, codec, opts.write_timeout)).await {
                     Ok(None) => {}
                     Ok(Some(code)) => break End::Close(code),
                     Err(code) => break End::Gone(code),
@@ -180,36 +142,45 @@ where
             }
             // While too many publishes wait for the broker, leave the client's
             // commands in the socket (backpressure instead of an unbounded queue).
-            msg = ws.next(), if session.publishes_in_flight() < MAX_PUBLISHES_IN_FLIGHT => {
+            msg = conn.read(), if session.publishes_in_flight() < MAX_PUBLISHES_IN_FLIGHT => {
                 let res = match msg {
-                    Some(Ok(Message::Text(text))) => {
-                        account_received(text.len());
-                        Box::pin(session.handle_frame(text.as_bytes())).await
+                    Ok(Incoming::Text(p)) => {
+                        account_received(p.len());
+                        Box::pin(session.handle_frame(conn.payload(p))).await
                     }
-                    Some(Ok(Message::Binary(data))) => {
-                        account_received(data.len());
+                    Ok(Incoming::Binary(p)) => {
+                        account_received(p.len());
                         match codec.frame_kind() {
-                            FrameKind::Binary => Box::pin(session.handle_frame(&data)).await,
+                            FrameKind::Binary => Box::pin(session.handle_frame(conn.payload(p))).await,
                             // Binary frames are not part of the JSON protocol.
                             FrameKind::Text => Err(DisconnectCode::BAD_REQUEST),
                         }
                     }
-                    Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Ok(()),
-                    Some(Ok(Message::Close(_))) => {
-                        // tungstenite queued the close reply; send it (RFC 6455 5.5.1).
-                        let _ = tokio::time::timeout(opts.write_timeout, ws.flush()).await;
+                    Ok(Incoming::Ping(p)) => {
+                        match Box::pin(answer_ping(conn, p, opts.write_timeout)).await {
+                            Ok(()) => Ok(()),
+                            Err(()) => break End::Gone(DisconnectCode::WRITE_ERROR),
+                        }
+                    }
+                    Ok(Incoming::Close(code, _)) => {
+                        // Answer the close handshake (RFC 6455 5.5.1), echoing the code.
+                        let reply = async {
+                            match code {
+                                Some(c) => conn.send_close(c, "").await,
+                                None => conn.send(ws::OP_CLOSE, &[]).await,
+                            }
+                        };
+                        let _ = tokio::time::timeout(opts.write_timeout, reply).await;
                         break End::Gone(DisconnectCode::CONNECTION_CLOSED);
                     }
-                    None => break End::Gone(DisconnectCode::CONNECTION_CLOSED),
-                    Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
-                        Err(DisconnectCode::MESSAGE_TOO_BIG)
-                    }
-                    Some(Err(WsError::Utf8(_))) => break End::Close(INVALID_PAYLOAD),
-                    Some(Err(WsError::Protocol(e))) => {
-                        tracing::debug!(error = %e, "websocket protocol error");
-                        break End::Close(PROTOCOL_ERROR);
-                    }
-                    Some(Err(_)) => break End::Gone(DisconnectCode::CONNECTION_CLOSED),
+                    Err(WsError::TooBig) => Err(DisconnectCode::MESSAGE_TOO_BIG),
+                    Err(e) => match e.close_code() {
+                        Some(code) => {
+                            tracing::debug!(error = %e, "websocket protocol error");
+                            break End::Close(DisconnectCode(code));
+                        }
+                        None => break End::Gone(DisconnectCode::CONNECTION_CLOSED),
+                    },
                 };
                 if let Err(code) = res {
                     break End::Close(code);
@@ -226,9 +197,9 @@ where
             // overflow, where the queue was dropped.
             let _ = tokio::time::timeout(opts.write_timeout, Box::pin(session.finish_publishes()))
                 .await;
-            let _ = Box::pin(flush_outbox(ws, &outbox, codec, opts.write_timeout)).await;
+            let _ = Box::pin(flush_outbox(conn, &outbox, codec, opts.write_timeout)).await;
             let reason = outbox.close_reason(code);
-            let _ = Box::pin(send_close(ws, code, reason, opts.write_timeout)).await;
+            let _ = Box::pin(send_close(conn, code, reason, opts.write_timeout)).await;
             code
         }
         End::Gone(code) => code,
@@ -239,25 +210,40 @@ where
     Box::pin(session.close(code)).await;
 }
 
-/// WebSocket standard codes for transport-level violations.
-const INVALID_PAYLOAD: DisconnectCode = DisconnectCode(1007);
-const PROTOCOL_ERROR: DisconnectCode = DisconnectCode(1002);
-
 fn account_received(n: usize) {
     hot().bytes_received.increment(n as u64);
 }
 
-/// Writes everything queued, batched into as few frames as possible, with one
-/// flush. Returns a close requested through the outbox, or `Err` when the socket
-/// is unusable.
+/// Sends the pong for a ping (same payload, at most 125 bytes).
+async fn answer_ping<S>(
+    conn: &mut WsConn<S>,
+    ping: ws::Payload,
+    write_timeout: Duration,
+) -> Result<(), ()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut body = [0u8; 125];
+    let data = conn.payload(ping);
+    body[..data.len()].copy_from_slice(data);
+    let n = data.len();
+    match tokio::time::timeout(write_timeout, conn.send(OP_PONG, &body[..n])).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+/// Writes everything queued, batched into as few frames as possible, in one
+/// vectored write without copying the messages. Returns a close requested
+/// through the outbox, or `Err` when the socket is unusable.
 async fn flush_outbox<S>(
-    ws: &mut WebSocketStream<S>,
+    conn: &mut WsConn<S>,
     outbox: &fanfare_core::Outbox,
     codec: Codec,
     write_timeout: Duration,
 ) -> Result<Option<DisconnectCode>, DisconnectCode>
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut items = Vec::new();
     let close = outbox.drain(&mut items);
@@ -265,28 +251,11 @@ where
         return Ok(close);
     }
     let count = items.len();
-    let write = async {
-        let mut bytes = 0usize;
-        let mut frame: Vec<u8> = Vec::new();
-        let mut iter = items.into_iter().peekable();
-        while let Some(item) = iter.next() {
-            if frame.is_empty()
-                && iter.peek().is_none_or(|n| item.len() + n.len() >= MAX_BATCH_FRAME)
-            {
-                // A lone item goes out as is: the shared bytes, no copy.
-                bytes += item.len();
-                ws.feed(message(codec, item)?).await?;
-                continue;
-            }
-            codec.append(&mut frame, &item);
-            if frame.len() >= MAX_BATCH_FRAME || iter.peek().is_none() {
-                bytes += frame.len();
-                ws.feed(message(codec, Bytes::from(std::mem::take(&mut frame)))?).await?;
-            }
-        }
-        ws.flush().await?;
-        Ok::<usize, WsError>(bytes)
+    let (opcode, separator): (u8, &[u8]) = match codec {
+        // JSON messages share a text frame, separated by newlines.
+        Codec::Json => (OP_TEXT, b"\n"),
     };
+    let write = conn.send_joined(opcode, &items, separator, MAX_BATCH_FRAME);
     match tokio::time::timeout(write_timeout, write).await {
         Ok(Ok(bytes)) => {
             let h = hot();
@@ -303,43 +272,29 @@ where
     }
 }
 
-fn message(codec: Codec, payload: Bytes) -> Result<Message, WsError> {
-    Ok(match codec.frame_kind() {
-        FrameKind::Text => Message::Text(Utf8Bytes::try_from(payload)?),
-        FrameKind::Binary => Message::Binary(payload),
-    })
-}
-
+/// Sends a close frame, then gives the peer a moment to answer the close
+/// handshake before the socket is dropped.
 async fn send_close<S>(
-    ws: &mut WebSocketStream<S>,
+    conn: &mut WsConn<S>,
     code: DisconnectCode,
     reason: Option<String>,
     write_timeout: Duration,
-) -> Result<(), WsError>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let reason = match reason {
-        // A close frame's reason is at most 123 bytes; cut at a char boundary.
-        Some(mut r) => {
-            let mut end = r.len().min(123);
-            while !r.is_char_boundary(end) {
-                end -= 1;
-            }
-            r.truncate(end);
-            Utf8Bytes::from(r)
-        }
-        None => Utf8Bytes::from_static(code.reason()),
-    };
-    let frame = CloseFrame { code: CloseCode::from(code.0), reason };
+    let reason = reason.as_deref().unwrap_or(code.reason());
     let close = async {
-        ws.close(Some(frame)).await?;
-        // Give the peer a moment to answer the close handshake.
+        if conn.send_close(code.0, reason).await.is_err() {
+            return;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(1), async {
-            while let Some(Ok(_)) = ws.next().await {}
+            while let Ok(m) = conn.read().await {
+                if matches!(m, Incoming::Close(..)) {
+                    break;
+                }
+            }
         })
         .await;
-        Ok(())
     };
-    tokio::time::timeout(write_timeout, close).await.unwrap_or(Ok(()))
+    let _ = tokio::time::timeout(write_timeout, close).await;
 }
