@@ -26,8 +26,12 @@ pub struct Subscriber {
     outbox: Arc<Outbox>,
     /// `SYNCING`, or the offset the subscriber went live after.
     live_after: AtomicU64,
-    held: Mutex<Vec<(u64, Bytes)>>,
+    /// Pushes held while syncing (boxed: most subscribers never hold any).
+    held: Mutex<Option<Box<Held>>>,
 }
+
+/// Pushes (with their offsets) held back while a subscriber syncs.
+type Held = Vec<(u64, Bytes)>;
 
 const SYNCING: u64 = u64::MAX;
 
@@ -38,7 +42,7 @@ fn is_new(offset: u64, after: u64) -> bool {
 
 impl Subscriber {
     pub fn new(outbox: Arc<Outbox>) -> Self {
-        Self { outbox, live_after: AtomicU64::new(SYNCING), held: Mutex::new(Vec::new()) }
+        Self { outbox, live_after: AtomicU64::new(SYNCING), held: Mutex::new(None) }
     }
 
     fn deliver(&self, offset: u64, item: &Bytes) {
@@ -53,7 +57,7 @@ impl Subscriber {
         // Re-check under the lock: go_live sets the position while holding it.
         let after = self.live_after.load(Ordering::Acquire);
         if after == SYNCING {
-            held.push((offset, item.clone()));
+            held.get_or_insert_default().push((offset, item.clone()));
         } else {
             drop(held);
             if is_new(offset, after) {
@@ -68,12 +72,11 @@ impl Subscriber {
     pub fn go_live(&self, after_offset: u64) {
         let after_offset = after_offset.min(SYNCING - 1);
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        for (offset, item) in held.drain(..) {
+        for (offset, item) in held.take().into_iter().flat_map(|h| *h) {
             if is_new(offset, after_offset) {
                 self.outbox.push(item);
             }
         }
-        *held = Vec::new();
         self.live_after.store(after_offset, Ordering::Release);
     }
 }

@@ -98,11 +98,11 @@ impl BrokerHandler for NodeHandler {
     }
 }
 
-/// An open connection as the node's registry sees it.
+/// An open connection as the node's registry sees it: its outbox, and who it
+/// is once connected (the session's own `ClientInfo`, shared, not copied).
 struct SessionEntry {
     outbox: Arc<Outbox>,
-    user: Option<Arc<str>>,
-    client: Option<Arc<str>>,
+    info: Option<Arc<ClientInfo>>,
 }
 
 /// Open connections, indexed for the control API.
@@ -205,34 +205,36 @@ impl Node {
             return None;
         }
         let id = self.shared.next_session.fetch_add(1, Ordering::Relaxed);
-        self.registry().sessions.insert(id, SessionEntry { outbox, user: None, client: None });
+        self.registry().sessions.insert(id, SessionEntry { outbox, info: None });
         metrics::hot().connections.increment(1.0);
         Some(id)
     }
 
     /// Records who a connected session is, for the control API.
-    pub(crate) fn bind(&self, id: u64, user: Arc<str>, client: Arc<str>) {
+    pub(crate) fn bind(&self, id: u64, info: Arc<ClientInfo>) {
         let mut reg = self.registry();
         let Some(entry) = reg.sessions.get_mut(&id) else { return };
-        entry.user = Some(user.clone());
-        entry.client = Some(client.clone());
-        reg.by_user.entry(user).or_default().push(id);
-        reg.by_client.insert(client, id);
+        entry.info = Some(info.clone());
+        // Anonymous connections are reachable by client id only (the API
+        // needs a user or a client): one list of every anonymous connection
+        // would cost memory and a linear search at each disconnect.
+        if !info.user.is_empty() {
+            reg.by_user.entry(info.user.clone()).or_default().push(id);
+        }
+        reg.by_client.insert(info.client.clone(), id);
     }
 
     pub(crate) fn unregister(&self, id: u64) {
         let mut reg = self.registry();
         let Some(entry) = reg.sessions.remove(&id) else { return };
-        if let Some(user) = entry.user
-            && let Some(ids) = reg.by_user.get_mut(&user)
-        {
-            ids.retain(|i| *i != id);
-            if ids.is_empty() {
-                reg.by_user.remove(&user);
+        if let Some(info) = entry.info {
+            if let Some(ids) = reg.by_user.get_mut(&info.user) {
+                ids.retain(|i| *i != id);
+                if ids.is_empty() {
+                    reg.by_user.remove(&info.user);
+                }
             }
-        }
-        if let Some(client) = entry.client {
-            reg.by_client.remove(&client);
+            reg.by_client.remove(&info.client);
         }
         metrics::hot().connections.decrement(1.0);
     }
@@ -253,7 +255,7 @@ impl Node {
                 .by_client
                 .get(client)
                 .and_then(|id| reg.sessions.get(id))
-                .filter(|e| user.is_empty() || e.user.as_deref() == Some(user))
+                .filter(|e| user.is_empty() || e.info.as_ref().is_some_and(|i| &*i.user == user))
                 .map(|e| vec![e.outbox.clone()])
                 .unwrap_or_default();
         }

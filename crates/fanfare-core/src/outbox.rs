@@ -18,7 +18,8 @@ use tokio::sync::Notify;
 pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
-    max_bytes: usize,
+    /// The bound in bytes (at most 4 GiB).
+    max_bytes: u32,
     codec: Codec,
     /// The node timer's tick this outbox is armed for (0 = none; see `timer.rs`).
     armed_tick: AtomicU32,
@@ -29,9 +30,15 @@ pub struct Outbox {
 #[derive(Debug, Default)]
 struct State {
     items: VecDeque<Bytes>,
-    bytes: usize,
+    bytes: u32,
     close: Option<DisconnectCode>,
-    /// A reason replacing the code's standard one (set by the control API).
+    /// Rarely used parts, allocated only while they hold something.
+    cold: Option<Box<Cold>>,
+}
+
+#[derive(Debug, Default)]
+struct Cold {
+    /// A reason replacing the close code's standard one (set by the control API).
     close_reason: Option<String>,
     controls: Vec<Control>,
 }
@@ -53,7 +60,7 @@ impl Outbox {
         Self {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
-            max_bytes,
+            max_bytes: max_bytes.min(u32::MAX as usize) as u32,
             codec,
             armed_tick: AtomicU32::new(0),
             timer_due: AtomicBool::new(false),
@@ -97,7 +104,7 @@ impl Outbox {
         if st.close.is_some() {
             return false;
         }
-        if st.bytes + item.len() > self.max_bytes {
+        if st.bytes as usize + item.len() > self.max_bytes as usize {
             st.close = Some(DisconnectCode::SLOW);
             st.items = VecDeque::new();
             st.bytes = 0;
@@ -107,7 +114,7 @@ impl Outbox {
             return false;
         }
         let was_empty = st.items.is_empty();
-        st.bytes += item.len();
+        st.bytes += item.len() as u32;
         st.items.push_back(item);
         drop(st);
         if was_empty {
@@ -133,14 +140,20 @@ impl Outbox {
         if st.close.is_some() {
             return;
         }
-        st.controls.push(control);
+        st.cold.get_or_insert_default().controls.push(control);
         drop(st);
         self.notify.notify_one();
     }
 
     /// Takes pending control requests.
     pub fn take_controls(&self) -> Vec<Control> {
-        std::mem::take(&mut self.lock().controls)
+        let mut st = self.lock();
+        let Some(cold) = st.cold.as_mut() else { return Vec::new() };
+        let controls = std::mem::take(&mut cold.controls);
+        if cold.close_reason.is_none() {
+            st.cold = None;
+        }
+        controls
     }
 
     /// Like [`Outbox::close`] with a custom reason (at most 123 bytes are sent).
@@ -148,7 +161,7 @@ impl Outbox {
         let mut st = self.lock();
         if st.close.is_none() {
             st.close = Some(code);
-            st.close_reason = Some(reason);
+            st.cold.get_or_insert_default().close_reason = Some(reason);
         }
         drop(st);
         self.notify.notify_one();
@@ -158,7 +171,8 @@ impl Outbox {
     /// this outbox was asked for.
     pub fn close_reason(&self, code: DisconnectCode) -> Option<String> {
         let st = self.lock();
-        st.close_reason.clone().filter(|_| st.close == Some(code))
+        let reason = st.cold.as_ref().and_then(|c| c.close_reason.clone());
+        reason.filter(|_| st.close == Some(code))
     }
 
     pub fn is_closed(&self) -> bool {

@@ -12,10 +12,11 @@
 //! held to one publication per round trip.
 
 use std::future::Future;
+use std::num::NonZeroU64;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use fanfare_protocol::{
@@ -188,6 +189,41 @@ fn ping_frame(codec: Codec) -> Bytes {
     PINGS[codec.index()].get_or_init(|| codec.encode(&Reply::new(0, ReplyBody::Ping))).clone()
 }
 
+/// A point in time in 8 bytes (a `std::time::Instant` takes 16, and a session
+/// keeps four): milliseconds since the process's first session, plus one so
+/// that `Option<Instant>` is 8 bytes too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Instant(NonZeroU64);
+
+static EPOCH: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
+
+impl Instant {
+    fn now() -> Self {
+        Self::from_millis(EPOCH.elapsed().as_millis() as u64)
+    }
+
+    fn from_millis(ms: u64) -> Self {
+        Self(NonZeroU64::new(ms.saturating_add(1)).expect("not zero"))
+    }
+
+    fn millis(self) -> u64 {
+        self.0.get() - 1
+    }
+
+    fn std(self) -> std::time::Instant {
+        *EPOCH + Duration::from_millis(self.millis())
+    }
+}
+
+impl std::ops::Add<Duration> for Instant {
+    type Output = Self;
+
+    fn add(self, d: Duration) -> Self {
+        Self::from_millis(self.millis().saturating_add(d.as_millis() as u64))
+    }
+}
+
 fn instant_at(unix: u64) -> Instant {
     let now = unix_now();
     Instant::now() + Duration::from_secs(unix.saturating_sub(now))
@@ -239,7 +275,11 @@ impl Session {
     }
 
     /// When [`Session::on_deadline`] must run next.
-    pub fn deadline(&self) -> Instant {
+    pub fn deadline(&self) -> std::time::Instant {
+        self.next_deadline().std()
+    }
+
+    fn next_deadline(&self) -> Instant {
         let Some(conn) = &self.conn else {
             return self.created + self.node.config().connect_timeout;
         };
@@ -498,7 +538,7 @@ impl Session {
             conn_info,
             chan_info: Bytes::new(),
         });
-        self.node.bind(self.id, info.user.clone(), client.clone());
+        self.node.bind(self.id, info.clone());
         self.conn = Some(Box::new(Connected { info, expires_at, subs: SubMap::default() }));
 
         // Server-side subscriptions: the personal channel and the token's channels.
