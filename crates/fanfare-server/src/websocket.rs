@@ -81,7 +81,9 @@ pub fn upgrade(
                 drop(parts.read_buf);
                 // A task of its own: the long-lived future is just `serve` and
                 // the connection, not also the upgrade's state.
-                tokio::spawn(async move { serve(&mut conn, node, codec, opts).await });
+                let task = async move { serve(&mut conn, node, codec, opts).await };
+                tracing::trace!(bytes = std::mem::size_of_val(&task), "connection task future");
+                tokio::spawn(task);
             }
             Err(upgraded) => {
                 let mut conn = opts.conn(TokioIo::new(upgraded), &[]);
@@ -170,7 +172,7 @@ where
                                 None => conn.send(ws::OP_CLOSE, &[]).await,
                             }
                         };
-                        let _ = tokio::time::timeout(opts.write_timeout, reply).await;
+                        let _ = Box::pin(tokio::time::timeout(opts.write_timeout, reply)).await;
                         break End::Gone(DisconnectCode::CONNECTION_CLOSED);
                     }
                     Err(WsError::TooBig) => Err(DisconnectCode::MESSAGE_TOO_BIG),
@@ -195,7 +197,7 @@ where
             // leave an accepted publication unacknowledged), then write what the
             // session queued before closing (e.g. an error reply), except after
             // overflow, where the queue was dropped.
-            let _ = tokio::time::timeout(opts.write_timeout, Box::pin(session.finish_publishes()))
+            let _ = Box::pin(tokio::time::timeout(opts.write_timeout, session.finish_publishes()))
                 .await;
             let _ = Box::pin(flush_outbox(conn, &outbox, codec, opts.write_timeout)).await;
             let reason = outbox.close_reason(code);
