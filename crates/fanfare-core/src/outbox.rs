@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use bytes::Bytes;
 use fanfare_protocol::{Codec, DisconnectCode};
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 /// Encoded replies and pushes waiting to be written to one client.
 ///
@@ -17,7 +17,11 @@ use tokio::sync::Notify;
 #[derive(Debug)]
 pub struct Outbox {
     state: Mutex<State>,
-    notify: Notify,
+    /// The connection task's waker, and whether it was woken since it last
+    /// looked ([`Outbox::ready`]). A `Notify` would put its 60-byte waiter
+    /// into every connection task's future; this keeps it here (24 bytes).
+    waker: AtomicWaker,
+    woken: AtomicBool,
     /// The bound in bytes (at most 4 GiB).
     max_bytes: u32,
     codec: Codec,
@@ -59,7 +63,8 @@ impl Outbox {
     pub fn new(codec: Codec, max_bytes: usize) -> Self {
         Self {
             state: Mutex::new(State::default()),
-            notify: Notify::new(),
+            waker: AtomicWaker::new(),
+            woken: AtomicBool::new(false),
             max_bytes: max_bytes.min(u32::MAX as usize) as u32,
             codec,
             armed_tick: AtomicU32::new(0),
@@ -78,7 +83,7 @@ impl Outbox {
     /// Called by the node timer when the armed deadline came.
     pub(crate) fn wake_timer(&self) {
         self.timer_due.store(true, Ordering::Release);
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Whether the armed deadline came since the last call; [`Outbox::ready`]
@@ -110,7 +115,7 @@ impl Outbox {
             st.bytes = 0;
             drop(st);
             crate::metrics::slow_consumer();
-            self.notify.notify_one();
+            self.wake();
             return false;
         }
         let was_empty = st.items.is_empty();
@@ -118,7 +123,7 @@ impl Outbox {
         st.items.push_back(item);
         drop(st);
         if was_empty {
-            self.notify.notify_one();
+            self.wake();
         }
         true
     }
@@ -131,7 +136,7 @@ impl Outbox {
             st.close = Some(code);
         }
         drop(st);
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Queues a control request for the session's task.
@@ -142,7 +147,7 @@ impl Outbox {
         }
         st.cold.get_or_insert_default().controls.push(control);
         drop(st);
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Takes pending control requests.
@@ -164,7 +169,7 @@ impl Outbox {
             st.cold.get_or_insert_default().close_reason = Some(reason);
         }
         drop(st);
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// The custom reason to send with the close frame when `code` is the close
@@ -195,10 +200,25 @@ impl Outbox {
         close
     }
 
+    fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
     /// Resolves when something was queued, a close was requested or the timer
-    /// deadline came since the last `drain`.
-    pub async fn ready(&self) {
-        self.notify.notified().await
+    /// deadline came since it last resolved. One task (the connection's) waits.
+    pub fn ready(&self) -> impl std::future::Future<Output = ()> + '_ {
+        std::future::poll_fn(move |cx| {
+            if self.woken.swap(false, Ordering::AcqRel) {
+                return std::task::Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            if self.woken.swap(false, Ordering::AcqRel) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
     }
 }
 

@@ -286,19 +286,35 @@ pub struct WsConn<S> {
     /// Bytes read and not yet consumed, from `pos` on.
     buf: Vec<u8>,
     pos: usize,
-    /// The payload of a fragmented message so far.
-    assembled: Vec<u8>,
+    /// A frame or message in progress (boxed: absent between messages).
+    progress: Option<Box<Progress>>,
+    /// Reading failed: every further read returns `Eof`.
+    failed: bool,
+    read_size: u32,
+    max_message: usize,
+}
+
+/// What is kept only while a frame arrives in pieces or a message in fragments.
+#[derive(Debug, Default)]
+struct Progress {
     partial: Option<Partial>,
     /// UTF-8 state of the text message being received.
     utf8: Utf8Check,
     /// Opcode of the fragmented message in progress (0 = none).
     fragmented: u8,
+    /// The payload of a fragmented message so far.
+    assembled: Vec<u8>,
     /// `assembled` was handed out and is freed on the next read.
     assembled_out: bool,
-    /// Reading failed: every further read returns `Eof`.
-    failed: bool,
-    read_size: u32,
-    max_message: usize,
+}
+
+impl Progress {
+    fn idle(&self) -> bool {
+        self.partial.is_none()
+            && self.fragmented == 0
+            && self.utf8.complete()
+            && self.assembled.capacity() == 0
+    }
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
@@ -309,11 +325,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
             io,
             buf: read_ahead.to_vec(),
             pos: 0,
-            assembled: Vec::new(),
-            partial: None,
-            utf8: Utf8Check::default(),
-            fragmented: 0,
-            assembled_out: false,
+            progress: None,
             failed: false,
             read_size: read_size.clamp(16, u32::MAX as usize) as u32,
             max_message,
@@ -322,12 +334,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
 
     /// The bytes of a payload returned by the last [`WsConn::read`].
     pub fn payload(&self, p: Payload) -> &[u8] {
-        if p.assembled { &self.assembled[p.start..p.end] } else { &self.buf[p.start..p.end] }
+        match (&self.progress, p.assembled) {
+            (Some(progress), true) => &progress.assembled[p.start..p.end],
+            _ => &self.buf[p.start..p.end],
+        }
     }
 
     /// Bytes held for this connection's reading (0 when idle).
     pub fn buffered_capacity(&self) -> usize {
-        self.buf.capacity() + self.assembled.capacity()
+        self.buf.capacity()
+            + self.progress.as_ref().map_or(0, |p| size_of::<Progress>() + p.assembled.capacity())
     }
 
     /// Reads the next message or control frame. Cancel-safe: bytes read are
@@ -336,9 +352,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
         if self.failed {
             return Err(WsError::Eof);
         }
-        if self.assembled_out {
-            self.assembled = Vec::new();
-            self.assembled_out = false;
+        if let Some(p) = &mut self.progress {
+            if p.assembled_out {
+                p.assembled = Vec::new();
+                p.assembled_out = false;
+            }
+            if p.idle() {
+                self.progress = None;
+            }
         }
         loop {
             match self.parse() {
@@ -365,7 +386,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
 
     /// Bytes still missing of the frame being received, when known.
     fn missing(&self) -> usize {
-        match &self.partial {
+        match self.progress.as_ref().and_then(|p| p.partial.as_ref()) {
             Some(p) => {
                 let total = p.head.size as usize + p.head.len as usize;
                 total.saturating_sub(self.buf.len() - self.pos)
@@ -424,25 +445,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
         })
     }
 
+    fn progress(&mut self) -> &mut Progress {
+        self.progress.get_or_insert_default()
+    }
+
     /// Takes the next complete message or control frame out of `buf`.
     fn parse(&mut self) -> Result<Option<Incoming>, WsError> {
         loop {
-            let part = match self.partial {
+            let (fragmented, assembled_len) =
+                self.progress.as_ref().map_or((0, 0), |p| (p.fragmented, p.assembled.len()));
+            let part = match self.progress.as_ref().and_then(|p| p.partial) {
                 Some(p) => p,
                 None => {
                     let Some(head) = parse_head(&self.buf[self.pos..])? else { return Ok(None) };
                     match head.opcode {
-                        OP_CONTINUATION if self.fragmented == 0 => {
+                        OP_CONTINUATION if fragmented == 0 => {
                             return Err(WsError::Protocol("continuation without a message"));
                         }
-                        OP_TEXT | OP_BINARY if self.fragmented != 0 => {
+                        OP_TEXT | OP_BINARY if fragmented != 0 => {
                             return Err(WsError::Protocol("new message inside a fragmented one"));
                         }
                         _ => {}
                     }
                     if head.opcode < 0x8
-                        && head.len.saturating_add(self.assembled.len() as u64)
-                            > self.max_message as u64
+                        && head.len.saturating_add(assembled_len as u64) > self.max_message as u64
                     {
                         return Err(WsError::TooBig);
                     }
@@ -453,29 +479,39 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
             let start = self.pos + head.size as usize;
             let have = ((self.buf.len() - start) as u64).min(head.len) as usize;
             let done = part.done as usize;
+            let text =
+                head.opcode == OP_TEXT || (head.opcode == OP_CONTINUATION && fragmented == OP_TEXT);
+            // A whole unfragmented text frame at once (the usual case) is
+            // checked in one go; anything else through the kept UTF-8 state.
+            let whole = head.fin && head.opcode == OP_TEXT && done == 0 && have as u64 == head.len;
             if have > done {
-                let piece = &mut self.buf[start + done..start + have];
-                unmask(piece, head.mask, done);
-                let text = head.opcode == OP_TEXT
-                    || (head.opcode == OP_CONTINUATION && self.fragmented == OP_TEXT);
-                if text {
-                    self.utf8.feed(piece)?;
+                unmask(&mut self.buf[start + done..start + have], head.mask, done);
+                if text && whole {
+                    if std::str::from_utf8(&self.buf[start..start + have]).is_err() {
+                        return Err(WsError::InvalidUtf8);
+                    }
+                } else if text {
+                    let piece = &self.buf[start + done..start + have];
+                    self.progress.get_or_insert_default().utf8.feed(piece)?;
                 }
             }
             if (have as u64) < head.len {
-                self.partial = Some(Partial { head, done: have as u64 });
+                self.progress().partial = Some(Partial { head, done: have as u64 });
                 return Ok(None);
             }
-            self.partial = None;
+            if let Some(p) = &mut self.progress {
+                p.partial = None;
+            }
             let end = start + have;
             self.pos = end;
             let here = Payload { assembled: false, start, end };
+            let utf8_complete = self.progress.as_ref().is_none_or(|p| p.utf8.complete());
             match head.opcode {
                 OP_CLOSE => return self.close_frame(here).map(Some),
                 OP_PING => return Ok(Some(Incoming::Ping(here))),
                 OP_PONG => continue,
                 OP_TEXT | OP_BINARY if head.fin => {
-                    if !self.utf8.complete() {
+                    if !utf8_complete {
                         return Err(WsError::InvalidUtf8);
                     }
                     return Ok(Some(if head.opcode == OP_TEXT {
@@ -485,19 +521,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
                     }));
                 }
                 OP_TEXT | OP_BINARY => {
-                    self.fragmented = head.opcode;
-                    self.assembled.extend_from_slice(&self.buf[start..end]);
+                    let Self { buf, progress, .. } = self;
+                    let p = progress.get_or_insert_default();
+                    p.fragmented = head.opcode;
+                    p.assembled.extend_from_slice(&buf[start..end]);
                 }
                 _ => {
                     // Continuation.
-                    self.assembled.extend_from_slice(&self.buf[start..end]);
+                    let Self { buf, progress, .. } = self;
+                    let p = progress.get_or_insert_default();
+                    p.assembled.extend_from_slice(&buf[start..end]);
                     if head.fin {
-                        if !self.utf8.complete() {
+                        if !p.utf8.complete() {
                             return Err(WsError::InvalidUtf8);
                         }
-                        let opcode = std::mem::replace(&mut self.fragmented, 0);
-                        self.assembled_out = true;
-                        let all = Payload { assembled: true, start: 0, end: self.assembled.len() };
+                        let opcode = std::mem::replace(&mut p.fragmented, 0);
+                        p.assembled_out = true;
+                        let all = Payload { assembled: true, start: 0, end: p.assembled.len() };
                         return Ok(Some(if opcode == OP_TEXT {
                             Incoming::Text(all)
                         } else {
@@ -774,7 +814,7 @@ mod tests {
         assert_eq!(read_text(&mut c).await, "fragmé".as_bytes());
         peer.write_all(&text(b"after")).await.unwrap();
         assert_eq!(read_text(&mut c).await, b"after");
-        assert_eq!(c.assembled.capacity(), 0, "the reassembly buffer is freed");
+        assert!(c.progress.is_none(), "the reassembly buffer is freed");
     }
 
     #[tokio::test]
