@@ -660,6 +660,11 @@ impl Session {
             if let Err(e) = self.node.broker().add_presence(channel, (*info).clone(), ttl).await {
                 tracing::warn!(channel, error = %e, "presence add failed");
             }
+            // The entry expires after `ttl` unless written again: from now on
+            // this connection refreshes its entries (`on_deadline`).
+            if self.presence_refresh.is_none() {
+                self.presence_refresh = Some(Instant::now() + ttl / 3);
+            }
         }
         if let Some(e) = expires_at {
             result.expires = true;

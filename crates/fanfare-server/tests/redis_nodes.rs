@@ -172,6 +172,31 @@ async fn presence_and_join_leave_cross_nodes() {
     z.assert_silent(Duration::from_millis(300)).await;
 }
 
+/// Presence entries in Redis expire after `client.presence_ttl` unless the
+/// owning node writes them again: a client that stays longer stays listed.
+#[tokio::test]
+async fn presence_outlives_its_ttl_while_the_client_stays() {
+    let redis = RedisServer::start();
+    let extra = format!("[client]\npresence_ttl = \"2s\"\n{}", namespaces());
+    let nodes = start_nodes(2, &[redis.url()], false, &extra);
+    let ch = "room:long";
+    let mut x = nodes[0].connected("x").await;
+    x.subscribe_ok(ch, json!({})).await;
+    let mut y = nodes[1].connected("y").await;
+    y.subscribe_ok(ch, json!({})).await;
+    // Three TTLs later both are still there, read from either node.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    for reader in [&mut x, &mut y] {
+        let s = reader.presence_stats(ch).await;
+        assert_eq!(s["presence_stats"], json!({"num_clients": 2, "num_users": 2}), "{s}");
+    }
+    // Gone once the client is gone.
+    y.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = x.presence_stats(ch).await;
+    assert_eq!(s["presence_stats"], json!({"num_clients": 1, "num_users": 1}), "{s}");
+}
+
 #[tokio::test]
 async fn history_and_recovery_cross_nodes() {
     let redis = RedisServer::start();
