@@ -148,6 +148,8 @@ impl Node {
             config.ping_interval,
             config.pong_timeout,
             config.connect_timeout,
+            // Refreshed at a third of the TTL: a tick late must stay well inside it.
+            config.presence_ttl / 3,
         ]));
         let node = Self {
             shared: Arc::new(Shared {

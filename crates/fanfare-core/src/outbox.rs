@@ -200,6 +200,20 @@ impl Outbox {
         close
     }
 
+    /// Lets go of what a closed connection no longer needs while the outbox
+    /// itself may live on a little (the timer keeps its entry until its bucket
+    /// is walked): the queued items and the connection task's waker (which
+    /// keeps the whole task allocation alive).
+    pub fn release(&self) {
+        let items = {
+            let mut st = self.lock();
+            st.bytes = 0;
+            std::mem::take(&mut st.items)
+        };
+        drop(items);
+        drop(self.waker.take());
+    }
+
     fn wake(&self) {
         self.woken.store(true, Ordering::Release);
         self.waker.wake();

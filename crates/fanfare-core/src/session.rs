@@ -367,7 +367,11 @@ impl Session {
 
     /// Applies requests the node queued for this session (see [`Control`]).
     pub async fn apply_controls(&mut self) {
-        for control in self.outbox.take_controls() {
+        let controls = self.outbox.take_controls();
+        if controls.is_empty() {
+            return;
+        }
+        for control in controls {
             match control {
                 Control::Subscribe { channel } => {
                     if self.conn.is_some() {
@@ -397,6 +401,9 @@ impl Session {
                 }
             }
         }
+        // A control may have added a deadline (presence refresh of a new
+        // server-side subscription): the timer must know before its next tick.
+        self.arm_timer();
     }
 
     /// A subscription made by the control API: joins the channel and tells the
@@ -969,6 +976,7 @@ impl Session {
         self.outbox.set_armed_tick(0);
         self.close_subscriptions().await;
         self.node.unregister(self.id);
+        self.outbox.release();
         metrics::counter!(crate::metrics::DISCONNECTS, "reason" => code.label()).increment(1);
     }
 }

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::api::{
-    API_KEY, Api, Redis, api, assert_http_error, code_of, data, eventually, http_api,
+    API_KEY, API_KEY_TOML, Api, Redis, api, assert_http_error, code_of, data, eventually, http_api,
     http_api_with, pb, publish_req, redis_node_toml,
 };
 use common::{Server, assert_healthy};
@@ -241,4 +241,55 @@ async fn broker_down_is_unavailable() {
     // Validation still comes first.
     let r = api.publish(publish_req("bad channel", json!(1))).await;
     assert_eq!(code_of(r), Code::InvalidArgument);
+}
+
+/// A subscription made by the API keeps its Redis presence entry alive past
+/// `client.presence_ttl`, even when the TTL is shorter than the ping interval
+/// and the connection had no presence subscription before (the refresh
+/// deadline must reach the timer without waiting for a ping).
+#[tokio::test]
+async fn api_subscription_presence_outlives_a_short_ttl() {
+    let redis = Redis::start();
+    let node = Server::start(&format!(
+        r#"
+[node]
+name = "node-a"
+[broker]
+kind = "redis"
+[redis]
+urls = ["{url}"]
+{API_KEY_TOML}
+[auth]
+hmac_secret = "{secret}"
+[client]
+presence_ttl = "2s"
+ping_interval = "25s"
+[[namespaces]]
+name = ""
+[[namespaces]]
+name = "room"
+presence = true
+"#,
+        url = redis.url(),
+        secret = common::SECRET,
+    ));
+    let mut api_a = api(&node).await;
+    let mut user = node.connected("42").await;
+    api_a
+        .subscribe(pb::SubscribeRequest {
+            user: "42".into(),
+            channel: "room:x".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("subscribe");
+    let p = user.recv_push().await;
+    assert!(p["push"]["subscribe"].is_object(), "{p}");
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let s = api_a
+        .presence_stats(pb::PresenceStatsRequest { channel: "room:x".into() })
+        .await
+        .expect("presence_stats")
+        .into_inner();
+    assert_eq!((s.num_clients, s.num_users), (1, 1), "three TTLs later, the user is still present");
 }
