@@ -1,5 +1,6 @@
 # Shell helpers shared by the benchmark scripts (sourced, not run):
-# loadtest/bench/single-node.sh, scripts/bench/compare-centrifugo.sh.
+# loadtest/bench/single-node.sh, scripts/bench/compare-centrifugo.sh, and
+# tests/conformance/run.sh (free_port, wait_port).
 
 # Other work on the machine (builds, tests) ruins CPU-bound figures: wait (up
 # to QUIET_WAIT seconds, default 900) until all CPUs together are less than

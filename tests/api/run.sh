@@ -19,12 +19,7 @@ command -v redis-server >/dev/null || { echo "run.sh: redis-server is needed" >&
 
 PY=${PYTHON:-python3}
 VENV=.venv
-# (Re)install when the venv is missing or requirements.txt changed.
-if [ ! -x "$VENV/bin/python" ] || ! cmp -s requirements.txt "$VENV/.requirements"; then
-  rm -rf "$VENV"
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt
-  cp requirements.txt "$VENV/.requirements"
-fi
+. ../venv.sh   # ensure_venv
+ensure_venv
 
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider "$@"

@@ -17,21 +17,15 @@ fi
 
 PY=${PYTHON:-python3}
 VENV=.venv
-if [ ! -x "$VENV/bin/kosoku" ] || ! cmp -s requirements.txt "$VENV/.requirements"; then
-  rm -rf "$VENV"
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r requirements.txt
-  cp requirements.txt "$VENV/.requirements"
-fi
+. ../venv.sh                     # ensure_venv
+. "$ROOT/loadtest/bench/lib.sh"  # free_port, wait_port
+ensure_venv
 
-PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+PORT=$(free_port)
 "$ECHO_BIN" "127.0.0.1:$PORT" >/dev/null &
 ECHO_PID=$!
 trap 'kill "$ECHO_PID" 2>/dev/null || true; wait "$ECHO_PID" 2>/dev/null || true' EXIT
-for _ in $(seq 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null && break
-  sleep 0.1
-done
+wait_port "$PORT" || { echo "ws_echo did not start" >&2; exit 1; }
 
 rm -rf reports
 timeout 300 "$VENV/bin/kosoku" "127.0.0.1:$PORT" -x '12.*' -x '13.*' -p 2 -o reports >reports.log 2>&1 \
