@@ -272,14 +272,9 @@ const GRPC_CONTENT_TYPE: HeaderValue = HeaderValue::from_static("application/grp
 
 /// `grpc-message` is percent-encoded: bytes outside printable ASCII and `%`.
 fn percent_encode(message: &str) -> HeaderValue {
-    let mut out = String::with_capacity(message.len());
-    for b in message.bytes() {
-        if (0x20..=0x7e).contains(&b) && b != b'%' {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
+    // CONTROLS covers 0x00-0x1F and 0x7F; every non-ASCII byte is encoded too.
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+    let out = percent_encoding::percent_encode(message.as_bytes(), SET).to_string();
     HeaderValue::from_str(&out).expect("printable ASCII is a valid header value")
 }
 
