@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use bytes::Bytes;
 use fanfare_protocol::{Codec, Reply};
 
+use crate::coalesce::Coalescer;
 use crate::outbox::{Control, Outbox};
 
 const SHARDS: usize = 64;
@@ -45,11 +46,14 @@ impl Subscriber {
         Self { outbox, live_after: AtomicU64::new(SYNCING), held: Mutex::new(None) }
     }
 
-    fn deliver(&self, offset: u64, item: &Bytes) {
+    fn deliver(&self, offset: u64, item: &Bytes, coalescer: Option<&Coalescer>) {
         let after = self.live_after.load(Ordering::Acquire);
         if after != SYNCING {
             if is_new(offset, after) {
-                self.outbox.push(item.clone());
+                match coalescer {
+                    Some(c) => self.outbox.push_deferred(item.clone(), c),
+                    None => self.outbox.push(item.clone()),
+                };
             }
             return;
         }
@@ -128,6 +132,8 @@ pub enum FanOut {
 pub struct Hub {
     shards: Box<[Shard]>,
     hasher: ahash::RandomState,
+    /// Set with `client.write_delay`: live pushes wake connections in batches.
+    coalescer: Option<Coalescer>,
 }
 
 impl Default for Hub {
@@ -141,7 +147,15 @@ impl Hub {
         Self {
             shards: (0..SHARDS).map(|_| RwLock::new(HashMap::default())).collect(),
             hasher: ahash::RandomState::new(),
+            coalescer: None,
         }
+    }
+
+    /// A hub whose live pushes reach connections at most `write_delay` late
+    /// and in batches (see `coalesce.rs`); zero means at once.
+    pub fn with_write_delay(write_delay: std::time::Duration) -> Self {
+        let coalescer = (!write_delay.is_zero()).then(|| Coalescer::new(write_delay));
+        Self { coalescer, ..Self::new() }
     }
 
     fn shard(&self, channel: &str) -> &Shard {
@@ -193,7 +207,7 @@ impl Hub {
             }
         }
         for sub in entry.subs.values() {
-            sub.deliver(push.offset, push.get(sub.outbox.codec()));
+            sub.deliver(push.offset, push.get(sub.outbox.codec()), self.coalescer.as_ref());
         }
         FanOut::Delivered(entry.subs.len())
     }

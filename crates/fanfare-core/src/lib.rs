@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod channel;
+pub mod coalesce;
 pub mod control;
 pub mod hub;
 pub mod memory;
@@ -25,6 +26,7 @@ pub use broker::{
     PublishOptions,
 };
 pub use channel::{ChannelError, ChannelRules, Namespace};
+pub use coalesce::Coalescer;
 pub use hub::{FanOut, Hub};
 pub use memory::MemoryBroker;
 pub use node::{Node, NodeConfig};

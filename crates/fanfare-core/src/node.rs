@@ -33,6 +33,9 @@ pub struct NodeConfig {
     pub max_channels: usize,
     /// Lifetime of a presence entry between refreshes.
     pub presence_ttl: Duration,
+    /// How long a publication may wait for others to share its socket write
+    /// (0 = written at once).
+    pub write_delay: Duration,
 }
 
 impl Default for NodeConfig {
@@ -46,6 +49,7 @@ impl Default for NodeConfig {
             max_queue_bytes: 1 << 20,
             max_channels: 128,
             presence_ttl: Duration::from_secs(60),
+            write_delay: Duration::ZERO,
         }
     }
 }
@@ -143,7 +147,7 @@ impl Node {
         auth: Authenticator,
         rules: ChannelRules,
     ) -> Self {
-        let hub = Arc::new(Hub::new());
+        let hub = Arc::new(Hub::with_write_delay(config.write_delay));
         let timers = Timers::new(Timers::tick_for(&[
             config.ping_interval,
             config.pong_timeout,

@@ -1,12 +1,14 @@
 //! The bounded outbound queue of one connection.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use fanfare_protocol::{Codec, DisconnectCode};
 use futures_util::task::AtomicWaker;
+
+use crate::coalesce::Coalescer;
 
 /// Encoded replies and pushes waiting to be written to one client.
 ///
@@ -36,6 +38,9 @@ struct State {
     items: VecDeque<Bytes>,
     bytes: u32,
     close: Option<DisconnectCode>,
+    /// Items were queued without waking the task (they wait for the
+    /// coalescer): the next plain push must wake it.
+    deferred: bool,
     /// Rarely used parts, allocated only while they hold something.
     cold: Option<Box<Cold>>,
 }
@@ -105,9 +110,39 @@ impl Outbox {
     /// Queues one encoded message. Returns false when the outbox is closed,
     /// including when this push overflowed it (the client is then closed as slow).
     pub fn push(&self, item: Bytes) -> bool {
+        match self.enqueue(item, false) {
+            Some(must_wake) => {
+                if must_wake {
+                    self.wake();
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Like [`Outbox::push`], but a push into an empty outbox wakes the
+    /// connection only when `coalescer`'s current batch ends (see `coalesce.rs`).
+    pub(crate) fn push_deferred(self: &Arc<Self>, item: Bytes, coalescer: &Coalescer) -> bool {
+        match self.enqueue(item, true) {
+            Some(first) => {
+                if first {
+                    coalescer.defer(self);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Queues `item`. `None` when closed or overflowing; else whether the
+    /// task must be woken (plain push: the queue was empty or only held
+    /// deferred items) or the outbox handed to the coalescer (deferred push:
+    /// the queue was empty).
+    fn enqueue(&self, item: Bytes, defer: bool) -> Option<bool> {
         let mut st = self.lock();
         if st.close.is_some() {
-            return false;
+            return None;
         }
         if st.bytes as usize + item.len() > self.max_bytes as usize {
             st.close = Some(DisconnectCode::SLOW);
@@ -116,16 +151,17 @@ impl Outbox {
             drop(st);
             crate::metrics::slow_consumer();
             self.wake();
-            return false;
+            return None;
         }
         let was_empty = st.items.is_empty();
         st.bytes += item.len() as u32;
         st.items.push_back(item);
-        drop(st);
-        if was_empty {
-            self.wake();
+        if defer {
+            st.deferred |= was_empty;
+            Some(was_empty)
+        } else {
+            Some(was_empty || std::mem::take(&mut st.deferred))
         }
-        true
     }
 
     /// Asks the writer to close the connection with `code` once what is queued is
@@ -190,6 +226,7 @@ impl Outbox {
         // Take the queue itself: an idle connection keeps no queue allocation.
         let items = std::mem::take(&mut st.items);
         st.bytes = 0;
+        st.deferred = false;
         let close = st.close;
         drop(st);
         if into.is_empty() {
@@ -214,7 +251,8 @@ impl Outbox {
         drop(self.waker.take());
     }
 
-    fn wake(&self) {
+    /// Wakes the connection task (also used by the coalescer at a batch's end).
+    pub(crate) fn wake(&self) {
         self.woken.store(true, Ordering::Release);
         self.waker.wake();
     }

@@ -219,6 +219,10 @@ pub struct ClientSection {
     pub max_channels: usize,
     #[serde(with = "humantime_serde")]
     pub presence_ttl: Duration,
+    /// Publications wait up to this long for others bound for the same
+    /// connection, so they share one socket write (0 = written at once).
+    #[serde(with = "humantime_serde")]
+    pub write_delay: Duration,
 }
 
 impl Default for ClientSection {
@@ -231,6 +235,7 @@ impl Default for ClientSection {
             queue_max_size: n.max_queue_bytes,
             max_channels: n.max_channels,
             presence_ttl: n.presence_ttl,
+            write_delay: n.write_delay,
         }
     }
 }
@@ -350,6 +355,9 @@ impl Settings {
         {
             bail!("client.pong_timeout: must be positive and shorter than client.ping_interval");
         }
+        if self.client.write_delay > Duration::from_secs(1) {
+            bail!("client.write_delay: must be at most 1s (it delays every publication)");
+        }
         if self.client.queue_max_size < 1024 {
             bail!("client.queue_max_size: must be at least 1024 bytes");
         }
@@ -383,6 +391,7 @@ impl Settings {
             max_queue_bytes: self.client.queue_max_size,
             max_channels: self.client.max_channels,
             presence_ttl: self.client.presence_ttl,
+            write_delay: self.client.write_delay,
             ..NodeConfig::default()
         }
     }

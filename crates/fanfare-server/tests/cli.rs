@@ -31,6 +31,12 @@ fn check_config_names_the_bad_key() {
         "stderr does not name client.ping_interval: {stderr}"
     );
 
+    // A value out of range.
+    let cfg = write_config(&dir, "[client]\nwrite_delay = \"2s\"\n");
+    let (status, _, stderr) = run_cli(&["check-config", "--config", &cfg], &[]);
+    assert!(!status.success(), "2 s write delay accepted");
+    assert!(stderr.contains("client.write_delay"), "{stderr}");
+
     // Bad value from the environment.
     let cfg = write_config(&dir, "");
     let (status, _, stderr) = run_cli(

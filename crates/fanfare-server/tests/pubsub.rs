@@ -257,3 +257,68 @@ async fn large_messages_pass_with_small_per_connection_buffers() {
     }
     assert_healthy(&server).await;
 }
+
+/// Publications 50 ms apart, as one subscriber sees them: the objects of each
+/// WebSocket message it receives, and when the first message arrived.
+async fn three_publications(server: &Server) -> (Vec<Vec<serde_json::Value>>, Duration) {
+    let mut a = server.client().await;
+    let mut b = server.client().await;
+    a.connect_ok("").await;
+    b.connect_ok("").await;
+    b.subscribe_ok("chat", json!({})).await;
+    let t0 = Instant::now();
+    for i in 0..3 {
+        a.publish("chat", json!({"seq": i})).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut frames = vec![b.recv_frame().await];
+    let first_after = t0.elapsed();
+    while frames.iter().map(Vec::len).sum::<usize>() < 3 {
+        frames.push(b.recv_frame().await);
+    }
+    (frames, first_after)
+}
+
+#[tokio::test]
+async fn write_delay_groups_publications_into_one_write() {
+    let seqs = |frames: &[Vec<serde_json::Value>]| -> Vec<Vec<u64>> {
+        frames
+            .iter()
+            .map(|f| f.iter().map(|p| p["push"]["pub"]["data"]["seq"].as_u64().unwrap()).collect())
+            .collect()
+    };
+
+    // Default: every publication is written as soon as it is queued.
+    let server = Server::start(OPEN_NS);
+    let (frames, first) = three_publications(&server).await;
+    assert_eq!(seqs(&frames), vec![vec![0], vec![1], vec![2]], "{frames:?}");
+    assert!(first < Duration::from_millis(300), "first publication after {first:?}");
+    drop(server);
+
+    // With a write delay, they wait for each other and leave in one frame,
+    // in order, once the delay after the first has passed.
+    let server = Server::start(&format!("[client]\nwrite_delay = \"400ms\"\n{OPEN_NS}"));
+    let (frames, first) = three_publications(&server).await;
+    assert_eq!(seqs(&frames), vec![vec![0, 1, 2]], "{frames:?}");
+    assert!(first >= Duration::from_millis(350), "delivered after only {first:?}");
+    assert!(first < Duration::from_secs(2), "delivered after {first:?}");
+
+    // A reply to the subscriber's own command is not delayed, and takes the
+    // publication waiting for the delay along, in order.
+    let mut a = server.client().await;
+    let mut b = server.client().await;
+    a.connect_ok("").await;
+    b.connect_ok("").await;
+    b.subscribe_ok("news", json!({})).await;
+    a.publish("news", json!({"seq": 7})).await;
+    let t0 = Instant::now();
+    let id = b.next_id();
+    b.send_json(&json!({"id": id, "subscribe": {"channel": "other"}})).await;
+    let frame = b.recv_frame().await;
+    assert!(t0.elapsed() < Duration::from_millis(300), "reply after {:?}", t0.elapsed());
+    assert_eq!(frame.len(), 2, "{frame:?}");
+    assert_eq!(frame[0]["push"]["pub"]["data"]["seq"], 7, "{frame:?}");
+    assert_eq!(frame[1]["id"], id, "{frame:?}");
+    b.assert_silent(Duration::from_millis(600)).await;
+    assert_healthy(&server).await;
+}

@@ -507,6 +507,17 @@ impl Client {
         }
     }
 
+    /// The objects of the next WebSocket message carrying any (pings aside):
+    /// shows how the server grouped its messages into frames.
+    pub async fn recv_frame(&mut self) -> Vec<Value> {
+        assert!(self.buf.is_empty(), "messages already buffered: {:?}", self.buf);
+        let deadline = Instant::now() + self.timeout;
+        if let Err(e) = self.fill(deadline).await {
+            self.fail("waiting for a frame", e);
+        }
+        self.buf.drain(..).collect()
+    }
+
     /// The reply to command `id` (pushes that arrive meanwhile stay buffered).
     pub async fn reply(&mut self, id: u32) -> Value {
         self.recv_matching(&format!("the reply to command {id}"), |v| {
