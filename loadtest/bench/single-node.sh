@@ -7,6 +7,7 @@
 #   loadtest/bench/single-node.sh OUT_DIR fanout RATE [extra loadtest flags]
 #   loadtest/bench/summarize.py OUT_DIR        # medians per configuration
 #
+# WRITE_DELAY (env) sets the node's client.write_delay (default 0s).
 # Run `cargo build --release -p fanfare-server -p fanfare-loadtest` first.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -28,6 +29,8 @@ listen = "127.0.0.1:$PORT"
 listen = "127.0.0.1:$((PORT + 1))"
 [log]
 level = "warn"
+[client]
+write_delay = "${WRITE_DELAY:-0s}"
 [[namespaces]]
 name = ""
 allow_publish = true

@@ -16,7 +16,7 @@
 # Sizes (environment; full-run defaults, --quick defaults in brackets):
 #   RUNS=3 [1]  IDLE_N=19000 [1000]  IDLE_HOLD=60s [3s]  SETTLE=3s [2s]
 #   FANOUT_N=10000 [1000]  FANOUT_CHANNELS=10  FANOUT_RATE=200 [100]
-#   FANOUT_DUR=10s [3s]  PAYLOAD=128  WORKERS=2  PUBLISH_MODE=client (or http)
+#   FANOUT_PUBLISHERS=1  FANOUT_DUR=10s [3s]  PAYLOAD=128  WORKERS=2  PUBLISH_MODE=client (or http)
 #   AUTH=jwt (HS256 token per client) or anon
 #   QUIET_WAIT=900 [60]: longest wait for a quiet machine before each run
 #   CENTRIFUGO_VERSION=v6.9.1
@@ -47,7 +47,7 @@ ROOT=$PWD
 . "$ROOT/loadtest/bench/lib.sh" # wait_quiet, free_port, wait_port
 
 # The size variables the caller set, for the command line in the summary.
-SIZE_VARS="RUNS IDLE_N IDLE_HOLD SETTLE FANOUT_N FANOUT_CHANNELS FANOUT_RATE FANOUT_DUR PAYLOAD WORKERS PUBLISH_MODE AUTH QUIET_WAIT CENTRIFUGO_VERSION"
+SIZE_VARS="RUNS IDLE_N IDLE_HOLD SETTLE FANOUT_N FANOUT_CHANNELS FANOUT_RATE FANOUT_PUBLISHERS FANOUT_DUR PAYLOAD WORKERS PUBLISH_MODE AUTH QUIET_WAIT CENTRIFUGO_VERSION"
 ENV_PREFIX=""
 for v in $SIZE_VARS; do [ -n "${!v+x}" ] && ENV_PREFIX+="$v=${!v} "; done
 
@@ -75,7 +75,7 @@ else
   : "${FANOUT_RATE:=200}" "${FANOUT_DUR:=10s}" "${QUIET_WAIT:=900}"
 fi
 RUNS=${RUNS_ARG:-$RUNS}
-: "${FANOUT_CHANNELS:=10}" "${PAYLOAD:=128}" "${WORKERS:=2}" "${PUBLISH_MODE:=client}"
+: "${FANOUT_CHANNELS:=10}" "${FANOUT_PUBLISHERS:=1}" "${PAYLOAD:=128}" "${WORKERS:=2}" "${PUBLISH_MODE:=client}"
 : "${AUTH:=jwt}" "${CENTRIFUGO_VERSION:=v6.9.1}"
 export QUIET_WAIT
 case $AUTH in jwt|anon) ;; *) echo "AUTH must be jwt or anon" >&2; exit 2 ;; esac
@@ -121,7 +121,7 @@ json.dump({
     "env": {k: v for k, v in {
         "RUNS": "$RUNS", "IDLE_N": "$IDLE_N", "IDLE_HOLD": "$IDLE_HOLD", "SETTLE": "$SETTLE",
         "FANOUT_N": "$FANOUT_N", "FANOUT_CHANNELS": "$FANOUT_CHANNELS",
-        "FANOUT_RATE": "$FANOUT_RATE", "FANOUT_DUR": "$FANOUT_DUR", "PAYLOAD": "$PAYLOAD",
+        "FANOUT_RATE": "$FANOUT_RATE", "FANOUT_PUBLISHERS": "$FANOUT_PUBLISHERS", "FANOUT_DUR": "$FANOUT_DUR", "PAYLOAD": "$PAYLOAD",
         "WORKERS": "$WORKERS", "PUBLISH_MODE": "$PUBLISH_MODE", "AUTH": "$AUTH",
         "BROKERS": "$BROKERS"}.items()},
 }, open(sys.argv[1], "w"), indent=1)
@@ -241,7 +241,7 @@ run_one() {
         --settle "$SETTLE" >"$OUT/runs/$name.json" 2>"$OUT/runs/$name.txt" || true ;;
     fanout)
       "$LOADTEST" fanout "${common[@]}" -n "$FANOUT_N" --channels "$FANOUT_CHANNELS" \
-        --rate "$FANOUT_RATE" -d "$FANOUT_DUR" --ramp 0 --drain 30s --payload-size "$PAYLOAD" \
+        --rate "$FANOUT_RATE" --publishers "$FANOUT_PUBLISHERS" -d "$FANOUT_DUR" --ramp 0 --drain 30s --payload-size "$PAYLOAD" \
         --publish-mode "$PUBLISH_MODE" --api-key "$API_KEY" --settle "$SETTLE" \
         >"$OUT/runs/$name.json" 2>"$OUT/runs/$name.txt" || true ;;
   esac

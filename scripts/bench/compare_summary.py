@@ -226,7 +226,7 @@ channel `#<user>` on both (fanfare always does; Centrifugo
 `redis-server --save ''` started by the script). Idle: `fanfare-loadtest idle
 -n IDLE_N --subs 1 --ramp 0 --hold IDLE_HOLD` (RSS per connection, idle CPU,
 connect rate). Fanout: `fanfare-loadtest fanout -n FANOUT_N --channels
-FANOUT_CHANNELS --rate FANOUT_RATE` ({publish}, {env.get('PAYLOAD', '?')}-byte payloads). Same
+FANOUT_CHANNELS --rate FANOUT_RATE --publishers FANOUT_PUBLISHERS` ({publish}, {env.get('PAYLOAD', '?')}-byte payloads). Same
 flags for both servers; {env.get('WORKERS', '?')} load-generator worker processes.
 Server CPU is the server process only (not Redis).
 
