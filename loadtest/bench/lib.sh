@@ -8,7 +8,7 @@
 # how quiet it stayed.
 wait_quiet() {
   local deadline=$((SECONDS + ${QUIET_WAIT:-900}))
-  local cpus ticks
+  local cpus ticks u n s i si st
   cpus=$(nproc)
   # /proc/stat counts 1/100 s ticks: 5 s x cpus x 100 ticks, 15 % of it
   ticks=$((5 * cpus * 100 * 15 / 100))

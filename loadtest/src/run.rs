@@ -52,8 +52,13 @@ impl CpuMark {
     /// used by neither the server nor the load generator.
     fn machine_to(&self, end: &CpuMark) -> Machine {
         let secs = end.at.duration_since(self.at).as_secs_f64();
+        // /proc/stat counts 10 ms ticks: over a shorter window than this the
+        // rates are noise (a 100-client connect phase takes ~10 ms and showed
+        // "other processes used 1.2 CPU s/s").
         let diff = match (self.machine, end.machine) {
-            (Some(a), Some(b)) if secs > 0.0 => Some(((b.0 - a.0) / secs, (b.1 - a.1) / secs)),
+            (Some(a), Some(b)) if secs >= MIN_RATE_WINDOW_SECS => {
+                Some(((b.0 - a.0) / secs, (b.1 - a.1) / secs))
+            }
             _ => None,
         };
         let (_, server, loadgen) = self.rates_to(end);
@@ -362,6 +367,9 @@ fn problems(plan: &Plan, r: &Report) -> Vec<String> {
     }
     p
 }
+
+/// Shortest window over which machine-wide CPU rates are reported.
+const MIN_RATE_WINDOW_SECS: f64 = 0.5;
 
 /// Conditions that make figures unreliable without making the run fail.
 fn warnings(plan: &Plan, r: &Report) -> Vec<String> {
