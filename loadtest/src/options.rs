@@ -116,7 +116,8 @@ pub struct Options {
     #[arg(long)]
     pub channels: Option<usize>,
 
-    /// Channels each client subscribes to (K). Default 1.
+    /// Channels each client subscribes to (K). Default 1; idle accepts 0
+    /// (connections only: the connect rate is then pure handshakes).
     #[arg(long)]
     pub subs: Option<usize>,
 
@@ -370,6 +371,8 @@ impl Options {
         };
         let subs = match scenario {
             Scenario::Chat => 1,
+            // Idle with 0: handshakes only (TCP + WebSocket upgrade + connect).
+            Scenario::Idle => self.subs.unwrap_or(1).min(channels),
             _ => self.subs.unwrap_or(1).clamp(1, channels),
         };
         let publishers = match scenario {
@@ -551,6 +554,14 @@ mod tests {
         all.sort();
         assert_eq!(all, (0..7).collect::<Vec<_>>());
         assert_eq!(p.api_url, "http://127.0.0.1:8000/api/publish");
+    }
+
+    #[test]
+    fn idle_may_subscribe_to_nothing_other_scenarios_to_at_least_one() {
+        let p = plan(&["idle", "-n", "10", "--subs", "0"]);
+        assert!(p.client_channels(3).is_empty());
+        let p = plan(&["fanout", "-n", "10", "--subs", "0"]);
+        assert_eq!(p.client_channels(3).len(), 1);
     }
 
     #[test]

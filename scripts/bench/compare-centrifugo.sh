@@ -20,6 +20,9 @@
 #   AUTH=jwt (HS256 token per client) or anon
 #   QUIET_WAIT=900 [60]: longest wait for a quiet machine before each run
 #   CENTRIFUGO_VERSION=v6.9.1
+#   FANFARE_WRITE_DELAY=0s: fanfare's client.write_delay. Centrifugo OSS has no
+#     equivalent (its client.write_delay is a PRO option), so anything but 0s
+#     is NOT an equivalent setting; the summary names it when set.
 #
 # Equivalent settings (fanfare TOML key <-> Centrifugo v6 JSON key):
 #   http.listen                          <-> http_server.address + http_server.port
@@ -47,7 +50,7 @@ ROOT=$PWD
 . "$ROOT/loadtest/bench/lib.sh" # wait_quiet, free_port, wait_port
 
 # The size variables the caller set, for the command line in the summary.
-SIZE_VARS="RUNS IDLE_N IDLE_HOLD SETTLE FANOUT_N FANOUT_CHANNELS FANOUT_RATE FANOUT_PUBLISHERS FANOUT_DUR PAYLOAD WORKERS PUBLISH_MODE AUTH QUIET_WAIT CENTRIFUGO_VERSION"
+SIZE_VARS="FANFARE_WRITE_DELAY RUNS IDLE_N IDLE_HOLD SETTLE FANOUT_N FANOUT_CHANNELS FANOUT_RATE FANOUT_PUBLISHERS FANOUT_DUR PAYLOAD WORKERS PUBLISH_MODE AUTH QUIET_WAIT CENTRIFUGO_VERSION"
 ENV_PREFIX=""
 for v in $SIZE_VARS; do [ -n "${!v+x}" ] && ENV_PREFIX+="$v=${!v} "; done
 
@@ -76,7 +79,7 @@ else
 fi
 RUNS=${RUNS_ARG:-$RUNS}
 : "${FANOUT_CHANNELS:=10}" "${FANOUT_PUBLISHERS:=1}" "${PAYLOAD:=128}" "${WORKERS:=2}" "${PUBLISH_MODE:=client}"
-: "${AUTH:=jwt}" "${CENTRIFUGO_VERSION:=v6.9.1}"
+: "${AUTH:=jwt}" "${CENTRIFUGO_VERSION:=v6.9.1}" "${FANFARE_WRITE_DELAY:=0s}"
 export QUIET_WAIT
 case $AUTH in jwt|anon) ;; *) echo "AUTH must be jwt or anon" >&2; exit 2 ;; esac
 OUT=${OUT:-$ROOT/target/bench/compare-$(date -u +%Y%m%dT%H%M%SZ)}
@@ -123,7 +126,7 @@ json.dump({
         "FANOUT_N": "$FANOUT_N", "FANOUT_CHANNELS": "$FANOUT_CHANNELS",
         "FANOUT_RATE": "$FANOUT_RATE", "FANOUT_PUBLISHERS": "$FANOUT_PUBLISHERS", "FANOUT_DUR": "$FANOUT_DUR", "PAYLOAD": "$PAYLOAD",
         "WORKERS": "$WORKERS", "PUBLISH_MODE": "$PUBLISH_MODE", "AUTH": "$AUTH",
-        "BROKERS": "$BROKERS"}.items()},
+        "BROKERS": "$BROKERS", "FANFARE_WRITE_DELAY": "$FANFARE_WRITE_DELAY"}.items()},
 }, open(sys.argv[1], "w"), indent=1)
 PY
 
@@ -156,6 +159,7 @@ write_fanfare_config() { # write_fanfare_config BROKER FILE
     echo "[log]"; echo 'level = "warn"'
     echo "[api]"; echo "key = \"$API_KEY\""
     echo "[client]"; echo 'ping_interval = "25s"'; echo 'pong_timeout = "8s"'
+    echo "write_delay = \"$FANFARE_WRITE_DELAY\""
     if [ "$AUTH" = jwt ]; then
       echo "[auth]"; echo "hmac_secret = \"$SECRET\""
     else

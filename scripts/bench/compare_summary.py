@@ -204,6 +204,10 @@ def section(out):
             else "anonymous")
     publish = ("client-side `publish` commands" if env.get("PUBLISH_MODE") == "client"
                else "`POST /api/publish` with `X-API-Key`")
+    wd = env.get("FANFARE_WRITE_DELAY", "0s")
+    write_delay_note = ("" if wd in ("", "0s", "0") else
+                        f"\n**fanfare ran with `client.write_delay = \"{wd}\"`**, which Centrifugo"
+                        " OSS has no equivalent for: not an equivalent setting.")
     text = f"""{SECTION}
 
 - Date: {meta.get('date', '?')}
@@ -228,7 +232,7 @@ channel `#<user>` on both (fanfare always does; Centrifugo
 connect rate). Fanout: `fanfare-loadtest fanout -n FANOUT_N --channels
 FANOUT_CHANNELS --rate FANOUT_RATE --publishers FANOUT_PUBLISHERS` ({publish}, {env.get('PAYLOAD', '?')}-byte payloads). Same
 flags for both servers; {env.get('WORKERS', '?')} load-generator worker processes.
-Server CPU is the server process only (not Redis).
+Server CPU is the server process only (not Redis).{write_delay_note}
 
 {tables(out)}"""
     return text.rstrip() + "\n"
