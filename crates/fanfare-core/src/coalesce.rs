@@ -54,10 +54,6 @@ impl Coalescer {
         }
     }
 
-    pub fn delay(&self) -> Duration {
-        self.inner.delay
-    }
-
     /// Wakes `outbox` at the end of the current batch. Outside a tokio runtime
     /// (nothing could drive the batch) it is woken at once.
     pub(crate) fn defer(&self, outbox: &Arc<Outbox>) {

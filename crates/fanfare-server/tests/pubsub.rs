@@ -292,16 +292,16 @@ async fn write_delay_groups_publications_into_one_write() {
     let server = Server::start(OPEN_NS);
     let (frames, first) = three_publications(&server).await;
     assert_eq!(seqs(&frames), vec![vec![0], vec![1], vec![2]], "{frames:?}");
-    assert!(first < Duration::from_millis(300), "first publication after {first:?}");
+    assert!(first < Duration::from_secs(1), "first publication after {first:?}");
     drop(server);
 
     // With a write delay, they wait for each other and leave in one frame,
     // in order, once the delay after the first has passed.
-    let server = Server::start(&format!("[client]\nwrite_delay = \"400ms\"\n{OPEN_NS}"));
+    let server = Server::start(&format!("[client]\nwrite_delay = \"1s\"\n{OPEN_NS}"));
     let (frames, first) = three_publications(&server).await;
     assert_eq!(seqs(&frames), vec![vec![0, 1, 2]], "{frames:?}");
-    assert!(first >= Duration::from_millis(350), "delivered after only {first:?}");
-    assert!(first < Duration::from_secs(2), "delivered after {first:?}");
+    assert!(first >= Duration::from_secs(1), "delivered after only {first:?}");
+    assert!(first < Duration::from_secs(3), "delivered after {first:?}");
 
     // A reply to the subscriber's own command is not delayed, and takes the
     // publication waiting for the delay along, in order.
@@ -315,10 +315,12 @@ async fn write_delay_groups_publications_into_one_write() {
     let id = b.next_id();
     b.send_json(&json!({"id": id, "subscribe": {"channel": "other"}})).await;
     let frame = b.recv_frame().await;
-    assert!(t0.elapsed() < Duration::from_millis(300), "reply after {:?}", t0.elapsed());
+    assert!(t0.elapsed() < Duration::from_millis(700), "reply after {:?}", t0.elapsed());
     assert_eq!(frame.len(), 2, "{frame:?}");
     assert_eq!(frame[0]["push"]["pub"]["data"]["seq"], 7, "{frame:?}");
     assert_eq!(frame[1]["id"], id, "{frame:?}");
-    b.assert_silent(Duration::from_millis(600)).await;
+    // The coalescer's wake-up for the publication, when it comes, finds
+    // nothing left: no duplicate.
+    b.assert_silent(Duration::from_millis(1500)).await;
     assert_healthy(&server).await;
 }
