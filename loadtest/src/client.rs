@@ -269,9 +269,10 @@ impl Conn {
                     }
                     let _ = self.stream.try_write(&self.out);
                     self.out.clear();
-                    // No code is reported as 0, as before.
+                    // A close frame without a code is 1005 "no status
+                    // received" (RFC 6455 7.1.5), as browsers report it.
                     return Err(Ended::Closed {
-                        code: code.unwrap_or(0),
+                        code: code.unwrap_or(1005),
                         reason: reason.to_string(),
                     });
                 }
