@@ -25,7 +25,11 @@ struct Inner {
     pending: Mutex<Vec<Arc<Outbox>>>,
     /// Signalled when the list goes from empty to non-empty.
     first: Notify,
+    /// A driver task is running (cleared when it ends, so another starts).
     started: AtomicBool,
+    /// The runtime the node was created on: the driver runs there, not on
+    /// whichever runtime (a gRPC worker's, say) made the first deferred push.
+    home: Option<tokio::runtime::Handle>,
 }
 
 /// A node's write coalescer. Cheap to clone.
@@ -50,6 +54,7 @@ impl Coalescer {
                 pending: Mutex::new(Vec::new()),
                 first: Notify::new(),
                 started: AtomicBool::new(false),
+                home: tokio::runtime::Handle::try_current().ok(),
             }),
         }
     }
@@ -58,13 +63,15 @@ impl Coalescer {
     /// (nothing could drive the batch) it is woken at once.
     pub(crate) fn defer(&self, outbox: &Arc<Outbox>) {
         if !self.inner.started.load(Ordering::Acquire) {
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => {
+            let rt = self.inner.home.clone().or_else(|| tokio::runtime::Handle::try_current().ok());
+            match rt {
+                Some(rt) => {
                     if !self.inner.started.swap(true, Ordering::AcqRel) {
-                        rt.spawn(drive(Arc::downgrade(&self.inner)));
+                        let running = Running(Arc::downgrade(&self.inner));
+                        rt.spawn(drive(running));
                     }
                 }
-                Err(_) => {
+                None => {
                     outbox.wake();
                     return;
                 }
@@ -80,9 +87,28 @@ impl Coalescer {
     }
 }
 
+/// Held by the driver task: when the task ends or is dropped (its runtime
+/// shut down), the next deferred push starts a new one.
+struct Running(Weak<Inner>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.started.store(false, Ordering::Release);
+            // Whatever waits on the list is not lost: wake it now.
+            let batch =
+                std::mem::take(&mut *inner.pending.lock().unwrap_or_else(|p| p.into_inner()));
+            for outbox in batch {
+                outbox.wake();
+            }
+        }
+    }
+}
+
 /// The driver: waits for a first pending outbox, lets `delay` pass, wakes the
 /// batch, and so on while the node exists.
-async fn drive(inner: Weak<Inner>) {
+async fn drive(running: Running) {
+    let inner = &running.0;
     loop {
         let Some(strong) = inner.upgrade() else { return };
         // Look up once a second while idle, to end with a dropped node.
@@ -120,6 +146,29 @@ mod tests {
         let mut items = Vec::new();
         o.drain(&mut items);
         assert_eq!(items.len(), 2);
+    }
+
+    #[test]
+    fn the_driver_runs_on_the_runtime_the_coalescer_was_made_on() {
+        let home = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let c = home.block_on(async { Coalescer::new(Duration::from_millis(20)) });
+        // A short-lived runtime (like a gRPC worker's) makes the first push,
+        // then goes away; deliveries must still be woken by the home runtime.
+        let o = Arc::new(Outbox::new(Codec::Json, 1 << 16));
+        let other = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        other.block_on(async {
+            assert!(o.push_deferred(Bytes::from_static(b"a"), &c));
+        });
+        drop(other);
+        home.block_on(async {
+            tokio::time::timeout(Duration::from_secs(2), o.ready()).await.expect("woken");
+            let mut items = Vec::new();
+            o.drain(&mut items);
+            assert_eq!(items.len(), 1);
+            // And the next batch is driven too.
+            assert!(o.push_deferred(Bytes::from_static(b"b"), &c));
+            tokio::time::timeout(Duration::from_secs(2), o.ready()).await.expect("woken again");
+        });
     }
 
     #[tokio::test(start_paused = true)]

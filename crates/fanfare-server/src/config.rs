@@ -355,8 +355,14 @@ impl Settings {
         {
             bail!("client.pong_timeout: must be positive and shorter than client.ping_interval");
         }
-        if self.client.write_delay > Duration::from_secs(1) {
-            bail!("client.write_delay: must be at most 1s (it delays every publication)");
+        if self.client.write_delay > Duration::from_secs(1)
+            || (!self.client.write_delay.is_zero()
+                && self.client.write_delay < Duration::from_millis(1))
+        {
+            bail!(
+                "client.write_delay: must be 0 or between 1ms (the timer's resolution) and 1s \
+                 (it delays every publication)"
+            );
         }
         if self.client.queue_max_size < 1024 {
             bail!("client.queue_max_size: must be at least 1024 bytes");

@@ -36,6 +36,10 @@ fn check_config_names_the_bad_key() {
     let (status, _, stderr) = run_cli(&["check-config", "--config", &cfg], &[]);
     assert!(!status.success(), "2 s write delay accepted");
     assert!(stderr.contains("client.write_delay"), "{stderr}");
+    let cfg = write_config(&dir, "[client]\nwrite_delay = \"100us\"\n");
+    let (status, _, stderr) = run_cli(&["check-config", "--config", &cfg], &[]);
+    assert!(!status.success(), "a delay below the timer's 1 ms resolution accepted");
+    assert!(stderr.contains("client.write_delay"), "{stderr}");
 
     // Bad value from the environment.
     let cfg = write_config(&dir, "");

@@ -258,7 +258,7 @@ async fn large_messages_pass_with_small_per_connection_buffers() {
     assert_healthy(&server).await;
 }
 
-/// Publications 50 ms apart, as one subscriber sees them: the objects of each
+/// Publications 150 ms apart, as one subscriber sees them: the objects of each
 /// WebSocket message it receives, and when the first message arrived.
 async fn three_publications(server: &Server) -> (Vec<Vec<serde_json::Value>>, Duration) {
     let mut a = server.client().await;
@@ -269,7 +269,7 @@ async fn three_publications(server: &Server) -> (Vec<Vec<serde_json::Value>>, Du
     let t0 = Instant::now();
     for i in 0..3 {
         a.publish("chat", json!({"seq": i})).await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
     }
     let mut frames = vec![b.recv_frame().await];
     let first_after = t0.elapsed();
@@ -296,7 +296,8 @@ async fn write_delay_groups_publications_into_one_write() {
     drop(server);
 
     // With a write delay, they wait for each other and leave in one frame,
-    // in order, once the delay after the first has passed.
+    // in order, once the delay after the first has passed (nothing else on
+    // this node starts a batch earlier: no presence, no other channel).
     let server = Server::start(&format!("[client]\nwrite_delay = \"1s\"\n{OPEN_NS}"));
     let (frames, first) = three_publications(&server).await;
     assert_eq!(seqs(&frames), vec![vec![0, 1, 2]], "{frames:?}");
