@@ -157,9 +157,11 @@ allow_publish = true
     let start = Instant::now();
     while bytes < MAX_BYTES {
         // Keep the fast subscriber within a bounded distance: its queue must
-        // never overflow, however the machine schedules us.
+        // never overflow, however the machine schedules us. At most 24 + 16
+        // pushes of ~1.2 KB are unread: under the 64 KiB queue even when the
+        // socket buffers hold nothing (256 overflowed once on a loaded run).
         let wait_start = Instant::now();
-        while sent - received.load(Ordering::Acquire) > 256 {
+        while sent - received.load(Ordering::Acquire) > 24 {
             assert!(
                 wait_start.elapsed() < Duration::from_secs(10),
                 "fast subscriber stalled at {} of {sent}",
