@@ -10,6 +10,7 @@ pub const DISCONNECTS: &str = "fanfare_disconnects_total";
 pub const SUBSCRIPTIONS: &str = "fanfare_subscriptions";
 pub const CHANNELS: &str = "fanfare_channels";
 pub const MESSAGES_SENT: &str = "fanfare_messages_sent_total";
+pub const WRITES: &str = "fanfare_client_writes_total";
 pub const MESSAGES_RECEIVED: &str = "fanfare_messages_received_total";
 pub const BYTES_SENT: &str = "fanfare_bytes_sent_total";
 pub const BYTES_RECEIVED: &str = "fanfare_bytes_received_total";
@@ -28,6 +29,7 @@ pub struct Hot {
     pub subscriptions: Gauge,
     pub channels: Gauge,
     pub messages_sent: Counter,
+    pub writes: Counter,
     pub messages_received: Counter,
     pub bytes_sent: Counter,
     pub bytes_received: Counter,
@@ -45,6 +47,7 @@ pub fn hot() -> &'static Hot {
         subscriptions: gauge!(SUBSCRIPTIONS),
         channels: gauge!(CHANNELS),
         messages_sent: counter!(MESSAGES_SENT),
+        writes: counter!(WRITES),
         messages_received: counter!(MESSAGES_RECEIVED),
         bytes_sent: counter!(BYTES_SENT),
         bytes_received: counter!(BYTES_RECEIVED),
@@ -68,6 +71,10 @@ pub fn describe() {
     describe_gauge!(SUBSCRIPTIONS, "Client subscriptions on this node.");
     describe_gauge!(CHANNELS, "Channels with at least one local subscriber.");
     describe_counter!(MESSAGES_SENT, "Replies and pushes written to clients.");
+    describe_counter!(
+        WRITES,
+        "Socket writes of replies and pushes started (messages_sent / writes = messages per write; client.write_delay raises it)."
+    );
     describe_counter!(MESSAGES_RECEIVED, "Commands received from clients.");
     describe_counter!(BYTES_SENT, Unit::Bytes, "WebSocket payload bytes written to clients.");
     describe_counter!(BYTES_RECEIVED, Unit::Bytes, "WebSocket payload bytes read from clients.");

@@ -257,6 +257,8 @@ where
         // JSON messages share a text frame, separated by newlines.
         Codec::Json => (OP_TEXT, b"\n"),
     };
+    // Counted before writing, so a client that got the bytes sees the count.
+    hot().writes.increment(1);
     let write = conn.send_joined(opcode, &items, separator, MAX_BATCH_FRAME);
     match tokio::time::timeout(write_timeout, write).await {
         Ok(Ok(bytes)) => {

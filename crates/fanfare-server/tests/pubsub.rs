@@ -258,14 +258,18 @@ async fn large_messages_pass_with_small_per_connection_buffers() {
     assert_healthy(&server).await;
 }
 
+const WRITES: &str = "fanfare_client_writes_total";
+
 /// Publications 150 ms apart, as one subscriber sees them: the objects of each
-/// WebSocket message it receives, and when the first message arrived.
-async fn three_publications(server: &Server) -> (Vec<Vec<serde_json::Value>>, Duration) {
+/// WebSocket message it receives, when the first message arrived, and how
+/// many socket writes the node made meanwhile (`fanfare_client_writes_total`).
+async fn three_publications(server: &Server) -> (Vec<Vec<serde_json::Value>>, Duration, f64) {
     let mut a = server.client().await;
     let mut b = server.client().await;
     a.connect_ok("").await;
     b.connect_ok("").await;
     b.subscribe_ok("chat", json!({})).await;
+    let writes_before = common::metric(server.port, WRITES);
     let t0 = Instant::now();
     for i in 0..3 {
         a.publish("chat", json!({"seq": i})).await;
@@ -276,7 +280,8 @@ async fn three_publications(server: &Server) -> (Vec<Vec<serde_json::Value>>, Du
     while frames.iter().map(Vec::len).sum::<usize>() < 3 {
         frames.push(b.recv_frame().await);
     }
-    (frames, first_after)
+    let writes = common::metric(server.port, WRITES) - writes_before;
+    (frames, first_after, writes)
 }
 
 #[tokio::test]
@@ -290,8 +295,10 @@ async fn write_delay_groups_publications_into_one_write() {
 
     // Default: every publication is written as soon as it is queued.
     let server = Server::start(OPEN_NS);
-    let (frames, first) = three_publications(&server).await;
+    let (frames, first, writes) = three_publications(&server).await;
     assert_eq!(seqs(&frames), vec![vec![0], vec![1], vec![2]], "{frames:?}");
+    // Three publish replies to the publisher, three pushes to the subscriber.
+    assert_eq!(writes, 6.0, "socket writes");
     assert!(first < Duration::from_secs(1), "first publication after {first:?}");
     drop(server);
 
@@ -299,8 +306,10 @@ async fn write_delay_groups_publications_into_one_write() {
     // in order, once the delay after the first has passed (nothing else on
     // this node starts a batch earlier: no presence, no other channel).
     let server = Server::start(&format!("[client]\nwrite_delay = \"1s\"\n{OPEN_NS}"));
-    let (frames, first) = three_publications(&server).await;
+    let (frames, first, writes) = three_publications(&server).await;
     assert_eq!(seqs(&frames), vec![vec![0, 1, 2]], "{frames:?}");
+    // The replies are not delayed; the three pushes took one write.
+    assert_eq!(writes, 4.0, "socket writes");
     assert!(first >= Duration::from_secs(1), "delivered after only {first:?}");
     assert!(first < Duration::from_secs(3), "delivered after {first:?}");
 
