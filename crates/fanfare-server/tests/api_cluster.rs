@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::api::{
     API_KEY, API_KEY_TOML, Api, Redis, api, assert_http_error, code_of, data, eventually, http_api,
-    http_api_with, pb, publish_req, redis_node_toml,
+    http_api_with, pb, publish_req, redis_node_toml, subscribe_req,
 };
 use common::{Server, assert_healthy};
 use serde_json::{Value, json};
@@ -102,14 +102,7 @@ async fn three_nodes_on_redis() {
 
     // Subscribe on A: every connection of the user gets a `subscribe` push, then
     // publications of the channel.
-    api_a
-        .subscribe(pb::SubscribeRequest {
-            user: "42".into(),
-            channel: "room".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("subscribe");
+    api_a.subscribe(subscribe_req("42", "room")).await.expect("subscribe");
     for u in [&mut u_b, &mut u_c1, &mut u_c2] {
         let p = u.recv_push().await;
         assert_eq!(p["push"]["channel"], "room", "{p}");
@@ -275,14 +268,7 @@ presence = true
     ));
     let mut api_a = api(&node).await;
     let mut user = node.connected("42").await;
-    api_a
-        .subscribe(pb::SubscribeRequest {
-            user: "42".into(),
-            channel: "room:x".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("subscribe");
+    api_a.subscribe(subscribe_req("42", "room:x")).await.expect("subscribe");
     let p = user.recv_push().await;
     assert!(p["push"]["subscribe"].is_object(), "{p}");
     tokio::time::sleep(Duration::from_secs(6)).await;

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::api::{
     API_KEY, api, api_node_toml, code_of, data, grpc_channel, grpc_client, grpc_client_raw,
-    http_api, metric_with, pb, publish_req, start_api_node,
+    http_api, metric_with, pb, publish_req, start_api_node, subscribe_req,
 };
 use common::{Server, assert_healthy};
 use serde_json::{Value, json};
@@ -127,13 +127,7 @@ async fn user_methods_presence_channels_and_info_over_grpc() {
     other.assert_silent(Duration::from_millis(200)).await;
 
     // Subscribe: every connection of the user gets a `subscribe` push, then publications.
-    api.subscribe(pb::SubscribeRequest {
-        user: "42".into(),
-        channel: "room".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("subscribe");
+    api.subscribe(subscribe_req("42", "room")).await.expect("subscribe");
     for c in [&mut a1, &mut a2] {
         let p = c.recv_push().await;
         assert_eq!(p["push"]["channel"], "room", "{p}");

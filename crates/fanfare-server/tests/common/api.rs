@@ -74,6 +74,11 @@ pub fn publish_req(channel: &str, v: Value) -> pb::PublishRequest {
     pb::PublishRequest { channel: channel.into(), data: data(v), ..Default::default() }
 }
 
+/// Subscribe every connection of `user` to `channel`.
+pub fn subscribe_req(user: &str, channel: &str) -> pb::SubscribeRequest {
+    pb::SubscribeRequest { user: user.into(), channel: channel.into(), ..Default::default() }
+}
+
 /// The status code of a failed call (panics on success).
 #[track_caller]
 pub fn code_of<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> tonic::Code {
