@@ -353,9 +353,14 @@ async fn serve_worker(
         tokio::select! {
             s = incoming.recv() => {
                 let Some(s) = s else { break };
-                // Registered with this thread's runtime here.
-                let io = tokio::net::TcpStream::from_std(s)?;
-                conns.spawn(serve_connection(io, service.clone(), stopped(stop.clone())));
+                // Registered with this thread's runtime here. A socket that
+                // cannot be registered is dropped; the worker goes on serving.
+                match tokio::net::TcpStream::from_std(s) {
+                    Ok(io) => {
+                        conns.spawn(serve_connection(io, service.clone(), stopped(stop.clone())));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "gRPC connection dropped: cannot register it"),
+                }
             }
             Some(_) = conns.join_next(), if !conns.is_empty() => {}
             _ = stopping.as_mut() => break,
