@@ -257,12 +257,12 @@ where
         // JSON messages share a text frame, separated by newlines.
         Codec::Json => (OP_TEXT, b"\n"),
     };
+    let h = hot();
     // Counted before writing, so a client that got the bytes sees the count.
-    hot().writes.increment(1);
+    h.writes.increment(1);
     let write = conn.send_joined(opcode, &items, separator, MAX_BATCH_FRAME);
     match tokio::time::timeout(write_timeout, write).await {
         Ok(Ok(bytes)) => {
-            let h = hot();
             h.messages_sent.increment(count as u64);
             h.bytes_sent.increment(bytes as u64);
             Ok(close)
