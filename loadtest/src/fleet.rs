@@ -109,13 +109,18 @@ impl Fleet {
 
     /// CPU seconds of this process and every worker process.
     pub fn cpu_seconds(&self) -> f64 {
-        let own = procfs::cpu_seconds("self").unwrap_or(0.0);
+        self.cpu_times().total()
+    }
+
+    /// User and system CPU of this process and every worker process.
+    pub fn cpu_times(&self) -> procfs::CpuTimes {
+        let own = procfs::cpu_times("self").unwrap_or_default();
         own + self
             .children
             .iter()
             .filter_map(|c| c.id())
-            .filter_map(|pid| procfs::cpu_seconds(&pid.to_string()).ok())
-            .sum::<f64>()
+            .filter_map(|pid| procfs::cpu_times(&pid.to_string()).ok())
+            .sum::<procfs::CpuTimes>()
     }
 
     pub async fn send(&self, i: usize, msg: ToWorker) -> anyhow::Result<()> {

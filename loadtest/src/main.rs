@@ -4,6 +4,7 @@
 mod client;
 mod control;
 mod fleet;
+mod floor;
 mod http_publish;
 mod options;
 mod procfs;
@@ -28,6 +29,17 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("fanfare-loadtest worker: {e:#}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    // `fanfare-loadtest floor-server ADDR`: the calibration endpoint (floor.rs).
+    if std::env::args().nth(1).as_deref() == Some("floor-server") {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        return match floor::main(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fanfare-loadtest: {e:#}");
                 ExitCode::from(2)
             }
         };

@@ -18,8 +18,44 @@ pub fn rss_bytes(pid: &str) -> anyhow::Result<u64> {
     Ok(kb * 1024)
 }
 
-/// User + system CPU seconds used so far (utime + stime in /proc/<pid>/stat).
-pub fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
+/// CPU seconds a process used so far, split as /proc/<pid>/stat does: user
+/// space (`utime`) and kernel (`stime`; on this tick-accounted kernel it
+/// includes softirq work that ran while the process was on the CPU, which on
+/// loopback is much of the peer's TCP receive path).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuTimes {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuTimes {
+    pub fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Add for CpuTimes {
+    type Output = CpuTimes;
+    fn add(self, o: CpuTimes) -> CpuTimes {
+        CpuTimes { user: self.user + o.user, system: self.system + o.system }
+    }
+}
+
+impl std::ops::Sub for CpuTimes {
+    type Output = CpuTimes;
+    fn sub(self, o: CpuTimes) -> CpuTimes {
+        CpuTimes { user: self.user - o.user, system: self.system - o.system }
+    }
+}
+
+impl std::iter::Sum for CpuTimes {
+    fn sum<I: Iterator<Item = CpuTimes>>(it: I) -> CpuTimes {
+        it.fold(CpuTimes::default(), |a, b| a + b)
+    }
+}
+
+/// User and system CPU seconds used so far (utime, stime in /proc/<pid>/stat).
+pub fn cpu_times(pid: &str) -> anyhow::Result<CpuTimes> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
     // The command name (field 2) may contain spaces; fields after it are fixed.
@@ -29,8 +65,11 @@ pub fn cpu_seconds(pid: &str) -> anyhow::Result<f64> {
     if f.len() < 13 {
         bail!("short /proc/{pid}/stat");
     }
-    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
-    Ok(ticks as f64 / clock_ticks())
+    let ticks = clock_ticks();
+    Ok(CpuTimes {
+        user: f[11].parse::<u64>()? as f64 / ticks,
+        system: f[12].parse::<u64>()? as f64 / ticks,
+    })
 }
 
 /// CPU seconds the whole machine spent so far (all CPUs): `(process time,
@@ -71,14 +110,25 @@ mod tests {
     #[test]
     fn reads_own_rss_and_cpu() {
         assert!(rss_bytes("self").unwrap() > 100_000);
+        // Spin in user space until the process has been charged user time
+        // (10 ms ticks), at most 5 s.
+        let start = cpu_times("self").unwrap();
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let mut x = 0u64;
-        for i in 0..5_000_000u64 {
-            x = x.wrapping_mul(31).wrapping_add(i);
+        let mut t = start;
+        while t.user <= start.user && std::time::Instant::now() < until {
+            for i in 0..1_000_000u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+            t = cpu_times("self").unwrap();
         }
         std::hint::black_box(x);
-        assert!(cpu_seconds("self").unwrap() >= 0.0);
-        assert!(sum(&[std::process::id()], cpu_seconds).is_some());
-        assert!(sum(&[], cpu_seconds).is_none());
+        assert!(t.user > start.user, "user time did not grow: {start:?} -> {t:?}");
+        assert!(t.system >= start.system, "{start:?} -> {t:?}");
+        assert!(sum(&[], cpu_times).is_none());
+        let one = sum(&[std::process::id()], cpu_times).unwrap();
+        let two = sum(&[std::process::id(), std::process::id()], cpu_times).unwrap();
+        assert!(two.user >= 2.0 * t.user && two.user >= one.user, "{two:?} vs {one:?}");
         assert!(machine_busy_seconds().unwrap().0 > 0.0);
     }
 }

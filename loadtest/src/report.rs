@@ -94,6 +94,11 @@ pub struct Connect {
     /// Generator CPU (all its processes) over the connect phase per client
     /// connected, µs: TCP connect, upgrade, `connect` and `subscribe` included.
     pub loadgen_cpu_us_per_connect: Option<f64>,
+    /// Kernel (system) time / all CPU time of the server over the connect
+    /// phase (softirq work done on its CPU time included).
+    pub server_kernel_share: Option<f64>,
+    /// The same for the generator's processes.
+    pub loadgen_kernel_share: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -152,6 +157,10 @@ pub struct Messages {
     /// Generator CPU s/s over the main phase / `deliveries_per_second`, µs
     /// (publishing, receiving and checking together).
     pub loadgen_cpu_us_per_delivery: Option<f64>,
+    /// Kernel (system) time / all CPU time of the server over the main phase.
+    pub server_kernel_share: Option<f64>,
+    /// The same for the generator's processes.
+    pub loadgen_kernel_share: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -228,6 +237,11 @@ fn opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
     v.map(f).unwrap_or_else(|| "– (no --server-pid)".into())
 }
 
+/// A share as a whole percentage, "–" when unknown.
+fn percent(v: Option<f64>) -> String {
+    v.map_or("–".into(), |v| format!("{:.0} %", v * 100.0))
+}
+
 impl Report {
     /// The human summary.
     pub fn table(&self) -> String {
@@ -257,9 +271,11 @@ impl Report {
         row(
             "cpu per connect server/loadgen",
             format!(
-                "{} / {} µs",
+                "{} / {} µs (kernel {} / {})",
                 opt(k.server_cpu_us_per_connect, |v| format!("{v:.1}")),
-                k.loadgen_cpu_us_per_connect.map_or("?".into(), |v| format!("{v:.1}"))
+                k.loadgen_cpu_us_per_connect.map_or("?".into(), |v| format!("{v:.1}")),
+                percent(k.server_kernel_share),
+                percent(k.loadgen_kernel_share)
             ),
         );
         row(
@@ -332,9 +348,11 @@ impl Report {
             row(
                 "cpu per delivery server/loadgen",
                 format!(
-                    "{} / {} µs",
+                    "{} / {} µs (kernel {} / {})",
                     opt(m.server_cpu_us_per_delivery, |v| format!("{v:.2}")),
-                    m.loadgen_cpu_us_per_delivery.map_or("?".into(), |v| format!("{v:.2}"))
+                    m.loadgen_cpu_us_per_delivery.map_or("?".into(), |v| format!("{v:.2}")),
+                    percent(m.server_kernel_share),
+                    percent(m.loadgen_kernel_share)
                 ),
             );
             row(

@@ -8,7 +8,7 @@ use crate::control::{
 };
 use crate::fleet::Fleet;
 use crate::options::{Plan, Scenario, Share};
-use crate::procfs;
+use crate::procfs::{self, CpuTimes};
 use crate::redis_stats;
 use crate::report::{
     Connect, Connections, Loadgen, Machine, Messages, Percentiles, Report, Server, Storm,
@@ -16,9 +16,9 @@ use crate::report::{
 };
 use crate::worker::now_ns;
 
-/// Server CPU seconds (sum over `--server-pid`s), if any.
-fn server_cpu(plan: &Plan) -> Option<f64> {
-    procfs::sum(&plan.server_pids, procfs::cpu_seconds)
+/// Server CPU (sum over `--server-pid`s), if any.
+fn server_cpu(plan: &Plan) -> Option<CpuTimes> {
+    procfs::sum(&plan.server_pids, procfs::cpu_times)
 }
 
 fn server_rss(plan: &Plan) -> Option<u64> {
@@ -32,8 +32,8 @@ fn rate(delta: Option<f64>, secs: f64) -> Option<f64> {
 /// A window of CPU measurements: server and load generator.
 struct CpuMark {
     at: Instant,
-    server: Option<f64>,
-    loadgen: f64,
+    server: Option<CpuTimes>,
+    loadgen: CpuTimes,
     /// Machine-wide (process time, interrupt time).
     machine: Option<(f64, f64)>,
 }
@@ -43,7 +43,7 @@ impl CpuMark {
         CpuMark {
             at: Instant::now(),
             server: server_cpu(plan),
-            loadgen: fleet.cpu_seconds(),
+            loadgen: fleet.cpu_times(),
             machine: procfs::machine_busy_seconds().ok(),
         }
     }
@@ -74,10 +74,21 @@ impl CpuMark {
     fn rates_to(&self, end: &CpuMark) -> (f64, Option<f64>, f64) {
         let secs = end.at.duration_since(self.at).as_secs_f64();
         let server = match (self.server, end.server) {
-            (Some(a), Some(b)) => rate(Some(b - a), secs),
+            (Some(a), Some(b)) => rate(Some((b - a).total()), secs),
             _ => None,
         };
-        (secs, server, rate(Some(end.loadgen - self.loadgen), secs).unwrap_or(0.0))
+        (secs, server, rate(Some((end.loadgen - self.loadgen).total()), secs).unwrap_or(0.0))
+    }
+
+    /// The kernel's part (system time / all CPU time) of the server's and the
+    /// generator's CPU since `self`; `None` where no CPU time was charged.
+    fn kernel_shares_to(&self, end: &CpuMark) -> (Option<f64>, Option<f64>) {
+        let share = |d: CpuTimes| (d.total() > 0.0).then(|| d.system / d.total());
+        let server = match (self.server, end.server) {
+            (Some(a), Some(b)) => share(b - a),
+            _ => None,
+        };
+        (server, share(end.loadgen - self.loadgen))
     }
 }
 
@@ -186,6 +197,7 @@ pub async fn run(plan: Plan, command_line: Vec<String>, quiet: bool) -> anyhow::
         let per_delivery = |rate: f64| (dps > 0.0).then(|| rate * 1e6 / dps);
         m.server_cpu_us_per_delivery = server_rate.and_then(per_delivery);
         m.loadgen_cpu_us_per_delivery = per_delivery(loadgen_rate);
+        (m.server_kernel_share, m.loadgen_kernel_share) = main_start.kernel_shares_to(&main_end);
         report.messages = Some(m);
     }
     report.storm = storm;
@@ -222,6 +234,7 @@ fn connect(readies: &[Ready], start: &CpuMark, end: &CpuMark) -> Connect {
         }
     }
     let (window, server, loadgen) = start.rates_to(end);
+    let (server_kernel_share, loadgen_kernel_share) = start.kernel_shares_to(end);
     let per_connect = |rate: f64| (connected > 0).then(|| rate * window * 1e6 / connected as f64);
     Connect {
         seconds,
@@ -231,6 +244,8 @@ fn connect(readies: &[Ready], start: &CpuMark, end: &CpuMark) -> Connect {
         loadgen_cpu_seconds_per_second: loadgen,
         server_cpu_us_per_connect: server.and_then(per_connect),
         loadgen_cpu_us_per_connect: per_connect(loadgen),
+        server_kernel_share,
+        loadgen_kernel_share,
     }
 }
 

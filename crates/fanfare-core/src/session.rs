@@ -538,7 +538,10 @@ impl Session {
                 }
             }
         };
-        let client: Arc<str> = uuid::Uuid::new_v4().to_string().into();
+        // A version 4 UUID from the thread's ChaCha generator (seeded from the
+        // OS): `Uuid::new_v4` asks the kernel (getrandom) on every connect.
+        let client: Arc<str> =
+            uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string().into();
         let info = Arc::new(ClientInfo {
             user: if user.is_empty() { anonymous_user() } else { user.as_str().into() },
             client: client.clone(),

@@ -23,6 +23,16 @@ async fn publish_reaches_subscriber_in_order_exactly_once() {
     let cb = b.connect_ok("").await;
     assert!(ca["client"].as_str().is_some_and(|c| !c.is_empty()), "{ca}");
     assert_ne!(ca["client"], cb["client"], "client ids must differ");
+    // Random (version 4) UUIDs, as Centrifugo gives: 8-4-4-4-12 hex digits,
+    // version nibble 4, variant 10xx.
+    for c in [&ca["client"], &cb["client"]] {
+        let c = c.as_str().unwrap();
+        let groups: Vec<&str> = c.split('-').collect();
+        let lens: Vec<usize> = groups.iter().map(|g| g.len()).collect();
+        assert_eq!(lens, [8, 4, 4, 4, 12], "{c}");
+        assert!(c.chars().all(|ch| ch == '-' || ch.is_ascii_hexdigit()), "{c}");
+        assert!(groups[2].starts_with('4') && "89ab".contains(&groups[3][..1]), "{c}");
+    }
     assert_eq!(ca["pong"], true, "{ca}");
     assert!(ca["version"].as_str().is_some(), "{ca}");
 
