@@ -2,20 +2,27 @@
 //! least any server must do for a Centrifugo-protocol client, so that the
 //! generator measured against it shows what this machine allows at most.
 //!
-//! Per connection it accepts, answers the WebSocket upgrade, answers every
-//! `connect` and `subscribe` command with a fixed reply carrying the command's
-//! id, and echoes a close. Nothing else: no sessions, no hub, no pings, no
-//! publications, no limits. The syscalls per handshake are the same as a real
-//! server's (accept4, setsockopt TCP_NODELAY, epoll_ctl, a read and a write
-//! per round trip, close), so the difference between a node and this endpoint
-//! under the same generator is the node's own work. It runs a two-worker
-//! multi-threaded tokio runtime like `fanfare` does on this machine.
+//! Per connection it accepts, answers the WebSocket upgrade, answers
+//! `connect`, `subscribe` and `publish` commands with fixed replies carrying
+//! the command's id, and echoes a close. The publications of one read are
+//! written at once, by the publisher's task, to every subscriber of their
+//! channel: one frame per channel built once (pushes newline-joined), one
+//! uncontended lock and one `write` per subscriber. Nothing else: no
+//! sessions, no queues, no pings, no history, no limits. The syscalls per
+//! handshake and per delivery are the ones any server makes (accept4,
+//! setsockopt TCP_NODELAY, epoll_ctl, a read and a write per round trip, a
+//! write per delivery, close), so the difference between a node and this
+//! endpoint under the same generator is the node's own work. It runs a
+//! multi-threaded tokio runtime with one worker per CPU, as `fanfare` does.
 //!
-//! Only what the generator sends is understood: masked, unfragmented text
-//! and close frames up to 64 KiB. Anything else ends the connection.
+//! Only what `fanfare-loadtest` sends is understood: masked, unfragmented
+//! text and close frames up to 64 KiB, commands as `wire.rs` writes them
+//! (`data` last in a publish). Anything else ends the connection.
 
 use anyhow::Context;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+
 use tokio::net::TcpStream;
 
 use crate::ws;
@@ -57,12 +64,72 @@ pub fn main(args: &[String]) -> anyhow::Result<()> {
     })
 }
 
-async fn serve(mut s: TcpStream) -> std::io::Result<()> {
+/// One client connection, shared with publishers that write to it.
+struct Conn {
+    stream: TcpStream,
+    /// Held for a whole frame, so that frames from several tasks never interleave.
+    write: tokio::sync::Mutex<()>,
+}
+
+impl Conn {
+    async fn send(&self, frame: &[u8]) -> std::io::Result<()> {
+        let _w = self.write.lock().await;
+        let mut at = 0;
+        while at < frame.len() {
+            match self.stream.try_write(&frame[at..]) {
+                Ok(n) => at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.stream.writable().await?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    async fn read(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.stream.try_read(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.stream.readable().await?;
+                }
+                r => return r,
+            }
+        }
+    }
+}
+
+type Subscribers = std::collections::HashMap<String, Vec<(u64, Arc<Conn>)>>;
+
+/// Channel → its subscribers, for the whole process.
+fn subscribers() -> &'static Mutex<Subscribers> {
+    static SUBS: OnceLock<Mutex<Subscribers>> = OnceLock::new();
+    SUBS.get_or_init(Default::default)
+}
+
+async fn serve(stream: TcpStream) -> std::io::Result<()> {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let id = NEXT.fetch_add(1, Relaxed);
+    let conn = Arc::new(Conn { stream, write: tokio::sync::Mutex::new(()) });
+    let mut channels = Vec::new();
+    let r = session(&conn, id, &mut channels).await;
+    if !channels.is_empty() {
+        let mut subs = subscribers().lock().unwrap_or_else(|p| p.into_inner());
+        for ch in channels {
+            if let Some(list) = subs.get_mut(&ch) {
+                list.retain(|(i, _)| *i != id);
+            }
+        }
+    }
+    r
+}
+
+async fn session(conn: &Arc<Conn>, id: u64, channels: &mut Vec<String>) -> std::io::Result<()> {
     let mut buf = vec![0u8; 2048];
     let mut have = 0;
     // The upgrade request.
     let head_len = loop {
-        let n = s.read(&mut buf[have..]).await?;
+        let n = conn.read(&mut buf[have..]).await?;
         if n == 0 {
             return Ok(());
         }
@@ -75,7 +142,7 @@ async fn serve(mut s: TcpStream) -> std::io::Result<()> {
         }
     };
     let Some(key) = header(&buf[..head_len], b"sec-websocket-key") else {
-        s.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n").await?;
+        conn.send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n").await?;
         return Ok(());
     };
     let accept = ws::accept_for(&key);
@@ -83,21 +150,35 @@ async fn serve(mut s: TcpStream) -> std::io::Result<()> {
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Accept: {accept}\r\n\r\n"
     );
-    s.write_all(response.as_bytes()).await?;
+    conn.send(response.as_bytes()).await?;
     buf.copy_within(head_len..have, 0);
     have -= head_len;
 
     let mut out = Vec::with_capacity(256);
+    let mut publications = Vec::new();
     loop {
         // Every complete frame in the buffer.
         let mut at = 0;
         while let Some((op, range, next)) = frame(&mut buf[at..have]) {
             let payload = &buf[at + range.start..at + range.end];
             match op {
-                ws::OP_TEXT => reply(payload, &mut out),
+                ws::OP_TEXT => {
+                    for cmd in payload.split(|b| *b == b'\n').filter(|c| !c.is_empty()) {
+                        match command(cmd, &mut out) {
+                            Command::Subscribe(ch) => {
+                                let mut subs =
+                                    subscribers().lock().unwrap_or_else(|p| p.into_inner());
+                                subs.entry(ch.clone()).or_default().push((id, conn.clone()));
+                                channels.push(ch);
+                            }
+                            Command::Publish(p) => publications.push(p),
+                            Command::Other => {}
+                        }
+                    }
+                }
                 ws::OP_CLOSE => {
                     push_server_frame(&mut out, ws::OP_CLOSE, payload.get(..2).unwrap_or(&[]));
-                    s.write_all(&out).await?;
+                    conn.send(&out).await?;
                     return Ok(());
                 }
                 _ => return Ok(()),
@@ -105,8 +186,34 @@ async fn serve(mut s: TcpStream) -> std::io::Result<()> {
             at += next;
         }
         if !out.is_empty() {
-            s.write_all(&out).await?;
+            conn.send(&out).await?;
             out.clear();
+        }
+        // The publications of this read, one frame per channel (pushes
+        // newline-joined, as servers batch them), one write per subscriber.
+        while let Some((channel, first)) = publications.first().cloned() {
+            let mut text = first;
+            let mut rest = Vec::new();
+            for (ch, push) in publications.drain(..).skip(1) {
+                if ch == channel {
+                    text.push(b'\n');
+                    text.extend_from_slice(&push);
+                } else {
+                    rest.push((ch, push));
+                }
+            }
+            publications = rest;
+            let mut frame = Vec::with_capacity(text.len() + 10);
+            push_server_frame(&mut frame, ws::OP_TEXT, &text);
+            let targets: Vec<Arc<Conn>> = {
+                let subs = subscribers().lock().unwrap_or_else(|p| p.into_inner());
+                subs.get(&channel).map(|l| l.iter().map(|(_, c)| c.clone()).collect())
+            }
+            .unwrap_or_default();
+            for t in targets {
+                // A subscriber that is gone is the subscriber's problem.
+                t.send(&frame).await.ok();
+            }
         }
         buf.copy_within(at..have, 0);
         have -= at;
@@ -116,7 +223,7 @@ async fn serve(mut s: TcpStream) -> std::io::Result<()> {
                 return Ok(());
             }
         }
-        let n = s.read(&mut buf[have..]).await?;
+        let n = conn.read(&mut buf[have..]).await?;
         if n == 0 {
             return Ok(());
         }
@@ -124,33 +231,51 @@ async fn serve(mut s: TcpStream) -> std::io::Result<()> {
     }
 }
 
-/// Fixed replies to the commands the generator sends before it idles
-/// (newline-separated commands in one frame each get their own line).
-fn reply(payload: &[u8], out: &mut Vec<u8>) {
-    let mut text = Vec::with_capacity(128);
-    for cmd in payload.split(|b| *b == b'\n').filter(|c| !c.is_empty()) {
-        let id = number_after(cmd, b"\"id\":").unwrap_or(0);
-        if !text.is_empty() {
-            text.push(b'\n');
-        }
-        if find(cmd, b"\"subscribe\"").is_some() {
-            text.extend_from_slice(format!("{{\"id\":{id},\"subscribe\":{{}}}}").as_bytes());
-        } else if find(cmd, b"\"connect\"").is_some() {
-            text.extend_from_slice(
-                format!(
-                    "{{\"id\":{id},\"connect\":{{\"client\":\"floor-{id}\",\"version\":\"floor\",\
-                     \"ping\":25,\"pong\":true}}}}"
-                )
-                .as_bytes(),
-            );
-        } else {
-            text.extend_from_slice(
-                format!("{{\"id\":{id},\"error\":{{\"code\":104,\"message\":\"not available\"}}}}")
-                    .as_bytes(),
-            );
-        }
-    }
-    push_server_frame(out, ws::OP_TEXT, &text);
+/// What a command asks of the server beyond its reply.
+enum Command {
+    Subscribe(String),
+    /// The channel and the push (one JSON line) for its subscribers.
+    Publish((String, Vec<u8>)),
+    Other,
+}
+
+/// Appends the fixed reply to one command (a frame of its own) and says what
+/// else it needs.
+fn command(cmd: &[u8], out: &mut Vec<u8>) -> Command {
+    let id = number_after(cmd, b"\"id\":").unwrap_or(0);
+    let channel = || string_after(cmd, b"\"channel\":\"").unwrap_or_default();
+    let (text, what) = if find(cmd, b"\"subscribe\":").is_some() {
+        (format!("{{\"id\":{id},\"subscribe\":{{}}}}"), Command::Subscribe(channel()))
+    } else if find(cmd, b"\"publish\":").is_some() {
+        let ch = channel();
+        // `data` is the last field: everything after it but the two braces
+        // that close the publish and the command.
+        let data = find(cmd, b"\"data\":")
+            .map(|at| &cmd[at + 7..cmd.len().saturating_sub(2).max(at + 7)])
+            .unwrap_or(b"null");
+        let mut push = Vec::with_capacity(data.len() + ch.len() + 40);
+        push.extend_from_slice(b"{\"push\":{\"channel\":\"");
+        push.extend_from_slice(ch.as_bytes());
+        push.extend_from_slice(b"\",\"pub\":{\"data\":");
+        push.extend_from_slice(data);
+        push.extend_from_slice(b"}}}");
+        (format!("{{\"id\":{id},\"publish\":{{}}}}"), Command::Publish((ch, push)))
+    } else if find(cmd, b"\"connect\":").is_some() {
+        (
+            format!(
+                "{{\"id\":{id},\"connect\":{{\"client\":\"floor-{id}\",\"version\":\"floor\",\
+                 \"ping\":25,\"pong\":true}}}}"
+            ),
+            Command::Other,
+        )
+    } else {
+        (
+            format!("{{\"id\":{id},\"error\":{{\"code\":104,\"message\":\"not available\"}}}}"),
+            Command::Other,
+        )
+    };
+    push_server_frame(out, ws::OP_TEXT, text.as_bytes());
+    what
 }
 
 /// An unmasked (server) frame.
@@ -204,6 +329,13 @@ fn header(head: &[u8], name: &[u8]) -> Option<String> {
     })
 }
 
+/// The JSON string (without escapes) after `key`.
+fn string_after(hay: &[u8], key: &[u8]) -> Option<String> {
+    let at = find(hay, key)? + key.len();
+    let len = hay[at..].iter().position(|b| *b == b'"')?;
+    Some(String::from_utf8_lossy(&hay[at..at + len]).into_owned())
+}
+
 fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
     let at = find(hay, key)? + key.len();
     let digits = hay[at..].iter().take_while(|b| b.is_ascii_digit()).count();
@@ -214,21 +346,48 @@ fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn replies_carry_the_ids_and_are_unmasked_server_frames() {
-        let mut out = Vec::new();
-        reply(b"{\"id\":7,\"connect\":{}}\n{\"id\":8,\"subscribe\":{\"channel\":\"c\"}}", &mut out);
+    /// The text of the single unmasked server frame in `out`.
+    fn text_of(out: &[u8]) -> &str {
         assert_eq!(out[0], 0x81);
         assert_eq!(out[1] & 0x80, 0, "server frames are not masked");
-        let len = usize::from(out[1] & 0x7f);
-        assert_eq!(out.len(), 2 + len);
-        let text = std::str::from_utf8(&out[2..]).unwrap();
-        let lines: Vec<serde_json::Value> =
-            text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        assert_eq!(lines[0]["id"], 7);
-        assert_eq!(lines[0]["connect"]["ping"], 25);
-        assert_eq!(lines[1]["id"], 8);
-        assert!(lines[1]["subscribe"].is_object());
+        let (len, head) = match out[1] {
+            126 => (usize::from(u16::from_be_bytes([out[2], out[3]])), 4),
+            n => (usize::from(n), 2),
+        };
+        assert_eq!(out.len(), head + len);
+        std::str::from_utf8(&out[head..]).unwrap()
+    }
+
+    #[test]
+    fn replies_carry_the_ids_and_a_publish_becomes_a_push_the_generator_reads() {
+        let mut out = Vec::new();
+        assert!(matches!(
+            command(crate::wire::connect(7, "").as_bytes(), &mut out),
+            Command::Other
+        ));
+        let r: serde_json::Value = serde_json::from_str(text_of(&out)).unwrap();
+        assert_eq!((r["id"].as_u64(), r["connect"]["ping"].as_u64()), (Some(7), Some(25)));
+
+        let mut cmd = String::new();
+        crate::wire::subscribe(&mut cmd, 8, "room");
+        out.clear();
+        let Command::Subscribe(ch) = command(cmd.as_bytes(), &mut out) else { panic!("{cmd}") };
+        assert_eq!(ch, "room");
+        assert_eq!(crate::wire::fast(text_of(&out)), crate::wire::Fast::Reply(8));
+
+        let probe = crate::wire::Probe { ts: 123, seq: 4, p: 5 };
+        let mut cmd = String::new();
+        crate::wire::publish(&mut cmd, 9, "room", &probe.encode(200));
+        out.clear();
+        let Command::Publish((ch, push)) = command(cmd.as_bytes(), &mut out) else {
+            panic!("{cmd}")
+        };
+        assert_eq!(ch, "room");
+        assert_eq!(crate::wire::fast(text_of(&out)), crate::wire::Fast::Reply(9));
+        assert_eq!(
+            crate::wire::fast(std::str::from_utf8(&push).unwrap()),
+            crate::wire::Fast::Probe { channel: "room", probe }
+        );
     }
 
     #[test]

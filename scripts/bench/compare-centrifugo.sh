@@ -20,6 +20,10 @@
 #   AUTH=jwt (HS256 token per client) or anon
 #   QUIET_WAIT=900 [60]: longest wait for a quiet machine before each run
 #   CENTRIFUGO_VERSION=v6.9.1
+#   FLOOR=1: with the memory broker, also run every scenario against
+#     `fanfare-loadtest floor-server` (accept, upgrade, fixed replies, each
+#     read's publications written once per subscriber, nothing else): the
+#     most this machine allows with this generator, as a third column.
 #   FANFARE_WRITE_DELAY=0s: fanfare's client.write_delay. Centrifugo OSS has no
 #     equivalent (its client.write_delay is a PRO option), so anything but 0s
 #     is NOT an equivalent setting; the summary names it when set.
@@ -50,7 +54,7 @@ ROOT=$PWD
 . "$ROOT/loadtest/bench/lib.sh" # wait_quiet, free_port, wait_port
 
 # The size variables the caller set, for the command line in the summary.
-SIZE_VARS="FANFARE_WRITE_DELAY RUNS IDLE_N IDLE_HOLD SETTLE FANOUT_N FANOUT_CHANNELS FANOUT_RATE FANOUT_PUBLISHERS FANOUT_DUR PAYLOAD WORKERS PUBLISH_MODE AUTH QUIET_WAIT CENTRIFUGO_VERSION"
+SIZE_VARS="FLOOR FANFARE_WRITE_DELAY RUNS IDLE_N IDLE_HOLD SETTLE FANOUT_N FANOUT_CHANNELS FANOUT_RATE FANOUT_PUBLISHERS FANOUT_DUR PAYLOAD WORKERS PUBLISH_MODE AUTH QUIET_WAIT CENTRIFUGO_VERSION"
 ENV_PREFIX=""
 for v in $SIZE_VARS; do [ -n "${!v+x}" ] && ENV_PREFIX+="$v=${!v} "; done
 
@@ -79,7 +83,7 @@ else
 fi
 RUNS=${RUNS_ARG:-$RUNS}
 : "${FANOUT_CHANNELS:=10}" "${FANOUT_PUBLISHERS:=1}" "${PAYLOAD:=128}" "${WORKERS:=2}" "${PUBLISH_MODE:=client}"
-: "${AUTH:=jwt}" "${CENTRIFUGO_VERSION:=v6.9.1}" "${FANFARE_WRITE_DELAY:=0s}"
+: "${AUTH:=jwt}" "${CENTRIFUGO_VERSION:=v6.9.1}" "${FANFARE_WRITE_DELAY:=0s}" "${FLOOR:=0}"
 export QUIET_WAIT
 case $AUTH in jwt|anon) ;; *) echo "AUTH must be jwt or anon" >&2; exit 2 ;; esac
 OUT=${OUT:-$ROOT/target/bench/compare-$(date -u +%Y%m%dT%H%M%SZ)}
@@ -126,7 +130,7 @@ json.dump({
         "FANOUT_N": "$FANOUT_N", "FANOUT_CHANNELS": "$FANOUT_CHANNELS",
         "FANOUT_RATE": "$FANOUT_RATE", "FANOUT_PUBLISHERS": "$FANOUT_PUBLISHERS", "FANOUT_DUR": "$FANOUT_DUR", "PAYLOAD": "$PAYLOAD",
         "WORKERS": "$WORKERS", "PUBLISH_MODE": "$PUBLISH_MODE", "AUTH": "$AUTH",
-        "BROKERS": "$BROKERS", "FANFARE_WRITE_DELAY": "$FANFARE_WRITE_DELAY"}.items()},
+        "BROKERS": "$BROKERS", "FANFARE_WRITE_DELAY": "$FANFARE_WRITE_DELAY", "FLOOR": "$FLOOR"}.items()},
 }, open(sys.argv[1], "w"), indent=1)
 PY
 
@@ -202,10 +206,15 @@ json.dump(cfg, open(path, "w"), indent=1)
 PY
 }
 
-start_server() { # start_server fanfare|centrifugo BROKER
+start_server() { # start_server fanfare|centrifugo|floor BROKER
   PORT=$(free_port)
   local cfg log=$OUT/logs/$1-$2.log ready
-  if [ "$1" = fanfare ]; then
+  if [ "$1" = floor ]; then
+    "$LOADTEST" floor-server "127.0.0.1:$PORT" >>"$log" 2>&1 &
+    SERVER=$!
+    wait_port "$PORT" && return 0
+    echo "floor-server did not start; see $log" >&2; exit 1
+  elif [ "$1" = fanfare ]; then
     cfg=$OUT/cfg/fanfare-$2.toml
     write_fanfare_config "$2" "$cfg"
     "$FANFARE" --config "$cfg" >>"$log" 2>&1 &
@@ -258,7 +267,9 @@ for broker in ${BROKERS//,/ }; do
   [ "$broker" = redis ] && start_redis
   for run in $(seq "$RUNS"); do
     for scenario in idle fanout; do
-      for server in fanfare centrifugo; do
+      servers="fanfare centrifugo"
+      [ "$FLOOR" = 1 ] && [ "$broker" = memory ] && servers+=" floor"
+      for server in $servers; do
         run_one "$server" "$broker" "$scenario" "$run"
       done
     done

@@ -17,7 +17,7 @@ import statistics
 import sys
 
 SECTION = "## Side by side with Centrifugo"
-SERVERS = ["fanfare", "centrifugo"]
+SERVERS = ["fanfare", "centrifugo", "floor"]
 
 
 def load(path):
@@ -53,6 +53,8 @@ FIGURES = [
     ("server CPU per connect (TCP+WS+connect+subscribe)", "idle",
      lambda r: scale(ratio(get(r, "connect", "server_cpu_seconds_per_second"),
                            get(r, "connect", "rate_per_second")), 1e6), "us", "lower"),
+    ("server CPU in the kernel (connect)", "idle",
+     lambda r: get(r, "connect", "server_kernel_share"), "share", "-"),
     ("handshake p50", "idle", lambda r: us_ms(get(r, "connect", "handshake_us", "p50")), "ms", "lower"),
     ("handshake p99", "idle", lambda r: us_ms(get(r, "connect", "handshake_us", "p99")), "ms", "lower"),
     ("fanout deliveries/s", "fanout",
@@ -62,6 +64,8 @@ FIGURES = [
     ("deliveries per server CPU-second", "fanout",
      lambda r: ratio(get(r, "messages", "deliveries_per_second"),
                      get(r, "server", "cpu_seconds_per_second")), "rate", "higher"),
+    ("server CPU in the kernel (fanout)", "fanout",
+     lambda r: get(r, "messages", "server_kernel_share"), "share", "-"),
     ("fanout latency p50", "fanout",
      lambda r: us_ms(get(r, "messages", "latency_us", "p50")), "ms", "lower"),
     ("fanout latency p99", "fanout",
@@ -92,6 +96,8 @@ def fmt(v, kind):
         return f"{v:.3f} s/s"
     if kind == "rate":
         return f"{v:,.0f}/s".replace(",", " ")
+    if kind == "share":
+        return f"{100 * v:.0f} %"
     if kind == "us":
         return f"{v:.0f} µs"
     if kind == "ms":
@@ -114,7 +120,7 @@ def reports(out):
     groups, notes, noisy = {}, [], []
     for path in sorted(glob.glob(os.path.join(out, "runs", "*.json"))):
         name = os.path.basename(path)[:-5]
-        m = re.fullmatch(r"(memory|redis)-(idle|fanout)-(fanfare|centrifugo)-(\d+)", name)
+        m = re.fullmatch(r"(memory|redis)-(idle|fanout)-(fanfare|centrifugo|floor)-(\d+)", name)
         if not m:
             continue
         r = load(path)
@@ -144,11 +150,18 @@ def tables(out):
                 for s in SERVERS}
         lines.append(f"### {'In-memory broker' if broker == 'memory' else 'Redis broker'}")
         lines.append("")
+        floor = runs["floor"] > 0
         lines.append(f"Median of {runs['fanfare']} fanfare and {runs['centrifugo']} Centrifugo "
-                     "runs (min – max in brackets).")
+                     + (f"and {runs['floor']} floor-server " if floor else "")
+                     + "runs (min – max in brackets).")
         lines.append("")
-        lines.append("| figure | fanfare | Centrifugo | fanfare / Centrifugo | better |")
-        lines.append("|---|---:|---:|---:|---|")
+        if floor:
+            lines.append("| figure | fanfare | Centrifugo | floor | fanfare / Centrifugo "
+                         "| floor / Centrifugo | better |")
+            lines.append("|---|---:|---:|---:|---:|---:|---|")
+        else:
+            lines.append("| figure | fanfare | Centrifugo | fanfare / Centrifugo | better |")
+            lines.append("|---|---:|---:|---:|---|")
         for label, scenario, f, kind, better in FIGURES:
             meds, cells = {}, {}
             for s in SERVERS:
@@ -157,8 +170,15 @@ def tables(out):
             if meds["fanfare"] is None and meds["centrifugo"] is None:
                 continue
             q = ratio(meds["fanfare"], meds["centrifugo"])
-            lines.append(f"| {label} | {cells['fanfare']} | {cells['centrifugo']} | "
-                         f"{'–' if q is None else f'{q:.2f}'} | {better} |")
+            q = "–" if q is None or kind == "share" else f"{q:.2f}"
+            if floor:
+                fq = ratio(meds["floor"], meds["centrifugo"])
+                fq = "–" if fq is None or kind == "share" else f"{fq:.2f}"
+                lines.append(f"| {label} | {cells['fanfare']} | {cells['centrifugo']} | "
+                             f"{cells['floor']} | {q} | {fq} | {better} |")
+            else:
+                lines.append(f"| {label} | {cells['fanfare']} | {cells['centrifugo']} | "
+                             f"{q} | {better} |")
         lost = []
         for s in SERVERS:
             for r in groups.get((broker, "fanout", s), []):
@@ -208,6 +228,12 @@ def section(out):
     write_delay_note = ("" if wd in ("", "0s", "0") else
                         f"\n**fanfare ran with `client.write_delay = \"{wd}\"`**, which Centrifugo"
                         " OSS has no equivalent for: not an equivalent setting.")
+    floor_note = ("" if env.get("FLOOR") != "1" else
+                  "\n**floor** is `fanfare-loadtest floor-server` (`FLOOR=1`, memory broker only): "
+                  "it accepts, answers the upgrade and every command with a fixed reply, and "
+                  "writes each read's publications once per subscriber of their channel, "
+                  "nothing else (no sessions, queues, pings or limits): what this machine "
+                  "allows at most with this generator, not a usable server.")
     text = f"""{SECTION}
 
 - Date: {meta.get('date', '?')}
@@ -232,7 +258,7 @@ channel `#<user>` on both (fanfare always does; Centrifugo
 connect rate). Fanout: `fanfare-loadtest fanout -n FANOUT_N --channels
 FANOUT_CHANNELS --rate FANOUT_RATE --publishers FANOUT_PUBLISHERS` ({publish}, {env.get('PAYLOAD', '?')}-byte payloads). Same
 flags for both servers; {env.get('WORKERS', '?')} load-generator worker processes.
-Server CPU is the server process only (not Redis).{write_delay_note}
+Server CPU is the server process only (not Redis).{write_delay_note}{floor_note}
 
 {tables(out)}"""
     return text.rstrip() + "\n"
