@@ -199,9 +199,13 @@ where
             // overflow, where the queue was dropped.
             let _ = Box::pin(tokio::time::timeout(opts.write_timeout, session.finish_publishes()))
                 .await;
-            let _ = Box::pin(flush_outbox(conn, &outbox, codec, opts.write_timeout)).await;
-            let reason = outbox.close_reason(code);
-            let _ = Box::pin(send_close(conn, code, reason, opts.write_timeout)).await;
+            let flushed = Box::pin(flush_outbox(conn, &outbox, codec, opts.write_timeout)).await;
+            // A flush that failed may have stopped inside a frame: a close
+            // frame after it would be garbage, so the socket is just dropped.
+            if flushed.is_ok() {
+                let reason = outbox.close_reason(code);
+                let _ = Box::pin(send_close(conn, code, reason, opts.write_timeout)).await;
+            }
             code
         }
         End::Gone(code) => code,
@@ -236,7 +240,7 @@ where
 }
 
 /// Writes everything queued, batched into as few frames as possible, in one
-/// vectored write without copying the messages. Returns a close requested
+/// write (`WsConn::send_joined`). Returns a close requested
 /// through the outbox, or `Err` when the socket is unusable.
 async fn flush_outbox<S>(
     conn: &mut WsConn<S>,

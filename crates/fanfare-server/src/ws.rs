@@ -11,8 +11,10 @@
 //! - Payloads are unmasked in place as they arrive, and text is checked for
 //!   UTF-8 as it arrives too (across fragments), so invalid text fails at the
 //!   first bad byte, not at the end of the message.
-//! - Writes go out as a 2–10 byte header plus the caller's payload slices in
-//!   one vectored write: nothing is copied, no write buffer is kept.
+//! - Small writes (up to 16 KiB on the wire) are assembled in one buffer per
+//!   thread and offered to the socket in one `write`; the rest, and anything
+//!   larger, goes out as a 2–10 byte header plus the caller's payload slices
+//!   in vectored writes. No connection keeps a write buffer.
 //!
 //! Enforced (a violation is an error whose [`WsError::close_code`] is the code
 //! to close with): RSV bits must be 0; known opcodes only; client frames must
@@ -41,11 +43,11 @@ pub const OP_PONG: u8 = 0xA;
 /// Most iovecs one vectored write is given (Linux IOV_MAX).
 const MAX_IOVECS: usize = 1024;
 
-/// Batches of several messages up to this many bytes on the wire are copied
-/// into one per-thread buffer and written with a single `write` instead of a
-/// vectored write of two slices per message: at ~10 messages per write the
-/// kernel's per-slice work (`_copy_from_iter`, `vfs_writev`) was ~10 % of the
-/// node's CPU, the copy costs a fraction of that.
+/// Frames and batches up to this many bytes on the wire are copied into one
+/// per-thread buffer and written with a single `write` instead of a vectored
+/// write of two slices per message: at ~10 messages per write the kernel's
+/// per-slice work (`_copy_from_iter`, `vfs_writev`) was ~10 % of the node's
+/// CPU, the copy costs a fraction of that.
 const COPY_MAX: usize = 16 * 1024;
 
 thread_local! {
@@ -600,16 +602,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
         }
     }
 
-    /// Writes one frame (a small one with a single `write` from the
-    /// thread's buffer, see `COPY_MAX`).
+    /// Writes one frame (see `send_joined` for how).
     pub async fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
-        if payload.len() + 10 <= COPY_MAX {
-            self.send_copied(opcode, &[payload], b"", usize::MAX).await?;
-            return Ok(());
-        }
-        let header = Header::new(opcode, payload.len());
-        let mut bufs = [IoSlice::new(header.as_bytes()), IoSlice::new(payload)];
-        self.write_all_vectored(&mut bufs).await
+        self.send_frames(opcode, &[payload], b"", usize::MAX).await.map(|_| ())
     }
 
     /// Writes a close frame with `code` and `reason` (cut to 123 bytes at a
@@ -627,11 +622,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
 
     /// Writes `items` as frames of `opcode`, joining consecutive items with
     /// `separator` into frames of at most `max_frame` bytes (a larger item is a
-    /// frame of its own). A batch of up to `COPY_MAX` bytes is copied into a
-    /// per-thread buffer and written with one `write` (what the socket does
-    /// not take at once is copied out and written before returning); a larger
-    /// one is written without copying, one vectored write per up to 1024
-    /// slices. Returns the payload bytes written.
+    /// frame of its own). Returns the payload bytes written.
+    ///
+    /// Up to `COPY_MAX` bytes on the wire are assembled in the thread's write
+    /// buffer and offered to the socket in one `write`; the buffer is never
+    /// held across an await. Whatever the socket does not take at once (all
+    /// of it when it is full) and larger batches go out as vectored writes of
+    /// the header and the caller's slices, so a connection waiting on a full
+    /// socket holds no copy of its messages.
     pub async fn send_joined(
         &mut self,
         opcode: u8,
@@ -639,20 +637,59 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
         separator: &[u8],
         max_frame: usize,
     ) -> io::Result<usize> {
-        if let [item] = items {
-            self.send(opcode, item).await?;
-            return Ok(item.len());
+        self.send_frames(opcode, items, separator, max_frame).await
+    }
+
+    async fn send_frames<T: AsRef<[u8]>>(
+        &mut self,
+        opcode: u8,
+        items: &[T],
+        separator: &[u8],
+        max_frame: usize,
+    ) -> io::Result<usize> {
+        let (mut payload, mut wire) = (0, 0);
+        for (len, _) in frames(items, separator.len(), max_frame) {
+            payload += len;
+            wire += len + Header::new(opcode, len).as_bytes().len();
         }
-        // Payload, separators and at most a 10-byte header per item.
-        let wire_max: usize = items.iter().map(|i| i.len() + separator.len() + 10).sum();
-        if wire_max <= COPY_MAX {
-            return self.send_copied(opcode, items, separator, max_frame).await;
+        let mut written = 0;
+        if wire <= COPY_MAX {
+            let io = &mut self.io;
+            written = poll_fn(|cx| {
+                Poll::Ready(WRITE_SCRATCH.with_borrow_mut(|buf| {
+                    buf.clear();
+                    // Sized once, so the buffer never grows past COPY_MAX.
+                    buf.reserve_exact(COPY_MAX);
+                    let mut next = items.iter();
+                    for (len, count) in frames(items, separator.len(), max_frame) {
+                        buf.extend_from_slice(Header::new(opcode, len).as_bytes());
+                        for k in 0..count {
+                            if k > 0 {
+                                buf.extend_from_slice(separator);
+                            }
+                            buf.extend_from_slice(next.next().expect("grouped items").as_ref());
+                        }
+                    }
+                    match Pin::new(&mut *io).poll_write(cx, buf) {
+                        Poll::Ready(Ok(0)) if !buf.is_empty() => {
+                            Err(io::Error::from(io::ErrorKind::WriteZero))
+                        }
+                        Poll::Ready(r) => r,
+                        // Nothing written: the vectored write below waits.
+                        Poll::Pending => Ok(0),
+                    }
+                }))
+            })
+            .await?;
+            if written == wire {
+                poll_fn(|cx| Pin::new(&mut self.io).poll_flush(cx)).await?;
+                return Ok(payload);
+            }
         }
         let headers: Vec<(Header, usize)> = frames(items, separator.len(), max_frame)
             .map(|(len, count)| (Header::new(opcode, len), count))
             .collect();
         let mut bufs = Vec::with_capacity(headers.len() + items.len() * 2);
-        let mut total = 0;
         let mut rest = items.iter();
         for (header, count) in &headers {
             bufs.push(IoSlice::new(header.as_bytes()));
@@ -660,60 +697,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
                 let item = rest.next().expect("grouped items");
                 if k > 0 && !separator.is_empty() {
                     bufs.push(IoSlice::new(separator));
-                    total += separator.len();
                 }
-                bufs.push(IoSlice::new(item));
-                total += item.len();
+                bufs.push(IoSlice::new(item.as_ref()));
             }
         }
-        self.write_all_vectored(&mut bufs).await?;
-        Ok(total)
-    }
-
-    /// `send_joined` for a small batch: frames assembled in the thread's
-    /// write buffer, one `write`. The buffer is never held across an await:
-    /// when the socket takes less than all of it (or nothing yet), the rest is
-    /// copied into an owned buffer and written from there.
-    async fn send_copied<T: AsRef<[u8]>>(
-        &mut self,
-        opcode: u8,
-        items: &[T],
-        separator: &[u8],
-        max_frame: usize,
-    ) -> io::Result<usize> {
-        let io = &mut self.io;
-        let (total, rest) = poll_fn(|cx| {
-            Poll::Ready(WRITE_SCRATCH.with_borrow_mut(|buf| {
-                buf.clear();
-                let mut total = 0;
-                let mut next = items.iter();
-                for (len, count) in frames(items, separator.len(), max_frame) {
-                    buf.extend_from_slice(Header::new(opcode, len).as_bytes());
-                    for k in 0..count {
-                        if k > 0 {
-                            buf.extend_from_slice(separator);
-                        }
-                        buf.extend_from_slice(next.next().expect("grouped items").as_ref());
-                    }
-                    total += len;
-                }
-                let rest = match Pin::new(&mut *io).poll_write(cx, buf) {
-                    Poll::Ready(Ok(n)) if n == buf.len() => None,
-                    Poll::Ready(Ok(0)) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-                    Poll::Ready(Ok(n)) => Some(buf[n..].to_vec()),
-                    Poll::Ready(Err(e)) => return Err(e),
-                    // Nothing written; the waker is registered for when it can be.
-                    Poll::Pending => Some(buf.clone()),
-                };
-                Ok((total, rest))
-            }))
-        })
-        .await?;
-        match rest {
-            Some(rest) => self.write_all_vectored(&mut [IoSlice::new(&rest)]).await?,
-            None => poll_fn(|cx| Pin::new(&mut self.io).poll_flush(cx)).await?,
-        }
-        Ok(total)
+        let mut bufs = &mut bufs[..];
+        IoSlice::advance_slices(&mut bufs, written);
+        self.write_all_vectored(bufs).await?;
+        Ok(payload)
     }
 
     async fn write_all_vectored(&mut self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
