@@ -102,6 +102,34 @@ impl Node {
         panic!("fanfare did not start:\n{last_log}");
     }
 
+    /// `fanfare-loadtest floor-server` (the calibration endpoint) instead of a node.
+    fn start_floor() -> Node {
+        for _ in 0..3 {
+            let port = free_port();
+            let dir = tempfile::tempdir().expect("temp dir");
+            let mut child = Command::new(LOADTEST)
+                .args(["floor-server", &format!("127.0.0.1:{port}")])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting floor-server");
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                    return Node { child, port, _dir: dir };
+                }
+                if child.try_wait().expect("polling floor-server").is_some() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("floor-server did not start");
+    }
+
     fn url(&self) -> String {
         format!("ws://127.0.0.1:{}/connection/websocket", self.port)
     }
@@ -251,6 +279,40 @@ fn fanout_delivers_every_publication_once_and_in_order() {
     assert_eq!(u(&m["expected"]), u(&m["published"]) * 40, "{m}");
     assert!(f(&m["publish_rate_per_second"]) > 400.0, "{m}");
     assert_eq!(u(&r["connections"]["publishers_connected"]), 2);
+}
+
+#[test]
+fn the_floor_endpoint_serves_connects_and_fanout_exactly_and_kernel_shares_are_reported() {
+    let _g = serial();
+    let floor = Node::start_floor();
+    let (code, r) =
+        loadtest(&floor, &["idle", "-n", "200", "--ramp", "0", "--subs", "1", "--hold", "1s"]);
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(u(&r["connections"]["connected"]), 200);
+    assert_eq!(u(&r["connections"]["subscriptions"]), 200);
+    let (code, r) = loadtest(
+        &floor,
+        &[
+            "fanout",
+            "-n",
+            "100",
+            "--channels",
+            "2",
+            "--publishers",
+            "2",
+            "--rate",
+            "400",
+            "-d",
+            "2s",
+        ],
+    );
+    assert_eq!(code, 0, "{r:#}");
+    assert_exact_delivery(&r);
+    assert_eq!(u(&r["messages"]["expected"]), u(&r["messages"]["published"]) * 50);
+    // Shares of CPU time spent in the kernel, for the server and the generator.
+    for share in [&r["messages"]["server_kernel_share"], &r["messages"]["loadgen_kernel_share"]] {
+        assert!((0.0..=1.0).contains(&f(share)), "{share} in {:#}", r["messages"]);
+    }
 }
 
 #[test]
