@@ -21,7 +21,7 @@ N=${N:-10000}; SUBS=${SUBS:-0}; RUNS=${RUNS:-3}
 PORT=${PORT:-18600}
 
 # shellcheck source=loadtest/bench/lib.sh
-. "$ROOT/loadtest/bench/lib.sh"   # wait_quiet, wait_port
+. "$ROOT/loadtest/bench/lib.sh"   # wait_quiet, wait_port, node_config
 
 SERVER=
 stop_server() {
@@ -35,14 +35,7 @@ trap stop_server EXIT
 start() {
   case $1 in
     fanfare)
-      cat > "$OUT/fanfare.toml" <<EOF
-[http]
-listen = "127.0.0.1:$PORT"
-[grpc]
-listen = "127.0.0.1:$((PORT + 1))"
-[log]
-level = "warn"
-EOF
+      node_config "$PORT" > "$OUT/fanfare.toml"
       "$FANFARE" --config "$OUT/fanfare.toml" >>"$OUT/fanfare.log" 2>&1 &
       ;;
     floor) "$LOADTEST" floor-server "127.0.0.1:$PORT" >>"$OUT/floor.log" 2>&1 & ;;

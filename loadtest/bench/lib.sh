@@ -35,3 +35,16 @@ wait_port() {
   done
   return 1
 }
+
+# node_config PORT: the TOML of a benchmark node on 127.0.0.1:PORT (gRPC on
+# PORT+1, log level warn); callers append their own sections.
+node_config() {
+  cat <<EOF
+[http]
+listen = "127.0.0.1:$1"
+[grpc]
+listen = "127.0.0.1:$(($1 + 1))"
+[log]
+level = "warn"
+EOF
+}

@@ -19,22 +19,17 @@ LOADTEST=${LOADTEST_BIN:-$ROOT/target/release/fanfare-loadtest}
 PORT=${PORT:-18400}
 
 # shellcheck source=loadtest/bench/lib.sh
-. "$ROOT/loadtest/bench/lib.sh"   # wait_quiet, wait_port
+. "$ROOT/loadtest/bench/lib.sh"   # wait_quiet, wait_port, node_config
 
 start_server() {
-  cat > "$OUT/fanfare.toml" <<EOF
-[http]
-listen = "127.0.0.1:$PORT"
-[grpc]
-listen = "127.0.0.1:$((PORT + 1))"
-[log]
-level = "warn"
+  { node_config "$PORT"; cat <<EOF
 [client]
 write_delay = "${WRITE_DELAY:-0s}"
 [[namespaces]]
 name = ""
 allow_publish = true
 EOF
+  } > "$OUT/fanfare.toml"
   "$FANFARE" --config "$OUT/fanfare.toml" >>"$OUT/fanfare.log" 2>&1 &
   SERVER=$!
   wait_port "$PORT" && return 0

@@ -177,7 +177,12 @@ async fn session(conn: &Arc<Conn>, id: u64, channels: &mut Vec<String>) -> std::
                     }
                 }
                 ws::OP_CLOSE => {
-                    push_server_frame(&mut out, ws::OP_CLOSE, payload.get(..2).unwrap_or(&[]));
+                    ws::push_server_frame(
+                        &mut out,
+                        true,
+                        ws::OP_CLOSE,
+                        payload.get(..2).unwrap_or(&[]),
+                    );
                     conn.send(&out).await?;
                     return Ok(());
                 }
@@ -204,7 +209,7 @@ async fn session(conn: &Arc<Conn>, id: u64, channels: &mut Vec<String>) -> std::
             }
             publications = rest;
             let mut frame = Vec::with_capacity(text.len() + 10);
-            push_server_frame(&mut frame, ws::OP_TEXT, &text);
+            ws::push_server_frame(&mut frame, true, ws::OP_TEXT, &text);
             let targets: Vec<Arc<Conn>> = {
                 let subs = subscribers().lock().unwrap_or_else(|p| p.into_inner());
                 subs.get(&channel).map(|l| l.iter().map(|(_, c)| c.clone()).collect())
@@ -274,25 +279,8 @@ fn command(cmd: &[u8], out: &mut Vec<u8>) -> Command {
             Command::Other,
         )
     };
-    push_server_frame(out, ws::OP_TEXT, text.as_bytes());
+    ws::push_server_frame(out, true, ws::OP_TEXT, text.as_bytes());
     what
-}
-
-/// An unmasked (server) frame.
-fn push_server_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(n as u8),
-        n if n <= 0xffff => {
-            out.push(126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(payload);
 }
 
 /// The first complete masked frame of `buf`, unmasked in place: (opcode,

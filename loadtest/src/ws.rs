@@ -181,6 +181,24 @@ pub fn push_close(out: &mut Vec<u8>, code: u16, reason: &str, mask: [u8; 4]) {
     push_frame(out, OP_CLOSE, &payload, mask);
 }
 
+/// Appends an unmasked frame, as a server sends it (the floor endpoint's
+/// replies, and frames for the tests).
+pub fn push_server_frame(out: &mut Vec<u8>, fin: bool, opcode: u8, payload: &[u8]) {
+    out.push(if fin { 0x80 } else { 0 } | opcode);
+    match payload.len() {
+        n if n < 126 => out.push(n as u8),
+        n if n <= 0xffff => {
+            out.push(126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            out.push(127);
+            out.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+}
+
 /// One complete message from the server.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Msg<'a> {
@@ -355,19 +373,8 @@ mod tests {
 
     /// A server frame (unmasked).
     fn frame(fin: bool, op: u8, payload: &[u8]) -> Vec<u8> {
-        let mut v = vec![if fin { 0x80 } else { 0 } | op];
-        match payload.len() {
-            n if n < 126 => v.push(n as u8),
-            n if n <= 0xffff => {
-                v.push(126);
-                v.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                v.push(127);
-                v.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        v.extend_from_slice(payload);
+        let mut v = Vec::new();
+        push_server_frame(&mut v, fin, op, payload);
         v
     }
 

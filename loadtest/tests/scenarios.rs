@@ -61,11 +61,9 @@ struct Node {
 
 impl Node {
     fn start() -> Node {
-        let mut last_log = String::new();
-        for _ in 0..3 {
-            let (port, grpc) = (free_port(), free_port());
-            let dir = tempfile::tempdir().expect("temp dir");
-            let config = dir.path().join("fanfare.toml");
+        Node::spawn("fanfare", |port, dir| {
+            let grpc = free_port();
+            let config = dir.join("fanfare.toml");
             std::fs::write(
                 &config,
                 format!(
@@ -75,22 +73,40 @@ impl Node {
                 ),
             )
             .expect("writing config");
-            let mut child = Command::new(fanfare_bin())
-                .arg("--config")
-                .arg(&config)
-                .env_remove("RUST_LOG")
-                .env_remove("FANFARE_CONFIG")
+            let mut c = Command::new(fanfare_bin());
+            c.arg("--config").arg(&config).env_remove("RUST_LOG").env_remove("FANFARE_CONFIG");
+            c
+        })
+    }
+
+    /// `fanfare-loadtest floor-server` (the calibration endpoint) instead of a node.
+    fn start_floor() -> Node {
+        Node::spawn("floor-server", |port, _| {
+            let mut c = Command::new(LOADTEST);
+            c.args(["floor-server", &format!("127.0.0.1:{port}")]);
+            c
+        })
+    }
+
+    /// Starts `command(port, dir)` until it listens on `port` (three tries:
+    /// a free port may be taken meanwhile); its stderr goes to `dir/log`.
+    fn spawn(what: &str, command: impl Fn(u16, &Path) -> Command) -> Node {
+        let mut last_log = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let dir = tempfile::tempdir().expect("temp dir");
+            let mut child = command(port, dir.path())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.path().join("log")).expect("log file"))
                 .spawn()
-                .expect("starting fanfare");
+                .unwrap_or_else(|e| panic!("starting {what}: {e}"));
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                     return Node { child, port, _dir: dir };
                 }
-                if child.try_wait().expect("polling fanfare").is_some() {
+                if child.try_wait().expect("polling the server").is_some() {
                     break; // port taken meanwhile: try others
                 }
                 std::thread::sleep(Duration::from_millis(20));
@@ -99,35 +115,7 @@ impl Node {
             let _ = child.wait();
             last_log = std::fs::read_to_string(dir.path().join("log")).unwrap_or_default();
         }
-        panic!("fanfare did not start:\n{last_log}");
-    }
-
-    /// `fanfare-loadtest floor-server` (the calibration endpoint) instead of a node.
-    fn start_floor() -> Node {
-        for _ in 0..3 {
-            let port = free_port();
-            let dir = tempfile::tempdir().expect("temp dir");
-            let mut child = Command::new(LOADTEST)
-                .args(["floor-server", &format!("127.0.0.1:{port}")])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("starting floor-server");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Node { child, port, _dir: dir };
-                }
-                if child.try_wait().expect("polling floor-server").is_some() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("floor-server did not start");
+        panic!("{what} did not start:\n{last_log}");
     }
 
     fn url(&self) -> String {
