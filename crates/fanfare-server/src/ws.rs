@@ -1009,9 +1009,9 @@ mod tests {
 
     #[tokio::test]
     async fn small_batches_survive_partial_writes_while_other_connections_use_the_buffer() {
-        // Sockets that take 7 bytes at a time: the copied batch is written
-        // partly, the rest from an owned copy, while another connection on
-        // the same thread assembles its own batch in the shared buffer.
+        // Sockets that take 7 bytes at a time: the assembled batch is written
+        // partly, the rest from the caller's slices, while another connection
+        // on the same thread assembles its own batch in the shared buffer.
         let (a, mut peer_a) = tokio::io::duplex(7);
         let (b, mut peer_b) = tokio::io::duplex(7);
         let (mut ca, mut cb) = (WsConn::new(a, &[], 64, 1 << 16), WsConn::new(b, &[], 64, 1 << 16));
@@ -1040,6 +1040,27 @@ mod tests {
             (f1.1.as_slice(), f2.1.as_slice(), sent),
             (&b"a000\na001"[..], &b"a002"[..], 13)
         );
+
+        // A full socket: the write waits (Pending) without holding a copy,
+        // then completes from the caller's slices once the peer reads.
+        let (c, mut peer) = tokio::io::duplex(64);
+        let mut c = WsConn::new(c, &[], 64, 1 << 16);
+        c.send(OP_TEXT, &[b'x'; 62]).await.unwrap(); // 64 bytes: the pipe is full
+        let items = batch("z");
+        let mut write = Box::pin(c.send_joined(OP_TEXT, &items, b"\n", 1000));
+        assert!(poll_once(&mut write).is_none(), "waits for room");
+        assert_eq!(server_frame(&mut peer).await.1, vec![b'x'; 62]);
+        let (sent, got) = tokio::join!(write, server_frame(&mut peer));
+        assert_eq!((sent.unwrap(), got.1), (want(&items).len(), want(&items).into_bytes()));
+    }
+
+    /// Polls a future once.
+    fn poll_once<F: Future + Unpin>(f: &mut F) -> Option<F::Output> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match Pin::new(f).poll(&mut cx) {
+            Poll::Ready(v) => Some(v),
+            Poll::Pending => None,
+        }
     }
 
     #[test]
