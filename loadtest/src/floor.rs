@@ -1,6 +1,7 @@
-//! `fanfare-loadtest floor-server ADDR`: a calibration endpoint that does the
-//! least any server must do for a Centrifugo-protocol client, so that the
-//! generator measured against it shows what this machine allows at most.
+//! `fanfare-loadtest floor-server ADDR`: a calibration endpoint that does less
+//! than any real server could for a Centrifugo-protocol client, so that the
+//! generator measured against it shows what this machine allows at most (a
+//! bound no server reaches, not a baseline to match).
 //!
 //! Per connection it accepts, answers the WebSocket upgrade, answers
 //! `connect`, `subscribe` and `publish` commands with fixed replies carrying
@@ -8,7 +9,9 @@
 //! written at once, by the publisher's task, to every subscriber of their
 //! channel: one frame per channel built once (pushes newline-joined), one
 //! uncontended lock and one `write` per subscriber. Nothing else: no
-//! sessions, no queues, no pings, no history, no limits. The syscalls per
+//! sessions, no queues, no task wake-up per subscriber, no pings (although
+//! the `connect` reply announces them), no history, no limits, no UTF-8 or
+//! JSON validation, no authentication. The syscalls per
 //! handshake and per delivery are the ones any server makes (accept4,
 //! setsockopt TCP_NODELAY, epoll_ctl, a read and a write per round trip, a
 //! write per delivery, close), so the difference between a node and this
