@@ -5,6 +5,7 @@ mod client;
 mod control;
 mod fleet;
 mod floor;
+mod grpc_publish;
 mod http_publish;
 mod options;
 mod procfs;

@@ -33,6 +33,8 @@ pub enum PublishMode {
     Client,
     /// `POST /api/publish` with `X-API-Key`.
     Http,
+    /// fanfare's gRPC `ControlService/Publish` at `--grpc-url`.
+    Grpc,
 }
 
 /// A duration given as `"250ms"`, `"10s"`, `"2m"`, `"1h"` or plain seconds.
@@ -155,7 +157,8 @@ pub struct Options {
     #[arg(long)]
     pub room_size: Option<usize>,
 
-    /// Fanout: publish with `publish` commands (client) or `POST /api/publish` (http). Default client.
+    /// Fanout: publish with `publish` commands (client), `POST /api/publish` (http) or
+    /// fanfare's gRPC `ControlService/Publish` (grpc, needs --grpc-url). Default client.
     #[arg(long, value_enum)]
     pub publish_mode: Option<PublishMode>,
 
@@ -163,7 +166,11 @@ pub struct Options {
     #[arg(long)]
     pub api_url: Option<String>,
 
-    /// Value of the `X-API-Key` header for HTTP publishing.
+    /// gRPC control API endpoint for `--publish-mode grpc`, e.g. http://127.0.0.1:9000.
+    #[arg(long)]
+    pub grpc_url: Option<String>,
+
+    /// API key: `X-API-Key` for HTTP publishing, `authorization: apikey <key>` for gRPC.
     #[arg(long)]
     pub api_key: Option<String>,
 
@@ -250,6 +257,8 @@ pub struct Plan {
     pub publish_mode: PublishMode,
     pub api_url: String,
     #[serde(skip_serializing_if = "String::is_empty", default)]
+    pub grpc_url: String,
+    #[serde(skip_serializing_if = "String::is_empty", default)]
     pub api_key: String,
     #[serde(skip_serializing_if = "String::is_empty", default)]
     pub token: String,
@@ -315,6 +324,7 @@ impl Options {
             room_size,
             publish_mode,
             api_url,
+            grpc_url,
             api_key,
             token,
             hmac_secret,
@@ -410,6 +420,12 @@ impl Options {
             Some(u) => u,
             None => default_api_url(&urls[0])?,
         };
+        let grpc_url = self.grpc_url.unwrap_or_default();
+        if publish_mode == PublishMode::Grpc && grpc_url.is_empty() {
+            bail!(
+                "--publish-mode grpc needs --grpc-url (the node's grpc.listen, e.g. http://127.0.0.1:9000)"
+            );
+        }
         let ramp_time =
             if ramp > 0.0 { connections as f64 / ramp } else { connections as f64 / 500.0 };
         let main = match scenario {
@@ -438,6 +454,7 @@ impl Options {
             room_size,
             publish_mode,
             api_url,
+            grpc_url,
             api_key: self.api_key.unwrap_or_default(),
             token: self.token.unwrap_or_default(),
             hmac_secret: self.hmac_secret.unwrap_or_default(),

@@ -18,6 +18,7 @@ use crate::client::{Conn, Ended, Endpoint};
 use crate::control::{
     Errors, FromWorker, Progress, Ready, StormRound, ToWorker, WorkerResult, hist_to_hex, new_hist,
 };
+use crate::grpc_publish::GrpcClient;
 use crate::http_publish::ApiClient;
 use crate::options::{Plan, PublishMode, Scenario, Share};
 use crate::track::Streams;
@@ -237,7 +238,7 @@ fn roles(plan: &Plan, share: &Share) -> Vec<Role> {
         for &p in &share.publishers {
             roles.push(match plan.publish_mode {
                 PublishMode::Client => Role::WsPublisher(p),
-                PublishMode::Http => Role::ApiPublisher(p),
+                PublishMode::Http | PublishMode::Grpc => Role::ApiPublisher(p),
             });
         }
     }
@@ -722,11 +723,36 @@ async fn reconnect(
     }
 }
 
-/// A fanout publisher over `POST /api/publish`: one request at a time, paced.
+/// The control API a publisher calls: HTTP or gRPC.
+enum Api {
+    Http(ApiClient),
+    Grpc(GrpcClient),
+}
+
+impl Api {
+    async fn connect(plan: &Plan) -> anyhow::Result<Api> {
+        Ok(match plan.publish_mode {
+            PublishMode::Grpc => {
+                Api::Grpc(GrpcClient::connect(&plan.grpc_url, &plan.api_key).await?)
+            }
+            _ => Api::Http(ApiClient::connect(&plan.api_url, &plan.api_key).await?),
+        })
+    }
+
+    async fn publish(&mut self, channel: &str, data: &str) -> anyhow::Result<()> {
+        match self {
+            Api::Http(c) => c.publish(channel, data).await,
+            Api::Grpc(c) => c.publish(channel, data).await,
+        }
+    }
+}
+
+/// A fanout publisher over the control API (`POST /api/publish` or gRPC
+/// `Publish`): one call at a time, paced.
 async fn api_publisher(ctx: &Ctx, p: usize) {
     let plan = &ctx.plan;
     let s = &ctx.stats;
-    let client = timeout(plan.connect_timeout, ApiClient::connect(&plan.api_url, &plan.api_key))
+    let client = timeout(plan.connect_timeout, Api::connect(plan))
         .await
         .map_err(|_| anyhow::anyhow!("API connect timed out"))
         .and_then(|r| r);

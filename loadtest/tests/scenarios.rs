@@ -56,13 +56,15 @@ fn free_port() -> u16 {
 struct Node {
     child: Child,
     port: u16,
+    /// The gRPC control API port (0 for the floor endpoint).
+    grpc: u16,
     _dir: tempfile::TempDir,
 }
 
 impl Node {
     fn start() -> Node {
-        Node::spawn("fanfare", |port, dir| {
-            let grpc = free_port();
+        let grpc = free_port();
+        let mut node = Node::spawn("fanfare", |port, dir| {
             let config = dir.join("fanfare.toml");
             std::fs::write(
                 &config,
@@ -76,7 +78,9 @@ impl Node {
             let mut c = Command::new(fanfare_bin());
             c.arg("--config").arg(&config).env_remove("RUST_LOG").env_remove("FANFARE_CONFIG");
             c
-        })
+        });
+        node.grpc = grpc;
+        node
     }
 
     /// `fanfare-loadtest floor-server` (the calibration endpoint) instead of a node.
@@ -104,7 +108,7 @@ impl Node {
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
                 if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Node { child, port, _dir: dir };
+                    return Node { child, port, grpc: 0, _dir: dir };
                 }
                 if child.try_wait().expect("polling the server").is_some() {
                     break; // port taken meanwhile: try others
@@ -367,4 +371,27 @@ fn http_publish_mode_reports_the_api_outcome() {
         assert_eq!(code, 0, "{r:#}");
         assert_exact_delivery(&r);
     }
+}
+
+#[test]
+fn grpc_publish_mode_delivers_every_publication_once_and_in_order() {
+    let _g = serial();
+    let node = Node::start();
+    let grpc_url = format!("http://127.0.0.1:{}", node.grpc);
+    let args = ["fanout", "--publish-mode", "grpc", "--grpc-url", &grpc_url, "-n", "50"];
+    let (code, r) =
+        loadtest(&node, &[&args[..], &["--channels", "2", "--rate", "100", "-d", "1s"]].concat());
+    assert_eq!(code, 0, "{r:#}");
+    assert_exact_delivery(&r);
+    assert_eq!(u(&r["connections"]["publishers_connected"]), 1, "{r:#}");
+    // 50 subscribers over 2 channels: every publication reaches 25.
+    let m = &r["messages"];
+    assert_eq!(u(&m["expected"]), u(&m["published"]) * 25, "{m}");
+    // Without --grpc-url the mode is refused with a usage error naming the flag.
+    let out = Command::new(LOADTEST)
+        .args(["fanout", "--publish-mode", "grpc", "--url", &node.url()])
+        .output()
+        .expect("running fanfare-loadtest");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--grpc-url"), "{out:?}");
 }
