@@ -130,21 +130,29 @@ async fn serve(stream: TcpStream) -> std::io::Result<()> {
 async fn session(conn: &Arc<Conn>, id: u64, channels: &mut Vec<String>) -> std::io::Result<()> {
     let mut buf = vec![0u8; 2048];
     let mut have = 0;
-    // The upgrade request.
-    let head_len = loop {
+    // The upgrade request (httparse, as the generator parses the answer).
+    let (head_len, key) = loop {
         let n = conn.read(&mut buf[have..]).await?;
         if n == 0 {
             return Ok(());
         }
         have += n;
-        if let Some(end) = find(&buf[..have], b"\r\n\r\n") {
-            break end + 4;
-        }
-        if have == buf.len() {
-            return Ok(());
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf[..have]) {
+            Ok(httparse::Status::Complete(len)) => {
+                let key = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-key"))
+                    .map(|h| String::from_utf8_lossy(h.value).trim().to_string());
+                break (len, key);
+            }
+            Ok(httparse::Status::Partial) if have < buf.len() => {}
+            _ => return Ok(()),
         }
     };
-    let Some(key) = header(&buf[..head_len], b"sec-websocket-key") else {
+    let Some(key) = key else {
         conn.send(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n").await?;
         return Ok(());
     };
@@ -308,16 +316,6 @@ fn frame(buf: &mut [u8]) -> Option<(u8, std::ops::Range<usize>, usize)> {
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// A request header's value (name matched case-insensitively).
-fn header(head: &[u8], name: &[u8]) -> Option<String> {
-    head.split(|b| *b == b'\n').find_map(|line| {
-        let colon = line.iter().position(|b| *b == b':')?;
-        line[..colon]
-            .eq_ignore_ascii_case(name)
-            .then(|| String::from_utf8_lossy(&line[colon + 1..]).trim().to_string())
-    })
 }
 
 /// The JSON string (without escapes) after `key`.

@@ -70,25 +70,28 @@ impl CpuMark {
         }
     }
 
+    /// CPU the server (if measured) and the generator used since `self`.
+    fn cpu_to(&self, end: &CpuMark) -> (Option<CpuTimes>, CpuTimes) {
+        (self.server.zip(end.server).map(|(a, b)| b - a), end.loadgen - self.loadgen)
+    }
+
     /// (seconds, server CPU s/s, loadgen CPU s/s) since `self`.
     fn rates_to(&self, end: &CpuMark) -> (f64, Option<f64>, f64) {
         let secs = end.at.duration_since(self.at).as_secs_f64();
-        let server = match (self.server, end.server) {
-            (Some(a), Some(b)) => rate(Some((b - a).total()), secs),
-            _ => None,
-        };
-        (secs, server, rate(Some((end.loadgen - self.loadgen).total()), secs).unwrap_or(0.0))
+        let (server, loadgen) = self.cpu_to(end);
+        (
+            secs,
+            rate(server.map(CpuTimes::total), secs),
+            rate(Some(loadgen.total()), secs).unwrap_or(0.0),
+        )
     }
 
     /// The kernel's part (system time / all CPU time) of the server's and the
     /// generator's CPU since `self`; `None` where no CPU time was charged.
     fn kernel_shares_to(&self, end: &CpuMark) -> (Option<f64>, Option<f64>) {
         let share = |d: CpuTimes| (d.total() > 0.0).then(|| d.system / d.total());
-        let server = match (self.server, end.server) {
-            (Some(a), Some(b)) => share(b - a),
-            _ => None,
-        };
-        (server, share(end.loadgen - self.loadgen))
+        let (server, loadgen) = self.cpu_to(end);
+        (server.and_then(share), share(loadgen))
     }
 }
 

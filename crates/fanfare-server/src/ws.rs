@@ -604,7 +604,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
 
     /// Writes one frame (see `send_joined` for how).
     pub async fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
-        self.send_frames(opcode, &[payload], b"", usize::MAX).await.map(|_| ())
+        self.send_joined(opcode, &[payload], b"", usize::MAX).await.map(|_| ())
     }
 
     /// Writes a close frame with `code` and `reason` (cut to 123 bytes at a
@@ -630,17 +630,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
     /// of it when it is full) and larger batches go out as vectored writes of
     /// the header and the caller's slices, so a connection waiting on a full
     /// socket holds no copy of its messages.
-    pub async fn send_joined(
-        &mut self,
-        opcode: u8,
-        items: &[Bytes],
-        separator: &[u8],
-        max_frame: usize,
-    ) -> io::Result<usize> {
-        self.send_frames(opcode, items, separator, max_frame).await
-    }
-
-    async fn send_frames<T: AsRef<[u8]>>(
+    pub async fn send_joined<T: AsRef<[u8]>>(
         &mut self,
         opcode: u8,
         items: &[T],
