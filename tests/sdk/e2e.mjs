@@ -13,6 +13,7 @@ import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import http2 from 'node:http2';
 import os from 'node:os';
 import path from 'node:path';
 import { Centrifuge } from 'centrifuge';
@@ -440,6 +441,7 @@ before(async () => {
   const configPath = path.join(tmpDir, 'config.toml');
   fs.writeFileSync(configPath, configToml(httpPort, grpcPort));
   server = new Server(bin, configPath, httpPort);
+  server.grpcPort = grpcPort;
   await server.start();
 });
 
@@ -713,3 +715,238 @@ test(
     }
   },
 );
+
+// ---------------------------------------------------------------------------
+// Tests I: the ingress rule for publication data and bounded replies (issue 13).
+// One bad publisher must never break a channel's subscribers.
+// ---------------------------------------------------------------------------
+
+/** POSTs `body` (a string, sent as is) to the HTTP API: { status, json }. */
+async function apiPost(method, body) {
+  const res = await fetch(`http://127.0.0.1:${server.httpPort}/api/${method}`, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body,
+    signal: AbortSignal.timeout(WAIT_MS),
+  });
+  const text = await res.text();
+  let json = null;
+  try {
+    json = JSON.parse(text);
+  } catch {
+    // not JSON: leave null
+  }
+  return { status: res.status, json, text };
+}
+
+/** A protobuf length-delimited field (string or bytes). */
+function pbField(field, value) {
+  const bytes = Buffer.isBuffer(value) ? value : Buffer.from(value, 'utf8');
+  const len = [];
+  let n = bytes.length;
+  do {
+    let b = n & 0x7f;
+    n >>>= 7;
+    if (n) b |= 0x80;
+    len.push(b);
+  } while (n);
+  return Buffer.concat([Buffer.from([(field << 3) | 2, ...len]), bytes]);
+}
+
+/** Unary fanfare.v1.ControlService/Publish over node:http2: { status, message }. */
+function grpcPublish(channel, data) {
+  const msg = Buffer.concat([pbField(1, channel), pbField(2, data)]);
+  const prefix = Buffer.alloc(5);
+  prefix.writeUInt32BE(msg.length, 1);
+  return withTimeout(
+    new Promise((resolve, reject) => {
+      const session = http2.connect(`http://127.0.0.1:${server.grpcPort}`);
+      session.on('error', reject);
+      const req = session.request({
+        ':method': 'POST',
+        ':path': '/fanfare.v1.ControlService/Publish',
+        'content-type': 'application/grpc',
+        te: 'trailers',
+      });
+      let headers = {};
+      req.on('response', (h) => {
+        headers = h;
+      });
+      req.on('trailers', (t) => {
+        headers = { ...headers, ...t };
+      });
+      req.on('data', () => {});
+      req.on('error', reject);
+      req.on('close', () => {
+        session.close();
+        resolve({
+          status: Number(headers['grpc-status']),
+          message: decodeURIComponent(headers['grpc-message'] || ''),
+        });
+      });
+      req.end(Buffer.concat([prefix, msg]));
+    }),
+    WAIT_MS,
+    'gRPC Publish',
+  );
+}
+
+/** Nested arrays `depth` levels deep around a number. */
+function nested(depth) {
+  return `${'['.repeat(depth)}1${']'.repeat(depth)}`;
+}
+
+/** A subscriber that must stay connected through a test: returns its collector. */
+async function steadySubscriber(env, label, channel) {
+  const c = env.client(label);
+  await env.connect(c);
+  const sub = env.subscription(c, channel);
+  const pubs = new PubCollector(sub);
+  await env.subscribe(sub);
+  return { c, sub, pubs };
+}
+
+/** The subscriber never lost its connection or subscription. */
+function assertUndisturbed({ c, sub }) {
+  const lost = c.closeEvents.filter((e) => !(e.event === 'connecting' && e.code === 0));
+  assert.deepEqual(lost, [], `${c.label} was disconnected`);
+  assert.equal(c.connectedCount, 1, `${c.label} reconnected`);
+  assert.equal(sub.subscribedCount, 1, `${c.label} resubscribed`);
+}
+
+e2e('I1: a pretty-printed HTTP publish reaches SDK subscribers compact and the next one follows without a reconnect', async (env) => {
+  const s = await steadySubscriber(env, 'sub', 'ingress-pretty');
+  const r = await apiPost('publish', '{"channel":"ingress-pretty","data":{\n  "a": 2,\n  "b": [ 1,\n 2 ],\n  "s": "x  y"\n}\n}');
+  assert.equal(r.status, 200, r.text);
+  await s.pubs.waitCount(1, 'the pretty-printed publication');
+  assert.deepEqual(s.pubs.items[0].data, { a: 2, b: [1, 2], s: 'x  y' });
+  // Stored compact: history gives the same value back, whitespace inside strings kept.
+  const h = await apiPost('history', '{"channel":"ingress-pretty","limit":-1}');
+  assert.equal(h.status, 200, h.text);
+  assert.ok(h.text.includes('{"a":2,"b":[1,2],"s":"x  y"}'), `history is not compact: ${h.text}`);
+  assert.equal((await apiPost('publish', '{"channel":"ingress-pretty","data":{"next":1}}')).status, 200);
+  await s.pubs.waitCount(2, 'the next publication');
+  assert.deepEqual(s.pubs.items[1].data, { next: 1 });
+  assertUndisturbed(s);
+});
+
+e2e('I2: a raw line break inside a client publish is normalised and subscribers are undisturbed', async (env) => {
+  const s = await steadySubscriber(env, 'sub', 'ingress-lf');
+  const raw = new (loggingWebSocket('raw', env.log))(server.wsUrl);
+  await withTimeout(new Promise((resolve, reject) => {
+    raw.on('open', resolve);
+    raw.on('error', reject);
+  }), WAIT_MS, 'raw socket open');
+  const replies = [];
+  raw.on('message', (d) => replies.push(...d.toString().split('\n').filter(Boolean).map((l) => JSON.parse(l))));
+  raw.send('{"id":1,"connect":{}}');
+  raw.send('{"id":2,"publish":{"channel":"ingress-lf","data":{\n"text":\n"two\\nlines"\n}}}');
+  await s.pubs.waitCount(1, 'the publication with raw line breaks');
+  assert.deepEqual(s.pubs.items[0].data, { text: 'two\nlines' });
+  const reply = replies.find((r) => r.id === 2);
+  assert.deepEqual(reply, { id: 2, publish: {} });
+  await withTimeout(s.c.publish('ingress-lf', { next: true }), WAIT_MS, 'next publish');
+  await s.pubs.waitCount(2, 'the next publication');
+  raw.close();
+  assertUndisturbed(s);
+});
+
+e2e('I3: data that is not UTF-8 JSON or nested too deep is refused on every path, and depth 64 round-trips', async (env) => {
+  const s = await steadySubscriber(env, 'sub', 'ingress-bad');
+  // gRPC: bytes that are not UTF-8 inside a JSON string.
+  const notUtf8 = await grpcPublish('ingress-bad', Buffer.from([0x22, 0xff, 0xfe, 0x22]));
+  assert.equal(notUtf8.status, 3, `INVALID_ARGUMENT expected: ${JSON.stringify(notUtf8)}`);
+  assert.match(notUtf8.message, /UTF-8/);
+  const notJson = await grpcPublish('ingress-bad', Buffer.from('{"a":'));
+  assert.equal(notJson.status, 3, JSON.stringify(notJson));
+  const deepGrpc = await grpcPublish('ingress-bad', Buffer.from(nested(10000)));
+  assert.equal(deepGrpc.status, 3, JSON.stringify(deepGrpc));
+  assert.match(deepGrpc.message, /max_publication_depth/);
+  // HTTP: too deep.
+  const deepHttp = await apiPost('publish', `{"channel":"ingress-bad","data":${nested(65)}}`);
+  assert.equal(deepHttp.status, 400, deepHttp.text);
+  assert.equal(deepHttp.json.error.code, 'INVALID_ARGUMENT');
+  // Client: too deep is a 107 reply, the publisher stays connected.
+  const pub = env.client('pub');
+  await env.connect(pub);
+  await assert.rejects(
+    withTimeout(pub.publish('ingress-bad', JSON.parse(nested(65))), WAIT_MS, 'deep client publish'),
+    (e) => e.code === 107,
+  );
+  // The deepest accepted value comes back whole from the HTTP API's history
+  // (it used to read back as null from 128 levels on).
+  const ok = await apiPost('publish', `{"channel":"ingress-bad","data":${nested(64)}}`);
+  assert.equal(ok.status, 200, ok.text);
+  await s.pubs.waitCount(1, 'the depth-64 publication');
+  assert.deepEqual(s.pubs.items[0].data, JSON.parse(nested(64)));
+  const h = await apiPost('history', '{"channel":"ingress-bad","limit":1,"reverse":true}');
+  assert.equal(h.status, 200, h.text);
+  assert.ok(h.text.includes(`"data":${nested(64)}`), `history lost the data: ${h.text.slice(0, 300)}`);
+  await withTimeout(pub.publish('ingress-bad', { after: 1 }), WAIT_MS, 'publish after refusals');
+  await s.pubs.waitCount(2, 'the publication after the refusals');
+  assert.equal(s.pubs.items.length, 2, `refused data reached a subscriber: ${s.pubs.describe()}`);
+  assert.ok(pub.closeEvents.every((e) => e.code === 0), JSON.stringify(pub.closeEvents));
+  assertUndisturbed(s);
+});
+
+e2e('I4: a 2 MB publication is refused on all three paths while subscribers stay connected', async (env) => {
+  const s = await steadySubscriber(env, 'sub', 'ingress-big');
+  const big = JSON.stringify({ pad: 'x'.repeat(2 << 20) });
+  const http = await apiPost('publish', `{"channel":"ingress-big","data":${big}}`);
+  assert.equal(http.status, 413, http.text.slice(0, 200));
+  const grpc = await grpcPublish('ingress-big', Buffer.from(big));
+  assert.equal(grpc.status, 8, `RESOURCE_EXHAUSTED expected: ${JSON.stringify(grpc)}`);
+  // Over the default 64 KiB limit but within the API's request size: refused
+  // by the publication size rule itself.
+  const mid = JSON.stringify({ pad: 'x'.repeat(100_000) });
+  const httpMid = await apiPost('publish', `{"channel":"ingress-big","data":${mid}}`);
+  assert.equal(httpMid.status, 413, httpMid.text.slice(0, 200));
+  assert.match(httpMid.json.error.message, /max_publication_size/);
+  const grpcMid = await grpcPublish('ingress-big', Buffer.from(mid));
+  assert.equal(grpcMid.status, 8, JSON.stringify(grpcMid));
+  // A client message that large is refused by closing that client (1009),
+  // as Centrifugo does; nobody else notices.
+  const pub = env.client('pub');
+  await env.connect(pub);
+  const gone = waitEvent(pub, 'disconnected', 'the oversized publisher to be closed');
+  pub.publish('ingress-big', { pad: 'x'.repeat(2 << 20) }).catch(() => {});
+  const ctx = await gone;
+  // centrifuge-js reports the 1009 close as its terminal code 3.
+  assert.equal(ctx.code, 3, JSON.stringify(ctx));
+  assert.match(ctx.reason, /message size limit/);
+  assert.equal((await apiPost('publish', '{"channel":"ingress-big","data":{"small":1}}')).status, 200);
+  await s.pubs.waitCount(1, 'the small publication after the refusals');
+  assert.deepEqual(s.pubs.data(), [{ small: 1 }]);
+  assertUndisturbed(s);
+});
+
+e2e('I5: recovery after 30 x 40 KB publications ends in recovered: false, history in a bounded list, never 3008', async (env) => {
+  const c = env.client('rec');
+  await env.connect(c);
+  const sub = env.subscription(c, 'ingress-recover', { recoverable: true });
+  const pubs = new PubCollector(sub);
+  await env.subscribe(sub);
+  assert.equal((await apiPost('publish', '{"channel":"ingress-recover","data":{"first":1}}')).status, 200);
+  await pubs.waitCount(1, 'the first publication');
+  c.disconnect();
+  const pad = 'x'.repeat(40_000);
+  for (let i = 0; i < 30; i++) {
+    const r = await apiPost('publish', `{"channel":"ingress-recover","data":{"i":${i},"pad":"${pad}"}}`);
+    assert.equal(r.status, 200, r.text.slice(0, 200));
+  }
+  const resubscribed = waitEvent(sub, 'subscribed', 'the recovering resubscribe');
+  c.connect();
+  const ctx = await resubscribed;
+  assert.equal(ctx.wasRecovering, true, JSON.stringify(ctx));
+  assert.equal(ctx.recovered, false, 'missed publications larger than a reply must not be replayed');
+  // History asked for "everything" comes back bounded, as a prefix in order.
+  const h = await withTimeout(sub.history({ limit: -1, since: { offset: 1, epoch: ctx.streamPosition.epoch } }), WAIT_MS, 'history');
+  assert.ok(h.publications.length > 0 && h.publications.length < 30, `history length ${h.publications.length}`);
+  h.publications.forEach((p, k) => assert.equal(p.data.i, k, 'history not in order from the position'));
+  assert.equal(h.offset, 31);
+  const small = await withTimeout(sub.history({ limit: 5 }), WAIT_MS, 'history limit 5');
+  assert.equal(small.publications.length, 5);
+  await sleep(300);
+  assert.ok(!c.closeEvents.some((e) => e.code === 3008), `closed as slow: ${JSON.stringify(c.closeEvents)}`);
+  assert.equal(c.state, 'connected');
+});

@@ -11,6 +11,7 @@ use fanfare_protocol::{ClientInfo, DisconnectCode, Publication, StreamPosition};
 use crate::broker::{BrokerError, HistoryPage, HistoryQuery, NodeInfo};
 use crate::channel::{ChannelError, Namespace, personal_channel};
 use crate::control::ControlMessage;
+use crate::ingress::DataError;
 use crate::node::Node;
 
 /// A control API failure. Each variant has one gRPC code and one HTTP status.
@@ -25,6 +26,10 @@ pub enum ApiError {
     /// gRPC RESOURCE_EXHAUSTED, HTTP 429.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// Something in the request is larger than allowed: gRPC RESOURCE_EXHAUSTED,
+    /// HTTP 413.
+    #[error("{0}")]
+    TooLarge(String),
     /// gRPC UNAVAILABLE, HTTP 503.
     #[error("{0}")]
     Unavailable(String),
@@ -66,14 +71,13 @@ pub struct ApiPublish {
     pub skip_history: bool,
 }
 
-fn check_data(data: &[u8]) -> Result<(), ApiError> {
-    if data.is_empty() {
-        return Err(ApiError::InvalidArgument("data: must not be empty".into()));
+impl From<DataError> for ApiError {
+    fn from(e: DataError) -> Self {
+        match e {
+            DataError::TooLarge { .. } => ApiError::TooLarge(e.to_string()),
+            _ => ApiError::InvalidArgument(e.to_string()),
+        }
     }
-    // JSON clients embed data verbatim: invalid JSON would break every one of them.
-    serde_json::from_slice::<serde::de::IgnoredAny>(data)
-        .map_err(|e| ApiError::InvalidArgument(format!("data: not valid JSON: {e}")))?;
-    Ok(())
 }
 
 impl Node {
@@ -95,8 +99,19 @@ impl Node {
         req: &ApiPublish,
         limits: &ApiLimits,
     ) -> Result<StreamPosition, ApiError> {
+        let data = self.config().data_rules.check(req.data.clone())?;
+        self.api_publish_checked(channel, data, req, limits).await
+    }
+
+    /// [`Node::api_publish`] with `data` already through the ingress rule.
+    async fn api_publish_checked(
+        &self,
+        channel: &str,
+        data: Bytes,
+        req: &ApiPublish,
+        limits: &ApiLimits,
+    ) -> Result<StreamPosition, ApiError> {
         let ns = self.api_namespace(channel)?;
-        check_data(&req.data)?;
         let mut opts =
             if req.skip_history { Default::default() } else { Node::publish_options(ns) };
         if !req.idempotency_key.is_empty() {
@@ -104,7 +119,7 @@ impl Node {
             opts.idempotency_window = limits.idempotency_window;
         }
         let publication = Publication {
-            data: req.data.clone(),
+            data,
             tags: (!req.tags.is_empty()).then(|| Arc::new(req.tags.clone())),
             ..Default::default()
         };
@@ -127,8 +142,8 @@ impl Node {
                 limits.max_broadcast_channels
             )));
         }
-        check_data(&req.data)?;
-        let calls = channels.iter().map(|c| self.api_publish(c, req, limits));
+        let data = self.config().data_rules.check(req.data.clone())?;
+        let calls = channels.iter().map(|c| self.api_publish_checked(c, data.clone(), req, limits));
         Ok(futures_util::future::join_all(calls).await)
     }
 

@@ -12,6 +12,7 @@ pub mod channel;
 pub mod coalesce;
 pub mod control;
 pub mod hub;
+pub mod ingress;
 pub mod memory;
 pub mod metrics;
 pub mod node;
@@ -28,6 +29,7 @@ pub use broker::{
 pub use channel::{ChannelError, ChannelRules, Namespace};
 pub use coalesce::Coalescer;
 pub use hub::{FanOut, Hub};
+pub use ingress::{DataError, DataRules};
 pub use memory::MemoryBroker;
 pub use node::{Node, NodeConfig};
 pub use outbox::{Control, Outbox};

@@ -36,6 +36,14 @@ pub struct NodeConfig {
     /// How long a publication may wait for others to share its socket write
     /// (0 = written at once).
     pub write_delay: Duration,
+    /// What publication data must look like on every ingress path.
+    pub data_rules: crate::ingress::DataRules,
+    /// Most publications a recovering subscribe may return; a client further
+    /// behind gets `recovered: false` (`client.recovery_max_publication_limit`).
+    pub recovery_max_publications: usize,
+    /// Most publications one client `history` reply carries
+    /// (`client.history_max_publication_limit`).
+    pub history_max_publications: usize,
 }
 
 impl Default for NodeConfig {
@@ -50,6 +58,9 @@ impl Default for NodeConfig {
             max_channels: 128,
             presence_ttl: Duration::from_secs(60),
             write_delay: Duration::ZERO,
+            data_rules: crate::ingress::DataRules::default(),
+            recovery_max_publications: 300,
+            history_max_publications: 300,
         }
     }
 }

@@ -149,7 +149,7 @@ impl Outbox {
             st.items = VecDeque::new();
             st.bytes = 0;
             drop(st);
-            crate::metrics::slow_consumer();
+            // Counted where the connection ends (`Session::close`), once.
             self.wake();
             return None;
         }

@@ -30,6 +30,7 @@ use crate::auth::{AuthError, info_bytes, unix_now};
 use crate::broker::{HistoryQuery, PublishItem};
 use crate::channel::{ChannelError, Namespace, personal_channel};
 use crate::hub::Subscriber;
+use crate::ingress::DataError;
 use crate::node::Node;
 use crate::outbox::{Control, Outbox};
 
@@ -170,6 +171,23 @@ type PendingBatch = Pin<Box<dyn Future<Output = Vec<(u32, bool)>> + Send>>;
 /// Publishes one connection may have waiting for the broker; beyond this the
 /// transport stops reading from the client until some are answered.
 pub const MAX_PUBLISHES_IN_FLIGHT: usize = 256;
+
+/// Bytes `pubs` take in a reply, estimated generously (field names, offsets,
+/// escaping of ids); the encoded reply is checked again in `Session::send`.
+fn estimated_size(pubs: &[Publication]) -> usize {
+    pubs.iter()
+        .map(|p| {
+            let info = p.info.as_ref().map_or(0, |i| {
+                64 + 2 * (i.user.len() + i.client.len()) + i.conn_info.len() + i.chan_info.len()
+            });
+            let tags = p
+                .tags
+                .as_ref()
+                .map_or(0, |t| t.iter().map(|(k, v)| 8 + 2 * (k.len() + v.len())).sum());
+            64 + p.data.len() + info + tags
+        })
+        .sum()
+}
 
 fn publish_reply(accepted: bool) -> Result<Option<ReplyBody>, Fail> {
     if accepted { Ok(Some(ReplyBody::Publish)) } else { Err(ErrorCode::INTERNAL.into()) }
@@ -453,8 +471,31 @@ impl Session {
         Ok(())
     }
 
+    /// Queues a reply or push. Nothing the session sends may exceed the reply
+    /// budget ([`Session::reply_budget`]): a reply that would is answered with
+    /// error 106 instead, so asking for too much never closes the asker with 3008.
     fn send(&self, reply: Reply) {
-        self.outbox.push(self.outbox.codec().encode(&reply));
+        let codec = self.outbox.codec();
+        let bytes = codec.encode(&reply);
+        if bytes.len() > self.reply_budget() {
+            tracing::warn!(
+                session = self.id,
+                size = bytes.len(),
+                budget = self.reply_budget(),
+                "reply larger than the client queue allows; sent as error 106"
+            );
+            if reply.id != 0 {
+                self.outbox.push(codec.encode(&Reply::error(reply.id, ErrorCode::LIMIT_EXCEEDED)));
+            }
+            return;
+        }
+        self.outbox.push(bytes);
+    }
+
+    /// Most bytes one reply may take: half the queue bound, so a reply fits
+    /// next to publications already waiting for the client.
+    fn reply_budget(&self) -> usize {
+        self.node.config().max_queue_bytes / 2
     }
 
     async fn handle_command(&mut self, cmd: Command) -> Result<(), DisconnectCode> {
@@ -559,6 +600,7 @@ impl Session {
         server_channels.extend(channels);
         let mut subs = Vec::new();
         let mut live = Vec::new();
+        let mut recovered_size = 0;
         for channel in server_channels {
             let Ok(ns) = self.node.rules().namespace(&channel).cloned() else {
                 tracing::warn!(channel, "token names an invalid channel; skipped");
@@ -575,7 +617,15 @@ impl Session {
                 ..Default::default()
             });
             match self.join_channel(&channel, &sub_req, &ns, Bytes::new(), None, true).await {
-                Ok((result, subscriber)) => {
+                Ok((mut result, subscriber)) => {
+                    // Recovered lists of all server-side channels share one
+                    // connect reply, and so its budget.
+                    recovered_size += estimated_size(&result.publications);
+                    if recovered_size > self.reply_budget() {
+                        recovered_size -= estimated_size(&result.publications);
+                        result.publications = Vec::new();
+                        result.recovered = false;
+                    }
                     live.push((subscriber, result.offset, channel.clone(), ns.join_leave));
                     subs.push((channel, result));
                 }
@@ -632,7 +682,9 @@ impl Session {
             let query = if req.recover {
                 HistoryQuery {
                     since: Some(StreamPosition { offset: req.offset, epoch: req.epoch.clone() }),
-                    limit: None,
+                    // One more than may be returned, to tell "exactly the
+                    // limit" from "more than the limit".
+                    limit: Some(self.node.config().recovery_max_publications + 1),
                     reverse: false,
                 }
             } else {
@@ -646,8 +698,15 @@ impl Session {
                     result.offset = page.position.offset;
                     if req.recover {
                         result.was_recovering = true;
-                        result.recovered = page.complete;
-                        if page.complete {
+                        // A client further behind than the recovery limit, or
+                        // whose missed publications would not fit one reply,
+                        // starts over (`recovered: false`), as in Centrifugo.
+                        // Never a partial list presented as complete.
+                        let fits = page.publications.len()
+                            <= self.node.config().recovery_max_publications
+                            && estimated_size(&page.publications) <= self.reply_budget();
+                        result.recovered = page.complete && fits;
+                        if result.recovered {
                             result.publications = page.publications;
                         }
                     }
@@ -791,6 +850,14 @@ impl Session {
         if !ns.allow_publish || channel.starts_with('#') {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
+        let data = match self.node.config().data_rules.check(data) {
+            Ok(d) => d,
+            Err(DataError::TooLarge { .. }) => return Err(ErrorCode::LIMIT_EXCEEDED.into()),
+            Err(e) => {
+                tracing::debug!(session = self.id, error = %e, "publish data refused");
+                return Err(ErrorCode::BAD_REQUEST.into());
+            }
+        };
         let opts = Node::publish_options(ns);
         let conn = self.connected();
         let info =
@@ -898,10 +965,12 @@ impl Session {
 
     async fn history(&self, req: HistoryRequest) -> Result<Option<ReplyBody>, Fail> {
         self.readable(&req.channel, |ns| ns.history_enabled())?;
+        // At most `history_max_publications` (also for "everything", -1).
+        let max = self.node.config().history_max_publications;
         let limit = match req.limit {
             0 => Some(0),
-            n if n < 0 => None,
-            n => Some(n as usize),
+            n if n < 0 => Some(max),
+            n => Some((n as usize).min(max)),
         };
         let query = HistoryQuery { since: req.since.clone(), limit, reverse: req.reverse };
         let page = self
@@ -915,8 +984,20 @@ impl Session {
         {
             return Err(ErrorCode::UNRECOVERABLE_POSITION.into());
         }
+        // And at most what fits one reply: the client sees from `offset` that
+        // there is more and pages on with `since`.
+        let mut publications = page.publications;
+        let mut size = 0;
+        let fit = publications
+            .iter()
+            .take_while(|p| {
+                size += estimated_size(std::slice::from_ref(p));
+                size <= self.reply_budget()
+            })
+            .count();
+        publications.truncate(fit);
         Ok(Some(ReplyBody::History(HistoryResult {
-            publications: page.publications,
+            publications,
             epoch: page.position.epoch,
             offset: page.position.offset,
         })))
@@ -980,6 +1061,11 @@ impl Session {
         self.close_subscriptions().await;
         self.node.unregister(self.id);
         self.outbox.release();
+        // The one place a disconnect is counted, so the slow-consumer counter
+        // and `disconnects_total{reason="slow"}` always agree.
         metrics::counter!(crate::metrics::DISCONNECTS, "reason" => code.label()).increment(1);
+        if code == DisconnectCode::SLOW {
+            crate::metrics::slow_consumer();
+        }
     }
 }

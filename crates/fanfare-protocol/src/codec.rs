@@ -62,6 +62,8 @@ impl Codec {
             Codec::Json => {
                 let mut out = Vec::with_capacity(64);
                 json::encode_reply(reply, &mut out);
+                // Messages share frames separated by newlines (see `json::Obj::raw`).
+                debug_assert!(!out.contains(&b'\n'), "a JSON message must not contain a newline");
                 Bytes::from(out)
             }
         }

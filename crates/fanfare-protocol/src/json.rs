@@ -298,10 +298,26 @@ impl<'a> Obj<'a> {
     }
 
     /// Embeds a raw JSON value (a `bytes` field).
+    ///
+    /// Messages are newline-delimited, so a raw line break here would split
+    /// the frame inside this message and break every client reading it. Data
+    /// enters the node compact (`fanfare_core::ingress`), but whatever reaches
+    /// the encoder (e.g. history written by an older version) is made safe:
+    /// outside strings a line break is insignificant whitespace and becomes a
+    /// space; inside a string it is invalid JSON anyway. One `memchr`-style
+    /// scan per encode (once per publication and codec, not per subscriber).
     fn raw(&mut self, name: &str, v: &[u8]) -> &mut Self {
         if !v.is_empty() {
             self.key(name);
+            let start = self.out.len();
             self.out.extend_from_slice(v);
+            if v.iter().any(|&b| b == b'\n' || b == b'\r') {
+                for b in &mut self.out[start..] {
+                    if *b == b'\n' || *b == b'\r' {
+                        *b = b' ';
+                    }
+                }
+            }
         }
         self
     }
@@ -554,6 +570,25 @@ mod tests {
         let mut v = Vec::new();
         encode_reply(r, &mut v);
         String::from_utf8(v).unwrap()
+    }
+
+    #[test]
+    fn encoded_messages_never_contain_a_line_break_whatever_the_data() {
+        let p = Publication {
+            data: Bytes::from_static(b"{\n  \"a\": 2\r\n}"),
+            info: Some(Arc::new(ClientInfo {
+                user: "u".into(),
+                client: "c".into(),
+                conn_info: Bytes::from_static(b"[1,\n2]"),
+                chan_info: Bytes::new(),
+            })),
+            offset: 1,
+            ..Default::default()
+        };
+        let s = enc(&Reply::push("c", PushBody::Pub(p)));
+        assert!(!s.contains(['\n', '\r']), "{s}");
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["push"]["pub"]["data"]["a"], 2);
     }
 
     #[test]

@@ -73,7 +73,7 @@ pub fn code_name(e: &ApiError) -> &'static str {
     match e {
         ApiError::InvalidArgument(_) => "INVALID_ARGUMENT",
         ApiError::NotFound(_) => "NOT_FOUND",
-        ApiError::ResourceExhausted(_) => "RESOURCE_EXHAUSTED",
+        ApiError::ResourceExhausted(_) | ApiError::TooLarge(_) => "RESOURCE_EXHAUSTED",
         ApiError::Unavailable(_) => "UNAVAILABLE",
     }
 }

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fanfare_core::{ApiError, ApiPublish, Node};
@@ -20,7 +20,11 @@ use crate::api::{ApiContext, AuthFailure, code_name, observe};
 use crate::http::Body;
 
 fn reply(status: StatusCode, body: &Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    json_response(status, Bytes::from(body.to_string()))
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut r = Response::new(Full::new(body));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     r
@@ -35,14 +39,46 @@ fn api_error(e: &ApiError) -> Response<Body> {
         ApiError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
         ApiError::NotFound(_) => StatusCode::NOT_FOUND,
         ApiError::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
+        ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     error(status, code_name(e), &e.to_string())
 }
 
 /// Raw JSON bytes as a JSON value (they were validated when they came in).
+/// Only for small values from tokens (connection and channel info); data goes
+/// through [`raw_data`].
 fn raw_json(b: &[u8]) -> Value {
     serde_json::from_slice(b).unwrap_or(Value::Null)
+}
+
+/// Publication data embedded verbatim. Not parsed into a `Value`: that stops
+/// at 128 levels of nesting and turned deeper data into `null`. Bytes that are
+/// not JSON (written by an older version) become a JSON string of their text
+/// rather than breaking the reply.
+fn raw_data(b: &[u8]) -> Box<RawValue> {
+    let text = String::from_utf8_lossy(b);
+    RawValue::from_string(text.to_string()).unwrap_or_else(|_| {
+        let quoted = serde_json::to_string(&text).expect("a string serializes");
+        RawValue::from_string(quoted).expect("a JSON string is JSON")
+    })
+}
+
+#[derive(serde::Serialize)]
+struct HistoryOut<'a> {
+    publications: Vec<PublicationOut<'a>>,
+    offset: u64,
+    epoch: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct PublicationOut<'a> {
+    data: Box<RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    info: Option<Value>,
+    offset: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tags: Option<&'a BTreeMap<String, String>>,
 }
 
 fn info_json(i: &ClientInfo) -> Value {
@@ -130,6 +166,7 @@ pub async fn handle(
     node: &Node,
     ctx: &ApiContext,
     peer: SocketAddr,
+    body_timeout: Duration,
 ) -> Response<Body> {
     let start = Instant::now();
     let Some(method) = req.uri().path().strip_prefix("/api/").and_then(method_name) else {
@@ -149,9 +186,23 @@ pub async fn handle(
         observe(method, "http", code, start);
         return error(status, code, f.message());
     }
-    let body = match Limited::new(req.into_body(), ctx.max_request_size).collect().await {
-        Ok(b) => b.to_bytes(),
+    let collect = Limited::new(req.into_body(), ctx.max_request_size).collect();
+    let body = match tokio::time::timeout(body_timeout, collect).await {
+        Ok(Ok(b)) => b.to_bytes(),
         Err(_) => {
+            observe(method, "http", "DEADLINE_EXCEEDED", start);
+            let mut r = error(
+                StatusCode::REQUEST_TIMEOUT,
+                "DEADLINE_EXCEEDED",
+                &format!(
+                    "request body not received within {body_timeout:?} (http.body_read_timeout)"
+                ),
+            );
+            // The rest of the body may never come: do not wait for it.
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
+        }
+        Ok(Err(_)) => {
             observe(method, "http", "RESOURCE_EXHAUSTED", start);
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -169,7 +220,8 @@ pub async fn handle(
     };
     observe(method, "http", code, start);
     match result {
-        Ok(v) => reply(StatusCode::OK, &v),
+        Ok(Out::Value(v)) => reply(StatusCode::OK, &v),
+        Ok(Out::Raw(b)) => json_response(StatusCode::OK, b),
         Err(Fail::Body(m)) => error(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", &m),
         Err(Fail::Api(e)) => api_error(&e),
     }
@@ -190,9 +242,16 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Fail> {
     serde_json::from_slice(body).map_err(|e| Fail::Body(format!("body: {e}")))
 }
 
-async fn call(method: &str, body: &[u8], node: &Node, ctx: &ApiContext) -> Result<Value, Fail> {
+/// A reply body: a `Value`, or JSON already serialized (where a `Value`
+/// cannot hold the data, see [`raw_data`]).
+enum Out {
+    Value(Value),
+    Raw(Bytes),
+}
+
+async fn call(method: &str, body: &[u8], node: &Node, ctx: &ApiContext) -> Result<Out, Fail> {
     let limits = &ctx.limits;
-    Ok(match method {
+    Ok(Out::Value(match method {
         "publish" | "broadcast" | "publish_to_user" => {
             let b: PublishBody<'_> = parse(body)?;
             let p = b.publish();
@@ -245,23 +304,23 @@ async fn call(method: &str, body: &[u8], node: &Node, ctx: &ApiContext) -> Resul
                     let since = (!t.epoch.is_empty())
                         .then(|| StreamPosition { offset: t.since_offset, epoch: t.epoch.clone() });
                     let page = node.api_history(&t.channel, t.limit, since, t.reverse).await?;
-                    let pubs: Vec<Value> = page
-                        .publications
-                        .iter()
-                        .map(|p| {
-                            let mut o = serde_json::Map::new();
-                            o.insert("data".into(), raw_json(&p.data));
-                            if let Some(i) = &p.info {
-                                o.insert("info".into(), info_json(i));
-                            }
-                            o.insert("offset".into(), p.offset.into());
-                            if let Some(tags) = &p.tags {
-                                o.insert("tags".into(), json!(tags.as_ref()));
-                            }
-                            Value::Object(o)
-                        })
-                        .collect();
-                    json!({"publications": pubs, "offset": page.position.offset, "epoch": page.position.epoch})
+                    let out = HistoryOut {
+                        publications: page
+                            .publications
+                            .iter()
+                            .map(|p| PublicationOut {
+                                data: raw_data(&p.data),
+                                info: p.info.as_deref().map(info_json),
+                                offset: p.offset,
+                                tags: p.tags.as_deref(),
+                            })
+                            .collect(),
+                        offset: page.position.offset,
+                        epoch: &page.position.epoch,
+                    };
+                    return Ok(Out::Raw(
+                        serde_json::to_vec(&out).expect("history serializes").into(),
+                    ));
                 }
                 "channels" => {
                     let m = node.api_channels(&t.pattern, limits).await?;
@@ -279,5 +338,5 @@ async fn call(method: &str, body: &[u8], node: &Node, ctx: &ApiContext) -> Resul
                 }
             }
         }
-    })
+    }))
 }

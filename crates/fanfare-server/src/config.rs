@@ -38,11 +38,25 @@ pub struct NodeSection {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSection {
     pub listen: String,
+    /// How long a request's head (request line and headers) may take to
+    /// arrive. Counted from the moment the connection waits for one: after
+    /// accept, and on a kept-alive connection after the previous response, so
+    /// it is also how long an idle keep-alive connection stays open.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// How long a request's body (e.g. of `/api/*`) may take to arrive once
+    /// its head is in.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
 }
 
 impl Default for HttpSection {
     fn default() -> Self {
-        Self { listen: "0.0.0.0:8000".into() }
+        Self {
+            listen: "0.0.0.0:8000".into(),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(10),
+        }
     }
 }
 
@@ -223,12 +237,28 @@ pub struct ClientSection {
     /// connection, so they share one socket write (0 = written at once).
     #[serde(with = "humantime_serde")]
     pub write_delay: Duration,
+    /// Largest publication data in bytes on every path (client publish, HTTP
+    /// and gRPC API); at most a quarter of `queue_max_size`, so one
+    /// publication never overflows a subscriber's queue by itself. 0 (the
+    /// default) = 64 KiB or a quarter of `queue_max_size`, whichever is less.
+    pub max_publication_size: usize,
+    /// Deepest nesting of arrays and objects in publication data (1-128).
+    pub max_publication_depth: usize,
+    /// Most publications a recovering subscribe returns; a client further
+    /// behind gets `recovered: false` (Centrifugo's default: 300).
+    pub recovery_max_publication_limit: usize,
+    /// Most publications in one client `history` reply.
+    pub history_max_publication_limit: usize,
 }
 
 impl Default for ClientSection {
     fn default() -> Self {
         let n = NodeConfig::default();
         Self {
+            max_publication_size: 0,
+            max_publication_depth: n.data_rules.max_depth,
+            recovery_max_publication_limit: n.recovery_max_publications,
+            history_max_publication_limit: n.history_max_publications,
             ping_interval: n.ping_interval,
             pong_timeout: n.pong_timeout,
             connect_timeout: n.connect_timeout,
@@ -367,6 +397,31 @@ impl Settings {
         if self.client.queue_max_size < 1024 {
             bail!("client.queue_max_size: must be at least 1024 bytes");
         }
+        if self.client.max_publication_size > self.client.queue_max_size / 4 {
+            bail!(
+                "client.max_publication_size: must be at most a quarter of \
+                 client.queue_max_size ({} bytes), so one publication cannot overflow a \
+                 subscriber's queue",
+                self.client.queue_max_size / 4
+            );
+        }
+        if !(1..=128).contains(&self.client.max_publication_depth) {
+            bail!("client.max_publication_depth: must be between 1 and 128");
+        }
+        if self.client.recovery_max_publication_limit == 0 {
+            bail!("client.recovery_max_publication_limit: must be at least 1");
+        }
+        if self.client.history_max_publication_limit == 0 {
+            bail!("client.history_max_publication_limit: must be at least 1");
+        }
+        for (key, d) in [
+            ("http.header_read_timeout", self.http.header_read_timeout),
+            ("http.body_read_timeout", self.http.body_read_timeout),
+        ] {
+            if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
+                bail!("{key}: must be between 100ms and 1h");
+            }
+        }
         for (i, ns) in self.namespaces.iter().enumerate() {
             if ns.history_size > 0 && ns.history_ttl.is_zero() {
                 bail!("namespaces[{i}].history_ttl: must be set when history_size > 0");
@@ -398,7 +453,21 @@ impl Settings {
             max_channels: self.client.max_channels,
             presence_ttl: self.client.presence_ttl,
             write_delay: self.client.write_delay,
+            data_rules: fanfare_core::DataRules {
+                max_size: self.max_publication_size(),
+                max_depth: self.client.max_publication_depth,
+            },
+            recovery_max_publications: self.client.recovery_max_publication_limit,
+            history_max_publications: self.client.history_max_publication_limit,
             ..NodeConfig::default()
+        }
+    }
+
+    /// `client.max_publication_size` with 0 resolved.
+    pub fn max_publication_size(&self) -> usize {
+        match self.client.max_publication_size {
+            0 => (self.client.queue_max_size / 4).min(fanfare_core::DataRules::default().max_size),
+            n => n,
         }
     }
 

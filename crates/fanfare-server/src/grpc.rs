@@ -20,7 +20,9 @@ fn status(e: &ApiError) -> Status {
     match e {
         ApiError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
         ApiError::NotFound(m) => Status::not_found(m.clone()),
-        ApiError::ResourceExhausted(m) => Status::resource_exhausted(m.clone()),
+        ApiError::ResourceExhausted(m) | ApiError::TooLarge(m) => {
+            Status::resource_exhausted(m.clone())
+        }
         ApiError::Unavailable(m) => Status::unavailable(m.clone()),
     }
 }

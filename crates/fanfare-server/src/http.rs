@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use fanfare_core::Node;
@@ -11,7 +12,7 @@ use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -36,11 +37,26 @@ pub struct HttpState {
     pub ws: Arc<WsOptions>,
     pub metrics: PrometheusHandle,
     pub api: Arc<ApiContext>,
+    pub deadlines: Deadlines,
+}
+
+/// How long a client may take to send a request (`http.*_timeout`). Without
+/// them a socket that sends nothing, half a header line or part of a body
+/// holds a file descriptor forever, and a few thousand such sockets lock
+/// healthy clients out. A WebSocket is no longer HTTP once upgraded, so its
+/// life is governed by pings instead.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// For the request head; also the idle time of a kept-alive connection
+    /// (hyper runs one timer from the moment it waits for a head).
+    pub header: Duration,
+    /// For the body, once the head is in.
+    pub body: Duration,
 }
 
 async fn route(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<Body> {
     if req.uri().path().starts_with("/api/") {
-        return crate::api_http::handle(req, &st.node, &st.api, peer).await;
+        return crate::api_http::handle(req, &st.node, &st.api, peer, st.deadlines.body).await;
     }
     match (req.method(), req.uri().path()) {
         (_, "/connection/websocket") => websocket::upgrade(req, st.node.clone(), st.ws.clone()),
@@ -85,12 +101,15 @@ pub async fn serve(listener: TcpListener, st: HttpState, mut stop: watch::Receiv
         };
         let _ = stream.set_nodelay(true);
         let st = st.clone();
+        let header_timeout = st.deadlines.header;
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let st = st.clone();
                 async move { Ok::<_, Infallible>(route(req, st, peer).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), svc)
                 .with_upgrades();
             if let Err(e) = conn.await {

@@ -186,6 +186,10 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         }),
         metrics,
         api: api_ctx.clone(),
+        deadlines: http::Deadlines {
+            header: settings.http.header_read_timeout,
+            body: settings.http.body_read_timeout,
+        },
     };
     // Histogram samples are kept raw until the recorder's upkeep folds them into
     // buckets; `install_recorder` runs no upkeep, so without this they would

@@ -273,8 +273,8 @@ where
         }
         Ok(Err(_)) => Err(DisconnectCode::WRITE_ERROR),
         Err(_) => {
-            // The client stopped reading: the same failure as a queue overflow.
-            fanfare_core::metrics::slow_consumer();
+            // The client stopped reading: the same failure as a queue overflow
+            // (counted once, when the session closes with it).
             Err(DisconnectCode::SLOW)
         }
     }

@@ -178,10 +178,58 @@ history_ttl = "60s"
     assert_eq!(offsets_and_n(&sub["publications"]), vec![(3, 3), (4, 4), (5, 5)], "{sub}");
 }
 
+#[tokio::test]
+async fn recovery_and_history_replies_are_bounded_by_count() {
+    let server = Server::start(
+        r#"
+[client]
+recovery_max_publication_limit = 3
+history_max_publication_limit = 4
+
+[[namespaces]]
+name = "h"
+allow_publish = true
+history_size = 100
+history_ttl = "60s"
+"#,
+    );
+    let ch = "h:bounded";
+    let mut a = server.connected("a").await;
+    let sub = a.subscribe_ok(ch, json!({"recoverable": true})).await;
+    let epoch = sub["epoch"].as_str().expect("epoch").to_string();
+    for n in 1..=6 {
+        a.publish(ch, json!({ "n": n })).await;
+    }
+    // Four missed is more than the limit of three: start over, no partial list.
+    let mut b = server.connected("b").await;
+    let sub = b.subscribe_ok(ch, json!({"recover": true, "epoch": epoch, "offset": 2})).await;
+    assert!(sub.get("recovered").is_none(), "{sub}");
+    assert!(sub.get("publications").is_none(), "{sub}");
+    assert_eq!(sub["was_recovering"], true, "{sub}");
+    assert_eq!(sub["offset"], 6, "{sub}");
+    // Exactly the limit is recovered.
+    let mut c = server.connected("c").await;
+    let sub = c.subscribe_ok(ch, json!({"recover": true, "epoch": epoch, "offset": 3})).await;
+    assert_eq!(sub["recovered"], true, "{sub}");
+    assert_eq!(offsets_and_n(&sub["publications"]), vec![(4, 4), (5, 5), (6, 6)], "{sub}");
+    // History: "everything" and a larger limit both stop at four.
+    for limit in [-1, 10] {
+        let h = c.history(ch, json!({ "limit": limit })).await;
+        let got = offsets_and_n(&h["history"]["publications"]);
+        assert_eq!(got, vec![(1, 1), (2, 2), (3, 3), (4, 4)], "limit {limit}: {h}");
+        assert_eq!(h["history"]["offset"], 6, "{h}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribing_while_publishing_has_no_gaps_or_duplicates() {
     let server = Server::start(
         r#"
+[client]
+# Recovering thousands of publications in one reply is what this test races.
+recovery_max_publication_limit = 100000
+queue_max_size = 16777216
+
 [[namespaces]]
 name = "h"
 allow_publish = true

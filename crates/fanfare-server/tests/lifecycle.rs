@@ -212,7 +212,9 @@ allow_publish = true
     // The slow one, reading again, finds the 3008 close after what was in flight.
     let (code, reason) = slow.expect_close_within(Duration::from_secs(20)).await;
     assert_eq!((code, reason.as_str()), (3008, "slow"));
+    // Both counters count the same close, once.
     assert_eq!(metric(server.port, SLOW_METRIC), 1.0);
+    assert_eq!(metric(server.port, r#"fanfare_disconnects_total{reason="slow"}"#), 1.0);
     assert_healthy(&server).await;
 }
 
