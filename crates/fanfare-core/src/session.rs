@@ -850,7 +850,8 @@ impl Session {
         if !ns.allow_publish || channel.starts_with('#') {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
-        let data = match self.node.config().data_rules.check(data) {
+        // The frame decoder parsed `data` as one JSON value already.
+        let data = match self.node.config().data_rules.check_parsed(data) {
             Ok(d) => d,
             Err(DataError::TooLarge { .. }) => return Err(ErrorCode::LIMIT_EXCEEDED.into()),
             Err(e) => {
