@@ -510,6 +510,20 @@ impl Node {
         }
     }
 
+    /// Lets the broker free channel state nobody needs any more (see
+    /// [`Broker::sweep`]) every `period`, a bounded amount each time, until the
+    /// process ends; returns at once for a broker that keeps none.
+    pub async fn sweep_forever(self, period: Duration) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(sweep) = self.shared.broker.sweep() else { return };
+            ::metrics::counter!(metrics::BROKER_CHANNELS_SWEPT).increment(sweep.freed as u64);
+            ::metrics::gauge!(metrics::BROKER_CHANNELS).set(sweep.kept as f64);
+        }
+    }
+
     pub fn is_draining(&self) -> bool {
         self.shared.draining.load(Ordering::Acquire)
     }
