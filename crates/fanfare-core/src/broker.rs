@@ -84,6 +84,9 @@ pub struct Sweep {
     pub freed: usize,
     /// Channels whose state the broker still keeps in this process.
     pub kept: usize,
+    /// Bytes of publication data dropped from history because their TTL
+    /// passed, since the previous sweep (by this sweep or by reads).
+    pub expired_bytes: usize,
 }
 
 /// Receives what the broker delivers for channels this node subscribed to.

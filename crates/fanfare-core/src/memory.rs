@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -64,10 +65,13 @@ impl Stream {
         Self { epoch: String::new(), ..Self::new(now) }
     }
 
-    /// Drops publications older than the TTL, and the buffer once empty.
-    fn expire(&mut self, now: Instant) {
-        while let Some((at, _)) = self.items.front() {
+    /// Drops publications older than the TTL, and the buffer once empty;
+    /// returns the bytes of data dropped.
+    fn expire(&mut self, now: Instant) -> usize {
+        let mut dropped = 0;
+        while let Some((at, p)) = self.items.front() {
             if now.duration_since(*at) >= self.ttl {
+                dropped += p.data.len();
                 self.items.pop_front();
             } else {
                 break;
@@ -78,6 +82,7 @@ impl Stream {
         } else if self.items.capacity() > 16 && self.items.len() * 4 < self.items.capacity() {
             self.items.shrink_to(self.items.len() * 2);
         }
+        dropped
     }
 
     fn position(&self) -> StreamPosition {
@@ -141,14 +146,14 @@ struct Channel {
 }
 
 impl Channel {
-    fn expire(&mut self, now: Instant) {
-        if let Some(s) = &mut self.stream {
-            s.expire(now);
-        }
+    /// Drops what expired; returns the bytes of publication data dropped.
+    fn expire(&mut self, now: Instant) -> usize {
+        let dropped = self.stream.as_mut().map_or(0, |s| s.expire(now));
         self.presence.retain(|_, (_, until)| *until > now);
         shrink_sparse(&mut self.presence);
         self.idempotency.retain(|_, (_, until)| *until > now);
         shrink_sparse(&mut self.idempotency);
+        dropped
     }
 
     /// Nothing is kept by time any more: the entry may go unless a local
@@ -197,6 +202,8 @@ pub struct MemoryBroker {
     hasher: ahash::RandomState,
     handler: OnceLock<Arc<dyn BrokerHandler>>,
     node: Mutex<Option<NodeInfo>>,
+    /// Publication bytes dropped for their TTL since the last sweep.
+    expired_bytes: AtomicUsize,
 }
 
 impl Default for MemoryBroker {
@@ -217,6 +224,7 @@ impl MemoryBroker {
             hasher: ahash::RandomState::new(),
             handler: OnceLock::new(),
             node: Mutex::new(None),
+            expired_bytes: AtomicUsize::new(0),
         }
     }
 
@@ -261,7 +269,8 @@ impl MemoryBroker {
                 }
                 let i = shard.cursor;
                 let (name, c) = shard.channels.get_index_mut(i).expect("cursor is in range");
-                c.expire(now);
+                let dropped = c.expire(now);
+                out.expired_bytes += dropped;
                 let free = c.is_idle(now) && (c.stream.is_none() || !self.has_subscribers(name));
                 if free {
                     // The last entry moves to `i` and is visited next.
@@ -277,6 +286,7 @@ impl MemoryBroker {
             }
             out.kept += len;
         }
+        out.expired_bytes += self.expired_bytes.swap(0, Ordering::Relaxed);
         out
     }
 }
@@ -313,7 +323,8 @@ impl Broker for MemoryBroker {
             while stream.items.len() > opts.history_size {
                 stream.items.pop_front();
             }
-            stream.expire(now);
+            let dropped = stream.expire(now);
+            self.expired_bytes.fetch_add(dropped, Ordering::Relaxed);
             stream.position()
         } else {
             StreamPosition::default()
@@ -376,7 +387,8 @@ impl Broker for MemoryBroker {
         // A subscriber reading the position of a new channel gets an epoch that
         // stays while it is subscribed.
         let stream = shard.channel_mut(channel).stream.get_or_insert_with(|| Stream::new(now));
-        stream.expire(now);
+        let dropped = stream.expire(now);
+        self.expired_bytes.fetch_add(dropped, Ordering::Relaxed);
         let (publications, complete) = stream.read(&query);
         Ok(HistoryPage { publications, position: stream.position(), complete })
     }
@@ -561,6 +573,10 @@ mod tests {
         HistoryQuery { limit: Some(0), ..Default::default() }
     }
 
+    fn freed_kept(s: Sweep) -> (usize, usize) {
+        (s.freed, s.kept)
+    }
+
     fn kept(b: &MemoryBroker) -> usize {
         b.shards.iter().map(|s| s.lock().unwrap().channels.len()).sum()
     }
@@ -630,9 +646,10 @@ mod tests {
         let (b, subs) = broker(Duration::from_secs(300));
         let now = Instant::now();
         let pos = b.publish("c", publication(1), opts()).await.unwrap();
-        assert_eq!(b.sweep_at(now), Sweep { freed: 0, kept: 1 });
+        assert_eq!(freed_kept(b.sweep_at(now)), (0, 1));
         // The publication expired (60 s); the position is still known.
-        assert_eq!(b.sweep_at(now + Duration::from_secs(61)), Sweep { freed: 0, kept: 1 });
+        let sweep = b.sweep_at(now + Duration::from_secs(61));
+        assert_eq!((sweep.freed, sweep.kept, sweep.expired_bytes), (0, 1, 1));
         {
             let shard = b.shard("c");
             let stream = shard.channels.get("c").unwrap().stream.as_ref().unwrap();
@@ -644,9 +661,9 @@ mod tests {
         // Past the meta TTL a subscriber still keeps it; without one it goes.
         subs.set("c", true);
         let late = now + Duration::from_secs(301);
-        assert_eq!(b.sweep_at(late), Sweep { freed: 0, kept: 1 });
+        assert_eq!(freed_kept(b.sweep_at(late)), (0, 1));
         subs.set("c", false);
-        assert_eq!(b.sweep_at(late), Sweep { freed: 1, kept: 0 });
+        assert_eq!(freed_kept(b.sweep_at(late)), (1, 0));
         // A new stream, a new epoch: the old position cannot be recovered.
         let again = b.publish("c", publication(2), opts()).await.unwrap();
         assert_eq!(again.offset, 1);
@@ -673,8 +690,8 @@ mod tests {
         b.publish("i", publication(1), keyed.clone()).await.unwrap();
         assert_eq!(kept(&b), 2);
         let now = Instant::now();
-        assert_eq!(b.sweep_at(now + Duration::from_secs(6)), Sweep { freed: 1, kept: 1 });
-        assert_eq!(b.sweep_at(now + Duration::from_secs(11)), Sweep { freed: 1, kept: 0 });
+        assert_eq!(freed_kept(b.sweep_at(now + Duration::from_secs(6))), (1, 1));
+        assert_eq!(freed_kept(b.sweep_at(now + Duration::from_secs(11))), (1, 0));
         // Removing the last presence entry frees the channel at once.
         b.add_presence("q", info("a"), Duration::from_secs(10)).await.unwrap();
         b.remove_presence("q", "a").await.unwrap();
