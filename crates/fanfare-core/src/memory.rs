@@ -24,15 +24,16 @@ const SWEEP_PER_SHARD: usize = 1024;
 #[derive(Debug, Clone)]
 pub struct MemoryConfig {
     /// How long a stream's offset and epoch outlive its last publication (at
-    /// least its history TTL). A stream with subscribers on this node is kept
-    /// regardless.
+    /// least its history TTL), its creation, or its last subscriber on this
+    /// node leaving; a stream with subscribers here is kept regardless.
     pub history_meta_ttl: Duration,
 }
 
 impl Default for MemoryConfig {
     fn default() -> Self {
-        // The same as `redis.history_meta_ttl`.
-        Self { history_meta_ttl: Duration::from_secs(24 * 3600) }
+        // Shorter than `redis.history_meta_ttl` (24 h): every channel touched
+        // within it stays in this process's memory (ARCHITECTURE.md, 17).
+        Self { history_meta_ttl: Duration::from_secs(3600) }
     }
 }
 
@@ -44,8 +45,7 @@ struct Stream {
     /// History TTL of the last publication.
     ttl: Duration,
     /// Epoch and top are kept at least until then: the meta TTL after the
-    /// last publication. A stream nobody published to holds nothing a client
-    /// without a subscription could still need, so it may go at once.
+    /// last publication, the creation, or the last local subscriber leaving.
     keep_until: Instant,
 }
 
@@ -127,9 +127,12 @@ fn new_epoch() -> String {
     format!("{n:08x}")
 }
 
-/// Gives memory back when a map shrank to a quarter of its capacity.
+/// Gives memory back when a map emptied or shrank to a quarter of its
+/// capacity (an emptied presence map kept ~600 B per channel).
 fn shrink_sparse<K: Eq + Hash, V, S: BuildHasher>(m: &mut HashMap<K, V, S>) {
-    if m.capacity() > 16 && m.len() * 4 < m.capacity() {
+    if m.is_empty() {
+        m.shrink_to_fit();
+    } else if m.capacity() > 16 && m.len() * 4 < m.capacity() {
         m.shrink_to(m.len() * 2);
     }
 }
@@ -188,8 +191,8 @@ impl Shard {
 ///
 /// A channel's state is freed when nothing in it is needed any more:
 /// publications when their history TTL passes, the stream's epoch and offset
-/// when `history_meta_ttl` passed since its last publication and nobody on this
-/// node is subscribed (a stream nobody published to: as soon as nobody is),
+/// when nobody on this node is subscribed and `history_meta_ttl` passed since
+/// its last publication, its creation and its last local subscriber leaving,
 /// presence and idempotency entries when they expire. [`MemoryBroker::sweep_at`]
 /// does this a bounded number of channels at a time; reads of a channel
 /// without stream or subscribers create nothing.
@@ -362,11 +365,15 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
-    /// The node's last local subscriber left: a stream nobody published to
-    /// goes now rather than at the next sweep (channel churn).
+    /// The node's last local subscriber left: the position it was told stays
+    /// valid for the meta TTL from now, so the client can come back and recover.
     async fn unsubscribe(&self, channel: &str) -> Result<(), BrokerError> {
         let mut shard = self.shard(channel);
-        self.remove_if_idle(&mut shard, channel, Instant::now());
+        let now = Instant::now();
+        if let Some(s) = shard.channels.get_mut(channel).and_then(|c| c.stream.as_mut()) {
+            s.keep_until = s.keep_until.max(now + self.config.history_meta_ttl);
+        }
+        self.remove_if_idle(&mut shard, channel, now);
         Ok(())
     }
 
@@ -385,8 +392,12 @@ impl Broker for MemoryBroker {
             return Ok(HistoryPage { publications, position: absent.position(), complete });
         }
         // A subscriber reading the position of a new channel gets an epoch that
-        // stays while it is subscribed.
-        let stream = shard.channel_mut(channel).stream.get_or_insert_with(|| Stream::new(now));
+        // stays while it is subscribed and the meta TTL after.
+        let meta_ttl = self.config.history_meta_ttl;
+        let stream = shard
+            .channel_mut(channel)
+            .stream
+            .get_or_insert_with(|| Stream { keep_until: now + meta_ttl, ..Stream::new(now) });
         let dropped = stream.expire(now);
         self.expired_bytes.fetch_add(dropped, Ordering::Relaxed);
         let (publications, complete) = stream.read(&query);
@@ -615,8 +626,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_subscribers_epoch_holds_until_it_leaves_and_an_unpublished_stream_goes_with_it() {
-        let (b, subs) = broker(Duration::from_secs(60));
+    async fn an_epoch_handed_to_a_subscriber_holds_while_subscribed_and_the_meta_ttl_after() {
+        let meta_ttl = Duration::from_secs(300);
+        let (b, subs) = broker(meta_ttl);
         subs.set("c", true);
         let first = b.history("c", position_only()).await.unwrap().position;
         assert_eq!(first.offset, 0);
@@ -625,20 +637,28 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(3600);
         assert_eq!(b.sweep_at(later).freed, 0);
         assert_eq!(b.history("c", position_only()).await.unwrap().position, first);
-        let pos = b.publish("c", publication(1), opts()).await.unwrap();
-        assert_eq!((pos.offset, &pos.epoch), (1, &first.epoch), "no epoch switch under it");
 
-        // Unpublished: freed as soon as the last subscriber leaves.
-        subs.set("d", true);
-        b.history("d", position_only()).await.unwrap();
-        assert_eq!(kept(&b), 2);
-        subs.set("d", false);
-        b.unsubscribe("d").await.unwrap();
-        assert_eq!(kept(&b), 1, "only c is left");
-        // Published: kept after the subscriber left, until its meta TTL.
+        // The subscriber leaves without anything published; its client may
+        // come back and recover from offset 0 within the meta TTL.
         subs.set("c", false);
         b.unsubscribe("c").await.unwrap();
-        assert_eq!(kept(&b), 1);
+        let left = Instant::now();
+        assert_eq!(freed_kept(b.sweep_at(left + meta_ttl - Duration::from_secs(1))), (0, 1));
+        let pos = b.publish("c", publication(1), opts()).await.unwrap();
+        assert_eq!((pos.offset, &pos.epoch), (1, &first.epoch), "no epoch switch under it");
+        let page = b.history("c", since(0, &first.epoch)).await.unwrap();
+        assert!(page.complete && page.publications.len() == 1, "{page:?}");
+
+        // Nobody subscribed, nothing published within the meta TTL: freed.
+        subs.set("d", true);
+        b.history("d", position_only()).await.unwrap();
+        subs.set("d", false);
+        b.unsubscribe("d").await.unwrap();
+        assert_eq!(kept(&b), 2);
+        subs.set("c", true);
+        let sweep = b.sweep_at(Instant::now() + meta_ttl + Duration::from_secs(1));
+        assert_eq!(freed_kept(sweep), (1, 1), "d goes; c has a subscriber again");
+        assert_eq!(b.shard("c").channels.len(), 1);
     }
 
     #[tokio::test]

@@ -93,7 +93,8 @@ pub struct BrokerSection {
 #[serde(deny_unknown_fields, default)]
 pub struct MemorySection {
     /// How long a channel's offset and epoch survive after its last
-    /// publication (at least its history TTL; kept while subscribed here).
+    /// publication or its last local subscriber leaving (at least its history
+    /// TTL; kept while subscribed here).
     #[serde(with = "humantime_serde")]
     pub history_meta_ttl: Duration,
     /// How often expired channel state is freed (a bounded number of
@@ -508,7 +509,7 @@ mod tests {
         assert_eq!(s.memory.broker_config().history_meta_ttl, Duration::from_secs(7200));
         assert_eq!(s.memory.sweep_interval, Duration::from_millis(250));
         let d = Settings::load_with_env(None, env(&[])).unwrap();
-        assert_eq!(d.memory.history_meta_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(d.memory.history_meta_ttl, Duration::from_secs(3600));
         let e = Settings::load_with_env(None, env(&[("FANFARE__MEMORY__SWEEP_INTERVAL", "0s")]))
             .unwrap_err()
             .to_string();

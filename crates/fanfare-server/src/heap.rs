@@ -1,34 +1,40 @@
 //! Giving memory the broker freed back to the operating system.
 //!
 //! glibc's malloc keeps freed chunks in its arenas: after 2 000 publications
-//! of 60 KB expired from history, the node's RSS stayed 64 MiB above where it
-//! started although the broker held nothing (docs/BENCHMARKS.md, "Memory under
-//! channel churn"). `malloc_trim(0)` returns the free pages of every arena.
+//! of 60 KB expired from history, the node's RSS stayed 63 MiB above where it
+//! started although the broker held nothing, and 8 MiB after 100 000 channel
+//! entries were freed (docs/BENCHMARKS.md, "Memory under channel churn").
+//! `malloc_trim(0)` returns the free pages of every arena.
 
 use fanfare_core::Sweep;
 
 use std::time::{Duration, Instant};
 
-/// Expired publication data after which the heap is trimmed: a trim walks
-/// every arena (0.2–0.8 ms with a 90 MiB heap on the 2-core VM), so it is
-/// not worth it for a few kilobytes.
-const TRIM_AFTER_BYTES: usize = 4 << 20;
+/// Freed memory after which the heap is trimmed: a trim walks every arena
+/// (0.2–1.6 ms with a 90 MiB heap on the 2-core VM), so it is not worth it
+/// for a few kilobytes.
+const TRIM_AFTER_BYTES: usize = 1 << 20;
+
+/// Roughly what a channel entry the broker freed held (name, stream meta,
+/// empty maps, the map slot).
+const CHANNEL_BYTES: usize = 256;
 
 /// At most one trim per this period, whatever `memory.sweep_interval` is.
 const MIN_TRIM_PERIOD: Duration = Duration::from_secs(1);
 
-/// A hook for [`fanfare_core::Node::sweep_forever`]: trims the heap once at
-/// least [`TRIM_AFTER_BYTES`] of publications expired since the last trim.
+/// A hook for [`fanfare_core::Node::sweep_forever`]: trims the heap once
+/// sweeps freed about [`TRIM_AFTER_BYTES`] (expired publications and channel
+/// entries) since the last trim.
 pub fn trim_after_sweeps() -> impl FnMut(&Sweep) + Send + 'static {
-    let mut expired = 0usize;
+    let mut freed = 0usize;
     let mut last: Option<Instant> = None;
     move |sweep| {
-        expired += sweep.expired_bytes;
-        if expired >= TRIM_AFTER_BYTES && last.is_none_or(|t| t.elapsed() >= MIN_TRIM_PERIOD) {
+        freed += sweep.expired_bytes + sweep.freed * CHANNEL_BYTES;
+        if freed >= TRIM_AFTER_BYTES && last.is_none_or(|t| t.elapsed() >= MIN_TRIM_PERIOD) {
             let start = Instant::now();
             trim();
-            tracing::debug!(expired, took = ?start.elapsed(), "heap trimmed");
-            expired = 0;
+            tracing::debug!(freed, took = ?start.elapsed(), "heap trimmed");
+            freed = 0;
             last = Some(start);
         }
     }

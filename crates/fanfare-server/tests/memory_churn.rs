@@ -127,10 +127,14 @@ async fn channel_churn_gives_the_memory_back_after_the_ttls_and_a_sweep() {
 
     // 2 000 publications of 60 KB into distinct channels, history TTL 5 s.
     let pub_peak = publish_churn(&server, &mut c, "b", 2_000, 60_000).await;
+    // Up to 117 MiB of publications, fewer held at once when publishing takes
+    // longer than their TTL (a debug build on a busy machine).
     assert!(
-        pub_peak > start + 60 * 1024 * 1024,
-        "the publications were held ({:.1} MiB at the peak): otherwise this test proves nothing",
-        mib(pub_peak)
+        pub_peak > start + 32 * 1024 * 1024,
+        "the publications were held ({:.1} MiB at the peak, {:.1} at the start): \
+         otherwise this test proves nothing",
+        mib(pub_peak),
+        mib(start)
     );
     let t = Instant::now();
     wait_until_swept(&server, Duration::from_secs(20)).await;
