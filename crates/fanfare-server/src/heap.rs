@@ -24,13 +24,16 @@ const MIN_TRIM_PERIOD: Duration = Duration::from_secs(1);
 
 /// A hook for [`fanfare_core::Node::sweep_forever`]: trims the heap once
 /// sweeps freed about [`TRIM_AFTER_BYTES`] (expired publications and channel
-/// entries) since the last trim.
+/// entries) since the last trim, and at the end of a burst (a sweep that
+/// freed nothing after some that did), so the tail of a burst is returned too.
 pub fn trim_after_sweeps() -> impl FnMut(&Sweep) + Send + 'static {
     let mut freed = 0usize;
     let mut last: Option<Instant> = None;
     move |sweep| {
+        let quiet = sweep.expired_bytes == 0 && sweep.freed == 0;
         freed += sweep.expired_bytes + sweep.freed * CHANNEL_BYTES;
-        if freed >= TRIM_AFTER_BYTES && last.is_none_or(|t| t.elapsed() >= MIN_TRIM_PERIOD) {
+        let due = freed >= TRIM_AFTER_BYTES || (quiet && freed > 0);
+        if due && last.is_none_or(|t| t.elapsed() >= MIN_TRIM_PERIOD) {
             let start = Instant::now();
             trim();
             tracing::debug!(freed, took = ?start.elapsed(), "heap trimmed");

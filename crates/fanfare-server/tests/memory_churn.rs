@@ -86,8 +86,8 @@ async fn publish_churn(server: &Server, c: &mut Client, tag: &str, n: usize, siz
     peak
 }
 
-/// Waits (bounded) until the memory broker keeps no channel, then one more
-/// sweep interval.
+/// Waits (bounded) until the memory broker keeps no channel, then long
+/// enough for the heap trim that follows (at most one per second).
 async fn wait_until_swept(server: &Server, within: Duration) {
     let deadline = Instant::now() + within;
     // The gauge is set by each sweep; give it one to run.
@@ -100,7 +100,7 @@ async fn wait_until_swept(server: &Server, within: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
 }
 
 fn mib(bytes: u64) -> f64 {
