@@ -1,18 +1,19 @@
 //! Giving memory the broker freed back to the operating system.
 //!
-//! glibc's malloc keeps freed chunks in its arenas: after 2 000 publications
-//! of 60 KB expired from history, the node's RSS stayed 63 MiB above where it
-//! started although the broker held nothing, and 8 MiB after 100 000 channel
+//! glibc's malloc keeps freed chunks in its arenas when longer-lived
+//! allocations sit between them: after 2 000 publications of 60 KB expired
+//! from history, with the broker holding nothing, RSS stayed 63 MiB up in a
+//! debug build and 5 MiB up in the release build; 5 MiB after 100 000 channel
 //! entries were freed (docs/BENCHMARKS.md, "Memory under channel churn").
-//! `malloc_trim(0)` returns the free pages of every arena.
+//! `malloc_trim(0)` returns the free pages of every arena: under 1.1 MiB left.
 
 use fanfare_core::Sweep;
 
 use std::time::{Duration, Instant};
 
 /// Freed memory after which the heap is trimmed: a trim walks every arena
-/// (0.2–1.6 ms with a 90 MiB heap on the 2-core VM), so it is not worth it
-/// for a few kilobytes.
+/// (0.04–2.7 ms with up to 120 MiB of heap on the 2-core VM), so it is not
+/// worth it for a few kilobytes.
 const TRIM_AFTER_BYTES: usize = 1 << 20;
 
 /// Roughly what a channel entry the broker freed held (name, stream meta,
