@@ -51,18 +51,18 @@ struct Stream {
 
 impl Stream {
     fn new(now: Instant) -> Self {
+        Self { epoch: new_epoch(), ..Self::absent(now) }
+    }
+
+    /// What a channel without stream answers: offset 0, no epoch.
+    fn absent(now: Instant) -> Self {
         Self {
-            epoch: new_epoch(),
+            epoch: String::new(),
             top: 0,
             items: VecDeque::new(),
             ttl: Duration::ZERO,
             keep_until: now,
         }
-    }
-
-    /// What a channel without stream answers: offset 0, no epoch.
-    fn absent(now: Instant) -> Self {
-        Self { epoch: String::new(), ..Self::new(now) }
     }
 
     /// Drops publications older than the TTL, and the buffer once empty;
@@ -250,13 +250,11 @@ impl MemoryBroker {
 
     /// Removes `channel` from `shard` when it is idle and nobody here holds a
     /// position in its stream.
-    fn remove_if_idle(&self, shard: &mut Shard, channel: &str, now: Instant) -> bool {
-        let Some(c) = shard.channels.get(channel) else { return false };
+    fn remove_if_idle(&self, shard: &mut Shard, channel: &str, now: Instant) {
+        let Some(c) = shard.channels.get(channel) else { return };
         if c.is_idle(now) && (c.stream.is_none() || !self.has_subscribers(channel)) {
             shard.channels.swap_remove(channel);
-            return true;
         }
-        false
     }
 
     /// Expires and frees state of up to `SWEEP_PER_SHARD` channels per shard,
@@ -267,6 +265,9 @@ impl MemoryBroker {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
             let n = shard.channels.len().min(SWEEP_PER_SHARD);
             for _ in 0..n {
+                if shard.channels.is_empty() {
+                    break;
+                }
                 if shard.cursor >= shard.channels.len() {
                     shard.cursor = 0;
                 }
