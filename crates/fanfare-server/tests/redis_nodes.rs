@@ -458,3 +458,10 @@ async fn pipelined_publishes_keep_client_order_and_later_commands_see_them() {
         assert_healthy(n).await;
     }
 }
+
+#[tokio::test]
+async fn history_since_beyond_the_top_is_empty_with_the_current_position() {
+    let redis = RedisServer::start();
+    let nodes = start_nodes(1, &[redis.url()], false, &namespaces());
+    common::assert_history_past_the_top_is_empty(&nodes[0], "ahead").await;
+}
