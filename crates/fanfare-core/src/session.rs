@@ -529,7 +529,8 @@ impl Session {
             }
             Request::Empty => Err(Fail::Error(ErrorCode::METHOD_NOT_FOUND)),
             Request::Send { .. } => return Ok(()),
-            Request::Rpc { .. } => Err(Fail::Error(ErrorCode::METHOD_NOT_FOUND)),
+            // No RPC handler (proxy) is configured: 108, as Centrifugo answers.
+            Request::Rpc { .. } => Err(Fail::Error(ErrorCode::NOT_AVAILABLE)),
             Request::Ping => Ok(Some(ReplyBody::Ping)),
             Request::Subscribe(req) => self.subscribe(id, req).await,
             Request::Unsubscribe { channel } => self.unsubscribe(&channel).await,
@@ -681,6 +682,17 @@ impl Session {
             .await
             .map_err(|_| Fail::Error(ErrorCode::INTERNAL))?;
         let mut result = SubscribeResult::default();
+        // The namespace may make every subscription recoverable / positioned.
+        let forced;
+        let req = if ns.force_recovery || ns.force_positioning {
+            let mut r = req.clone();
+            r.recoverable |= ns.force_recovery;
+            r.positioned |= ns.force_positioning;
+            forced = r;
+            &forced
+        } else {
+            req
+        };
         if ns.history_enabled() && (req.recover || req.recoverable || req.positioned) {
             let query = if req.recover {
                 HistoryQuery {
@@ -850,7 +862,10 @@ impl Session {
         if data.is_empty() {
             return Err(ErrorCode::BAD_REQUEST.into());
         }
-        if !ns.allow_publish || channel.starts_with('#') {
+        let subscribed = self.connected().subs.contains_key(channel.as_str());
+        if !(ns.allow_publish || (ns.allow_publish_for_subscriber && subscribed))
+            || channel.starts_with('#')
+        {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
         // The frame decoder parsed `data` as one JSON value already.
@@ -942,33 +957,37 @@ impl Session {
         Ok(())
     }
 
-    /// Checks that a subscribed client may read `feature` data of `channel`.
-    fn readable(&self, channel: &str, enabled: impl Fn(&Namespace) -> bool) -> Result<(), Fail> {
+    /// Checks that this client may read presence (`presence` true) or history
+    /// of `channel`: the feature is on (else 108) and the namespace's per-role
+    /// permissions allow it (else 103).
+    fn readable(&self, channel: &str, presence: bool) -> Result<(), Fail> {
         let ns = self.node.rules().namespace(channel)?;
-        if !enabled(ns) {
+        let enabled = if presence { ns.presence } else { ns.history_enabled() };
+        if !enabled {
             return Err(ErrorCode::NOT_AVAILABLE.into());
         }
-        if !self.connected().subs.contains_key(channel) {
+        let conn = self.connected();
+        if !ns.may_read(presence, conn.subs.contains_key(channel), conn.info.user.is_empty()) {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
         Ok(())
     }
 
     async fn presence(&self, channel: &str) -> Result<Option<ReplyBody>, Fail> {
-        self.readable(channel, |ns| ns.presence)?;
+        self.readable(channel, true)?;
         let map = self.node.broker().presence(channel).await.map_err(|_| ErrorCode::INTERNAL)?;
         Ok(Some(ReplyBody::Presence(map)))
     }
 
     async fn presence_stats(&self, channel: &str) -> Result<Option<ReplyBody>, Fail> {
-        self.readable(channel, |ns| ns.presence)?;
+        self.readable(channel, true)?;
         let (num_clients, num_users) =
             self.node.broker().presence_stats(channel).await.map_err(|_| ErrorCode::INTERNAL)?;
         Ok(Some(ReplyBody::PresenceStats { num_clients, num_users }))
     }
 
     async fn history(&self, req: HistoryRequest) -> Result<Option<ReplyBody>, Fail> {
-        self.readable(&req.channel, |ns| ns.history_enabled())?;
+        self.readable(&req.channel, false)?;
         // At most `history_max_publications` (also for "everything", -1).
         let max = self.node.config().history_max_publications;
         let limit = match req.limit {
