@@ -1086,6 +1086,8 @@ impl Session {
     /// `disconnects_total{reason="slow"}`. Counted once; later calls (and
     /// [`Session::close`]) do not count again.
     pub fn ended(&mut self, code: DisconnectCode) -> DisconnectCode {
+        // Sticky from here on: a control arriving now cannot change it.
+        self.outbox.close_first(code);
         let code = self.outbox.close_code().unwrap_or(code);
         if !self.end_counted {
             self.end_counted = true;
