@@ -157,6 +157,10 @@ pub struct Session {
     publishing: Option<Box<Publishing>>,
     /// The disconnect was counted ([`Session::ended`]).
     end_counted: bool,
+    /// A unidirectional transport: the client only receives, so pings expect
+    /// no pong, and channels of the connect request's `subs` are joined
+    /// server-side (where the namespace lets anyone subscribe).
+    unidirectional: bool,
 }
 
 /// A connection's publishes: one batch at the broker, the next one forming.
@@ -274,7 +278,15 @@ impl Session {
             presence_refresh: None,
             publishing: None,
             end_counted: false,
+            unidirectional: false,
         })
+    }
+
+    /// A session of a unidirectional transport (see `unidirectional`).
+    pub fn new_unidirectional(node: Node, codec: Codec) -> Option<Self> {
+        let mut s = Self::new(node, codec)?;
+        s.unidirectional = true;
+        Some(s)
     }
 
     pub fn outbox(&self) -> &Arc<Outbox> {
@@ -357,7 +369,7 @@ impl Session {
         }
         if now >= self.next_ping {
             self.outbox.push(ping_frame(self.outbox.codec()));
-            if self.pong_deadline.is_none() {
+            if self.pong_deadline.is_none() && !self.unidirectional {
                 self.pong_deadline = Some(now + self.node.config().pong_timeout);
             }
             self.next_ping = now + self.node.config().ping_interval;
@@ -583,6 +595,26 @@ impl Session {
                 }
             }
         };
+        // A unidirectional client cannot subscribe by itself: the channels it
+        // names in `subs` are joined for it, with the permission a subscribe
+        // command without token would need.
+        let mut requested = Vec::new();
+        if self.unidirectional {
+            if req.subs.len() > self.node.config().max_channels {
+                return Err(ErrorCode::LIMIT_EXCEEDED.into());
+            }
+            for (channel, _) in &req.subs {
+                let open = self
+                    .node
+                    .rules()
+                    .namespace(channel)
+                    .is_ok_and(|ns| ns.allow_subscribe && !ns.private);
+                if !open || channel.starts_with('#') {
+                    return Err(ErrorCode::PERMISSION_DENIED.into());
+                }
+                requested.push(channel.clone());
+            }
+        }
         // A version 4 UUID from the thread's ChaCha generator (seeded from the
         // OS): `Uuid::new_v4` asks the kernel (getrandom) on every connect.
         let client: Arc<str> =
@@ -602,6 +634,11 @@ impl Session {
             server_channels.push(personal_channel(&user));
         }
         server_channels.extend(channels);
+        for channel in requested {
+            if !server_channels.contains(&channel) {
+                server_channels.push(channel);
+            }
+        }
         let mut subs = Vec::new();
         let mut live = Vec::new();
         let mut recovered_size = 0;
@@ -614,12 +651,18 @@ impl Session {
                 continue;
             }
             let wanted = req.subs.iter().find(|(c, _)| *c == channel).map(|(_, s)| s.clone());
-            let sub_req = wanted.unwrap_or_else(|| SubscribeRequest {
+            let mut sub_req = wanted.unwrap_or_else(|| SubscribeRequest {
                 channel: channel.clone(),
                 recoverable: true,
                 positioned: true,
                 ..Default::default()
             });
+            if self.unidirectional {
+                // Server-side, so recoverable as token channels are: the
+                // transport resumes from positions it hands out (SSE ids).
+                sub_req.recoverable = true;
+                sub_req.positioned = true;
+            }
             match self.join_channel(&channel, &sub_req, &ns, Bytes::new(), None, true).await {
                 Ok((mut result, subscriber)) => {
                     // Recovered lists of all server-side channels share one
@@ -650,7 +693,7 @@ impl Session {
             data: Bytes::new(),
             subs,
             ping: cfg.ping_interval.as_secs() as u32,
-            pong: true,
+            pong: !self.unidirectional,
             node: String::new(),
         };
         self.send(Reply::new(id, ReplyBody::Connect(Box::new(result))));
