@@ -7,10 +7,29 @@ use redis::aio::{
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Cmd, Pipeline, PushInfo, RedisFuture, RedisResult, Value};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// How long one Redis command may take before the caller gets an error.
 const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A cluster client with our timeouts and retry pacing. redis-rs retries a
+/// request that hit a dead node, MOVED, TRYAGAIN or CLUSTERDOWN, refreshing
+/// the slot map from any node it is connected to; its default pacing waits at
+/// least 1.28 s between tries (growing to minutes), which alone would keep a
+/// channel unpublishable for seconds after its new master took over. Here a
+/// retry waits 10-200 ms; the cost is a few more CLUSTER SLOTS while a slot has
+/// no live master. With no response timeout a request to a node that stopped
+/// answering would wait forever.
+fn cluster_builder(urls: Vec<String>) -> ClusterClientBuilder {
+    ClusterClientBuilder::new(urls)
+        .response_timeout(COMMAND_TIMEOUT)
+        .connection_timeout(std::time::Duration::from_secs(1))
+        .min_retry_wait(10)
+        .max_retry_wait(200)
+        .retry_wait_formula(10, 2)
+}
 
 /// The command connection: reconnects by itself (standalone: `ConnectionManager`;
 /// cluster: the cluster connection follows MOVED and re-connects nodes).
@@ -50,9 +69,21 @@ impl ConnectionLike for CmdConn {
 
 /// Where pub/sub connections come from (kept to reconnect).
 pub enum PubSubTarget {
-    Single { url: String, client: redis::Client },
-    Cluster { urls: Vec<String> },
+    Single {
+        url: String,
+        client: redis::Client,
+    },
+    /// `urls` are the configured seeds; `generation` counts the cluster pub/sub
+    /// connections made, and only the newest one's pushes reach the node.
+    Cluster {
+        urls: Vec<String>,
+        generation: Arc<AtomicU64>,
+    },
 }
+
+/// A push with the generation of the connection it came from (always 0 for a
+/// standalone Redis).
+pub type Push = (u64, PushInfo);
 
 /// A live pub/sub connection.
 pub enum PubSubConn {
@@ -73,12 +104,11 @@ fn with_resp3(url: &str) -> String {
 /// Opens the command connection and describes the pub/sub target.
 pub async fn open(urls: &[String], cluster: bool) -> RedisResult<(CmdConn, PubSubTarget)> {
     if cluster {
-        let client = ClusterClientBuilder::new(urls.to_vec())
-            .response_timeout(COMMAND_TIMEOUT)
-            .connection_timeout(std::time::Duration::from_secs(2))
-            .build()?;
+        let client = cluster_builder(urls.to_vec()).build()?;
         let cmd = client.get_async_connection().await?;
-        Ok((CmdConn::Cluster(cmd), PubSubTarget::Cluster { urls: urls.to_vec() }))
+        let target =
+            PubSubTarget::Cluster { urls: urls.to_vec(), generation: Arc::new(AtomicU64::new(0)) };
+        Ok((CmdConn::Cluster(cmd), target))
     } else {
         let url = urls[0].clone();
         let client = redis::Client::open(url.as_str())?;
@@ -97,36 +127,94 @@ pub async fn open(urls: &[String], cluster: bool) -> RedisResult<(CmdConn, PubSu
 }
 
 impl PubSubTarget {
-    pub fn describe(&self) -> String {
+    /// The generation of the newest connection (see [`Push`]).
+    pub fn generation(&self) -> u64 {
         match self {
-            PubSubTarget::Single { url, .. } => url.clone(),
-            PubSubTarget::Cluster { urls } => format!("cluster {}", urls.join(",")),
+            PubSubTarget::Single { .. } => 0,
+            PubSubTarget::Cluster { generation, .. } => generation.load(Ordering::Acquire),
         }
     }
 
-    /// A new pub/sub connection delivering pushes to `push`.
-    pub async fn connect(&self, push: UnboundedSender<PushInfo>) -> RedisResult<PubSubConn> {
+    pub fn describe(&self) -> String {
+        match self {
+            PubSubTarget::Single { url, .. } => url.clone(),
+            PubSubTarget::Cluster { urls, .. } => format!("cluster {}", urls.join(",")),
+        }
+    }
+
+    /// A new pub/sub connection delivering pushes to `push`. A cluster
+    /// connection starts from the seeds plus `known` (nodes learnt from the
+    /// cluster: after failovers the seeds may be dead or replicas), and
+    /// silences the previous cluster connection: its remaining pushes
+    /// (publications, its disconnection) are dropped, so the caller, which
+    /// resubscribes and reports a gap, sees neither duplicates nor a stale
+    /// disconnect.
+    pub async fn connect(
+        &self,
+        push: UnboundedSender<Push>,
+        known: &[String],
+    ) -> RedisResult<PubSubConn> {
         match self {
             PubSubTarget::Single { client, .. } => {
                 let cfg = AsyncConnectionConfig::new()
-                    .set_push_sender(push)
+                    .set_push_sender(move |info| push.send((0, info)))
                     .set_connection_timeout(Some(std::time::Duration::from_secs(3)))
                     .set_response_timeout(Some(std::time::Duration::from_secs(10)));
                 Ok(PubSubConn::Single(
                     client.get_multiplexed_async_connection_with_config(&cfg).await?,
                 ))
             }
-            PubSubTarget::Cluster { urls } => {
-                let client = ClusterClientBuilder::new(
-                    urls.iter().map(|u| with_resp3(u)).collect::<Vec<_>>(),
-                )
-                .use_protocol(redis::ProtocolVersion::RESP3)
-                .push_sender(push)
-                .build()?;
+            PubSubTarget::Cluster { urls, generation } => {
+                let mut seeds: Vec<String> = urls.iter().map(|u| with_resp3(u)).collect();
+                for url in known.iter().map(|u| with_resp3(u)) {
+                    if !seeds.contains(&url) {
+                        seeds.push(url);
+                    }
+                }
+                let current = generation.fetch_add(1, Ordering::AcqRel) + 1;
+                let generation = generation.clone();
+                let sender = move |info: PushInfo| {
+                    if generation.load(Ordering::Acquire) != current {
+                        return Ok(());
+                    }
+                    push.send((current, info))
+                };
+                let client = cluster_builder(seeds)
+                    .use_protocol(redis::ProtocolVersion::RESP3)
+                    .push_sender(sender)
+                    .build()?;
                 Ok(PubSubConn::Cluster(client.get_async_connection().await?))
             }
         }
     }
+}
+
+/// Every node of the cluster (`redis://host:port`) as `CLUSTER SLOTS` on any
+/// live node reports it: masters and replicas of every slot range.
+pub async fn cluster_nodes(cmd: &mut CmdConn) -> RedisResult<Vec<String>> {
+    let ranges: Vec<Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(cmd).await?;
+    let mut out = Vec::new();
+    for range in ranges {
+        let Value::Array(parts) = range else { continue };
+        // [start, end, [host, port, id, ...] (master), [host, port, ...] (replicas)...]
+        for node in parts.iter().skip(2) {
+            let Value::Array(node) = node else { continue };
+            let host = match node.first() {
+                Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
+                Some(Value::SimpleString(h)) => h.clone(),
+                _ => continue,
+            };
+            let Some(Value::Int(port)) = node.get(1) else { continue };
+            if host.is_empty() {
+                continue;
+            }
+            let url = format!("redis://{host}:{port}");
+            if !out.contains(&url) {
+                out.push(url);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// CRC16 (XMODEM) as Redis Cluster uses it for key slots.

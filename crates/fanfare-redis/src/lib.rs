@@ -94,6 +94,8 @@ pub struct RedisBroker {
     cluster: bool,
     handler: HandlerCell,
     meta_ttl: Duration,
+    /// `scripts::PUBLISH` as sent (see [`script_text`]).
+    publish_script: String,
     history_script: Script,
     presence_add_script: Script,
     presence_get_script: Script,
@@ -136,6 +138,18 @@ impl Names {
     fn nodes(&self) -> String {
         format!("{}.nodes", self.prefix)
     }
+}
+
+/// A script's text as sent. In a cluster it starts with a `#!lua` shebang
+/// (Redis 7, which sharded pub/sub needs anyway): a script with a shebang and
+/// without the `no-writes` flag counts as a write command, so a replica
+/// answers MOVED to its master. redis-rs sends READONLY on every cluster
+/// connection, and a script without the shebang counts as a read: after a
+/// manual failover the old master (now a replica) would run our publish
+/// script and fail it with READONLY, which redis-rs neither retries nor takes
+/// as a sign to refresh its slot map, so the channel would stay unpublishable.
+fn script_text(script: &str, cluster: bool) -> String {
+    if cluster { format!("#!lua{script}") } else { script.to_string() }
 }
 
 fn unavailable(e: redis::RedisError) -> BrokerError {
@@ -211,9 +225,10 @@ impl RedisBroker {
             cluster: cfg.cluster,
             handler,
             meta_ttl: cfg.history_meta_ttl,
-            history_script: Script::new(scripts::HISTORY),
-            presence_add_script: Script::new(scripts::PRESENCE_ADD),
-            presence_get_script: Script::new(scripts::PRESENCE_GET),
+            publish_script: script_text(scripts::PUBLISH, cfg.cluster),
+            history_script: Script::new(&script_text(scripts::HISTORY, cfg.cluster)),
+            presence_add_script: Script::new(&script_text(scripts::PRESENCE_ADD, cfg.cluster)),
+            presence_get_script: Script::new(&script_text(scripts::PRESENCE_GET, cfg.cluster)),
         })
     }
 
@@ -227,12 +242,18 @@ impl RedisBroker {
     ) -> Result<Shard, StartError> {
         let (push_tx, push_rx) = tokio::sync::mpsc::unbounded_channel();
         let unreachable = |source| StartError::Unreachable { url: target.describe(), source };
-        let mut pubsub = target.connect(push_tx.clone()).await.map_err(unreachable)?;
+        let mut pubsub = target.connect(push_tx.clone(), &[]).await.map_err(unreachable)?;
         let always: Vec<String> = if control { vec![names.control()] } else { Vec::new() };
         pubsub.subscribe(&always).await.map_err(unreachable)?;
         let health = Arc::new(subscriptions::Health::new(target.describe()));
         let (req_tx, req_rx) = tokio::sync::mpsc::unbounded_channel();
-        subscriptions::spawn_delivery(push_rx, names.clone(), handler.clone(), health.clone());
+        subscriptions::spawn_delivery(
+            push_rx,
+            names.clone(),
+            handler.clone(),
+            health.clone(),
+            req_tx.downgrade(),
+        );
         let manager = Manager {
             target,
             conn: pubsub,
@@ -315,7 +336,7 @@ impl RedisBroker {
         // later. Redis caches the compiled script by its hash, so the cost is
         // ~1 KB more per publish on the wire.
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(scripts::PUBLISH)
+        cmd.arg(&self.publish_script)
             .arg(3)
             .arg(self.names.stream(channel))
             .arg(self.names.meta(channel))

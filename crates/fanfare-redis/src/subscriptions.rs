@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fanfare_core::broker::BrokerError;
-use redis::{PushInfo, PushKind, Value};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use redis::{PushKind, Value};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, WeakUnboundedSender};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::conn::{CmdConn, PubSubConn, PubSubTarget};
+use crate::conn::{CmdConn, PubSubConn, PubSubTarget, Push};
 use crate::wire::{self, Event};
 use crate::{HandlerCell, Names};
 
@@ -25,6 +25,10 @@ pub enum SubRequest {
     /// The node's last local subscriber left; unsubscribe after the delay unless
     /// a subscriber came back.
     Unsubscribe(String),
+    /// Redis ended our subscription to this pub/sub name without being asked
+    /// (a sunsubscribe push: its slot moved to another master, e.g. after a
+    /// manual `CLUSTER FAILOVER`), on the connection of this generation.
+    Dropped(u64, String),
 }
 
 /// Whether the pub/sub connection is live; shared with `/ready`.
@@ -51,15 +55,16 @@ impl Health {
 /// Reads pushes and hands publications to the node. Runs for the broker's life;
 /// reconnected connections reuse the same push channel.
 pub fn spawn_delivery(
-    mut rx: UnboundedReceiver<PushInfo>,
+    mut rx: UnboundedReceiver<Push>,
     names: Names,
     handler: HandlerCell,
     health: Arc<Health>,
+    manager: WeakUnboundedSender<SubRequest>,
 ) {
     let control = names.control();
     let delivery_lag = metrics::histogram!(fanfare_core::metrics::DELIVERY_LAG);
     tokio::spawn(async move {
-        while let Some(push) = rx.recv().await {
+        while let Some((generation, push)) = rx.recv().await {
             match push.kind {
                 PushKind::Message | PushKind::SMessage => {
                     let (Some(Value::BulkString(name)), Some(Value::BulkString(payload))) =
@@ -89,6 +94,16 @@ pub fn spawn_delivery(
                     health.up.store(false, Ordering::Release);
                     health.lost.notify_one();
                 }
+                // Also the confirmation of our own SUNSUBSCRIBE; the manager
+                // tells the two apart by whether it still wants the name.
+                PushKind::SUnsubscribe => {
+                    if let (Some(Value::BulkString(name)), Some(m)) =
+                        (push.data.first(), manager.upgrade())
+                    {
+                        let name = String::from_utf8_lossy(name).into_owned();
+                        let _ = m.send(SubRequest::Dropped(generation, name));
+                    }
+                }
                 _ => {}
             }
         }
@@ -101,7 +116,7 @@ pub struct Manager {
     pub(crate) conn: PubSubConn,
     /// The shard's command connection: proven to work before reporting healthy.
     pub(crate) cmd: CmdConn,
-    pub(crate) push: UnboundedSender<PushInfo>,
+    pub(crate) push: UnboundedSender<Push>,
     pub(crate) names: Names,
     pub(crate) handler: HandlerCell,
     pub(crate) health: Arc<Health>,
@@ -144,8 +159,16 @@ impl Manager {
         let now = Instant::now();
         let mut wanted: Vec<String> = Vec::new();
         let mut waiting: Vec<oneshot::Sender<Result<(), BrokerError>>> = Vec::new();
+        let mut dropped = false;
         for req in batch {
             match req {
+                // From an older connection: the reconnect that replaced it
+                // already resubscribed everything.
+                SubRequest::Dropped(generation, _) if generation != self.target.generation() => {}
+                SubRequest::Dropped(_, name) => {
+                    dropped |= self.always.contains(&name)
+                        || self.names.channel_of(&name).is_some_and(|ch| self.live.contains(ch));
+                }
                 SubRequest::Unsubscribe(ch) => {
                     self.leaving.insert(ch, now + self.delay);
                 }
@@ -166,6 +189,13 @@ impl Manager {
                     }
                 }
             }
+        }
+        if dropped {
+            // A slot of ours moved: rebuild the connection on the new topology,
+            // resubscribe everything and report gaps (publications may have
+            // gone to the new master before we subscribed there).
+            tracing::warn!(redis = %self.health.target, "redis dropped a subscription we hold (slot moved)");
+            self.reconnect().await;
         }
         if wanted.is_empty() {
             return;
@@ -230,16 +260,18 @@ impl Manager {
         let mut backoff = Duration::from_millis(50);
         loop {
             let attempt = async {
-                let mut conn = match &self.target {
-                    // The cluster connection re-connects nodes itself; prove it works.
-                    PubSubTarget::Cluster { .. } => match &self.conn {
-                        PubSubConn::Cluster(c) => PubSubConn::Cluster(c.clone()),
-                        PubSubConn::Single(_) => {
-                            unreachable!("a cluster target has a cluster connection")
-                        }
-                    },
-                    PubSubTarget::Single { .. } => self.target.connect(self.push.clone()).await?,
+                // Cluster: a new connection, not the old one's own recovery: it
+                // learns the slot map afresh from every node the cluster still
+                // knows (CLUSTER SLOTS through the command connection, which
+                // follows MOVED), so subscriptions lost with a dead master or
+                // a moved slot are made on the current owners.
+                let known = match &self.target {
+                    PubSubTarget::Cluster { .. } => {
+                        crate::conn::cluster_nodes(&mut self.cmd.clone()).await.unwrap_or_default()
+                    }
+                    PubSubTarget::Single { .. } => Vec::new(),
                 };
+                let mut conn = self.target.connect(self.push.clone(), &known).await?;
                 conn.ping().await?;
                 // Publishes, history and presence use the command connection,
                 // which reconnects lazily: a command failing on the dead socket
@@ -260,7 +292,9 @@ impl Manager {
                 Err(e) => {
                     tracing::debug!(redis = %self.health.target, error = %e, "reconnect attempt failed");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    // Capped low: a Redis Cluster failover completes while we
+                    // wait, and publishing resumes only once we are back.
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
                 }
             }
         }
