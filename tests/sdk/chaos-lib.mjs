@@ -337,9 +337,10 @@ export class Env {
     return sub;
   }
 
-  dump(err) {
-    process.stderr.write(`\n===== ${this.name}: FAILED =====\n${err?.stack || err}\n` +
-      `--- events and process output (last 400 lines) ---\n${this.log.slice(-400).join('\n')}\n` +
+  dump(err, lines = 400) {
+    const head = err ? `FAILED =====\n${err?.stack || err}` : 'passed =====';
+    process.stderr.write(`\n===== ${this.name}: ${head}\n` +
+      `--- events and process output (last ${lines} lines) ---\n${this.log.slice(-lines).join('\n')}\n` +
       `===== end ${this.name} =====\n\n`);
   }
 
@@ -363,6 +364,8 @@ export function chaosTest(name, fn, timeout = 90_000) {
     const env = new Env(name);
     try {
       await fn(env);
+      // FANFARE_CHAOS_LOG=1: the whole log of a passing test too.
+      if (process.env.FANFARE_CHAOS_LOG) env.dump(null, env.log.length);
     } catch (err) {
       env.dump(err);
       throw err;

@@ -189,15 +189,92 @@ impl PubSubTarget {
     }
 }
 
-/// Every node of the cluster (`redis://host:port`) as `CLUSTER SLOTS` on any
-/// live node reports it: masters and replicas of every slot range.
-pub async fn cluster_nodes(cmd: &mut CmdConn) -> RedisResult<Vec<String>> {
+/// The cluster as `CLUSTER SLOTS` on one live node reports it.
+#[derive(Debug, Default, PartialEq)]
+pub struct ClusterView {
+    /// Every node (`redis://host:port`): masters and replicas.
+    pub nodes: Vec<String>,
+    /// `(first slot, last slot, master)` per range, sorted.
+    pub masters: Vec<(i64, i64, String)>,
+}
+
+/// The view of one node, through the command connection (any node).
+pub async fn cluster_view(cmd: &mut CmdConn) -> RedisResult<ClusterView> {
     let ranges: Vec<Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(cmd).await?;
-    let mut out = Vec::new();
+    Ok(parse_cluster_slots(ranges))
+}
+
+/// The view of the node at `url`, over a connection of its own.
+async fn node_view(url: &str) -> RedisResult<ClusterView> {
+    let cfg = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_millis(500)))
+        .set_response_timeout(Some(std::time::Duration::from_millis(500)));
+    let mut c =
+        redis::Client::open(url)?.get_multiplexed_async_connection_with_config(&cfg).await?;
+    let ranges: Vec<Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c).await?;
+    Ok(parse_cluster_slots(ranges))
+}
+
+/// A view every reachable node agrees on, in which every slot range's master
+/// answers; waits up to `patience` for the nodes to agree.
+///
+/// Right after a failover the nodes learn the new owner at slightly different
+/// times. A pub/sub connection whose slot map comes from a node that has not
+/// caught up sends SSUBSCRIBE to the old master, now a replica, which accepts
+/// it (redis-rs sends READONLY) but gets the shard's publications only once
+/// the new master knows it as its replica: a second or so of publications
+/// would be missed without any sign. Slot ownership only moves forward, so
+/// once every reachable node agrees, no later answer is older. And while a
+/// slot's master is dead and not yet replaced, redis-rs would send the
+/// SSUBSCRIBE to a random node (one of its replicas accepts it): an error
+/// instead, so the caller keeps waiting for the promotion. Cost: one
+/// connection and CLUSTER SLOTS per node per try, only while reconnecting.
+pub async fn agreed_view(
+    cmd: &mut CmdConn,
+    patience: std::time::Duration,
+) -> RedisResult<ClusterView> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut view = cluster_view(cmd).await?;
+    loop {
+        let views = futures_util::future::join_all(view.nodes.iter().map(|u| node_view(u))).await;
+        let answered: Vec<(&String, ClusterView)> =
+            view.nodes.iter().zip(views).filter_map(|(u, v)| Some((u, v.ok()?))).collect();
+        let agreed = answered.windows(2).all(|w| w[0].1.masters == w[1].1.masters);
+        if let (true, Some((_, first))) = (agreed, answered.first()) {
+            let dead =
+                first.masters.iter().find(|(_, _, m)| !answered.iter().any(|(u, _)| *u == m));
+            if let Some((from, to, m)) = dead {
+                let msg = format!("slots {from}-{to}: master {m} does not answer");
+                return Err((redis::ErrorKind::Io, "cluster not ready", msg).into());
+            }
+            let mut out = ClusterView { nodes: Vec::new(), masters: first.masters.clone() };
+            for (_, a) in &answered {
+                for url in &a.nodes {
+                    if !out.nodes.contains(url) {
+                        out.nodes.push(url.clone());
+                    }
+                }
+            }
+            return Ok(out);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err((redis::ErrorKind::Io, "cluster nodes disagree on slot owners").into());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        view = cluster_view(cmd).await?;
+    }
+}
+
+/// Parses `[[start, end, [host, port, id, ...] (master), [host, port, ...]
+/// (replicas)...], ...]`.
+fn parse_cluster_slots(ranges: Vec<Value>) -> ClusterView {
+    let mut view = ClusterView::default();
     for range in ranges {
         let Value::Array(parts) = range else { continue };
-        // [start, end, [host, port, id, ...] (master), [host, port, ...] (replicas)...]
-        for node in parts.iter().skip(2) {
+        let (Some(Value::Int(start)), Some(Value::Int(end))) = (parts.first(), parts.get(1)) else {
+            continue;
+        };
+        for (k, node) in parts.iter().skip(2).enumerate() {
             let Value::Array(node) = node else { continue };
             let host = match node.first() {
                 Some(Value::BulkString(h)) => String::from_utf8_lossy(h).into_owned(),
@@ -209,12 +286,16 @@ pub async fn cluster_nodes(cmd: &mut CmdConn) -> RedisResult<Vec<String>> {
                 continue;
             }
             let url = format!("redis://{host}:{port}");
-            if !out.contains(&url) {
-                out.push(url);
+            if k == 0 {
+                view.masters.push((*start, *end, url.clone()));
+            }
+            if !view.nodes.contains(&url) {
+                view.nodes.push(url);
             }
         }
     }
-    Ok(out)
+    view.masters.sort();
+    view
 }
 
 /// CRC16 (XMODEM) as Redis Cluster uses it for key slots.
@@ -323,5 +404,28 @@ mod tests {
         assert_eq!(with_resp3("redis://h:1"), "redis://h:1?protocol=resp3");
         assert_eq!(with_resp3("redis://h:1/0"), "redis://h:1/0?protocol=resp3");
         assert_eq!(with_resp3("redis://h:1/0?x=1"), "redis://h:1/0?x=1&protocol=resp3");
+    }
+
+    #[test]
+    fn cluster_slots_reply() {
+        let node = |port: i64| {
+            Value::Array(vec![
+                Value::BulkString(b"127.0.0.1".to_vec()),
+                Value::Int(port),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let range = |a: i64, b: i64, nodes: Vec<Value>| {
+            let mut v = vec![Value::Int(a), Value::Int(b)];
+            v.extend(nodes);
+            Value::Array(v)
+        };
+        let view = parse_cluster_slots(vec![
+            range(5461, 16383, vec![node(2), node(4)]),
+            range(0, 5460, vec![node(1), node(3)]),
+        ]);
+        let url = |p: u16| format!("redis://127.0.0.1:{p}");
+        assert_eq!(view.masters, vec![(0, 5460, url(1)), (5461, 16383, url(2))]);
+        assert_eq!(view.nodes, vec![url(2), url(4), url(1), url(3)]);
     }
 }

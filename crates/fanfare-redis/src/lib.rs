@@ -266,6 +266,7 @@ impl RedisBroker {
             live: Default::default(),
             leaving: Default::default(),
             always,
+            topology: Default::default(),
         };
         tokio::spawn(manager.run(req_rx));
         Ok(Shard { cmd, requests: req_tx, health })

@@ -14,7 +14,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, WeakUnboundedSender}
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::conn::{CmdConn, PubSubConn, PubSubTarget, Push};
+use crate::conn::{self, ClusterView, CmdConn, PubSubConn, PubSubTarget, Push};
 use crate::wire::{self, Event};
 use crate::{HandlerCell, Names};
 
@@ -127,6 +127,25 @@ pub struct Manager {
     pub(crate) leaving: HashMap<String, Instant>,
     /// Pub/sub names subscribed for the node's whole life (the control channel).
     pub(crate) always: Vec<String>,
+    /// Cluster: the periodic comparison of slot owners.
+    pub(crate) topology: TopologyCheck,
+}
+
+/// How often a cluster's slot owners are compared with those our
+/// subscriptions were made on. A dead master's connection and a moved slot
+/// announce themselves (disconnection, sunsubscribe); this catches a master
+/// replaced without either, e.g. one cut off by the network, whose socket
+/// stays open and silent. Cost: one CLUSTER SLOTS per second per node.
+const TOPOLOGY_CHECK: Duration = Duration::from_secs(1);
+
+/// Slot owners (`(first, last, master)`) as last subscribed, and a different
+/// answer seen once. Acting on a change only when two checks in a row agree
+/// keeps a node that has not caught up yet from causing a reconnect (and a
+/// recovery of every subscriber) with its stale view.
+#[derive(Default)]
+pub struct TopologyCheck {
+    seen: Option<Vec<(i64, i64, String)>>,
+    changed: Option<Vec<(i64, i64, String)>>,
 }
 
 impl Manager {
@@ -135,6 +154,9 @@ impl Manager {
             Duration::from_millis(100).min(self.delay.max(Duration::from_millis(10))),
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let cluster = matches!(self.target, PubSubTarget::Cluster { .. });
+        let mut topology_tick = tokio::time::interval(TOPOLOGY_CHECK);
+        topology_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 req = rx.recv() => {
@@ -150,6 +172,7 @@ impl Manager {
                     self.apply(batch).await;
                 }
                 _ = tick.tick() => self.flush_leaving().await,
+                _ = topology_tick.tick(), if cluster => self.check_topology().await,
                 _ = self.health.lost.notified() => self.reconnect().await,
             }
         }
@@ -252,6 +275,29 @@ impl Manager {
         }
     }
 
+    /// Cluster: reconnects when the slot owners differ from those subscribed on
+    /// in two checks in a row.
+    async fn check_topology(&mut self) {
+        if !self.health.is_up() {
+            return;
+        }
+        let mut cmd = self.cmd.clone();
+        let query = conn::cluster_view(&mut cmd);
+        let Ok(Ok(view)) = tokio::time::timeout(Duration::from_millis(500), query).await else {
+            return;
+        };
+        let t = &mut self.topology;
+        match &t.seen {
+            None => t.seen = Some(view.masters),
+            Some(seen) if *seen == view.masters => t.changed = None,
+            Some(_) if t.changed.as_ref() == Some(&view.masters) => {
+                tracing::warn!(redis = %self.health.target, "redis cluster slot owners changed");
+                self.reconnect().await;
+            }
+            Some(_) => t.changed = Some(view.masters),
+        }
+    }
+
     /// Re-establishes the pub/sub connection and resubscribes every live channel,
     /// then tells the node that each of them may have missed publications.
     async fn reconnect(&mut self) {
@@ -261,17 +307,17 @@ impl Manager {
         loop {
             let attempt = async {
                 // Cluster: a new connection, not the old one's own recovery: it
-                // learns the slot map afresh from every node the cluster still
-                // knows (CLUSTER SLOTS through the command connection, which
-                // follows MOVED), so subscriptions lost with a dead master or
-                // a moved slot are made on the current owners.
-                let known = match &self.target {
+                // learns the slot map afresh, seeded with every node the
+                // cluster still knows, once the reachable nodes agree on the
+                // slot owners, so subscriptions lost with a dead master or a
+                // moved slot are made on the current owners.
+                let view = match &self.target {
                     PubSubTarget::Cluster { .. } => {
-                        crate::conn::cluster_nodes(&mut self.cmd.clone()).await.unwrap_or_default()
+                        conn::agreed_view(&mut self.cmd.clone(), Duration::from_secs(1)).await?
                     }
-                    PubSubTarget::Single { .. } => Vec::new(),
+                    PubSubTarget::Single { .. } => ClusterView::default(),
                 };
-                let mut conn = self.target.connect(self.push.clone(), &known).await?;
+                let mut conn = self.target.connect(self.push.clone(), &view.nodes).await?;
                 conn.ping().await?;
                 // Publishes, history and presence use the command connection,
                 // which reconnects lazily: a command failing on the dead socket
@@ -282,11 +328,12 @@ impl Manager {
                     self.live.iter().map(|c| self.names.pubsub(c)).collect();
                 names.extend(self.always.iter().cloned());
                 conn.subscribe(&names).await?;
-                Ok::<_, redis::RedisError>(conn)
+                Ok::<_, redis::RedisError>((conn, view.masters))
             };
             match attempt.await {
-                Ok(conn) => {
+                Ok((conn, masters)) => {
                     self.conn = conn;
+                    self.topology = TopologyCheck { seen: Some(masters), changed: None };
                     break;
                 }
                 Err(e) => {
@@ -294,7 +341,7 @@ impl Manager {
                     tokio::time::sleep(backoff).await;
                     // Capped low: a Redis Cluster failover completes while we
                     // wait, and publishing resumes only once we are back.
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
             }
         }
