@@ -143,8 +143,8 @@ impl PubSubTarget {
     }
 
     /// A new pub/sub connection delivering pushes to `push`. A cluster
-    /// connection starts from the seeds plus `known` (nodes learnt from the
-    /// cluster: after failovers the seeds may be dead or replicas), and
+    /// connection starts from `known` (nodes learnt from the cluster: after
+    /// failovers the seeds may be dead or replicas) or else the seeds, and
     /// silences the previous cluster connection: its remaining pushes
     /// (publications, its disconnection) are dropped, so the caller, which
     /// resubscribes and reports a gap, sees neither duplicates nor a stale
@@ -165,12 +165,12 @@ impl PubSubTarget {
                 ))
             }
             PubSubTarget::Cluster { urls, generation } => {
-                let mut seeds: Vec<String> = urls.iter().map(|u| with_resp3(u)).collect();
-                for url in known.iter().map(|u| with_resp3(u)) {
-                    if !seeds.contains(&url) {
-                        seeds.push(url);
-                    }
-                }
+                // The nodes the cluster reports rather than the configured
+                // seeds when known: the client waits for every seed's
+                // connection attempt, and a dead seed that drops packets
+                // would cost the whole connect timeout.
+                let seeds = if known.is_empty() { urls } else { known };
+                let seeds: Vec<String> = seeds.iter().map(|u| with_resp3(u)).collect();
                 let current = generation.fetch_add(1, Ordering::AcqRel) + 1;
                 let generation = generation.clone();
                 let sender = move |info: PushInfo| {

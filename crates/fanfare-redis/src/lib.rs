@@ -17,6 +17,10 @@
 //!   unhealthy (`/ready` 503), reconnects with backoff, resubscribes every live
 //!   channel and tells the node each channel may have a gap, so subscribers are
 //!   asked to resubscribe with recovery.
+//! - **Redis Cluster failovers.** A dead master, a moved slot (sunsubscribe
+//!   push) or changed slot owners (checked every second) make the broker
+//!   rebuild its pub/sub connection on the topology every reachable node
+//!   agrees on, with the same resubscribe-and-gap handling.
 
 mod conn;
 mod scripts;
