@@ -12,12 +12,15 @@
 //
 // 1. SIGKILLed: its replica is promoted after cluster-node-timeout;
 // 2. or handed over by `CLUSTER FAILOVER` on its replica (no error, only
-//    MOVED, and the old master drops our SSUBSCRIBE with a sunsubscribe push).
+//    MOVED, and the old master drops our SSUBSCRIBE with a sunsubscribe push);
+// 3. or frozen with SIGSTOP (a master cut off by the network): its replica is
+//    promoted, but nothing tells our connections; the periodic slot-owner
+//    check has to notice.
 //
 // Asserted: publishing resumes (the first acknowledged publish after the event
-// within RESUME_LIMIT_MS of the promotion), and every subscriber ends with
-// every acknowledged publication exactly once, in order, with consecutive
-// offsets. A publish that failed (or timed out) may have happened or not; it
+// within RESUME_LIMIT_MS of the promotion, FREEZE_RESUME_LIMIT_MS for 3), and
+// every subscriber ends with every acknowledged publication exactly once, in
+// order, with consecutive offsets. A publish that failed (or timed out) may have happened or not; it
 // may appear at most once. The times (kill -> resumed, promotion -> resumed)
 // are printed as one JSON line starting with `failover-timing`, for
 // docs/BENCHMARKS.md.
@@ -39,6 +42,9 @@ const BEFORE_MS = 2000;
 const AFTER_MS = 3000;
 // The goal is 1 s; the assertion leaves room for a loaded 2-core machine.
 const RESUME_LIMIT_MS = Number(process.env.FAILOVER_RESUME_LIMIT_MS || 3000);
+// A frozen master is noticed by the periodic slot-owner check (every 1 s),
+// and every try to reach it waits for a timeout.
+const FREEZE_RESUME_LIMIT_MS = 6000;
 
 // ---------------------------------------------------------------------------
 // A minimal RESP client: one command per connection, replies parsed fully.
@@ -297,6 +303,10 @@ async function failoverScenario(env, event) {
     if (event === 'kill') {
       env.note(`SIGKILL master :${master.port} pid ${master.child.pid}`);
       await master.kill();
+    } else if (event === 'freeze') {
+      // Frozen, not dead: its sockets stay open and silent, no disconnection.
+      env.note(`SIGSTOP master :${master.port} pid ${master.child.pid}`);
+      master.child.kill('SIGSTOP');
     } else {
       env.note(`CLUSTER FAILOVER on replica :${replica.port}`);
       assert.equal(await redisCmd(replica.port, 'CLUSTER', 'FAILOVER'), 'OK');
@@ -349,8 +359,9 @@ async function failoverScenario(env, event) {
   };
   process.stderr.write(`failover-timing ${JSON.stringify(timing)}\n`);
   if (failed.length) env.note(`failed publishes: ${JSON.stringify(failed.slice(0, 3))} ...`);
-  assert.ok(resumed.end - promotedAt <= RESUME_LIMIT_MS,
-    `publishing resumed ${resumed.end - promotedAt} ms after the promotion (limit ${RESUME_LIMIT_MS} ms): ${JSON.stringify(timing)}`);
+  const limit = event === 'freeze' ? FREEZE_RESUME_LIMIT_MS : RESUME_LIMIT_MS;
+  assert.ok(resumed.end - promotedAt <= limit,
+    `publishing resumed ${resumed.end - promotedAt} ms after the promotion (limit ${limit} ms): ${JSON.stringify(timing)}`);
 }
 
 chaosTest('redis cluster: the master of a busy channel SIGKILLed, its replica promoted: publishing resumes, nothing acknowledged lost', async (env) => {
@@ -359,4 +370,8 @@ chaosTest('redis cluster: the master of a busy channel SIGKILLed, its replica pr
 
 chaosTest('redis cluster: manual CLUSTER FAILOVER of a busy channel\'s master: publishing resumes, nothing acknowledged lost', async (env) => {
   await failoverScenario(env, 'failover');
+}, 60_000);
+
+chaosTest('redis cluster: the master of a busy channel frozen (SIGSTOP), its replica promoted: publishing resumes, nothing acknowledged lost', async (env) => {
+  await failoverScenario(env, 'freeze');
 }, 60_000);

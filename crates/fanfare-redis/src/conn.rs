@@ -67,6 +67,37 @@ impl ConnectionLike for CmdConn {
     }
 }
 
+/// The command connection of one Redis (or cluster) as the broker and the
+/// subscription manager share it: replaceable, because after a cluster
+/// topology change the manager swaps in a connection built on the new
+/// topology (redis-rs' own connection can stay pinned to a master that hangs
+/// instead of failing: its all-nodes PING keeps timing out on it, and nothing
+/// makes it refresh the slot map). The lock is never held across an await.
+#[derive(Clone)]
+pub struct SharedCmd(Arc<std::sync::RwLock<CmdConn>>);
+
+impl SharedCmd {
+    pub fn new(conn: CmdConn) -> Self {
+        Self(Arc::new(std::sync::RwLock::new(conn)))
+    }
+
+    /// The current connection (a cheap handle).
+    pub fn get(&self) -> CmdConn {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn replace(&self, conn: CmdConn) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = conn;
+    }
+}
+
+/// A new cluster command connection seeded with `nodes` (`host:port`), with
+/// the credentials and options of `template`.
+pub async fn open_cluster_cmd(template: &str, nodes: &[String]) -> RedisResult<CmdConn> {
+    let client = cluster_builder(nodes.iter().map(|a| node_url(template, a)).collect()).build()?;
+    Ok(CmdConn::Cluster(client.get_async_connection().await?))
+}
+
 /// Where pub/sub connections come from (kept to reconnect).
 pub enum PubSubTarget {
     Single {
@@ -127,6 +158,14 @@ pub async fn open(urls: &[String], cluster: bool) -> RedisResult<(CmdConn, PubSu
 }
 
 impl PubSubTarget {
+    /// The configured URLs (one for a standalone Redis).
+    pub fn urls(&self) -> &[String] {
+        match self {
+            PubSubTarget::Single { url, .. } => std::slice::from_ref(url),
+            PubSubTarget::Cluster { urls, .. } => urls,
+        }
+    }
+
     /// The generation of the newest connection (see [`Push`]).
     pub fn generation(&self) -> u64 {
         match self {
@@ -143,8 +182,9 @@ impl PubSubTarget {
     }
 
     /// A new pub/sub connection delivering pushes to `push`. A cluster
-    /// connection starts from `known` (nodes learnt from the cluster: after
-    /// failovers the seeds may be dead or replicas) or else the seeds, and
+    /// connection starts from `known` (`host:port` of nodes learnt from the
+    /// cluster: after failovers the seeds may be dead or replicas) or else the
+    /// seeds, and
     /// silences the previous cluster connection: its remaining pushes
     /// (publications, its disconnection) are dropped, so the caller, which
     /// resubscribes and reports a gap, sees neither duplicates nor a stale
@@ -169,8 +209,11 @@ impl PubSubTarget {
                 // seeds when known: the client waits for every seed's
                 // connection attempt, and a dead seed that drops packets
                 // would cost the whole connect timeout.
-                let seeds = if known.is_empty() { urls } else { known };
-                let seeds: Vec<String> = seeds.iter().map(|u| with_resp3(u)).collect();
+                let seeds: Vec<String> = if known.is_empty() {
+                    urls.iter().map(|u| with_resp3(u)).collect()
+                } else {
+                    known.iter().map(|a| with_resp3(&node_url(&urls[0], a))).collect()
+                };
                 let current = generation.fetch_add(1, Ordering::AcqRel) + 1;
                 let generation = generation.clone();
                 let sender = move |info: PushInfo| {
@@ -189,10 +232,11 @@ impl PubSubTarget {
     }
 }
 
-/// The cluster as `CLUSTER SLOTS` on one live node reports it.
+/// The cluster as `CLUSTER SLOTS` on one live node reports it. Nodes are
+/// `host:port`; [`node_url`] makes URLs with the configured credentials.
 #[derive(Debug, Default, PartialEq)]
 pub struct ClusterView {
-    /// Every node (`redis://host:port`): masters and replicas.
+    /// Every node: masters and replicas.
     pub nodes: Vec<String>,
     /// `(first slot, last slot, master)` per range, sorted.
     pub masters: Vec<(i64, i64, String)>,
@@ -204,19 +248,42 @@ pub async fn cluster_view(cmd: &mut CmdConn) -> RedisResult<ClusterView> {
     Ok(parse_cluster_slots(ranges))
 }
 
-/// The view of the node at `url`, over a connection of its own.
-async fn node_view(url: &str) -> RedisResult<ClusterView> {
+/// `template` (a configured URL: scheme, credentials, options) pointing at
+/// `addr` (`host:port`) instead.
+pub fn node_url(template: &str, addr: &str) -> String {
+    let (scheme, rest) = template.split_once("://").unwrap_or(("redis", template));
+    let (auth, rest) = match rest.split_once('@') {
+        Some((auth, rest)) if !auth.contains('/') => (format!("{auth}@"), rest),
+        _ => (String::new(), rest),
+    };
+    let tail = rest.find(['/', '?']).map_or("", |i| &rest[i..]);
+    format!("{scheme}://{auth}{addr}{tail}")
+}
+
+/// `host:port` of a configured URL.
+pub fn url_addr(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.split(['/', '?']).next().unwrap_or(rest).to_string()
+}
+
+/// The view of the node at `addr`, over a connection of its own.
+async fn node_view(template: &str, addr: &str) -> RedisResult<ClusterView> {
     let cfg = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(std::time::Duration::from_millis(500)))
         .set_response_timeout(Some(std::time::Duration::from_millis(500)));
-    let mut c =
-        redis::Client::open(url)?.get_multiplexed_async_connection_with_config(&cfg).await?;
+    let url = node_url(template, addr);
+    let mut c = redis::Client::open(url.as_str())?
+        .get_multiplexed_async_connection_with_config(&cfg)
+        .await?;
     let ranges: Vec<Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c).await?;
     Ok(parse_cluster_slots(ranges))
 }
 
-/// A view every reachable node agrees on, in which every slot range's master
-/// answers; waits up to `patience` for the nodes to agree.
+/// A view every reachable node agrees on (after `patience`: the one most
+/// nodes report), in which every slot range's master answers. Asks every node
+/// of `known` and every node they report, each over a connection of its own
+/// (`template`: the URL to take credentials and options from).
 ///
 /// Right after a failover the nodes learn the new owner at slightly different
 /// times. A pub/sub connection whose slot map comes from a node that has not
@@ -227,41 +294,68 @@ async fn node_view(url: &str) -> RedisResult<ClusterView> {
 /// once every reachable node agrees, no later answer is older. And while a
 /// slot's master is dead and not yet replaced, redis-rs would send the
 /// SSUBSCRIBE to a random node (one of its replicas accepts it): an error
-/// instead, so the caller keeps waiting for the promotion. Cost: one
-/// connection and CLUSTER SLOTS per node per try, only while reconnecting.
+/// instead, so the caller keeps waiting for the promotion. Not through the
+/// command connection: that may be stuck on a master that hangs. Cost: one
+/// connection and CLUSTER SLOTS per node per try, only while reconnecting or
+/// confirming a change.
 pub async fn agreed_view(
-    cmd: &mut CmdConn,
+    template: &str,
+    known: &[String],
     patience: std::time::Duration,
 ) -> RedisResult<ClusterView> {
     let deadline = tokio::time::Instant::now() + patience;
-    let mut view = cluster_view(cmd).await?;
+    let mut ask: Vec<String> = known.to_vec();
     loop {
-        let views = futures_util::future::join_all(view.nodes.iter().map(|u| node_view(u))).await;
+        let views =
+            futures_util::future::join_all(ask.iter().map(|a| node_view(template, a))).await;
         let answered: Vec<(&String, ClusterView)> =
-            view.nodes.iter().zip(views).filter_map(|(u, v)| Some((u, v.ok()?))).collect();
+            ask.iter().zip(views).filter_map(|(a, v)| Some((a, v.ok()?))).collect();
+        let reported: Vec<String> = answered
+            .iter()
+            .flat_map(|(_, v)| v.nodes.iter())
+            .filter(|n| !ask.contains(n))
+            .cloned()
+            .collect();
+        if !reported.is_empty() {
+            // Nodes we did not ask yet (ask only grows: bounded by the cluster).
+            for n in reported {
+                if !ask.contains(&n) {
+                    ask.push(n);
+                }
+            }
+            continue;
+        }
         let agreed = answered.windows(2).all(|w| w[0].1.masters == w[1].1.masters);
-        if let (true, Some((_, first))) = (agreed, answered.first()) {
+        let late = tokio::time::Instant::now() >= deadline;
+        // Out of patience (a node stays behind, e.g. cut off from the cluster
+        // bus but not from us): the owners most nodes report.
+        let chosen = if agreed {
+            answered.first().map(|(_, v)| v)
+        } else if late {
+            answered
+                .iter()
+                .max_by_key(|(_, v)| {
+                    answered.iter().filter(|(_, w)| w.masters == v.masters).count()
+                })
+                .map(|(_, v)| v)
+        } else {
+            None
+        };
+        if let Some(chosen) = chosen {
             let dead =
-                first.masters.iter().find(|(_, _, m)| !answered.iter().any(|(u, _)| *u == m));
+                chosen.masters.iter().find(|(_, _, m)| !answered.iter().any(|(a, _)| *a == m));
             if let Some((from, to, m)) = dead {
                 let msg = format!("slots {from}-{to}: master {m} does not answer");
                 return Err((redis::ErrorKind::Io, "cluster not ready", msg).into());
             }
-            let mut out = ClusterView { nodes: Vec::new(), masters: first.masters.clone() };
-            for (_, a) in &answered {
-                for url in &a.nodes {
-                    if !out.nodes.contains(url) {
-                        out.nodes.push(url.clone());
-                    }
-                }
-            }
-            return Ok(out);
+            // The nodes that answered: the seeds of the new connections.
+            let nodes = answered.iter().map(|(a, _)| (*a).clone()).collect();
+            return Ok(ClusterView { nodes, masters: chosen.masters.clone() });
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Err((redis::ErrorKind::Io, "cluster nodes disagree on slot owners").into());
+        if late {
+            return Err((redis::ErrorKind::Io, "no cluster node answers CLUSTER SLOTS").into());
         }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        view = cluster_view(cmd).await?;
     }
 }
 
@@ -285,12 +379,16 @@ fn parse_cluster_slots(ranges: Vec<Value>) -> ClusterView {
             if host.is_empty() {
                 continue;
             }
-            let url = format!("redis://{host}:{port}");
+            let addr = if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
             if k == 0 {
-                view.masters.push((*start, *end, url.clone()));
+                view.masters.push((*start, *end, addr.clone()));
             }
-            if !view.nodes.contains(&url) {
-                view.nodes.push(url);
+            if !view.nodes.contains(&addr) {
+                view.nodes.push(addr);
             }
         }
     }
@@ -424,8 +522,19 @@ mod tests {
             range(5461, 16383, vec![node(2), node(4)]),
             range(0, 5460, vec![node(1), node(3)]),
         ]);
-        let url = |p: u16| format!("redis://127.0.0.1:{p}");
-        assert_eq!(view.masters, vec![(0, 5460, url(1)), (5461, 16383, url(2))]);
-        assert_eq!(view.nodes, vec![url(2), url(4), url(1), url(3)]);
+        let addr = |p: u16| format!("127.0.0.1:{p}");
+        assert_eq!(view.masters, vec![(0, 5460, addr(1)), (5461, 16383, addr(2))]);
+        assert_eq!(view.nodes, vec![addr(2), addr(4), addr(1), addr(3)]);
+    }
+
+    #[test]
+    fn node_urls_keep_credentials_and_options() {
+        assert_eq!(node_url("redis://h:1", "10.0.0.2:7000"), "redis://10.0.0.2:7000");
+        assert_eq!(
+            node_url("rediss://u:p@h:1/0?protocol=resp3", "10.0.0.2:7000"),
+            "rediss://u:p@10.0.0.2:7000/0?protocol=resp3"
+        );
+        assert_eq!(url_addr("redis://u:p@h:1/0?x=1"), "h:1");
+        assert_eq!(url_addr("redis://127.0.0.1:7000"), "127.0.0.1:7000");
     }
 }

@@ -40,7 +40,7 @@ use fanfare_core::broker::{
 use fanfare_protocol::{ClientInfo, Publication, StreamPosition};
 use redis::{AsyncCommands, Script, Value};
 
-use crate::conn::{CmdConn, PubSubTarget};
+use crate::conn::{CmdConn, PubSubTarget, SharedCmd};
 use crate::subscriptions::{Manager, SubRequest};
 
 /// Redis settings (`redis.*`).
@@ -86,7 +86,7 @@ type HandlerCell = Arc<OnceLock<Arc<dyn BrokerHandler>>>;
 
 /// One Redis (or the whole cluster) with its connections and subscription manager.
 struct Shard {
-    cmd: CmdConn,
+    cmd: SharedCmd,
     requests: tokio::sync::mpsc::UnboundedSender<SubRequest>,
     health: Arc<subscriptions::Health>,
 }
@@ -245,6 +245,8 @@ impl RedisBroker {
         control: bool,
     ) -> Result<Shard, StartError> {
         let (push_tx, push_rx) = tokio::sync::mpsc::unbounded_channel();
+        let cmd = SharedCmd::new(cmd);
+        let target_addrs: Vec<String> = target.urls().iter().map(|u| conn::url_addr(u)).collect();
         let unreachable = |source| StartError::Unreachable { url: target.describe(), source };
         let mut pubsub = target.connect(push_tx.clone(), &[]).await.map_err(unreachable)?;
         let always: Vec<String> = if control { vec![names.control()] } else { Vec::new() };
@@ -270,7 +272,8 @@ impl RedisBroker {
             live: Default::default(),
             leaving: Default::default(),
             always,
-            topology: Default::default(),
+            owners: None,
+            known: target_addrs,
         };
         tokio::spawn(manager.run(req_rx));
         Ok(Shard { cmd, requests: req_tx, health })
@@ -288,7 +291,7 @@ impl RedisBroker {
     }
 
     fn cmd(&self, channel: &str) -> CmdConn {
-        self.shard(channel).cmd.clone()
+        self.shard(channel).cmd.get()
     }
 
     fn publish_command(&self) -> &'static str {
@@ -643,7 +646,7 @@ impl Broker for RedisBroker {
     }
 
     async fn publish_control(&self, message: bytes::Bytes) -> Result<(), BrokerError> {
-        let mut conn = self.shards[0].cmd.clone();
+        let mut conn = self.shards[0].cmd.get();
         redis::cmd(&self.publish_command().to_uppercase())
             .arg(self.names.control())
             .arg(message.as_ref())
@@ -653,7 +656,7 @@ impl Broker for RedisBroker {
     }
 
     async fn announce(&self, info: &NodeInfo, ttl: Duration) -> Result<(), BrokerError> {
-        let mut conn = self.shards[0].cmd.clone();
+        let mut conn = self.shards[0].cmd.get();
         let json = serde_json::to_string(info).map_err(|e| BrokerError::Internal(e.to_string()))?;
         let key = self.names.nodes();
         let _: () = conn.hset(&key, &info.uid, json).await.map_err(unavailable)?;
@@ -664,7 +667,7 @@ impl Broker for RedisBroker {
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
-        let mut conn = self.shards[0].cmd.clone();
+        let mut conn = self.shards[0].cmd.get();
         let key = self.names.nodes();
         let all: BTreeMap<String, String> = conn.hgetall(&key).await.map_err(unavailable)?;
         let now = unix_ms();

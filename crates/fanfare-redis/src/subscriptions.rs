@@ -14,7 +14,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, WeakUnboundedSender}
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::conn::{self, ClusterView, CmdConn, PubSubConn, PubSubTarget, Push};
+use crate::conn::{self, ClusterView, PubSubConn, PubSubTarget, Push, SharedCmd};
 use crate::wire::{self, Event};
 use crate::{HandlerCell, Names};
 
@@ -114,8 +114,9 @@ pub fn spawn_delivery(
 pub struct Manager {
     pub(crate) target: PubSubTarget,
     pub(crate) conn: PubSubConn,
-    /// The shard's command connection: proven to work before reporting healthy.
-    pub(crate) cmd: CmdConn,
+    /// The shard's command connection: proven to work before reporting
+    /// healthy; in a cluster rebuilt with the pub/sub connection.
+    pub(crate) cmd: SharedCmd,
     pub(crate) push: UnboundedSender<Push>,
     pub(crate) names: Names,
     pub(crate) handler: HandlerCell,
@@ -127,8 +128,12 @@ pub struct Manager {
     pub(crate) leaving: HashMap<String, Instant>,
     /// Pub/sub names subscribed for the node's whole life (the control channel).
     pub(crate) always: Vec<String>,
-    /// Cluster: the periodic comparison of slot owners.
-    pub(crate) topology: TopologyCheck,
+    /// Cluster: the slot owners (`(first, last, master)`) our subscriptions
+    /// were made on; `None` until known.
+    pub(crate) owners: Option<Vec<(i64, i64, String)>>,
+    /// Cluster: every node (`host:port`) configured or seen so far, where a
+    /// reconnect starts asking for the topology.
+    pub(crate) known: Vec<String>,
 }
 
 /// How often a cluster's slot owners are compared with those our
@@ -137,16 +142,6 @@ pub struct Manager {
 /// replaced without either, e.g. one cut off by the network, whose socket
 /// stays open and silent. Cost: one CLUSTER SLOTS per second per node.
 const TOPOLOGY_CHECK: Duration = Duration::from_secs(1);
-
-/// Slot owners (`(first, last, master)`) as last subscribed, and a different
-/// answer seen once. Acting on a change only when two checks in a row agree
-/// keeps a node that has not caught up yet from causing a reconnect (and a
-/// recovery of every subscriber) with its stale view.
-#[derive(Default)]
-pub struct TopologyCheck {
-    seen: Option<Vec<(i64, i64, String)>>,
-    changed: Option<Vec<(i64, i64, String)>>,
-}
 
 impl Manager {
     pub async fn run(mut self, mut rx: UnboundedReceiver<SubRequest>) {
@@ -275,26 +270,35 @@ impl Manager {
         }
     }
 
-    /// Cluster: reconnects when the slot owners differ from those subscribed on
-    /// in two checks in a row.
+    /// Cluster: reconnects when the slot owners differ from those subscribed
+    /// on. A different answer from one node is confirmed with all of them
+    /// first ([`conn::agreed_view`]): a node that has not caught up (or is cut
+    /// off from the others) must not cause a reconnect, which makes every
+    /// subscriber recover.
     async fn check_topology(&mut self) {
         if !self.health.is_up() {
             return;
         }
-        let mut cmd = self.cmd.clone();
+        let mut cmd = self.cmd.get();
         let query = conn::cluster_view(&mut cmd);
         let Ok(Ok(view)) = tokio::time::timeout(Duration::from_millis(500), query).await else {
             return;
         };
-        let t = &mut self.topology;
-        match &t.seen {
-            None => t.seen = Some(view.masters),
-            Some(seen) if *seen == view.masters => t.changed = None,
-            Some(_) if t.changed.as_ref() == Some(&view.masters) => {
-                tracing::warn!(redis = %self.health.target, "redis cluster slot owners changed");
-                self.reconnect().await;
-            }
-            Some(_) => t.changed = Some(view.masters),
+        if self.owners.is_none() {
+            self.owners = Some(view.masters);
+            return;
+        }
+        if self.owners.as_ref() == Some(&view.masters) {
+            return;
+        }
+        let confirm =
+            conn::agreed_view(&self.target.urls()[0], &self.known, Duration::from_secs(1));
+        let Ok(Ok(agreed)) = tokio::time::timeout(Duration::from_secs(2), confirm).await else {
+            return;
+        };
+        if self.owners.as_ref() != Some(&agreed.masters) {
+            tracing::warn!(redis = %self.health.target, "redis cluster slot owners changed");
+            self.reconnect().await;
         }
     }
 
@@ -313,7 +317,8 @@ impl Manager {
                 // moved slot are made on the current owners.
                 let view = match &self.target {
                     PubSubTarget::Cluster { .. } => {
-                        conn::agreed_view(&mut self.cmd.clone(), Duration::from_secs(1)).await?
+                        let template = &self.target.urls()[0];
+                        conn::agreed_view(template, &self.known, Duration::from_secs(1)).await?
                     }
                     PubSubTarget::Single { .. } => ClusterView::default(),
                 };
@@ -323,17 +328,32 @@ impl Manager {
                 // which reconnects lazily: a command failing on the dead socket
                 // starts its reconnect. Ready only once it answers again, so the
                 // first client command after `/ready` turns 200 does not fail.
-                redis::cmd("PING").exec_async(&mut self.cmd.clone()).await?;
+                let cmd = match &self.target {
+                    PubSubTarget::Cluster { urls, .. } => {
+                        Some(conn::open_cluster_cmd(&urls[0], &view.nodes).await?)
+                    }
+                    PubSubTarget::Single { .. } => None,
+                };
+                let mut ping = cmd.clone().unwrap_or_else(|| self.cmd.get());
+                redis::cmd("PING").exec_async(&mut ping).await?;
                 let mut names: Vec<String> =
                     self.live.iter().map(|c| self.names.pubsub(c)).collect();
                 names.extend(self.always.iter().cloned());
                 conn.subscribe(&names).await?;
-                Ok::<_, redis::RedisError>((conn, view.masters))
+                Ok::<_, redis::RedisError>((conn, cmd, view))
             };
             match attempt.await {
-                Ok((conn, masters)) => {
+                Ok((conn, cmd, view)) => {
                     self.conn = conn;
-                    self.topology = TopologyCheck { seen: Some(masters), changed: None };
+                    if let Some(cmd) = cmd {
+                        self.cmd.replace(cmd);
+                    }
+                    self.owners = Some(view.masters);
+                    for n in view.nodes {
+                        if !self.known.contains(&n) {
+                            self.known.push(n);
+                        }
+                    }
                     break;
                 }
                 Err(e) => {
