@@ -44,7 +44,7 @@ const AFTER_MS = 3000;
 const RESUME_LIMIT_MS = Number(process.env.FAILOVER_RESUME_LIMIT_MS || 3000);
 // A frozen master is noticed by the periodic slot-owner check (every 1 s),
 // and every try to reach it waits for a timeout.
-const FREEZE_RESUME_LIMIT_MS = 6000;
+const FREEZE_RESUME_LIMIT_MS = 10_000;
 
 // ---------------------------------------------------------------------------
 // A minimal RESP client: one command per connection, replies parsed fully.

@@ -324,9 +324,10 @@ impl Manager {
                 };
                 let mut conn = self.target.connect(self.push.clone(), &view.nodes).await?;
                 conn.ping().await?;
-                // Publishes, history and presence use the command connection,
-                // which reconnects lazily: a command failing on the dead socket
-                // starts its reconnect. Ready only once it answers again, so the
+                // Publishes, history and presence use the command connection.
+                // Standalone: it reconnects lazily (a command failing on the
+                // dead socket starts its reconnect); cluster: a new one on the
+                // same topology replaces it. Ready only once it answers, so the
                 // first client command after `/ready` turns 200 does not fail.
                 let cmd = match &self.target {
                     PubSubTarget::Cluster { urls, .. } => {
