@@ -40,7 +40,7 @@ step "SDK end-to-end (npm centrifuge + ws against the real binary)"
 cargo build -q -p fanfare-server
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run.sh
 
-step "Redis chaos (npm centrifuge: Redis killed and restarted, a node SIGKILLed)"
+step "Redis chaos (npm centrifuge: Redis killed and restarted, a node SIGKILLed, Redis Cluster master failovers)"
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run-redis.sh
 
 step "control API from Python (grpcio stubs generated from proto/ at test time, HTTP, WebSocket; 3 nodes on Redis)"
