@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod node;
 pub mod outbox;
 pub mod session;
+mod subscriptions;
 pub mod timer;
 
 pub use api::{ApiError, ApiLimits, ApiPublish};
