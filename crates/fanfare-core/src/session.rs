@@ -204,7 +204,11 @@ fn anonymous_user() -> Arc<str> {
 fn ping_frame(codec: Codec) -> Bytes {
     static PINGS: [std::sync::OnceLock<Bytes>; Codec::COUNT] =
         [const { std::sync::OnceLock::new() }; Codec::COUNT];
-    PINGS[codec.index()].get_or_init(|| codec.encode(&Reply::new(0, ReplyBody::Ping))).clone()
+    PINGS[codec.index()]
+        .get_or_init(|| {
+            codec.encode(&Reply::new(0, ReplyBody::Ping)).expect("every codec encodes a ping")
+        })
+        .clone()
 }
 
 /// A point in time in 8 bytes (a `std::time::Instant` takes 16, and a session
@@ -474,9 +478,20 @@ impl Session {
     /// Queues a reply or push. Nothing the session sends may exceed the reply
     /// budget ([`Session::reply_budget`]): a reply that would is answered with
     /// error 106 instead, so asking for too much never closes the asker with 3008.
+    ///
+    /// A reply this connection's codec cannot carry (binary publication data
+    /// in a recovery or history reply to a JSON client) closes the connection
+    /// with 3506, as a push would (see `Hub::fan_out`).
     fn send(&self, reply: Reply) {
         let codec = self.outbox.codec();
-        let bytes = codec.encode(&reply);
+        let bytes = match codec.encode(&reply) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(session = self.id, error = %e, "reply not encodable; closing");
+                self.outbox.close(DisconnectCode::INAPPROPRIATE_PROTOCOL);
+                return;
+            }
+        };
         if bytes.len() > self.reply_budget() {
             tracing::warn!(
                 session = self.id,
@@ -485,7 +500,8 @@ impl Session {
                 "reply larger than the client queue allows; sent as error 106"
             );
             if reply.id != 0 {
-                self.outbox.push(codec.encode(&Reply::error(reply.id, ErrorCode::LIMIT_EXCEEDED)));
+                let error = codec.encode(&Reply::error(reply.id, ErrorCode::LIMIT_EXCEEDED));
+                self.outbox.push(error.expect("every codec encodes an error reply"));
             }
             return;
         }
@@ -850,7 +866,14 @@ impl Session {
         if !ns.allow_publish || channel.starts_with('#') {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
-        let data = match self.node.config().data_rules.check(data) {
+        // Protobuf clients may publish any bytes (JSON clients cannot receive
+        // those, see `Hub::fan_out`); JSON clients publish JSON.
+        let rules = &self.node.config().data_rules;
+        let checked = match self.outbox.codec() {
+            Codec::Json => rules.check(data),
+            Codec::Protobuf => rules.check_opaque(data),
+        };
+        let data = match checked {
             Ok(d) => d,
             Err(DataError::TooLarge { .. }) => return Err(ErrorCode::LIMIT_EXCEEDED.into()),
             Err(e) => {
