@@ -36,14 +36,17 @@ cargo test --workspace
 step "WebSocket conformance (Autobahn server cases via kosoku against examples/ws_echo.rs)"
 tests/conformance/run.sh
 
-step "SDK end-to-end (npm centrifuge + ws against the real binary)"
+step "SDK end-to-end (npm centrifuge, JSON and Protobuf builds, + ws against the real binary)"
 cargo build -q -p fanfare-server
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run.sh
+
+step "Go SDK end-to-end (centrifuge-go NewProtobufClient and NewJsonClient)"
+FANFARE_BIN="$ROOT/target/debug/fanfare" tests/go/run.sh
 
 step "Redis chaos (npm centrifuge: Redis killed and restarted, a node SIGKILLed)"
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run-redis.sh
 
-step "control API from Python (grpcio stubs generated from proto/ at test time, HTTP, WebSocket; 3 nodes on Redis)"
+step "control API and centrifuge-python SDK from Python (grpcio stubs generated from proto/ at test time, HTTP, WebSocket, JSON and Protobuf SDK clients; 3 nodes on Redis)"
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/api/run.sh
 
 step "metrics lint (promtool check metrics on a live node)"
