@@ -7,6 +7,7 @@ import pytest
 from centrifuge import (
     Client,
     ClientEventHandler,
+    ConnectingContext,
     DisconnectedContext,
     PublicationContext,
     SubscribedContext,
@@ -20,8 +21,10 @@ WAIT = 10.0
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
-    """One node on the memory broker."""
-    n = Node(tmp_path_factory.mktemp("sdk"), node_toml(None), "sdk")
+    """One node on the memory broker, with short pings so that the SDK's
+    pongs are exercised."""
+    pings = '\n[client]\nping_interval = "1s"\npong_timeout = "800ms"\n'
+    n = Node(tmp_path_factory.mktemp("sdk"), node_toml(None) + pings, "sdk")
     try:
         yield n
     finally:
@@ -37,9 +40,13 @@ class Events:
         self.pubs = []
         self.subscribed = asyncio.Queue()
         self.disconnected = asyncio.Queue()
+        self.connecting = []
         self.changed = asyncio.Event()
 
         class ClientEvents(ClientEventHandler):
+            async def on_connecting(_, ctx: ConnectingContext) -> None:
+                self.connecting.append(ctx)
+
             async def on_disconnected(_, ctx: DisconnectedContext) -> None:
                 await self.disconnected.put(ctx)
 
@@ -152,6 +159,19 @@ def test_json_and_protobuf_subscribers_share_a_channel(node):
         assert gone.code == 3506, gone
         assert len(json_events.pubs) == 2
         for c in (pb_sub, json_sub, pb_pub, json_pub):
+            await c.disconnect()
+
+    asyncio.run(run())
+
+
+def test_pings_are_answered_over_both_protocols(node):
+    async def run():
+        clients = [await client(node, f"ping-{p}", protobuf=p) for p in (True, False)]
+        await asyncio.sleep(3.5)  # three 1 s pings, each answered within 800 ms
+        for c, events in clients:
+            assert events.disconnected.empty(), events.disconnected.get_nowait()
+            # One connecting: the connect call; a second would be a reconnect.
+            assert len(events.connecting) == 1, events.connecting
             await c.disconnect()
 
     asyncio.run(run())

@@ -52,6 +52,11 @@ listen = "127.0.0.1:%d"
 [grpc]
 listen = "127.0.0.1:%d"
 
+# Short pings, so the SDK's pongs are exercised (TestPingsAreAnswered).
+[client]
+ping_interval = "1s"
+pong_timeout = "800ms"
+
 [[namespaces]]
 name = ""
 allow_publish = true
@@ -106,6 +111,8 @@ type events struct {
 	mu           sync.Mutex
 	pubs         []centrifuge.Publication
 	disconnected chan centrifuge.DisconnectedEvent
+	// Connecting events after the first connect: reconnects.
+	reconnecting chan centrifuge.ConnectingEvent
 	subscribed   chan centrifuge.SubscribedEvent
 	changed      chan struct{}
 }
@@ -113,6 +120,7 @@ type events struct {
 func newEvents() *events {
 	return &events{
 		disconnected: make(chan centrifuge.DisconnectedEvent, 16),
+		reconnecting: make(chan centrifuge.ConnectingEvent, 16),
 		subscribed:   make(chan centrifuge.SubscribedEvent, 16),
 		changed:      make(chan struct{}, 1024),
 	}
@@ -159,6 +167,11 @@ func client(t *testing.T, k kind) (*centrifuge.Client, *events) {
 	e := newEvents()
 	connected := make(chan struct{}, 16)
 	c.OnConnected(func(centrifuge.ConnectedEvent) { connected <- struct{}{} })
+	c.OnConnecting(func(ev centrifuge.ConnectingEvent) {
+		if ev.Code != 0 { // 0: the connect call itself
+			e.reconnecting <- ev
+		}
+	})
 	c.OnDisconnected(func(ev centrifuge.DisconnectedEvent) { e.disconnected <- ev })
 	c.OnError(func(ev centrifuge.ErrorEvent) { t.Logf("client error: %v", ev.Error) })
 	t.Cleanup(c.Close)
@@ -319,5 +332,20 @@ func TestJsonAndProtobufSubscribersShareAChannel(t *testing.T) {
 	jsonEvents.mu.Unlock()
 	if n != 2 {
 		t.Fatalf("the JSON subscriber got %d publications, want 2", n)
+	}
+}
+
+func TestPingsAreAnsweredByBothClients(t *testing.T) {
+	_, pbEvents := client(t, protobuf)
+	_, jsonEvents := client(t, jsonKind)
+	time.Sleep(3500 * time.Millisecond) // three 1 s pings, each answered within 800 ms
+	for name, e := range map[string]*events{"protobuf": pbEvents, "json": jsonEvents} {
+		select {
+		case ev := <-e.disconnected:
+			t.Fatalf("%s client disconnected: %+v", name, ev)
+		case ev := <-e.reconnecting:
+			t.Fatalf("%s client reconnecting: %+v", name, ev)
+		default:
+		}
 	}
 }

@@ -19,6 +19,11 @@ listen = "127.0.0.1:${httpPort}"
 [grpc]
 listen = "127.0.0.1:${grpcPort}"
 
+# Short pings, so the SDKs' pongs over Protobuf are exercised (P4).
+[client]
+ping_interval = "1s"
+pong_timeout = "800ms"
+
 [[namespaces]]
 name = ""
 allow_publish = true
@@ -130,4 +135,14 @@ e2e('P3: JSON and Protobuf subscribers share a channel; binary data closes the J
   await withTimeout(jsonPub.publish('mixed', { after: true }), WAIT_MS, 'JSON publish after');
   await pbPubs.waitCount(4, 'the publication after the binary one');
   assert.deepEqual(JSON.parse(new TextDecoder().decode(pbPubs.items[3].data)), { after: true });
+});
+
+e2e('P4: server pings over Protobuf are answered by the SDK and keep the connection', async (env) => {
+  const c = env.client('pinged');
+  await env.connect(c);
+  await sleep(3500); // three 1 s pings, each answered within the 800 ms pong timeout
+  assert.equal(c.state, 'connected');
+  assert.equal(c.connectedCount, 1, `reconnected: ${JSON.stringify(c.closeEvents)}`);
+  const s = env.subscription(c, 'pb-ping');
+  await env.subscribe(s);
 });

@@ -106,24 +106,14 @@ pub fn upgrade(
 /// `format=protobuf`). Unknown subprotocols are not answered (a browser then
 /// fails the connection, as it should), and JSON is the default.
 fn negotiate<B>(req: &Request<B>) -> (Codec, Option<&'static str>) {
-    let offered = req
+    let subprotocol = req
         .headers()
         .get_all(header::SEC_WEBSOCKET_PROTOCOL)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .map(str::trim);
-    let mut subprotocol = None;
-    for p in offered {
-        if p == PROTOBUF_SUBPROTOCOL || p == JSON_SUBPROTOCOL {
-            subprotocol = Some(if p == PROTOBUF_SUBPROTOCOL {
-                PROTOBUF_SUBPROTOCOL
-            } else {
-                JSON_SUBPROTOCOL
-            });
-            break;
-        }
-    }
+        .map(str::trim)
+        .find_map(|p| [PROTOBUF_SUBPROTOCOL, JSON_SUBPROTOCOL].into_iter().find(|s| *s == p));
     let query_protobuf = req.uri().query().is_some_and(|q| {
         q.split('&').any(|kv| kv == "cf_protocol=protobuf" || kv == "format=protobuf")
     });

@@ -34,8 +34,9 @@ struct PbClient {
     ws: WebSocketStream<TcpStream>,
     buf: VecDeque<pb::Reply>,
     next_id: u32,
-    /// How many binary frames carried the replies read so far.
-    frames: usize,
+    /// Server pings seen (and answered when `auto_pong`).
+    pings: usize,
+    auto_pong: bool,
 }
 
 /// How a client asks for Protobuf.
@@ -62,7 +63,7 @@ impl PbClient {
             Ask::Subprotocol => assert_eq!(answered, Some("centrifuge-protobuf")),
             Ask::Query(_) => assert_eq!(answered, None),
         }
-        PbClient { ws, buf: VecDeque::new(), next_id: 1, frames: 0 }
+        PbClient { ws, buf: VecDeque::new(), next_id: 1, pings: 0, auto_pong: true }
     }
 
     async fn connected(server: &Server) -> PbClient {
@@ -127,13 +128,15 @@ impl PbClient {
         };
         match msg {
             Message::Binary(b) => {
-                self.frames += 1;
                 let mut buf = &b[..];
                 while !buf.is_empty() {
                     let r = pb::Reply::decode_length_delimited(&mut buf).expect("a reply");
                     if r == pb::Reply::default() {
                         // Server ping: answer with the empty command.
-                        let _ = self.ws.send(Message::binary(vec![0u8])).await;
+                        self.pings += 1;
+                        if self.auto_pong {
+                            let _ = self.ws.send(Message::binary(vec![0u8])).await;
+                        }
                     } else {
                         self.buf.push_back(r);
                     }
@@ -146,6 +149,16 @@ impl PbClient {
             }),
             Message::Text(t) => panic!("text frame on the Protobuf protocol: {t}"),
             _ => Ok(()),
+        }
+    }
+
+    /// Reads until `n` server pings arrived in all.
+    async fn wait_pings(&mut self, n: usize, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.pings < n {
+            if let Err(end) = self.fill(deadline).await {
+                panic!("waiting for ping {n}: {end}");
+            }
         }
     }
 
@@ -411,4 +424,21 @@ async fn bad_protobuf_input_closes_with_3501() {
             .is_some()
     );
     let _: Client = server.connected("still").await;
+}
+
+#[tokio::test]
+async fn server_pings_are_empty_replies_answered_by_empty_commands() {
+    let server = Server::start(&format!(
+        "{NS}\n[client]\nping_interval = \"1s\"\npong_timeout = \"500ms\"\n"
+    ));
+    // Answered: three pings and the connection is still served.
+    let mut c = PbClient::connected(&server).await;
+    c.wait_pings(3, Duration::from_secs(6)).await;
+    let ping = pb::Command { ping: Some(pb::PingRequest {}), ..Default::default() };
+    assert!(c.call(ping).await.ping.is_some());
+    // Not answered: 3012 (no pong).
+    let mut c = PbClient::connected(&server).await;
+    c.auto_pong = false;
+    c.wait_pings(1, Duration::from_secs(3)).await;
+    assert_eq!(c.expect_close().await, (3012, "no pong".to_string()));
 }
