@@ -442,3 +442,36 @@ async fn server_pings_are_empty_replies_answered_by_empty_commands() {
     c.wait_pings(1, Duration::from_secs(3)).await;
     assert_eq!(c.expect_close().await, (3012, "no pong".to_string()));
 }
+
+#[tokio::test]
+async fn binary_data_crosses_nodes_through_redis_and_is_recovered_from_its_history() {
+    let redis = common::redis::RedisServer::start();
+    let nodes = common::redis::start_nodes(2, &[redis.url()], false, NS);
+    let mut pb_sub = PbClient::connected(&nodes[1]).await;
+    let s = pb_sub.call(subscribe("h:x", None)).await.subscribe.expect("subscribe");
+    assert!(s.epoch.is_empty());
+    let mut json_sub = nodes[1].connected("j").await;
+    json_sub.subscribe_ok("h:x", json!({})).await;
+    let mut publisher = PbClient::connected(&nodes[0]).await;
+
+    let binary: &[u8] = &[0xff, 0, 0x80, b'\n'];
+    assert!(publisher.call(publish("h:x", br#"{"n":1}"#)).await.publish.is_some());
+    assert!(publisher.call(publish("h:x", binary)).await.publish.is_some());
+    let first = pb_sub.push().await.r#pub.unwrap();
+    let second = pb_sub.push().await.r#pub.unwrap();
+    assert_eq!((first.data.as_ref(), first.offset), (&br#"{"n":1}"#[..], 1));
+    assert_eq!((second.data.as_ref(), second.offset), (binary, 2), "byte for byte through Redis");
+    let p = json_sub.recv_matching("push", |v| v.get("push").is_some()).await;
+    assert_eq!(p["push"]["pub"]["data"], json!({"n": 1}));
+    assert_eq!(json_sub.expect_close().await.0, 3506);
+
+    // Recovery from Redis history on the other node gives the same bytes.
+    let history = pb::HistoryRequest { channel: "h:x".into(), ..Default::default() };
+    let h = pb_sub.call(pb::Command { history: Some(history), ..Default::default() }).await;
+    let epoch = h.history.expect("history").epoch;
+    let mut again = PbClient::connected(&nodes[0]).await;
+    let s = again.call(subscribe("h:x", Some((0, &epoch)))).await.subscribe.expect("subscribe");
+    assert!(s.recovered, "{s:?}");
+    let data: Vec<&[u8]> = s.publications.iter().map(|p| p.data.as_ref()).collect();
+    assert_eq!(data, vec![&br#"{"n":1}"#[..], binary]);
+}
