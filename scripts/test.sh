@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs every fanfare test on a fresh machine: installs what the tests need
-# (Debian packages, Node modules, a Python venv for tests/api), then formatting,
-# lints, unit and integration tests against real processes, the WebSocket
-# conformance cases (tests/conformance), the SDK end-to-end
-# tests, the Python control-API test, the metrics lint and the deployment checks
-# (scripts/test-deploy.sh).
+# (Debian packages, Node modules, Go modules for tests/go, a Python venv for
+# tests/api), then formatting, lints, unit and integration tests against real
+# processes, the WebSocket conformance cases (tests/conformance), the SDK
+# end-to-end tests (centrifuge-js, centrifuge-go, centrifuge-python; JSON and
+# Protobuf), the Python control-API test, the metrics lint and the deployment
+# checks (scripts/test-deploy.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
