@@ -71,8 +71,22 @@ pub struct HistoryPage {
     /// Offset of the newest publication ever published, and the stream epoch.
     pub position: StreamPosition,
     /// With `since`: false when publications after `since` are no longer all
-    /// kept (or the epoch changed), so a client cannot be told it recovered.
+    /// kept, or `since` is not a position of this stream (another epoch, or
+    /// beyond its top), so a client cannot be told it recovered. A `since`
+    /// that is not a position of the stream reads no publications.
     pub complete: bool,
+}
+
+/// What one [`Broker::sweep`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Channels whose state was freed.
+    pub freed: usize,
+    /// Channels whose state the broker still keeps in this process.
+    pub kept: usize,
+    /// Bytes of publication data dropped from history because their TTL
+    /// passed, since the previous sweep (by this sweep or by reads).
+    pub expired_bytes: usize,
 }
 
 /// Receives what the broker delivers for channels this node subscribed to.
@@ -157,6 +171,15 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Every node that announced itself within its ttl, this one included.
     async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError>;
+
+    /// Frees per-channel state nobody needs any more (expired history,
+    /// streams past their meta TTL without local subscribers, expired presence
+    /// and idempotency entries), a bounded amount per call. The node calls it
+    /// periodically. `None`: this broker keeps no such state in the process
+    /// (Redis expires its keys itself), so there is nothing to sweep.
+    fn sweep(&self) -> Option<Sweep> {
+        None
+    }
 
     /// Whether deliveries are flowing (false while a connection is down).
     fn is_healthy(&self) -> bool {

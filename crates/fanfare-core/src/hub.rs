@@ -104,6 +104,15 @@ impl PreparedPush {
     }
 }
 
+/// Gives memory back once a map shrank to a quarter of its capacity (a
+/// channel that had many subscribers, a shard after channel churn). Rehashing
+/// costs O(len), paid for by the removals that emptied three quarters.
+fn shrink_sparse<K: Eq + std::hash::Hash, V>(m: &mut HashMap<K, V, ahash::RandomState>) {
+    if m.capacity() > 64 && m.len() * 4 < m.capacity() {
+        m.shrink_to(m.len() * 2);
+    }
+}
+
 type Subscribers = HashMap<u64, Arc<Subscriber>, ahash::RandomState>;
 
 /// The local subscribers of one channel and the last stream offset this node
@@ -189,8 +198,10 @@ impl Hub {
         }
         if entry.subs.is_empty() {
             shard.remove(channel);
+            shrink_sparse(&mut shard);
             return true;
         }
+        shrink_sparse(&mut entry.subs);
         false
     }
 
@@ -224,7 +235,9 @@ impl Hub {
     pub fn evict(&self, channel: &str, code: u32, reason: &'static str) -> usize {
         let entry = {
             let mut shard = self.shard(channel).write().unwrap_or_else(|p| p.into_inner());
-            shard.remove(channel)
+            let entry = shard.remove(channel);
+            shrink_sparse(&mut shard);
+            entry
         };
         let Some(entry) = entry else { return 0 };
         let channel: Arc<str> = Arc::from(channel);
@@ -338,6 +351,34 @@ mod tests {
         let mut v = Vec::new();
         assert_eq!(json.drain(&mut v), Some(DisconnectCode::INAPPROPRIATE_PROTOCOL));
         assert!(v.is_empty(), "nothing a JSON client could not parse is queued");
+    }
+}
+
+#[cfg(test)]
+mod shrink_tests {
+    use super::*;
+
+    #[test]
+    fn maps_give_memory_back_after_churn() {
+        let hub = Hub::new();
+        let outbox = Arc::new(Outbox::new(Codec::Json, 1 << 20));
+        for i in 0..20_000 {
+            hub.subscribe(&format!("c{i}"), 1, Arc::new(Subscriber::new(outbox.clone())));
+        }
+        for s in 0..5_000 {
+            hub.subscribe("busy", s, Arc::new(Subscriber::new(outbox.clone())));
+        }
+        for i in 0..20_000 {
+            hub.unsubscribe(&format!("c{i}"), 1);
+        }
+        for s in 1..5_000 {
+            hub.unsubscribe("busy", s);
+        }
+        let capacity: usize =
+            hub.shards.iter().map(|s| s.read().unwrap_or_else(|p| p.into_inner()).capacity()).sum();
+        assert!(capacity <= SHARDS * 64, "channel maps kept {capacity} slots");
+        let shard = hub.shard("busy").read().unwrap_or_else(|p| p.into_inner());
+        assert!(shard["busy"].subs.capacity() <= 64, "{}", shard["busy"].subs.capacity());
     }
 }
 

@@ -53,6 +53,18 @@ impl DataRules {
     /// Checks `data` and returns it in compact form: the same `Bytes` when it
     /// has no insignificant whitespace (no copy), else a compacted copy.
     pub fn check(&self, data: Bytes) -> Result<Bytes, DataError> {
+        self.check_inner(data, true)
+    }
+
+    /// [`DataRules::check`] for data that serde_json already accepted as one
+    /// JSON value (a `RawValue` of a client frame): the grammar pass is skipped
+    /// (serde_json's skipping checks structure, escapes and control
+    /// characters, though not UTF-8 or depth, which are checked here).
+    pub fn check_parsed(&self, data: Bytes) -> Result<Bytes, DataError> {
+        self.check_inner(data, false)
+    }
+
+    fn check_inner(&self, data: Bytes, grammar: bool) -> Result<Bytes, DataError> {
         if data.is_empty() {
             return Err(DataError::Empty);
         }
@@ -71,8 +83,10 @@ impl DataRules {
         if depth > self.max_depth {
             return Err(DataError::TooDeep { max: self.max_depth });
         }
-        serde_json::from_slice::<serde::de::IgnoredAny>(&data)
-            .map_err(|e| DataError::NotJson(e.to_string()))?;
+        if grammar {
+            serde_json::from_slice::<serde::de::IgnoredAny>(&data)
+                .map_err(|e| DataError::NotJson(e.to_string()))?;
+        }
         if !whitespace {
             return Ok(data);
         }
@@ -92,7 +106,8 @@ impl DataRules {
         if !fanfare_protocol::is_json(&data) {
             return Ok(data);
         }
-        self.check(data)
+        // `is_json` ran the grammar pass already.
+        self.check_parsed(data)
     }
 }
 
@@ -100,21 +115,10 @@ impl DataRules {
 /// need not be valid JSON (brackets inside strings are not counted).
 fn scan(data: &[u8]) -> (usize, bool) {
     let (mut depth, mut max, mut whitespace) = (0usize, 0usize, false);
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in data {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
+    let mut i = 0;
+    while i < data.len() {
+        match data[i] {
+            b'"' => i = string_end(data, i + 1),
             b'[' | b'{' => {
                 depth += 1;
                 max = max.max(depth);
@@ -123,35 +127,42 @@ fn scan(data: &[u8]) -> (usize, bool) {
             b' ' | b'\t' | b'\n' | b'\r' => whitespace = true,
             _ => {}
         }
+        i += 1;
     }
     (max, whitespace)
+}
+
+/// Index of the quote closing the string whose contents start at `from`
+/// (`data.len()` when unterminated). A plain loop: strings in typical
+/// documents are short, where `memchr` costs more than it saves.
+fn string_end(data: &[u8], mut i: usize) -> usize {
+    while i < data.len() {
+        match data[i] {
+            b'"' => return i,
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    data.len()
 }
 
 /// `data` without whitespace outside strings. For valid JSON the result is the
 /// same value; raw control characters cannot occur inside valid strings.
 fn compact(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len());
-    let mut in_string = false;
-    let mut escaped = false;
-    for &b in data {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            out.push(b);
-            continue;
-        }
-        match b {
-            b' ' | b'\t' | b'\n' | b'\r' => {}
+    let mut i = 0;
+    while i < data.len() {
+        match data[i] {
+            b' ' | b'\t' | b'\n' | b'\r' => i += 1,
             b'"' => {
-                in_string = true;
-                out.push(b);
+                let end = string_end(data, i + 1).min(data.len() - 1);
+                out.extend_from_slice(&data[i..=end]);
+                i = end + 1;
             }
-            _ => out.push(b),
+            b => {
+                out.push(b);
+                i += 1;
+            }
         }
     }
     out

@@ -24,13 +24,13 @@ pub use api::{ApiError, ApiLimits, ApiPublish};
 pub use auth::{AuthConfig, AuthError, Authenticator, ConnectClaims, SubscribeClaims};
 pub use broker::{
     Broker, BrokerError, BrokerHandler, HistoryPage, HistoryQuery, NodeInfo, PublishItem,
-    PublishOptions,
+    PublishOptions, Sweep,
 };
 pub use channel::{ChannelError, ChannelRules, Namespace};
 pub use coalesce::Coalescer;
 pub use hub::{FanOut, Hub};
 pub use ingress::{DataError, DataRules};
-pub use memory::MemoryBroker;
+pub use memory::{MemoryBroker, MemoryConfig};
 pub use node::{Node, NodeConfig};
 pub use outbox::{Control, Outbox};
 pub use session::{MAX_PUBLISHES_IN_FLIGHT, Session};

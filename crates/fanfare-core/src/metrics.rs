@@ -22,6 +22,8 @@ pub const COMMANDS: &str = "fanfare_commands_total";
 pub const CLUSTER_NODES: &str = "fanfare_cluster_nodes";
 pub const STREAM_GAPS: &str = "fanfare_stream_gaps_total";
 pub const BROKER_RECONNECTS: &str = "fanfare_broker_reconnects_total";
+pub const BROKER_CHANNELS: &str = "fanfare_broker_channels";
+pub const BROKER_CHANNELS_SWEPT: &str = "fanfare_broker_channels_swept_total";
 
 /// Cached handles for counters touched on every message.
 pub struct Hot {
@@ -96,6 +98,14 @@ pub fn describe() {
         "Channels whose subscribers were told to resubscribe because deliveries may have been lost."
     );
     describe_counter!(BROKER_RECONNECTS, "Broker connections re-established after a failure.");
+    describe_gauge!(
+        BROKER_CHANNELS,
+        "Channels whose history, presence or idempotency state the memory broker keeps in this process."
+    );
+    describe_counter!(
+        BROKER_CHANNELS_SWEPT,
+        "Channels whose state the memory broker freed (expired, nobody subscribed)."
+    );
     describe_gauge!(CLUSTER_NODES, "Nodes that announced themselves recently, this one included.");
     // Counters alerts use exist from the start, so a first increment is a change.
     for c in [BROKER_RECONNECTS, STREAM_GAPS, SLOW_CONSUMERS, PUBLICATIONS] {

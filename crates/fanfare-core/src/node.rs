@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use fanfare_protocol::{ClientInfo, DisconnectCode, Publication, PushBody, Reply, StreamPosition};
 
 use crate::auth::Authenticator;
-use crate::broker::{Broker, BrokerError, BrokerHandler, NodeInfo, PublishOptions};
+use crate::broker::{Broker, BrokerError, BrokerHandler, NodeInfo, PublishOptions, Sweep};
 use crate::channel::{ChannelRules, Namespace};
 use crate::control::ControlMessage;
 use crate::hub::{FanOut, Hub, PreparedPush, Subscriber};
@@ -518,6 +518,22 @@ impl Node {
             if let Ok(nodes) = broker.nodes().await {
                 ::metrics::gauge!(metrics::CLUSTER_NODES).set(nodes.len() as f64);
             }
+        }
+    }
+
+    /// Lets the broker free channel state nobody needs any more (see
+    /// [`Broker::sweep`]) every `period`, a bounded amount each time, until the
+    /// process ends, calling `after` with each result (the binary trims the
+    /// heap there); returns at once for a broker that keeps no such state.
+    pub async fn sweep_forever(self, period: Duration, mut after: impl FnMut(&Sweep) + Send) {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(sweep) = self.shared.broker.sweep() else { return };
+            ::metrics::counter!(metrics::BROKER_CHANNELS_SWEPT).increment(sweep.freed as u64);
+            ::metrics::gauge!(metrics::BROKER_CHANNELS).set(sweep.kept as f64);
+            after(&sweep);
         }
     }
 

@@ -149,7 +149,9 @@ impl Outbox {
             st.items = VecDeque::new();
             st.bytes = 0;
             drop(st);
-            // Counted where the connection ends (`Session::close`), once.
+            // Counted here, at the decision (the first close wins, so once per
+            // connection); the connection ends with this code (`Session::ended`).
+            crate::metrics::slow_consumer();
             self.wake();
             return None;
         }
@@ -167,12 +169,24 @@ impl Outbox {
     /// Asks the writer to close the connection with `code` once what is queued is
     /// written. The first close wins.
     pub fn close(&self, code: DisconnectCode) {
+        self.close_first(code);
+    }
+
+    /// Like [`Outbox::close`]; true when this call decided the close.
+    pub fn close_first(&self, code: DisconnectCode) -> bool {
         let mut st = self.lock();
-        if st.close.is_none() {
+        let first = st.close.is_none();
+        if first {
             st.close = Some(code);
         }
         drop(st);
         self.wake();
+        first
+    }
+
+    /// The close decided so far, if any.
+    pub fn close_code(&self) -> Option<DisconnectCode> {
+        self.lock().close
     }
 
     /// Queues a control request for the session's task.

@@ -155,6 +155,8 @@ pub struct Session {
     /// Publishes waiting for the broker (allocated on the first one that does
     /// not complete at once: idle connections carry none).
     publishing: Option<Box<Publishing>>,
+    /// The disconnect was counted ([`Session::ended`]).
+    end_counted: bool,
 }
 
 /// A connection's publishes: one batch at the broker, the next one forming.
@@ -275,6 +277,7 @@ impl Session {
             pong_deadline: None,
             presence_refresh: None,
             publishing: None,
+            end_counted: false,
         })
     }
 
@@ -867,10 +870,11 @@ impl Session {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
         // Protobuf clients may publish any bytes (JSON clients cannot receive
-        // those, see `Hub::fan_out`); JSON clients publish JSON.
+        // those, see `Hub::fan_out`); a JSON client's data is JSON, which the
+        // frame decoder parsed as one value already.
         let rules = &self.node.config().data_rules;
         let checked = match self.outbox.codec() {
-            Codec::Json => rules.check(data),
+            Codec::Json => rules.check_parsed(data),
             Codec::Protobuf => rules.check_opaque(data),
         };
         let data = match checked {
@@ -1077,18 +1081,30 @@ impl Session {
         }
     }
 
+    /// Records how the connection ends, as soon as the transport knows, and
+    /// returns the code to close with. A close already decided through the
+    /// outbox wins over how the socket failed afterwards: a slow consumer
+    /// whose peer then reset the connection still ends as 3008. The slow
+    /// consumer counter is bumped where 3008 is decided (queue overflow, write
+    /// timeout) and only there, so it always equals
+    /// `disconnects_total{reason="slow"}`. Counted once; later calls (and
+    /// [`Session::close`]) do not count again.
+    pub fn ended(&mut self, code: DisconnectCode) -> DisconnectCode {
+        let code = self.outbox.close_code().unwrap_or(code);
+        if !self.end_counted {
+            self.end_counted = true;
+            metrics::counter!(crate::metrics::DISCONNECTS, "reason" => code.label()).increment(1);
+        }
+        code
+    }
+
     /// Ends the session: leaves every channel and unregisters from the node.
     pub async fn close(mut self, code: DisconnectCode) {
+        let _ = self.ended(code);
         // The timer's entry for this outbox is dropped when its bucket is walked.
         self.outbox.set_armed_tick(0);
         self.close_subscriptions().await;
         self.node.unregister(self.id);
         self.outbox.release();
-        // The one place a disconnect is counted, so the slow-consumer counter
-        // and `disconnects_total{reason="slow"}` always agree.
-        metrics::counter!(crate::metrics::DISCONNECTS, "reason" => code.label()).increment(1);
-        if code == DisconnectCode::SLOW {
-            crate::metrics::slow_consumer();
-        }
     }
 }

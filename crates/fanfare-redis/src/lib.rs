@@ -542,7 +542,9 @@ impl Broker for RedisBroker {
         let mut complete = true;
         if let Some(since) = &query.since {
             if since.epoch != position.epoch || since.offset > top {
+                // Not a position of this stream: nothing follows it.
                 complete = false;
+                publications.clear();
             } else if since.offset < top && !query.reverse {
                 complete = publications.first().is_some_and(|p| p.offset == since.offset + 1);
             }

@@ -17,6 +17,7 @@ pub struct Settings {
     pub http: HttpSection,
     pub grpc: GrpcSection,
     pub broker: BrokerSection,
+    pub memory: MemorySection,
     pub redis: RedisSection,
     pub api: ApiSection,
     pub auth: AuthConfig,
@@ -99,6 +100,36 @@ pub enum BrokerKind {
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerSection {
     pub kind: BrokerKind,
+}
+
+/// The memory broker (`broker.kind = "memory"`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemorySection {
+    /// How long a channel's offset and epoch survive after its last
+    /// publication or its last local subscriber leaving (at least its history
+    /// TTL; kept while subscribed here).
+    #[serde(with = "humantime_serde")]
+    pub history_meta_ttl: Duration,
+    /// How often expired channel state is freed (a bounded number of
+    /// channels each time).
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for MemorySection {
+    fn default() -> Self {
+        Self {
+            history_meta_ttl: fanfare_core::MemoryConfig::default().history_meta_ttl,
+            sweep_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl MemorySection {
+    pub fn broker_config(&self) -> fanfare_core::MemoryConfig {
+        fanfare_core::MemoryConfig { history_meta_ttl: self.history_meta_ttl }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -365,6 +396,11 @@ impl Settings {
                 bail!("redis.urls: {u:?} must start with redis:// or rediss://");
             }
         }
+        if self.memory.sweep_interval < Duration::from_millis(10)
+            || self.memory.sweep_interval > Duration::from_secs(60)
+        {
+            bail!("memory.sweep_interval: must be between 10ms and 60s");
+        }
         if self.api.max_request_size < 1024 {
             bail!("api.max_request_size: must be at least 1024 bytes");
         }
@@ -527,5 +563,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("client.max_channels"), "{e}");
+    }
+
+    #[test]
+    fn memory_section_sets_the_broker_and_refuses_a_zero_sweep_interval() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("FANFARE__MEMORY__HISTORY_META_TTL", "2h"),
+                ("FANFARE__MEMORY__SWEEP_INTERVAL", "250ms"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.memory.broker_config().history_meta_ttl, Duration::from_secs(7200));
+        assert_eq!(s.memory.sweep_interval, Duration::from_millis(250));
+        let d = Settings::load_with_env(None, env(&[])).unwrap();
+        assert_eq!(d.memory.history_meta_ttl, Duration::from_secs(3600));
+        let e = Settings::load_with_env(None, env(&[("FANFARE__MEMORY__SWEEP_INTERVAL", "0s")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("memory.sweep_interval"), "{e}");
+    }
+
+    #[test]
+    fn the_example_config_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/fanfare.example.toml");
+        Settings::load_with_env(Some(&path), env(&[])).unwrap();
     }
 }

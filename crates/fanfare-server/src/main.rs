@@ -5,6 +5,7 @@ mod api_http;
 mod config;
 mod grpc;
 mod grpc_transport;
+mod heap;
 mod http;
 mod websocket;
 
@@ -152,7 +153,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     }
     let node_cfg = settings.node_config();
     let broker: Arc<dyn Broker> = match settings.broker.kind {
-        BrokerKind::Memory => Arc::new(MemoryBroker::new()),
+        BrokerKind::Memory => Arc::new(MemoryBroker::with_config(settings.memory.broker_config())),
         BrokerKind::Redis => Arc::new(
             RedisBroker::connect(settings.redis.broker_config())
                 .await
@@ -165,6 +166,9 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     };
     let node = Node::new(node_cfg.clone(), broker, auth, settings.channel_rules()?);
     tokio::spawn(node.clone().announce_forever(Duration::from_secs(5)));
+    tokio::spawn(
+        node.clone().sweep_forever(settings.memory.sweep_interval, heap::trim_after_sweeps()),
+    );
 
     let addr = settings.http_addr()?;
     let listener = listen(addr).with_context(|| format!("http.listen: cannot listen on {addr}"))?;

@@ -228,6 +228,12 @@ where
             }
         }
     };
+    // Decided and counted now (the goodbye below may wait a write timeout on
+    // a full socket); a close the outbox decided first wins.
+    let end = match end {
+        End::Close(code) => End::Close(session.ended(code)),
+        End::Gone(code) => End::Gone(session.ended(code)),
+    };
     let code = match end {
         End::Close(code) => {
             // Answer publishes still waiting for the broker (a drain must not
@@ -313,8 +319,12 @@ where
         }
         Ok(Err(_)) => Err(DisconnectCode::WRITE_ERROR),
         Err(_) => {
-            // The client stopped reading: the same failure as a queue overflow
-            // (counted once, when the session closes with it).
+            // The client stopped reading: the same failure as a queue overflow,
+            // counted if this decided the close (a second timeout while
+            // saying goodbye does not count again).
+            if outbox.close_first(DisconnectCode::SLOW) {
+                fanfare_core::metrics::slow_consumer();
+            }
             Err(DisconnectCode::SLOW)
         }
     }

@@ -358,3 +358,9 @@ history_ttl = "1s"
     assert_eq!(sub["recovered"], true, "{sub}");
     assert!(sub.get("publications").is_none(), "{sub}");
 }
+
+#[tokio::test]
+async fn history_since_beyond_the_top_is_empty_with_the_current_position() {
+    let server = Server::start(HISTORY_NS);
+    common::assert_history_past_the_top_is_empty(&server, "h:ahead").await;
+}

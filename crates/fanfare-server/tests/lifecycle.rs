@@ -345,5 +345,9 @@ allow_publish = true
         common::ReadEnd::Closed(3008, _) | common::ReadEnd::Broken(_) => {}
         other => panic!("expected the connection to be dropped, got {other:?} after {n}"),
     }
+    // One slow close, counted once by both series (the write timed out, and
+    // so did the goodbye after it: that used to count twice).
+    assert_eq!(metric(server.port, "fanfare_slow_consumer_disconnects_total"), 1.0);
+    assert_eq!(metric(server.port, r#"fanfare_disconnects_total{reason="slow"}"#), 1.0);
     assert_survived(&server, &mut bystander).await;
 }

@@ -344,3 +344,34 @@ async fn write_delay_groups_publications_into_one_write() {
     b.assert_silent(Duration::from_millis(1500)).await;
     assert_healthy(&server).await;
 }
+
+/// The memory broker expires presence entries after `client.presence_ttl`
+/// (so a lost removal cannot keep one forever): a client that stays refreshes
+/// its entry, one that leaves is gone.
+#[tokio::test]
+async fn presence_outlives_its_ttl_while_the_client_stays() {
+    let server = Server::start(&format!(
+        r#"
+[auth]
+hmac_secret = "{SECRET}"
+
+[client]
+presence_ttl = "2s"
+
+[[namespaces]]
+name = "room"
+presence = true
+"#
+    ));
+    let mut x = server.connected("x").await;
+    x.subscribe_ok("room:long", json!({})).await;
+    let mut y = server.connected("y").await;
+    y.subscribe_ok("room:long", json!({})).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let s = x.presence_stats("room:long").await;
+    assert_eq!(s["presence_stats"], json!({"num_clients": 2, "num_users": 2}), "{s}");
+    y.close().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = x.presence_stats("room:long").await;
+    assert_eq!(s["presence_stats"], json!({"num_clients": 1, "num_users": 1}), "{s}");
+}

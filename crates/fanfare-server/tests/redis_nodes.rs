@@ -434,7 +434,15 @@ async fn pipelined_publishes_keep_client_order_and_later_commands_see_them() {
     p.send_json(&json!({"id": hid, "history": {"channel": ch, "limit": -1}})).await;
 
     let history = p.reply(hid).await;
-    let pubs = history["history"]["publications"].as_array().cloned().unwrap_or_default();
+    // The history reply sees every publish before it (its top is N) and
+    // carries at most client.history_max_publication_limit (300) of them;
+    // the rest is read from there on with `since`.
+    assert_eq!(history["history"]["offset"], N, "{history}");
+    let mut pubs = history["history"]["publications"].as_array().cloned().unwrap_or_default();
+    assert_eq!(pubs.len(), 300);
+    let epoch = history["history"]["epoch"].clone();
+    let rest = p.history(ch, json!({"limit": -1, "since": {"offset": 300, "epoch": epoch}})).await;
+    pubs.extend(rest["history"]["publications"].as_array().cloned().unwrap_or_default());
     let seqs: Vec<u64> = pubs.iter().map(|x| x["data"]["seq"].as_u64().unwrap_or(0)).collect();
     assert_eq!(seqs, (1..=N).collect::<Vec<u64>>(), "history after the publishes");
     for id in ids {
@@ -449,4 +457,11 @@ async fn pipelined_publishes_keep_client_order_and_later_commands_see_them() {
     for n in &nodes {
         assert_healthy(n).await;
     }
+}
+
+#[tokio::test]
+async fn history_since_beyond_the_top_is_empty_with_the_current_position() {
+    let redis = RedisServer::start();
+    let nodes = start_nodes(1, &[redis.url()], false, &namespaces());
+    common::assert_history_past_the_top_is_empty(&nodes[0], "ahead").await;
 }

@@ -138,8 +138,12 @@ Milliseconds of a duration string as the configuration writes them ("250ms",
 {{/* The configuration: values.config plus the keys the chart manages. */}}
 {{- define "fanfare.effectiveConfig" -}}
 {{- $cfg := deepCopy (default dict .Values.config) }}
-{{- $_ := set $cfg "http" (dict "listen" (printf "%s:%d" .Values.bindAddress (int .Values.ports.http))) }}
-{{- $_ := set $cfg "grpc" (dict "listen" (printf "%s:%d" .Values.bindAddress (int .Values.ports.grpc))) }}
+{{- $http := default dict (get $cfg "http") }}
+{{- $_ := set $http "listen" (printf "%s:%d" .Values.bindAddress (int .Values.ports.http)) }}
+{{- $_ := set $cfg "http" $http }}
+{{- $grpc := default dict (get $cfg "grpc") }}
+{{- $_ := set $grpc "listen" (printf "%s:%d" .Values.bindAddress (int .Values.ports.grpc)) }}
+{{- $_ := set $cfg "grpc" $grpc }}
 {{- $redis := default dict (get $cfg "redis") }}
 {{- if eq .Values.redis.mode "none" }}
 {{- $_ := set $cfg "broker" (dict "kind" "memory") }}

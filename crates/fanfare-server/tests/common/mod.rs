@@ -27,6 +27,23 @@ use tokio_tungstenite::tungstenite::{self, Message};
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_fanfare");
 
+/// The binary [`Server`] starts: `FANFARE_TEST_BIN` when set (e.g. a release
+/// build for measurements), else [`BIN`].
+pub fn server_bin() -> String {
+    std::env::var("FANFARE_TEST_BIN").unwrap_or_else(|_| BIN.to_string())
+}
+
+/// Resident set size of process `pid` in bytes (`VmRSS` in /proc/<pid>/status).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status");
+    kb * 1024
+}
+
 /// HMAC secret used by tests that enable token auth.
 pub const SECRET: &str = "integration-test-secret";
 
@@ -179,7 +196,7 @@ impl Server {
         std::fs::write(&config_path, config).expect("writing the config");
         let log_path = dir.path().join("fanfare.log");
         let log = std::fs::File::create(&log_path).expect("creating the log file");
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(server_bin());
         cmd.arg("--config")
             .arg(&config_path)
             .env_remove("FANFARE_CONFIG")
@@ -697,4 +714,46 @@ impl Bystander {
 pub async fn assert_survived(server: &Server, bystander: &mut Bystander) {
     bystander.check().await;
     assert_healthy(server).await;
+}
+
+/// Publishes three publications into `channel` (history on, client publishing
+/// allowed) and checks that a position beyond the stream's top in its current
+/// epoch is answered with no publications and the current position: by
+/// `POST /api/history` (forward and reverse), and by a recovering subscribe,
+/// which is not recovered (a client cannot be ahead of the stream).
+pub async fn assert_history_past_the_top_is_empty(server: &Server, channel: &str) {
+    let mut p = server.connected("past-top-publisher").await;
+    for n in 1..=3 {
+        let r = p.publish(channel, json!({"n": n})).await;
+        assert!(r.get("publish").is_some(), "{r}");
+    }
+    let history = |body: Value| {
+        let r = api::http_api_with(server, "history", &[], &body);
+        assert_eq!(r.status, 200, "{body}: {:?}", String::from_utf8_lossy(&r.body));
+        r.json()
+    };
+    let r = history(json!({"channel": channel}));
+    let epoch = r["epoch"].as_str().expect("epoch").to_string();
+    assert_eq!(r["offset"], 3, "{r}");
+    for reverse in [false, true] {
+        let r = history(json!({
+            "channel": channel, "limit": -1, "since_offset": 999_999, "epoch": epoch,
+            "reverse": reverse,
+        }));
+        assert_eq!(r["publications"], json!([]), "reverse {reverse}: {r}");
+        assert_eq!((r["offset"].as_u64(), r["epoch"].as_str()), (Some(3), Some(epoch.as_str())));
+    }
+    let mut c = server.connected("past-top-reader").await;
+    let sub =
+        c.subscribe_ok(channel, json!({"recover": true, "epoch": epoch, "offset": 999_999})).await;
+    assert!(sub.get("recovered").is_none() || sub["recovered"] == false, "{sub}");
+    assert_eq!(sub["was_recovering"], true, "{sub}");
+    assert!(sub.get("publications").is_none(), "{sub}");
+    assert_eq!((sub["offset"].as_u64(), sub["epoch"].as_str()), (Some(3), Some(epoch.as_str())));
+    // Still live from the current position.
+    p.publish(channel, json!({"n": 4})).await;
+    let push = c.recv_push().await;
+    assert_eq!(push["push"]["pub"]["offset"], 4, "{push}");
+    p.close().await;
+    c.close().await;
 }
