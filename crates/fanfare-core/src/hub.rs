@@ -330,7 +330,8 @@ mod tests {
         let hub = Hub::new();
         let json = Arc::new(Outbox::new(Codec::Json, 1 << 20));
         let proto = Arc::new(Outbox::new(Codec::Protobuf, 1 << 20));
-        for (id, o) in [(1, &json), (2, &proto)] {
+        let proto2 = Arc::new(Outbox::new(Codec::Protobuf, 1 << 20));
+        for (id, o) in [(1, &json), (2, &proto), (3, &proto2)] {
             let sub = Arc::new(Subscriber::new(o.clone()));
             hub.subscribe("c", id, sub.clone());
             sub.go_live(0);
@@ -339,10 +340,13 @@ mod tests {
         let p = Publication { data: data.clone(), offset: 1, ..Default::default() };
         assert_eq!(
             hub.fan_out("c", &PreparedPush::new(Reply::push("c", PushBody::Pub(p)), 1)),
-            FanOut::Delivered(2)
+            FanOut::Delivered(3)
         );
         let mut v = Vec::new();
         assert_eq!(proto.drain(&mut v), None);
+        let mut v2 = Vec::new();
+        proto2.drain(&mut v2);
+        assert_eq!(v[0].as_ptr(), v2[0].as_ptr(), "encoded once, shared by both subscribers");
         let mut buf = &v[0][..];
         let reply =
             <fanfare_protocol::pb::Reply as prost::Message>::decode_length_delimited(&mut buf)
