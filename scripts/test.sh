@@ -44,7 +44,7 @@ FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run.sh
 step "Go SDK end-to-end (centrifuge-go NewProtobufClient and NewJsonClient)"
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/go/run.sh
 
-step "Redis chaos (npm centrifuge: Redis killed and restarted, a node SIGKILLed)"
+step "Redis chaos (npm centrifuge: Redis killed and restarted, a node SIGKILLed, Redis Cluster master failovers)"
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run-redis.sh
 
 step "control API and centrifuge-python SDK from Python (grpcio stubs generated from proto/ at test time, HTTP, WebSocket, JSON and Protobuf SDK clients; 3 nodes on Redis)"

@@ -39,6 +39,13 @@ allow_subscribe = true
 history_size = 100
 history_ttl = "300s"
 presence = true
+
+[[namespaces]]
+name = "forced"
+allow_publish = true
+history_size = 100
+history_ttl = "300s"
+force_recovery = true
 `;
 }
 
@@ -524,5 +531,37 @@ e2e('I5: recovery after 30 x 40 KB publications ends in recovered: false, histor
   assert.equal(small.publications.length, 5);
   await sleep(300);
   assert.ok(!c.closeEvents.some((e) => e.code === 3008), `closed as slow: ${JSON.stringify(c.closeEvents)}`);
+  assert.equal(c.state, 'connected');
+});
+
+// ---------------------------------------------------------------------------
+// Tests N: namespace options the SDK's behaviour depends on (issue 14).
+// ---------------------------------------------------------------------------
+
+e2e('N1: a subscription created without recoverable recovers missed publications on a force_recovery namespace', async (env) => {
+  const c = env.client('plain');
+  await env.connect(c);
+  const sub = env.subscription(c, 'forced:room'); // no `recoverable` option
+  const pubs = new PubCollector(sub);
+  const first = await env.subscribe(sub);
+  assert.equal(first.recoverable, true, JSON.stringify(first));
+  c.disconnect();
+  for (let n = 1; n <= 5; n++) {
+    const r = await apiPost('publish', JSON.stringify({ channel: 'forced:room', data: { n } }));
+    assert.equal(r.status, 200, r.text);
+  }
+  const again = waitEvent(sub, 'subscribed', 'the resubscribe');
+  c.connect();
+  const ctx = await again;
+  assert.equal(ctx.wasRecovering, true, JSON.stringify(ctx));
+  assert.equal(ctx.recovered, true, JSON.stringify(ctx));
+  await pubs.waitCount(5, 'the recovered publications');
+  assert.deepEqual(pubs.data(), [1, 2, 3, 4, 5].map((n) => ({ n })));
+});
+
+e2e('N2: an RPC without a handler is answered 108 not available and the connection stays', async (env) => {
+  const c = env.client('rpc');
+  await env.connect(c);
+  await assert.rejects(withTimeout(c.rpc('sum', { a: 1 }), WAIT_MS, 'rpc'), (e) => e.code === 108);
   assert.equal(c.state, 'connected');
 });

@@ -25,6 +25,29 @@ pub struct Namespace {
     pub history_ttl: Duration,
     /// Subscribing always needs a subscription token.
     pub private: bool,
+    /// Every subscription is recoverable (the reply says so and carries the
+    /// stream position), whether or not the client asked: a centrifuge-js
+    /// subscription created without `recoverable` then recovers missed
+    /// publications on resubscribe. Needs history.
+    pub force_recovery: bool,
+    /// Every subscription is positioned (the reply carries the stream
+    /// position). Needs history.
+    pub force_positioning: bool,
+    /// Subscribers of a channel may publish into it (`allow_publish` lets any
+    /// client publish, subscribed or not).
+    pub allow_publish_for_subscriber: bool,
+    /// Subscribers may read the channel's history (when history is on).
+    pub allow_history_for_subscriber: bool,
+    /// Any connected client may read history, subscribed or not.
+    pub allow_history_for_client: bool,
+    /// Anonymous connections may read history (in addition to one of the above).
+    pub allow_history_for_anonymous: bool,
+    /// Subscribers may read presence (when presence is on).
+    pub allow_presence_for_subscriber: bool,
+    /// Any connected client may read presence, subscribed or not.
+    pub allow_presence_for_client: bool,
+    /// Anonymous connections may read presence (in addition to one of the above).
+    pub allow_presence_for_anonymous: bool,
 }
 
 impl Default for Namespace {
@@ -38,6 +61,17 @@ impl Default for Namespace {
             history_size: 0,
             history_ttl: Duration::ZERO,
             private: false,
+            force_recovery: false,
+            force_positioning: false,
+            allow_publish_for_subscriber: false,
+            // fanfare let subscribers read history and presence from the
+            // start; Centrifugo defaults these to false.
+            allow_history_for_subscriber: true,
+            allow_history_for_client: false,
+            allow_history_for_anonymous: true,
+            allow_presence_for_subscriber: true,
+            allow_presence_for_client: false,
+            allow_presence_for_anonymous: true,
         }
     }
 }
@@ -45,6 +79,25 @@ impl Default for Namespace {
 impl Namespace {
     pub fn history_enabled(&self) -> bool {
         self.history_size > 0 && !self.history_ttl.is_zero()
+    }
+
+    /// Whether a client may read history (`presence` false) or presence
+    /// (`presence` true) of a channel here.
+    pub fn may_read(&self, presence: bool, subscribed: bool, anonymous: bool) -> bool {
+        let (subscriber, client, anon) = if presence {
+            (
+                self.allow_presence_for_subscriber,
+                self.allow_presence_for_client,
+                self.allow_presence_for_anonymous,
+            )
+        } else {
+            (
+                self.allow_history_for_subscriber,
+                self.allow_history_for_client,
+                self.allow_history_for_anonymous,
+            )
+        };
+        (client || (subscriber && subscribed)) && (anon || !anonymous)
     }
 }
 
@@ -73,6 +126,13 @@ impl ChannelRules {
         let mut default = Namespace::default();
         let mut named: Vec<Namespace> = Vec::new();
         for ns in namespaces {
+            if (ns.force_recovery || ns.force_positioning) && !ns.history_enabled() {
+                return Err(format!(
+                    "namespaces: {:?}: force_recovery and force_positioning need history \
+                     (history_size and history_ttl)",
+                    ns.name
+                ));
+            }
             if ns.name.is_empty() {
                 default = ns;
                 continue;

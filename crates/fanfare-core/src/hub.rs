@@ -70,6 +70,13 @@ impl Subscriber {
         }
     }
 
+    /// Whether this live subscriber, told the stream position `p > 0`,
+    /// would miss offsets between it and `offset`.
+    fn missed_before(&self, offset: u64) -> bool {
+        let after = self.live_after.load(Ordering::Acquire);
+        after != SYNCING && after > 0 && offset > after + 1
+    }
+
     /// Ends syncing: queues held pushes newer than `after_offset` (pushes
     /// without an offset always pass) and delivers directly from now on, still
     /// skipping offsets up to `after_offset`.
@@ -217,6 +224,14 @@ impl Hub {
             if prev != 0 && push.offset != prev + 1 {
                 return FanOut::Gap;
             }
+            // The first push since the channel's entry was (re)created, e.g.
+            // after an eviction: it must follow the position each live
+            // subscriber was given, or publications in between were lost
+            // (a resubscribe whose broker subscription landed late).
+            // Subscribers given no position (0) cannot tell.
+            if prev == 0 && entry.subs.values().any(|s| s.missed_before(push.offset)) {
+                return FanOut::Gap;
+            }
         }
         for sub in entry.subs.values() {
             match push.get(sub.outbox.codec()) {
@@ -355,6 +370,29 @@ mod tests {
         let mut v = Vec::new();
         assert_eq!(json.drain(&mut v), Some(DisconnectCode::INAPPROPRIATE_PROTOCOL));
         assert!(v.is_empty(), "nothing a JSON client could not parse is queued");
+    }
+
+    #[test]
+    fn a_jump_right_after_an_eviction_is_a_gap_not_a_new_start() {
+        let hub = Hub::new();
+        let outbox = Arc::new(Outbox::new(Codec::Json, 1 << 20));
+        let sub = Arc::new(Subscriber::new(outbox.clone()));
+        hub.subscribe("c", 1, sub.clone());
+        sub.go_live(4);
+        assert_eq!(hub.fan_out("c", &push(5)), FanOut::Delivered(1));
+        assert_eq!(hub.evict("c", 2500, "insufficient state"), 1);
+        // The SDK resubscribes and is told position 10; the broker's first
+        // delivery since is 13: 11 and 12 never reached this node.
+        let again = Arc::new(Subscriber::new(outbox.clone()));
+        hub.subscribe("c", 1, again.clone());
+        again.go_live(10);
+        assert_eq!(hub.fan_out("c", &push(13)), FanOut::Gap);
+        // Whereas the next offset after the position is a normal start.
+        hub.evict("c", 2500, "insufficient state");
+        let third = Arc::new(Subscriber::new(outbox.clone()));
+        hub.subscribe("c", 1, third.clone());
+        third.go_live(12);
+        assert_eq!(hub.fan_out("c", &push(13)), FanOut::Delivered(1));
     }
 }
 

@@ -157,6 +157,10 @@ pub struct Session {
     publishing: Option<Box<Publishing>>,
     /// The disconnect was counted ([`Session::ended`]).
     end_counted: bool,
+    /// A unidirectional transport: the client only receives, so pings expect
+    /// no pong, and channels of the connect request's `subs` are joined
+    /// server-side (where the namespace lets anyone subscribe).
+    unidirectional: bool,
 }
 
 /// A connection's publishes: one batch at the broker, the next one forming.
@@ -278,7 +282,15 @@ impl Session {
             presence_refresh: None,
             publishing: None,
             end_counted: false,
+            unidirectional: false,
         })
+    }
+
+    /// A session of a unidirectional transport (see `unidirectional`).
+    pub fn new_unidirectional(node: Node, codec: Codec) -> Option<Self> {
+        let mut s = Self::new(node, codec)?;
+        s.unidirectional = true;
+        Some(s)
     }
 
     pub fn outbox(&self) -> &Arc<Outbox> {
@@ -361,7 +373,7 @@ impl Session {
         }
         if now >= self.next_ping {
             self.outbox.push(ping_frame(self.outbox.codec()));
-            if self.pong_deadline.is_none() {
+            if self.pong_deadline.is_none() && !self.unidirectional {
                 self.pong_deadline = Some(now + self.node.config().pong_timeout);
             }
             self.next_ping = now + self.node.config().ping_interval;
@@ -545,7 +557,8 @@ impl Session {
             }
             Request::Empty => Err(Fail::Error(ErrorCode::METHOD_NOT_FOUND)),
             Request::Send { .. } => return Ok(()),
-            Request::Rpc { .. } => Err(Fail::Error(ErrorCode::METHOD_NOT_FOUND)),
+            // No RPC handler (proxy) is configured: 108, as Centrifugo answers.
+            Request::Rpc { .. } => Err(Fail::Error(ErrorCode::NOT_AVAILABLE)),
             Request::Ping => Ok(Some(ReplyBody::Ping)),
             Request::Subscribe(req) => self.subscribe(id, req).await,
             Request::Unsubscribe { channel } => self.unsubscribe(&channel).await,
@@ -598,6 +611,26 @@ impl Session {
                 }
             }
         };
+        // A unidirectional client cannot subscribe by itself: the channels it
+        // names in `subs` are joined for it, with the permission a subscribe
+        // command without token would need.
+        let mut requested = Vec::new();
+        if self.unidirectional {
+            if req.subs.len() > self.node.config().max_channels {
+                return Err(ErrorCode::LIMIT_EXCEEDED.into());
+            }
+            for (channel, _) in &req.subs {
+                let open = self
+                    .node
+                    .rules()
+                    .namespace(channel)
+                    .is_ok_and(|ns| ns.allow_subscribe && !ns.private);
+                if !open || channel.starts_with('#') {
+                    return Err(ErrorCode::PERMISSION_DENIED.into());
+                }
+                requested.push(channel.clone());
+            }
+        }
         // A version 4 UUID from the thread's ChaCha generator (seeded from the
         // OS): `Uuid::new_v4` asks the kernel (getrandom) on every connect.
         let client: Arc<str> =
@@ -617,6 +650,11 @@ impl Session {
             server_channels.push(personal_channel(&user));
         }
         server_channels.extend(channels);
+        for channel in requested {
+            if !server_channels.contains(&channel) {
+                server_channels.push(channel);
+            }
+        }
         let mut subs = Vec::new();
         let mut live = Vec::new();
         let mut recovered_size = 0;
@@ -629,12 +667,18 @@ impl Session {
                 continue;
             }
             let wanted = req.subs.iter().find(|(c, _)| *c == channel).map(|(_, s)| s.clone());
-            let sub_req = wanted.unwrap_or_else(|| SubscribeRequest {
+            let mut sub_req = wanted.unwrap_or_else(|| SubscribeRequest {
                 channel: channel.clone(),
                 recoverable: true,
                 positioned: true,
                 ..Default::default()
             });
+            if self.unidirectional {
+                // Server-side, so recoverable as token channels are: the
+                // transport resumes from positions it hands out (SSE ids).
+                sub_req.recoverable = true;
+                sub_req.positioned = true;
+            }
             match self.join_channel(&channel, &sub_req, &ns, Bytes::new(), None, true).await {
                 Ok((mut result, subscriber)) => {
                     // Recovered lists of all server-side channels share one
@@ -665,7 +709,7 @@ impl Session {
             data: Bytes::new(),
             subs,
             ping: cfg.ping_interval.as_secs() as u32,
-            pong: true,
+            pong: !self.unidirectional,
             node: String::new(),
         };
         self.send(Reply::new(id, ReplyBody::Connect(Box::new(result))));
@@ -697,6 +741,17 @@ impl Session {
             .await
             .map_err(|_| Fail::Error(ErrorCode::INTERNAL))?;
         let mut result = SubscribeResult::default();
+        // The namespace may make every subscription recoverable / positioned.
+        let forced;
+        let req = if ns.force_recovery || ns.force_positioning {
+            let mut r = req.clone();
+            r.recoverable |= ns.force_recovery;
+            r.positioned |= ns.force_positioning;
+            forced = r;
+            &forced
+        } else {
+            req
+        };
         if ns.history_enabled() && (req.recover || req.recoverable || req.positioned) {
             let query = if req.recover {
                 HistoryQuery {
@@ -866,7 +921,10 @@ impl Session {
         if data.is_empty() {
             return Err(ErrorCode::BAD_REQUEST.into());
         }
-        if !ns.allow_publish || channel.starts_with('#') {
+        let subscribed = self.connected().subs.contains_key(channel.as_str());
+        if !(ns.allow_publish || (ns.allow_publish_for_subscriber && subscribed))
+            || channel.starts_with('#')
+        {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
         // Protobuf clients may publish any bytes (JSON clients cannot receive
@@ -965,33 +1023,37 @@ impl Session {
         Ok(())
     }
 
-    /// Checks that a subscribed client may read `feature` data of `channel`.
-    fn readable(&self, channel: &str, enabled: impl Fn(&Namespace) -> bool) -> Result<(), Fail> {
+    /// Checks that this client may read presence (`presence` true) or history
+    /// of `channel`: the feature is on (else 108) and the namespace's per-role
+    /// permissions allow it (else 103).
+    fn readable(&self, channel: &str, presence: bool) -> Result<(), Fail> {
         let ns = self.node.rules().namespace(channel)?;
-        if !enabled(ns) {
+        let enabled = if presence { ns.presence } else { ns.history_enabled() };
+        if !enabled {
             return Err(ErrorCode::NOT_AVAILABLE.into());
         }
-        if !self.connected().subs.contains_key(channel) {
+        let conn = self.connected();
+        if !ns.may_read(presence, conn.subs.contains_key(channel), conn.info.user.is_empty()) {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
         Ok(())
     }
 
     async fn presence(&self, channel: &str) -> Result<Option<ReplyBody>, Fail> {
-        self.readable(channel, |ns| ns.presence)?;
+        self.readable(channel, true)?;
         let map = self.node.broker().presence(channel).await.map_err(|_| ErrorCode::INTERNAL)?;
         Ok(Some(ReplyBody::Presence(map)))
     }
 
     async fn presence_stats(&self, channel: &str) -> Result<Option<ReplyBody>, Fail> {
-        self.readable(channel, |ns| ns.presence)?;
+        self.readable(channel, true)?;
         let (num_clients, num_users) =
             self.node.broker().presence_stats(channel).await.map_err(|_| ErrorCode::INTERNAL)?;
         Ok(Some(ReplyBody::PresenceStats { num_clients, num_users }))
     }
 
     async fn history(&self, req: HistoryRequest) -> Result<Option<ReplyBody>, Fail> {
-        self.readable(&req.channel, |ns| ns.history_enabled())?;
+        self.readable(&req.channel, false)?;
         // At most `history_max_publications` (also for "everything", -1).
         let max = self.node.config().history_max_publications;
         let limit = match req.limit {
@@ -1090,6 +1152,8 @@ impl Session {
     /// `disconnects_total{reason="slow"}`. Counted once; later calls (and
     /// [`Session::close`]) do not count again.
     pub fn ended(&mut self, code: DisconnectCode) -> DisconnectCode {
+        // Sticky from here on: a control arriving now cannot change it.
+        self.outbox.close_first(code);
         let code = self.outbox.close_code().unwrap_or(code);
         if !self.end_counted {
             self.end_counted = true;

@@ -17,6 +17,10 @@
 //!   unhealthy (`/ready` 503), reconnects with backoff, resubscribes every live
 //!   channel and tells the node each channel may have a gap, so subscribers are
 //!   asked to resubscribe with recovery.
+//! - **Redis Cluster failovers.** A dead master, a moved slot (sunsubscribe
+//!   push) or changed slot owners (checked every second) make the broker
+//!   rebuild its pub/sub connection on the topology every reachable node
+//!   agrees on, with the same resubscribe-and-gap handling.
 
 mod conn;
 mod scripts;
@@ -36,7 +40,7 @@ use fanfare_core::broker::{
 use fanfare_protocol::{ClientInfo, Publication, StreamPosition};
 use redis::{AsyncCommands, Script, Value};
 
-use crate::conn::{CmdConn, PubSubTarget};
+use crate::conn::{CmdConn, PubSubTarget, SharedCmd};
 use crate::subscriptions::{Manager, SubRequest};
 
 /// Redis settings (`redis.*`).
@@ -82,7 +86,7 @@ type HandlerCell = Arc<OnceLock<Arc<dyn BrokerHandler>>>;
 
 /// One Redis (or the whole cluster) with its connections and subscription manager.
 struct Shard {
-    cmd: CmdConn,
+    cmd: SharedCmd,
     requests: tokio::sync::mpsc::UnboundedSender<SubRequest>,
     health: Arc<subscriptions::Health>,
 }
@@ -94,6 +98,8 @@ pub struct RedisBroker {
     cluster: bool,
     handler: HandlerCell,
     meta_ttl: Duration,
+    /// `scripts::PUBLISH` as sent (see [`script_text`]).
+    publish_script: String,
     history_script: Script,
     presence_add_script: Script,
     presence_get_script: Script,
@@ -136,6 +142,18 @@ impl Names {
     fn nodes(&self) -> String {
         format!("{}.nodes", self.prefix)
     }
+}
+
+/// A script's text as sent. In a cluster it starts with a `#!lua` shebang
+/// (Redis 7, which sharded pub/sub needs anyway): a script with a shebang and
+/// without the `no-writes` flag counts as a write command, so a replica
+/// answers MOVED to its master. redis-rs sends READONLY on every cluster
+/// connection, and a script without the shebang counts as a read: after a
+/// manual failover the old master (now a replica) would run our publish
+/// script and fail it with READONLY, which redis-rs neither retries nor takes
+/// as a sign to refresh its slot map, so the channel would stay unpublishable.
+fn script_text(script: &str, cluster: bool) -> String {
+    if cluster { format!("#!lua{script}") } else { script.to_string() }
 }
 
 fn unavailable(e: redis::RedisError) -> BrokerError {
@@ -211,9 +229,10 @@ impl RedisBroker {
             cluster: cfg.cluster,
             handler,
             meta_ttl: cfg.history_meta_ttl,
-            history_script: Script::new(scripts::HISTORY),
-            presence_add_script: Script::new(scripts::PRESENCE_ADD),
-            presence_get_script: Script::new(scripts::PRESENCE_GET),
+            publish_script: script_text(scripts::PUBLISH, cfg.cluster),
+            history_script: Script::new(&script_text(scripts::HISTORY, cfg.cluster)),
+            presence_add_script: Script::new(&script_text(scripts::PRESENCE_ADD, cfg.cluster)),
+            presence_get_script: Script::new(&script_text(scripts::PRESENCE_GET, cfg.cluster)),
         })
     }
 
@@ -226,13 +245,21 @@ impl RedisBroker {
         control: bool,
     ) -> Result<Shard, StartError> {
         let (push_tx, push_rx) = tokio::sync::mpsc::unbounded_channel();
+        let cmd = SharedCmd::new(cmd);
+        let target_addrs: Vec<String> = target.urls().iter().map(|u| conn::url_addr(u)).collect();
         let unreachable = |source| StartError::Unreachable { url: target.describe(), source };
-        let mut pubsub = target.connect(push_tx.clone()).await.map_err(unreachable)?;
+        let mut pubsub = target.connect(push_tx.clone(), &[]).await.map_err(unreachable)?;
         let always: Vec<String> = if control { vec![names.control()] } else { Vec::new() };
         pubsub.subscribe(&always).await.map_err(unreachable)?;
         let health = Arc::new(subscriptions::Health::new(target.describe()));
         let (req_tx, req_rx) = tokio::sync::mpsc::unbounded_channel();
-        subscriptions::spawn_delivery(push_rx, names.clone(), handler.clone(), health.clone());
+        subscriptions::spawn_delivery(
+            push_rx,
+            names.clone(),
+            handler.clone(),
+            health.clone(),
+            req_tx.downgrade(),
+        );
         let manager = Manager {
             target,
             conn: pubsub,
@@ -245,6 +272,8 @@ impl RedisBroker {
             live: Default::default(),
             leaving: Default::default(),
             always,
+            owners: None,
+            known: target_addrs,
         };
         tokio::spawn(manager.run(req_rx));
         Ok(Shard { cmd, requests: req_tx, health })
@@ -262,7 +291,7 @@ impl RedisBroker {
     }
 
     fn cmd(&self, channel: &str) -> CmdConn {
-        self.shard(channel).cmd.clone()
+        self.shard(channel).cmd.get()
     }
 
     fn publish_command(&self) -> &'static str {
@@ -315,7 +344,7 @@ impl RedisBroker {
         // later. Redis caches the compiled script by its hash, so the cost is
         // ~1 KB more per publish on the wire.
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(scripts::PUBLISH)
+        cmd.arg(&self.publish_script)
             .arg(3)
             .arg(self.names.stream(channel))
             .arg(self.names.meta(channel))
@@ -619,7 +648,7 @@ impl Broker for RedisBroker {
     }
 
     async fn publish_control(&self, message: bytes::Bytes) -> Result<(), BrokerError> {
-        let mut conn = self.shards[0].cmd.clone();
+        let mut conn = self.shards[0].cmd.get();
         redis::cmd(&self.publish_command().to_uppercase())
             .arg(self.names.control())
             .arg(message.as_ref())
@@ -629,7 +658,7 @@ impl Broker for RedisBroker {
     }
 
     async fn announce(&self, info: &NodeInfo, ttl: Duration) -> Result<(), BrokerError> {
-        let mut conn = self.shards[0].cmd.clone();
+        let mut conn = self.shards[0].cmd.get();
         let json = serde_json::to_string(info).map_err(|e| BrokerError::Internal(e.to_string()))?;
         let key = self.names.nodes();
         let _: () = conn.hset(&key, &info.uid, json).await.map_err(unavailable)?;
@@ -640,7 +669,7 @@ impl Broker for RedisBroker {
     }
 
     async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
-        let mut conn = self.shards[0].cmd.clone();
+        let mut conn = self.shards[0].cmd.get();
         let key = self.names.nodes();
         let all: BTreeMap<String, String> = conn.hgetall(&key).await.map_err(unavailable)?;
         let now = unix_ms();

@@ -9,12 +9,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fanfare_core::broker::BrokerError;
-use redis::{PushInfo, PushKind, Value};
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use redis::{PushKind, Value};
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, WeakUnboundedSender};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::conn::{CmdConn, PubSubConn, PubSubTarget};
+use crate::conn::{self, ClusterView, PubSubConn, PubSubTarget, Push, SharedCmd};
 use crate::wire::{self, Event};
 use crate::{HandlerCell, Names};
 
@@ -25,6 +25,10 @@ pub enum SubRequest {
     /// The node's last local subscriber left; unsubscribe after the delay unless
     /// a subscriber came back.
     Unsubscribe(String),
+    /// Redis ended our subscription to this pub/sub name without being asked
+    /// (a sunsubscribe push: its slot moved to another master, e.g. after a
+    /// manual `CLUSTER FAILOVER`), on the connection of this generation.
+    Dropped(u64, String),
 }
 
 /// Whether the pub/sub connection is live; shared with `/ready`.
@@ -51,15 +55,16 @@ impl Health {
 /// Reads pushes and hands publications to the node. Runs for the broker's life;
 /// reconnected connections reuse the same push channel.
 pub fn spawn_delivery(
-    mut rx: UnboundedReceiver<PushInfo>,
+    mut rx: UnboundedReceiver<Push>,
     names: Names,
     handler: HandlerCell,
     health: Arc<Health>,
+    manager: WeakUnboundedSender<SubRequest>,
 ) {
     let control = names.control();
     let delivery_lag = metrics::histogram!(fanfare_core::metrics::DELIVERY_LAG);
     tokio::spawn(async move {
-        while let Some(push) = rx.recv().await {
+        while let Some((generation, push)) = rx.recv().await {
             match push.kind {
                 PushKind::Message | PushKind::SMessage => {
                     let (Some(Value::BulkString(name)), Some(Value::BulkString(payload))) =
@@ -89,6 +94,16 @@ pub fn spawn_delivery(
                     health.up.store(false, Ordering::Release);
                     health.lost.notify_one();
                 }
+                // Also the confirmation of our own SUNSUBSCRIBE; the manager
+                // tells the two apart by whether it still wants the name.
+                PushKind::SUnsubscribe => {
+                    if let (Some(Value::BulkString(name)), Some(m)) =
+                        (push.data.first(), manager.upgrade())
+                    {
+                        let name = String::from_utf8_lossy(name).into_owned();
+                        let _ = m.send(SubRequest::Dropped(generation, name));
+                    }
+                }
                 _ => {}
             }
         }
@@ -99,9 +114,10 @@ pub fn spawn_delivery(
 pub struct Manager {
     pub(crate) target: PubSubTarget,
     pub(crate) conn: PubSubConn,
-    /// The shard's command connection: proven to work before reporting healthy.
-    pub(crate) cmd: CmdConn,
-    pub(crate) push: UnboundedSender<PushInfo>,
+    /// The shard's command connection: proven to work before reporting
+    /// healthy; in a cluster rebuilt with the pub/sub connection.
+    pub(crate) cmd: SharedCmd,
+    pub(crate) push: UnboundedSender<Push>,
     pub(crate) names: Names,
     pub(crate) handler: HandlerCell,
     pub(crate) health: Arc<Health>,
@@ -112,7 +128,20 @@ pub struct Manager {
     pub(crate) leaving: HashMap<String, Instant>,
     /// Pub/sub names subscribed for the node's whole life (the control channel).
     pub(crate) always: Vec<String>,
+    /// Cluster: the slot owners (`(first, last, master)`) our subscriptions
+    /// were made on; `None` until known.
+    pub(crate) owners: Option<Vec<(i64, i64, String)>>,
+    /// Cluster: every node (`host:port`) configured or seen so far, where a
+    /// reconnect starts asking for the topology.
+    pub(crate) known: Vec<String>,
 }
+
+/// How often a cluster's slot owners are compared with those our
+/// subscriptions were made on. A dead master's connection and a moved slot
+/// announce themselves (disconnection, sunsubscribe); this catches a master
+/// replaced without either, e.g. one cut off by the network, whose socket
+/// stays open and silent. Cost: one CLUSTER SLOTS per second per node.
+const TOPOLOGY_CHECK: Duration = Duration::from_secs(1);
 
 impl Manager {
     pub async fn run(mut self, mut rx: UnboundedReceiver<SubRequest>) {
@@ -120,6 +149,9 @@ impl Manager {
             Duration::from_millis(100).min(self.delay.max(Duration::from_millis(10))),
         );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let cluster = matches!(self.target, PubSubTarget::Cluster { .. });
+        let mut topology_tick = tokio::time::interval(TOPOLOGY_CHECK);
+        topology_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 req = rx.recv() => {
@@ -135,6 +167,7 @@ impl Manager {
                     self.apply(batch).await;
                 }
                 _ = tick.tick() => self.flush_leaving().await,
+                _ = topology_tick.tick(), if cluster => self.check_topology().await,
                 _ = self.health.lost.notified() => self.reconnect().await,
             }
         }
@@ -144,8 +177,16 @@ impl Manager {
         let now = Instant::now();
         let mut wanted: Vec<String> = Vec::new();
         let mut waiting: Vec<oneshot::Sender<Result<(), BrokerError>>> = Vec::new();
+        let mut dropped = false;
         for req in batch {
             match req {
+                // From an older connection: the reconnect that replaced it
+                // already resubscribed everything.
+                SubRequest::Dropped(generation, _) if generation != self.target.generation() => {}
+                SubRequest::Dropped(_, name) => {
+                    dropped |= self.always.contains(&name)
+                        || self.names.channel_of(&name).is_some_and(|ch| self.live.contains(ch));
+                }
                 SubRequest::Unsubscribe(ch) => {
                     self.leaving.insert(ch, now + self.delay);
                 }
@@ -166,6 +207,13 @@ impl Manager {
                     }
                 }
             }
+        }
+        if dropped {
+            // A slot of ours moved: rebuild the connection on the new topology,
+            // resubscribe everything and report gaps (publications may have
+            // gone to the new master before we subscribed there).
+            tracing::warn!(redis = %self.health.target, "redis dropped a subscription we hold (slot moved)");
+            self.reconnect().await;
         }
         if wanted.is_empty() {
             return;
@@ -222,6 +270,38 @@ impl Manager {
         }
     }
 
+    /// Cluster: reconnects when the slot owners differ from those subscribed
+    /// on. A different answer from one node is confirmed with all of them
+    /// first ([`conn::agreed_view`]): a node that has not caught up (or is cut
+    /// off from the others) must not cause a reconnect, which makes every
+    /// subscriber recover.
+    async fn check_topology(&mut self) {
+        if !self.health.is_up() {
+            return;
+        }
+        let mut cmd = self.cmd.get();
+        let query = conn::cluster_view(&mut cmd);
+        let Ok(Ok(view)) = tokio::time::timeout(Duration::from_millis(500), query).await else {
+            return;
+        };
+        if self.owners.is_none() {
+            self.owners = Some(view.masters);
+            return;
+        }
+        if self.owners.as_ref() == Some(&view.masters) {
+            return;
+        }
+        let confirm =
+            conn::agreed_view(&self.target.urls()[0], &self.known, Duration::from_secs(1));
+        let Ok(Ok(agreed)) = tokio::time::timeout(Duration::from_secs(2), confirm).await else {
+            return;
+        };
+        if self.owners.as_ref() != Some(&agreed.masters) {
+            tracing::warn!(redis = %self.health.target, "redis cluster slot owners changed");
+            self.reconnect().await;
+        }
+    }
+
     /// Re-establishes the pub/sub connection and resubscribes every live channel,
     /// then tells the node that each of them may have missed publications.
     async fn reconnect(&mut self) {
@@ -230,37 +310,59 @@ impl Manager {
         let mut backoff = Duration::from_millis(50);
         loop {
             let attempt = async {
-                let mut conn = match &self.target {
-                    // The cluster connection re-connects nodes itself; prove it works.
-                    PubSubTarget::Cluster { .. } => match &self.conn {
-                        PubSubConn::Cluster(c) => PubSubConn::Cluster(c.clone()),
-                        PubSubConn::Single(_) => {
-                            unreachable!("a cluster target has a cluster connection")
-                        }
-                    },
-                    PubSubTarget::Single { .. } => self.target.connect(self.push.clone()).await?,
+                // Cluster: a new connection, not the old one's own recovery: it
+                // learns the slot map afresh, seeded with every node the
+                // cluster still knows, once the reachable nodes agree on the
+                // slot owners, so subscriptions lost with a dead master or a
+                // moved slot are made on the current owners.
+                let view = match &self.target {
+                    PubSubTarget::Cluster { .. } => {
+                        let template = &self.target.urls()[0];
+                        conn::agreed_view(template, &self.known, Duration::from_secs(1)).await?
+                    }
+                    PubSubTarget::Single { .. } => ClusterView::default(),
                 };
+                let mut conn = self.target.connect(self.push.clone(), &view.nodes).await?;
                 conn.ping().await?;
-                // Publishes, history and presence use the command connection,
-                // which reconnects lazily: a command failing on the dead socket
-                // starts its reconnect. Ready only once it answers again, so the
+                // Publishes, history and presence use the command connection.
+                // Standalone: it reconnects lazily (a command failing on the
+                // dead socket starts its reconnect); cluster: a new one on the
+                // same topology replaces it. Ready only once it answers, so the
                 // first client command after `/ready` turns 200 does not fail.
-                redis::cmd("PING").exec_async(&mut self.cmd.clone()).await?;
+                let cmd = match &self.target {
+                    PubSubTarget::Cluster { urls, .. } => {
+                        Some(conn::open_cluster_cmd(&urls[0], &view.nodes).await?)
+                    }
+                    PubSubTarget::Single { .. } => None,
+                };
+                let mut ping = cmd.clone().unwrap_or_else(|| self.cmd.get());
+                redis::cmd("PING").exec_async(&mut ping).await?;
                 let mut names: Vec<String> =
                     self.live.iter().map(|c| self.names.pubsub(c)).collect();
                 names.extend(self.always.iter().cloned());
                 conn.subscribe(&names).await?;
-                Ok::<_, redis::RedisError>(conn)
+                Ok::<_, redis::RedisError>((conn, cmd, view))
             };
             match attempt.await {
-                Ok(conn) => {
+                Ok((conn, cmd, view)) => {
                     self.conn = conn;
+                    if let Some(cmd) = cmd {
+                        self.cmd.replace(cmd);
+                    }
+                    self.owners = Some(view.masters);
+                    for n in view.nodes {
+                        if !self.known.contains(&n) {
+                            self.known.push(n);
+                        }
+                    }
                     break;
                 }
                 Err(e) => {
                     tracing::debug!(redis = %self.health.target, error = %e, "reconnect attempt failed");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    // Capped low: a Redis Cluster failover completes while we
+                    // wait, and publishing resumes only once we are back.
+                    backoff = (backoff * 2).min(Duration::from_millis(250));
                 }
             }
         }

@@ -340,3 +340,24 @@ async fn call(method: &str, body: &[u8], node: &Node, ctx: &ApiContext) -> Resul
         }
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_data_is_embedded_verbatim_at_any_depth() {
+        // A Value stops at 128 levels: this used to come back as `null`.
+        let deep = format!("{}1{}", "[".repeat(1000), "]".repeat(1000));
+        let out =
+            PublicationOut { data: raw_data(deep.as_bytes()), info: None, offset: 7, tags: None };
+        let json = serde_json::to_string(&out).unwrap();
+        assert_eq!(json, format!(r#"{{"data":{deep},"offset":7}}"#));
+    }
+
+    #[test]
+    fn stored_bytes_that_are_not_json_become_a_string_not_a_broken_reply() {
+        assert_eq!(raw_data(b"{\"a\":").get(), r#""{\"a\":""#);
+        assert_eq!(raw_data(b"\xff1").get(), "\"\u{fffd}1\"");
+    }
+}

@@ -25,6 +25,7 @@ pub struct Settings {
     pub client: ClientSection,
     pub shutdown: ShutdownSection,
     pub log: LogSection,
+    pub transports: TransportsSection,
     pub namespaces: Vec<Namespace>,
 }
 
@@ -315,6 +316,24 @@ impl Default for ShutdownSection {
     }
 }
 
+/// Transports besides the bidirectional WebSocket (always on), each switched
+/// on by itself. The unidirectional ones are off by default, as in
+/// Centrifugo: they let a client without an SDK hold a connection.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportsSection {
+    /// `GET /connection/uni_sse` (Server-Sent Events, resumable with `Last-Event-ID`).
+    pub uni_sse: bool,
+    /// `POST /connection/uni_http_stream` (newline-delimited JSON stream).
+    pub uni_http_stream: bool,
+    /// Not available yet (refused when set).
+    pub uni_websocket: bool,
+    /// Not available yet (refused when set).
+    pub http_stream: bool,
+    /// Not available yet (refused when set).
+    pub sse: bool,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
@@ -449,6 +468,15 @@ impl Settings {
         }
         if self.client.history_max_publication_limit == 0 {
             bail!("client.history_max_publication_limit: must be at least 1");
+        }
+        for (key, on) in [
+            ("transports.uni_websocket", self.transports.uni_websocket),
+            ("transports.http_stream", self.transports.http_stream),
+            ("transports.sse", self.transports.sse),
+        ] {
+            if on {
+                bail!("{key}: this transport is not available in this version of fanfare");
+            }
         }
         for (key, d) in [
             ("http.header_read_timeout", self.http.header_read_timeout),

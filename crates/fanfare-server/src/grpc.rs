@@ -10,7 +10,7 @@ use fanfare_protocol::StreamPosition;
 use tonic::{Request, Response, Status};
 
 use crate::api::{ApiContext, code_name, observe};
-use crate::grpc_transport::{GrpcService, serve_connection};
+use crate::grpc_transport::GrpcService;
 
 pub use fanfare_server::{FILE_DESCRIPTOR_SET, pb};
 
@@ -27,8 +27,9 @@ fn status(e: &ApiError) -> Status {
     }
 }
 
-/// The service implementation: thin translation onto `Node`'s API methods.
-pub struct Control {
+/// The ControlService implementation: thin translation onto `Node`'s API
+/// methods (the HTTP/2 side is `grpc_transport`).
+pub struct ControlApi {
     node: Node,
     ctx: Arc<ApiContext>,
 }
@@ -80,7 +81,7 @@ fn client_info(i: fanfare_protocol::ClientInfo) -> pb::ClientInfo {
 }
 
 #[tonic::async_trait]
-impl ControlService for Control {
+impl ControlService for ControlApi {
     async fn publish(
         &self,
         req: Request<pb::PublishRequest>,
@@ -260,119 +261,27 @@ impl ControlService for Control {
     }
 }
 
-/// Serves gRPC on `listener` until `stop` turns true.
-///
-/// The connections are served on `threads` dedicated threads, each with its own
-/// current-thread runtime; accepted connections are dealt round-robin. On a
-/// current-thread runtime the responses that calls finish while the connection
-/// waits are written together, one syscall for many (docs/BENCHMARKS.md); the
-/// HTTP/2 side is `grpc_transport`.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    threads: usize,
-    node: Node,
-    ctx: Arc<ApiContext>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let service = Arc::new(grpc_service(node, ctx).await?);
-    let threads = threads.max(1);
-    let mut done = Vec::with_capacity(threads);
-    let mut senders = Vec::with_capacity(threads);
-    for i in 0..threads {
-        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
-        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
-        let (service, stop) = (service.clone(), stop.clone());
-        std::thread::Builder::new().name(format!("fanfare-grpc-{i}")).spawn(move || {
-            let served = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(serve_worker(rx, service, stop)));
-            let _ = done_tx.send(served);
-        })?;
-        done.push(done_rx);
-        senders.push(tx);
-    }
-    let mut next = 0usize;
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(error = %e, "gRPC accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = stop.changed() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        match stream.into_std() {
-            Ok(s) => {
-                let _ = senders[next % senders.len()].send(s);
-                next = next.wrapping_add(1);
-            }
-            Err(e) => tracing::warn!(error = %e, "gRPC connection not handed over"),
-        }
-    }
-    drop(listener);
-    drop(senders);
-    // Each worker drains its connections gracefully, then ends. (The caller
-    // bounds this wait: a client that never lets go must not hold up exit.)
-    for d in done {
-        match d.await {
-            Ok(Err(e)) => tracing::error!(error = %e, "gRPC worker failed"),
-            Err(_) => tracing::error!("gRPC worker ended abnormally"),
-            Ok(Ok(())) => {}
-        }
-    }
-    Ok(())
-}
-
 /// The control service, the standard health service and server reflection.
-async fn grpc_service(node: Node, ctx: Arc<ApiContext>) -> anyhow::Result<GrpcService> {
+async fn grpc_service(node: Node, ctx: Arc<ApiContext>) -> anyhow::Result<GrpcService<ControlApi>> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<ControlServiceServer<Control>>().await;
+    health_reporter.set_serving::<ControlServiceServer<ControlApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let routes = tonic::service::Routes::new(health).add_service(reflection);
-    Ok(GrpcService::new(Control { node, ctx: ctx.clone() }, ctx, routes))
+    Ok(GrpcService::new(ControlApi { node, ctx: ctx.clone() }, ctx, routes))
 }
 
-/// One gRPC worker thread: serves the connections it is handed until `stop`,
-/// then waits for them to finish gracefully.
-async fn serve_worker(
-    mut incoming: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
-    service: Arc<GrpcService>,
+/// Serves the control API on `listener` until `stop` turns true (see
+/// [`grpc_transport::serve`](crate::grpc_transport::serve)).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    threads: usize,
+    node: Node,
+    ctx: Arc<ApiContext>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let mut conns = tokio::task::JoinSet::new();
-    let mut stopping = std::pin::pin!(stopped(stop.clone()));
-    loop {
-        tokio::select! {
-            s = incoming.recv() => {
-                let Some(s) = s else { break };
-                // Registered with this thread's runtime here. A socket that
-                // cannot be registered is dropped; the worker goes on serving.
-                match tokio::net::TcpStream::from_std(s) {
-                    Ok(io) => {
-                        conns.spawn(serve_connection(io, service.clone(), stopped(stop.clone())));
-                    }
-                    Err(e) => tracing::warn!(error = %e, "gRPC connection dropped: cannot register it"),
-                }
-            }
-            Some(_) = conns.join_next(), if !conns.is_empty() => {}
-            _ = stopping.as_mut() => break,
-        }
-    }
-    while conns.join_next().await.is_some() {}
-    Ok(())
-}
-
-/// Resolves when `stop` turns true (or its sender is gone).
-async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
-    let _ = stop.wait_for(|v| *v).await;
+    let service = grpc_service(node, ctx).await?;
+    crate::grpc_transport::serve(listener, threads, service, stop).await
 }

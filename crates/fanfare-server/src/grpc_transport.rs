@@ -28,7 +28,7 @@ use tonic::codegen::Service;
 use tonic::service::Routes;
 
 use crate::api::{ApiContext, AuthFailure};
-use crate::grpc::{Control, pb};
+use fanfare_server::pb;
 use pb::control_service_server::ControlService;
 
 const CONTROL_PREFIX: &str = "/fanfare.v1.ControlService/";
@@ -43,27 +43,132 @@ const WINDOW: u32 = 1 << 20;
 /// preface is dropped after this long.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// What every connection of a node's gRPC port shares.
-pub struct GrpcService {
-    control: Control,
+/// What every connection of a node's gRPC port shares. `C` implements the
+/// ControlService calls (`grpc::ControlApi`); this module only carries them.
+pub struct GrpcService<C> {
+    control: C,
     ctx: Arc<ApiContext>,
     /// Health, reflection and the UNIMPLEMENTED fallback.
     routes: Routes,
 }
 
-impl GrpcService {
-    pub fn new(control: Control, ctx: Arc<ApiContext>, routes: Routes) -> GrpcService {
+impl<C: ControlService> GrpcService<C> {
+    pub fn new(control: C, ctx: Arc<ApiContext>, routes: Routes) -> GrpcService<C> {
         GrpcService { control, ctx, routes: routes.prepare() }
     }
+}
+
+/// Serves gRPC on `listener` until `stop` turns true.
+///
+/// The connections are served on `threads` dedicated threads, each with its own
+/// current-thread runtime; accepted connections are dealt round-robin. On a
+/// current-thread runtime the responses that calls finish while the connection
+/// waits are written together, one syscall for many (docs/BENCHMARKS.md); the
+/// HTTP/2 side is [`serve_connection`].
+pub async fn serve<C: ControlService>(
+    listener: tokio::net::TcpListener,
+    threads: usize,
+    service: GrpcService<C>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let service = Arc::new(service);
+    let threads = threads.max(1);
+    let mut done = Vec::with_capacity(threads);
+    let mut senders = Vec::with_capacity(threads);
+    for i in 0..threads {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
+        let (service, stop) = (service.clone(), stop.clone());
+        std::thread::Builder::new().name(format!("fanfare-grpc-{i}")).spawn(move || {
+            let served = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(serve_worker(rx, service, stop)));
+            let _ = done_tx.send(served);
+        })?;
+        done.push(done_rx);
+        senders.push(tx);
+    }
+    let mut next = 0usize;
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "gRPC accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        match stream.into_std() {
+            Ok(s) => {
+                let _ = senders[next % senders.len()].send(s);
+                next = next.wrapping_add(1);
+            }
+            Err(e) => tracing::warn!(error = %e, "gRPC connection not handed over"),
+        }
+    }
+    drop(listener);
+    drop(senders);
+    // Each worker drains its connections gracefully, then ends. (The caller
+    // bounds this wait: a client that never lets go must not hold up exit.)
+    for d in done {
+        match d.await {
+            Ok(Err(e)) => tracing::error!(error = %e, "gRPC worker failed"),
+            Err(_) => tracing::error!("gRPC worker ended abnormally"),
+            Ok(Ok(())) => {}
+        }
+    }
+    Ok(())
+}
+
+/// One gRPC worker thread: serves the connections it is handed until `stop`,
+/// then waits for them to finish gracefully.
+async fn serve_worker<C: ControlService>(
+    mut incoming: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
+    service: Arc<GrpcService<C>>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut conns = tokio::task::JoinSet::new();
+    let mut stopping = std::pin::pin!(stopped(stop.clone()));
+    loop {
+        tokio::select! {
+            s = incoming.recv() => {
+                let Some(s) = s else { break };
+                // Registered with this thread's runtime here. A socket that
+                // cannot be registered is dropped; the worker goes on serving.
+                match tokio::net::TcpStream::from_std(s) {
+                    Ok(io) => {
+                        conns.spawn(serve_connection(io, service.clone(), stopped(stop.clone())));
+                    }
+                    Err(e) => tracing::warn!(error = %e, "gRPC connection dropped: cannot register it"),
+                }
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            _ = stopping.as_mut() => break,
+        }
+    }
+    while conns.join_next().await.is_some() {}
+    Ok(())
+}
+
+/// Resolves when `stop` turns true (or its sender is gone).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|v| *v).await;
 }
 
 type Call = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Serves one accepted connection until the peer closes it, or, once `stop`
 /// resolves, until its open calls are answered (graceful GOAWAY).
-pub async fn serve_connection(
+async fn serve_connection<C: ControlService>(
     io: TcpStream,
-    service: Arc<GrpcService>,
+    service: Arc<GrpcService<C>>,
     stop: impl Future<Output = ()>,
 ) {
     let peer = io.peer_addr().ok();
@@ -133,7 +238,7 @@ pub async fn serve_connection(
     }
 }
 
-impl GrpcService {
+impl<C: ControlService> GrpcService<C> {
     /// Starts one request: a ControlService call as a future for the
     /// connection task, anything else in a task of its own.
     fn start(
@@ -194,8 +299,8 @@ impl GrpcService {
 }
 
 /// One ControlService call: read the request message, run it, answer.
-async fn control_call(
-    service: Arc<GrpcService>,
+async fn control_call<C: ControlService>(
+    service: Arc<GrpcService<C>>,
     method: Option<Method>,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
@@ -389,7 +494,7 @@ macro_rules! methods {
         }
 
         /// Decodes the request message, runs the method, encodes its answer.
-        async fn dispatch(control: &Control, method: Method, msg: Bytes) -> Reply {
+        async fn dispatch<C: ControlService>(control: &C, method: Method, msg: Bytes) -> Reply {
             match method {
                 $(Method::$variant => match pb::$req::decode(msg) {
                     Ok(r) => match control.$call(tonic::Request::new(r)).await {

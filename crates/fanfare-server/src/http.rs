@@ -38,6 +38,9 @@ pub struct HttpState {
     pub metrics: PrometheusHandle,
     pub api: Arc<ApiContext>,
     pub deadlines: Deadlines,
+    /// `transports.uni_sse`, `transports.uni_http_stream`.
+    pub uni_sse: bool,
+    pub uni_http_stream: bool,
 }
 
 /// How long a client may take to send a request (`http.*_timeout`). Without
@@ -54,7 +57,24 @@ pub struct Deadlines {
     pub body: Duration,
 }
 
-async fn route(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<Body> {
+/// Every response: complete, or streamed (unidirectional transports).
+type AnyBody = crate::uni::UniBody;
+
+async fn route(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<AnyBody> {
+    let framing = match req.uri().path() {
+        "/connection/uni_sse" if st.uni_sse => Some(crate::uni::Framing::Sse),
+        "/connection/uni_http_stream" if st.uni_http_stream => {
+            Some(crate::uni::Framing::HttpStream)
+        }
+        _ => None,
+    };
+    if let Some(framing) = framing {
+        return crate::uni::handle(req, st.node.clone(), &st.ws, framing, st.deadlines.body).await;
+    }
+    route_complete(req, st, peer).await.map(http_body_util::Either::Left)
+}
+
+async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<Body> {
     if req.uri().path().starts_with("/api/") {
         return crate::api_http::handle(req, &st.node, &st.api, peer, st.deadlines.body).await;
     }

@@ -7,6 +7,7 @@ mod grpc;
 mod grpc_transport;
 mod heap;
 mod http;
+mod uni;
 mod websocket;
 
 use std::path::PathBuf;
@@ -194,6 +195,8 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
             header: settings.http.header_read_timeout,
             body: settings.http.body_read_timeout,
         },
+        uni_sse: settings.transports.uni_sse,
+        uni_http_stream: settings.transports.uni_http_stream,
     };
     // Histogram samples are kept raw until the recorder's upkeep folds them into
     // buckets; `install_recorder` runs no upkeep, so without this they would

@@ -1,8 +1,8 @@
 //! Real `redis-server` processes for the Redis broker tests: a standalone server
 //! on a free loopback port (that can be killed and restarted on the same port),
-//! and a 3-master Redis Cluster made with
-//! `redis-cli --cluster create`. Every process is started by the test, stopped
-//! by its PID on drop, and every wait is bounded.
+//! and a Redis Cluster made with `redis-cli --cluster create`: masters only, or
+//! with a replica each (AOF on) for failover tests. Every process is started by
+//! the test, stopped by its PID on drop, and every wait is bounded.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -284,6 +284,14 @@ impl RedisServer {
         self.cmd(&["PUBSUB", "SHARDCHANNELS", pattern]).texts()
     }
 
+    /// The first element of `ROLE`: `master` or `slave`.
+    pub fn role(&self) -> String {
+        match self.cmd(&["ROLE"]) {
+            Resp::Array(Some(items)) if !items.is_empty() => items[0].text(),
+            other => panic!("ROLE on :{}: {other:?}", self.port),
+        }
+    }
+
     /// One field of `CLUSTER INFO` (e.g. `cluster_state`).
     pub fn cluster_info(&self, field: &str) -> Option<String> {
         let info = redis_cmd(self.port, &["CLUSTER", "INFO"]).ok()?;
@@ -310,40 +318,70 @@ impl Drop for RedisServer {
     }
 }
 
-/// A Redis Cluster of masters without replicas, made with `redis-cli --cluster create`.
+/// A Redis Cluster made with `redis-cli --cluster create`.
 pub struct RedisCluster {
+    /// The servers that were masters at creation (a failover changes roles,
+    /// see [`RedisCluster::owner`]).
     pub masters: Vec<RedisServer>,
+    /// With [`RedisCluster::start_with_replicas`]: one replica per master.
+    pub replicas: Vec<RedisServer>,
+}
+
+/// A node of `CLUSTER NODES`.
+#[derive(Debug, Clone)]
+pub struct ClusterNode {
+    pub id: String,
+    pub port: u16,
+    pub flags: String,
+    /// The master's id for a replica, `-` for a master.
+    pub master: String,
+    /// Slot ranges (`first`, `last`) served by a master.
+    pub slots: Vec<(u16, u16)>,
 }
 
 impl RedisCluster {
-    /// Starts `n` (>= 3) cluster-enabled servers, joins them and waits for
-    /// `cluster_state:ok` on every one.
+    /// Starts `n` (>= 3) cluster-enabled masters without replicas, joins them
+    /// and waits for `cluster_state:ok` on every one.
     pub fn start(n: usize) -> RedisCluster {
+        Self::create(n, 0)
+    }
+
+    /// `n` (>= 3) masters with one replica each (`--cluster-replicas 1`),
+    /// `cluster-node-timeout 2000` and `appendonly yes`, like a production
+    /// cluster that fails over; waits until every replica is in sync.
+    pub fn start_with_replicas(n: usize) -> RedisCluster {
+        Self::create(n, 1)
+    }
+
+    fn create(n: usize, replicas: usize) -> RedisCluster {
         let dir = Arc::new(tempfile::tempdir().expect("creating a temp dir for the cluster"));
-        let masters: Vec<RedisServer> = (0..n)
+        let mut opts = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
+        if replicas > 0 {
+            opts.extend(["--appendonly", "yes"]);
+        }
+        let servers: Vec<RedisServer> = (0..n * (1 + replicas))
             .map(|_| {
-                RedisServer::start_in(
-                    dir.clone(),
-                    &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
-                    |port| {
-                        vec![
-                            "--cluster-config-file".into(),
-                            format!("nodes-{port}.conf"),
-                            // The bus port defaults to port + 10000, which may be
-                            // taken or out of range for an ephemeral port.
-                            "--cluster-port".into(),
-                            free_port().to_string(),
-                        ]
-                    },
-                )
+                RedisServer::start_in(dir.clone(), &opts, |port| {
+                    vec![
+                        "--cluster-config-file".into(),
+                        format!("nodes-{port}.conf"),
+                        // The bus port defaults to port + 10000, which may be
+                        // taken or out of range for an ephemeral port.
+                        "--cluster-port".into(),
+                        free_port().to_string(),
+                        // AOF files per server in the shared directory.
+                        "--appenddirname".into(),
+                        format!("aof-{port}"),
+                    ]
+                })
             })
             .collect();
         let mut cmd = Command::new("redis-cli");
         cmd.args(["--cluster", "create"]);
-        for m in &masters {
+        for m in &servers {
             cmd.arg(format!("127.0.0.1:{}", m.port));
         }
-        cmd.args(["--cluster-replicas", "0", "--cluster-yes"])
+        cmd.args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -368,23 +406,96 @@ impl RedisCluster {
             let _ = e.read_to_string(&mut out);
         }
         assert!(status.success(), "redis-cli --cluster create failed ({status}):\n{out}");
-        let cluster = RedisCluster { masters };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let known = servers.len().to_string();
+        let mut cluster = RedisCluster { masters: servers, replicas: Vec::new() };
+        if replicas > 0 {
+            // Which servers redis-cli made replicas is its choice: ask each.
+            let (r, m): (Vec<RedisServer>, Vec<RedisServer>) =
+                cluster.masters.drain(..).partition(|s| s.role() == "slave");
+            (cluster.masters, cluster.replicas) = (m, r);
+            assert_eq!(cluster.masters.len(), n, "masters after create:\n{out}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let states: Vec<Option<String>> =
-                cluster.masters.iter().map(|m| m.cluster_info("cluster_state")).collect();
-            if states.iter().all(|s| s.as_deref() == Some("ok")) {
+            let ready = cluster.servers().all(|s| {
+                s.cluster_info("cluster_state").as_deref() == Some("ok")
+                    && s.cluster_info("cluster_known_nodes").as_deref() == Some(known.as_str())
+            }) && cluster.replicas.iter().all(|r| {
+                redis_cmd(r.port, &["INFO", "replication"])
+                    .is_ok_and(|i| matches!(i, Resp::Bulk(Some(b)) if String::from_utf8_lossy(&b).contains("master_link_status:up")))
+            });
+            if ready {
                 return cluster;
             }
             assert!(
                 Instant::now() < deadline,
-                "cluster_state not ok on every master within 20 s: {states:?}\n{out}"
+                "cluster not ok (state, {known} known nodes, replicas in sync) within 30 s\n{out}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
-    /// Seed URLs for `[redis] cluster = true`.
+    /// Every server, masters first.
+    pub fn servers(&self) -> impl Iterator<Item = &RedisServer> {
+        self.masters.iter().chain(self.replicas.iter())
+    }
+
+    /// The server on `port`.
+    pub fn server_mut(&mut self, port: u16) -> &mut RedisServer {
+        self.masters
+            .iter_mut()
+            .chain(self.replicas.iter_mut())
+            .find(|s| s.port == port)
+            .unwrap_or_else(|| panic!("no cluster server on port {port}"))
+    }
+
+    /// `CLUSTER NODES` as a running server sees it.
+    pub fn nodes(&self) -> Vec<ClusterNode> {
+        let live = self.servers().find(|s| s.is_running()).expect("a running cluster server");
+        live.cmd(&["CLUSTER", "NODES"])
+            .text()
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                let addr = f[1].split('@').next().expect("ip:port@cport");
+                ClusterNode {
+                    id: f[0].to_string(),
+                    port: addr.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port"),
+                    flags: f[2].to_string(),
+                    master: f[3].to_string(),
+                    slots: f[8..]
+                        .iter()
+                        .filter_map(|r| {
+                            let (a, b) = r.split_once('-').unwrap_or((r, r));
+                            Some((a.parse().ok()?, b.parse().ok()?))
+                        })
+                        .collect(),
+                }
+            })
+            .collect()
+    }
+
+    /// The ports of the master serving `key`'s slot and of its replica.
+    pub fn owner(&self, key: &str) -> (u16, u16) {
+        let live = self.servers().find(|s| s.is_running()).expect("a running cluster server");
+        let slot = live.cmd(&["CLUSTER", "KEYSLOT", key]).int() as u16;
+        let nodes = self.nodes();
+        let master = nodes
+            .iter()
+            .find(|n| {
+                n.flags.contains("master")
+                    && !n.flags.contains("fail")
+                    && n.slots.iter().any(|(a, b)| (*a..=*b).contains(&slot))
+            })
+            .unwrap_or_else(|| panic!("no master serves slot {slot}: {nodes:?}"));
+        let replica = nodes
+            .iter()
+            .find(|n| n.master == master.id)
+            .unwrap_or_else(|| panic!("master :{} has no replica: {nodes:?}", master.port));
+        (master.port, replica.port)
+    }
+
+    /// Seed URLs for `[redis] cluster = true`: the masters at creation.
     pub fn urls(&self) -> Vec<String> {
         self.masters.iter().map(RedisServer::url).collect()
     }

@@ -1,0 +1,427 @@
+//! Unidirectional transports over plain HTTP: the client connects once and
+//! only receives. For clients without an SDK — a `curl`, a browser's
+//! `EventSource`, a device.
+//!
+//! - `GET /connection/uni_sse?cf_connect=<connect request JSON>`:
+//!   `text/event-stream`, one event per message. Publication events carry an
+//!   `id` with the stream positions of every recoverable channel of the
+//!   connection, so a plain `EventSource` that reconnects sends them back as
+//!   `Last-Event-ID` and gets exactly the publications it missed (beyond
+//!   Centrifugo, whose uni_sse cannot resume without an SDK).
+//! - `POST /connection/uni_http_stream` with the connect request as body:
+//!   newline-delimited JSON messages in a streamed response.
+//!
+//! Messages are Centrifugo's unidirectional pushes: `{"connect":{...}}`
+//! first, then `{"channel":"c","pub":{...}}`, `{}` as ping, and
+//! `{"disconnect":{...}}` before the stream ends. Channels come from the token
+//! (`channels`, the personal channel) and from the connect request's `subs`
+//! (where the namespace lets anyone subscribe). The session is the same state
+//! machine as a WebSocket's; this module only frames its outbox.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use data_encoding::BASE64URL_NOPAD;
+use fanfare_core::{Node, Session};
+use fanfare_protocol::{Codec, DisconnectCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Frame, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::websocket::WsOptions;
+
+/// Which unidirectional transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    Sse,
+    HttpStream,
+}
+
+/// A response body fed by the connection's task, one chunk per outbox drain.
+pub struct StreamBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for StreamBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// A streamed response, or a complete one (refusals).
+pub type UniBody = http_body_util::Either<Full<Bytes>, StreamBody>;
+
+fn refuse(status: StatusCode, body: Value) -> Response<UniBody> {
+    let mut r =
+        Response::new(http_body_util::Either::Left(Full::new(Bytes::from(body.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn disconnect_json(code: DisconnectCode) -> Value {
+    json!({"disconnect": {"code": code.0, "reason": code.reason()}})
+}
+
+/// The position of one channel as an SSE event id carries it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, Deserialize)]
+struct Position(String, String, u64);
+
+/// `Last-Event-ID` back into positions; anything unreadable is ignored (the
+/// client then simply starts from the current position).
+fn positions_from_event_id(id: &str) -> Vec<Position> {
+    BASE64URL_NOPAD
+        .decode(id.trim().as_bytes())
+        .ok()
+        .and_then(|raw| serde_json::from_slice(&raw).ok())
+        .unwrap_or_default()
+}
+
+fn event_id(positions: &[Position]) -> String {
+    BASE64URL_NOPAD.encode(&serde_json::to_vec(positions).expect("positions serialize"))
+}
+
+/// Handles `/connection/uni_sse` and `/connection/uni_http_stream`.
+pub async fn handle(
+    req: Request<Incoming>,
+    node: Node,
+    opts: &WsOptions,
+    framing: Framing,
+    body_timeout: Duration,
+) -> Response<UniBody> {
+    let origin = req.headers().get(header::ORIGIN);
+    if let Some(o) = origin
+        && !opts.allowed_origins.iter().any(|a| a == "*" || a.as_bytes() == o.as_bytes())
+    {
+        return refuse(StatusCode::FORBIDDEN, json!({"error": "origin not allowed"}));
+    }
+    let expected = if framing == Framing::Sse { Method::GET } else { Method::POST };
+    if req.method() != expected {
+        return refuse(StatusCode::METHOD_NOT_ALLOWED, json!({"error": format!("use {expected}")}));
+    }
+    if node.is_draining() {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, disconnect_json(DisconnectCode::SHUTDOWN));
+    }
+    // `Last-Event-ID`, sent by a reconnecting EventSource: recover from there.
+    let resume = match (framing, req.headers().get("last-event-id")) {
+        (Framing::Sse, Some(id)) => positions_from_event_id(id.to_str().unwrap_or("")),
+        _ => Vec::new(),
+    };
+    // The connect request: query `cf_connect` (SSE) or the body (HTTP stream).
+    let connect: Bytes = match framing {
+        Framing::Sse => {
+            let query = req.uri().query().unwrap_or("");
+            let param = url_param(query, "cf_connect");
+            Bytes::from(param.unwrap_or_else(|| "{}".into()))
+        }
+        Framing::HttpStream => {
+            let limit = opts.max_message_size;
+            let body = Limited::new(req.into_body(), limit).collect();
+            let Ok(body) = tokio::time::timeout(body_timeout, body).await else {
+                return refuse(
+                    StatusCode::REQUEST_TIMEOUT,
+                    json!({"error": "connect request not received in time (http.body_read_timeout)"}),
+                );
+            };
+            match body {
+                Ok(b) => {
+                    let b = b.to_bytes();
+                    if b.iter().all(u8::is_ascii_whitespace) {
+                        Bytes::from_static(b"{}")
+                    } else {
+                        b
+                    }
+                }
+                Err(_) => {
+                    return refuse(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        json!({"error": format!("connect request larger than {limit} bytes (websocket.max_message_size)")}),
+                    );
+                }
+            }
+        }
+    };
+    let mut connect: Value = match serde_json::from_slice(&connect) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "the connect request must be a JSON object"}),
+            );
+        }
+    };
+    start(node, connect.take(), framing, opts.write_timeout, resume).await
+}
+
+/// Adds `recover` positions for the channels of a `Last-Event-ID` to the
+/// connect request's `subs`.
+fn add_recovery(connect: &mut Value, positions: &[Position]) {
+    let Some(obj) = connect.as_object_mut() else { return };
+    let subs = obj.entry("subs").or_insert_with(|| json!({}));
+    let Some(subs) = subs.as_object_mut() else { return };
+    for Position(channel, epoch, offset) in positions {
+        let entry = subs.entry(channel.clone()).or_insert_with(|| json!({}));
+        if let Some(e) = entry.as_object_mut() {
+            e.insert("recover".into(), true.into());
+            e.insert("epoch".into(), epoch.clone().into());
+            e.insert("offset".into(), (*offset).into());
+        }
+    }
+}
+
+/// Connects the session and, when that succeeded, streams its messages.
+async fn start(
+    node: Node,
+    mut connect: Value,
+    framing: Framing,
+    write_timeout: Duration,
+    resume: Vec<Position>,
+) -> Response<UniBody> {
+    add_recovery(&mut connect, &resume);
+    let Some(mut session) = Session::new_unidirectional(node, Codec::Json) else {
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, disconnect_json(DisconnectCode::SHUTDOWN));
+    };
+    let frame = json!({"id": 1, "connect": connect}).to_string();
+    if let Err(code) = session.handle_frame(frame.as_bytes()).await {
+        let status = match code {
+            DisconnectCode::INVALID_TOKEN => StatusCode::UNAUTHORIZED,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        let code = session.ended(code);
+        session.close(code).await;
+        return refuse(status, disconnect_json(code));
+    }
+    let outbox = session.outbox().clone();
+    let mut items = Vec::new();
+    outbox.drain(&mut items);
+    // The first message is the connect reply (or its error).
+    let mut first: Value =
+        items.first().and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
+    if let Some(err) = first.get("error") {
+        let status = match err["code"].as_u64() {
+            Some(101 | 109) => StatusCode::UNAUTHORIZED,
+            Some(103) => StatusCode::FORBIDDEN,
+            Some(106) => StatusCode::TOO_MANY_REQUESTS,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        let code = session.ended(DisconnectCode::BAD_REQUEST);
+        session.close(code).await;
+        return refuse(status, json!({ "error": err }));
+    }
+    let mut positions: Vec<Position> = Vec::new();
+    if let Some(subs) = first["connect"]["subs"].as_object() {
+        for (channel, s) in subs {
+            if let (Some(epoch), true) = (s["epoch"].as_str(), s["recoverable"] == true) {
+                positions.push(Position(
+                    channel.clone(),
+                    epoch.to_string(),
+                    s["offset"].as_u64().unwrap_or(0),
+                ));
+            }
+        }
+    }
+    // Over SSE, publications recovered at connect follow the connect push as
+    // events of their own (with ids), so a plain EventSource needs no code to
+    // find them inside it; over HTTP streaming they stay inside, as Centrifugo
+    // sends them.
+    let mut recovered = Vec::new();
+    if framing == Framing::Sse
+        && let Some(subs) = first["connect"]["subs"].as_object_mut()
+    {
+        for (channel, s) in subs.iter_mut() {
+            if let Some(Value::Array(pubs)) =
+                s.as_object_mut().and_then(|o| o.remove("publications"))
+            {
+                for p in pubs {
+                    let msg = json!({"channel": channel, "pub": p}).to_string();
+                    recovered.push(Bytes::from(msg));
+                }
+            }
+        }
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    let mut conn = UniConn { framing, positions };
+    // The connect reply as the unidirectional connect push (no id).
+    let connect_push = Bytes::from(json!({"connect": first["connect"]}).to_string());
+    items[0] = connect_push;
+    items.splice(1..1, recovered);
+    let head = conn.frame(&items);
+    items.clear();
+    let _ = tx.try_send(head);
+    tokio::spawn(drive(session, conn, tx, write_timeout));
+
+    let mut r = Response::new(http_body_util::Either::Right(StreamBody(rx)));
+    let content_type = match framing {
+        Framing::Sse => "text/event-stream",
+        Framing::HttpStream => "application/json",
+    };
+    let h = r.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    // Reverse proxies (nginx) would otherwise buffer the stream.
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    r
+}
+
+/// One connection's framing state.
+struct UniConn {
+    framing: Framing,
+    /// Latest position of each recoverable channel (for SSE event ids).
+    positions: Vec<Position>,
+}
+
+/// What a publication push says about its position.
+#[derive(Deserialize)]
+struct PubPosition<'a> {
+    #[serde(borrow)]
+    channel: std::borrow::Cow<'a, str>,
+    #[serde(rename = "pub")]
+    publication: Option<PubOffset>,
+}
+
+#[derive(Deserialize)]
+struct PubOffset {
+    #[serde(default)]
+    offset: u64,
+}
+
+impl UniConn {
+    /// Frames a drained batch of encoded messages as one chunk.
+    fn frame(&mut self, items: &[Bytes]) -> Bytes {
+        let mut out = BytesMut::new();
+        for item in items {
+            let msg = unidirectional(item);
+            match self.framing {
+                Framing::HttpStream => {
+                    out.extend_from_slice(msg);
+                    out.extend_from_slice(b"\n");
+                }
+                Framing::Sse => {
+                    if let Some(id) = self.advance(msg) {
+                        out.extend_from_slice(b"id: ");
+                        out.extend_from_slice(id.as_bytes());
+                        out.extend_from_slice(b"\n");
+                    }
+                    // JSON messages hold no raw line break (the encoder
+                    // guarantees it), so one `data:` line is the whole message.
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(msg);
+                    out.extend_from_slice(b"\n\n");
+                }
+            }
+        }
+        out.freeze()
+    }
+
+    /// For a publication of a recoverable channel: moves its position and
+    /// returns the new event id. Costs one partial parse per publication and
+    /// connection (the publication's data is skipped, not built).
+    fn advance(&mut self, msg: &[u8]) -> Option<String> {
+        if self.positions.is_empty() || !msg.starts_with(b"{\"channel\"") {
+            return None;
+        }
+        let p: PubPosition<'_> = serde_json::from_slice(msg).ok()?;
+        let offset = p.publication?.offset;
+        let pos = self.positions.iter_mut().find(|pos| pos.0 == p.channel)?;
+        if offset == 0 {
+            return None;
+        }
+        pos.2 = offset;
+        Some(event_id(&self.positions))
+    }
+
+    fn goodbye(&self, code: DisconnectCode) -> Bytes {
+        let msg = disconnect_json(code).to_string();
+        Bytes::from(match self.framing {
+            Framing::HttpStream => format!("{msg}\n"),
+            Framing::Sse => format!("data: {msg}\n\n"),
+        })
+    }
+}
+
+/// A push as its unidirectional form: without its `{"push":...}` envelope
+/// (a slice of the bytes shared by every subscriber, no copy).
+fn unidirectional(item: &Bytes) -> &[u8] {
+    const PUSH: &[u8] = b"{\"push\":";
+    if item.starts_with(PUSH) && item.ends_with(b"}") {
+        return &item[PUSH.len()..item.len() - 1];
+    }
+    item
+}
+
+/// Runs one unidirectional connection until it ends.
+async fn drive(
+    mut session: Session,
+    mut conn: UniConn,
+    tx: mpsc::Sender<Bytes>,
+    write_timeout: Duration,
+) {
+    let outbox = session.outbox().clone();
+    session.arm_timer();
+    let mut items = Vec::new();
+    let code = loop {
+        tokio::select! {
+            _ = outbox.ready() => {}
+            // The client went away (hyper dropped the body).
+            _ = tx.closed() => break DisconnectCode::CONNECTION_CLOSED,
+        }
+        if outbox.take_timer_due() {
+            if let Err(code) = session.on_deadline().await {
+                break code;
+            }
+            session.arm_timer();
+        }
+        session.apply_controls().await;
+        let close = outbox.drain(&mut items);
+        if !items.is_empty() {
+            let chunk = conn.frame(&items);
+            items.clear();
+            let n = chunk.len();
+            match tokio::time::timeout(write_timeout, tx.send(chunk)).await {
+                Ok(Ok(())) => {
+                    let h = fanfare_core::metrics::hot();
+                    h.writes.increment(1);
+                    h.bytes_sent.increment(n as u64);
+                }
+                Ok(Err(_)) => break DisconnectCode::CONNECTION_CLOSED,
+                Err(_) => {
+                    if outbox.close_first(DisconnectCode::SLOW) {
+                        fanfare_core::metrics::slow_consumer();
+                    }
+                    break DisconnectCode::SLOW;
+                }
+            }
+        }
+        if let Some(code) = close {
+            break code;
+        }
+    };
+    let code = session.ended(code);
+    if code != DisconnectCode::CONNECTION_CLOSED {
+        let _ = tokio::time::timeout(write_timeout, tx.send(conn.goodbye(code))).await;
+    }
+    drop(tx);
+    session.close(code).await;
+}
+
+/// The percent-decoded value of `name` in a query string.
+fn url_param(query: &str, name: &str) -> Option<String> {
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == name).then(|| {
+            let v = v.replace('+', " ");
+            percent_encoding::percent_decode_str(&v).decode_utf8_lossy().into_owned()
+        })
+    })
+}

@@ -1,0 +1,268 @@
+//! Unidirectional transports (`/connection/uni_sse`, `/connection/uni_http_stream`)
+//! read as a plain HTTP client would, without an SDK.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{SECRET, Server, sign, unix_now};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+
+/// A streamed response read message by message.
+struct Stream {
+    status: u16,
+    body: Incoming,
+    buf: Vec<u8>,
+    content_type: String,
+}
+
+impl Stream {
+    async fn open(
+        port: u16,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Stream {
+        let io = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(io)).await.expect("handshake");
+        tokio::spawn(conn);
+        let mut req = hyper::Request::builder().method(method).uri(uri).header("host", "127.0.0.1");
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(Bytes::from(body.to_string()))).expect("request");
+        let resp = send.send_request(req).await.expect("response");
+        let content_type = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap_or("").to_string())
+            .unwrap_or_default();
+        Stream {
+            status: resp.status().as_u16(),
+            body: resp.into_body(),
+            buf: Vec::new(),
+            content_type,
+        }
+    }
+
+    /// The whole body of a complete (refused) response.
+    async fn text(self) -> String {
+        let b = self.body.collect().await.expect("body").to_bytes();
+        String::from_utf8_lossy(&b).into_owned()
+    }
+
+    /// The next chunk of text up to `sep` (within 5 s), without the separator.
+    async fn next(&mut self, sep: &[u8]) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            if let Some(i) = self.buf.windows(sep.len()).position(|w| w == sep) {
+                let item: Vec<u8> = self.buf.drain(..i + sep.len()).collect();
+                return Some(String::from_utf8_lossy(&item[..i]).into_owned());
+            }
+            let frame = tokio::time::timeout_at(deadline, self.body.frame()).await.ok()??.ok()?;
+            if let Ok(data) = frame.into_data() {
+                self.buf.extend_from_slice(&data);
+            }
+        }
+    }
+
+    /// The next SSE event: (id, data as JSON).
+    async fn event(&mut self) -> (Option<String>, Value) {
+        let raw = self.next(b"\n\n").await.expect("an event within 5 s");
+        let mut id = None;
+        let mut data = Value::Null;
+        for line in raw.lines() {
+            if let Some(v) = line.strip_prefix("id: ") {
+                id = Some(v.to_string());
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                data = serde_json::from_str(v).expect("data is one JSON message");
+            }
+        }
+        (id, data)
+    }
+
+    /// The next event that is not a ping.
+    async fn message(&mut self) -> (Option<String>, Value) {
+        loop {
+            let (id, data) = self.event().await;
+            if data != json!({}) {
+                return (id, data);
+            }
+        }
+    }
+}
+
+fn node() -> Server {
+    Server::start_with_env(
+        &format!(
+            r#"
+[auth]
+hmac_secret = "{SECRET}"
+allow_anonymous = true
+
+[client]
+ping_interval = "1s"
+pong_timeout = "500ms"
+
+[transports]
+uni_sse = true
+uni_http_stream = true
+
+[[namespaces]]
+name = ""
+allow_publish = true
+history_size = 100
+history_ttl = "300s"
+
+[[namespaces]]
+name = "secret"
+private = true
+"#
+        ),
+        &[],
+    )
+}
+
+fn sse_uri(connect: &Value) -> String {
+    let q: String =
+        connect
+            .to_string()
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+    format!("/connection/uni_sse?cf_connect={q}")
+}
+
+async fn publish(server: &Server, channel: &str, data: Value) {
+    let body = json!({"channel": channel, "data": data}).to_string();
+    let r = Stream::open(server.port, "POST", "/api/publish", &[], &body).await;
+    let status = r.status;
+    assert_eq!(status, 200, "{}", r.text().await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uni_sse_delivers_and_an_event_source_resumes_with_last_event_id_exactly_once() {
+    let server = node();
+    let uri = sse_uri(&json!({"subs": {"news": {}}}));
+    let mut sse = Stream::open(server.port, "GET", &uri, &[], "").await;
+    assert_eq!(sse.status, 200);
+    assert_eq!(sse.content_type, "text/event-stream");
+    let (_, connect) = sse.message().await;
+    assert_eq!(connect["connect"]["subs"]["news"]["recoverable"], true, "{connect}");
+
+    for n in 1..=3 {
+        publish(&server, "news", json!({ "n": n })).await;
+    }
+    let mut last_id = None;
+    for n in 1..=3 {
+        let (id, msg) = sse.message().await;
+        assert_eq!(msg["channel"], "news");
+        assert_eq!(msg["pub"]["data"]["n"], n, "{msg}");
+        assert!(id.is_some(), "publication events carry an id");
+        last_id = id;
+    }
+    // Pings keep coming and the connection stays (no pong is expected).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    drop(sse);
+
+    // Missed while away: 4 and 5. The EventSource sends the last id back.
+    for n in 4..=5 {
+        publish(&server, "news", json!({ "n": n })).await;
+    }
+    let id = last_id.expect("an id");
+    let mut sse =
+        Stream::open(server.port, "GET", &uri, &[("last-event-id", id.as_str())], "").await;
+    let (_, connect) = sse.message().await;
+    assert_eq!(connect["connect"]["subs"]["news"]["recovered"], true, "{connect}");
+    for n in 4..=5 {
+        let (id, msg) = sse.message().await;
+        assert_eq!(msg["pub"]["data"]["n"], n, "recovered in order, once: {msg}");
+        assert!(id.is_some());
+    }
+    publish(&server, "news", json!({ "n": 6 })).await;
+    let (_, msg) = sse.message().await;
+    assert_eq!(msg["pub"]["data"]["n"], 6, "then live, no duplicate: {msg}");
+}
+
+#[tokio::test]
+async fn uni_http_stream_delivers_newline_delimited_pushes_to_a_token_channel() {
+    let server = node();
+    let token = sign(SECRET, &json!({"sub": "42", "channels": ["feed"], "exp": unix_now() + 60}));
+    let body = json!({ "token": token }).to_string();
+    let mut s = Stream::open(server.port, "POST", "/connection/uni_http_stream", &[], &body).await;
+    assert_eq!(s.status, 200);
+    let connect: Value = serde_json::from_str(&s.next(b"\n").await.expect("connect")).unwrap();
+    assert!(connect["connect"]["subs"]["feed"].is_object(), "{connect}");
+    assert!(connect["connect"]["subs"]["#42"].is_object(), "personal channel: {connect}");
+    publish(&server, "feed", json!({"x": 1})).await;
+    loop {
+        let line = s.next(b"\n").await.expect("a message");
+        let msg: Value = serde_json::from_str(&line).unwrap();
+        if msg == json!({}) {
+            continue;
+        }
+        assert_eq!(msg, json!({"channel": "feed", "pub": {"data": {"x": 1}, "offset": 1}}));
+        break;
+    }
+}
+
+#[tokio::test]
+async fn unidirectional_connects_are_refused_with_specific_statuses() {
+    let server = node();
+    let port = server.port;
+    let bad_json =
+        Stream::open(port, "GET", "/connection/uni_sse?cf_connect=%7Bnot", &[], "").await;
+    assert_eq!(bad_json.status, 400);
+    let private =
+        Stream::open(port, "GET", &sse_uri(&json!({"subs": {"secret:x": {}}})), &[], "").await;
+    let status = private.status;
+    assert_eq!(status, 403, "{}", private.text().await);
+    let bad_token = Stream::open(port, "GET", &sse_uri(&json!({"token": "nope"})), &[], "").await;
+    assert_eq!(bad_token.status, 401);
+    assert!(bad_token.text().await.contains("3500"));
+    let post = Stream::open(port, "POST", "/connection/uni_sse", &[], "").await;
+    assert_eq!(post.status, 405);
+    let big = format!("{{\"data\":\"{}\"}}", "x".repeat(70_000));
+    let too_big = Stream::open(port, "POST", "/connection/uni_http_stream", &[], &big).await;
+    assert_eq!(too_big.status, 413);
+    common::assert_healthy(&server).await;
+}
+
+#[tokio::test]
+async fn a_draining_node_ends_unidirectional_streams_with_3001() {
+    let mut server = node();
+    let uri = sse_uri(&json!({"subs": {"news": {}}}));
+    let mut sse = Stream::open(server.port, "GET", &uri, &[], "").await;
+    sse.message().await;
+    server.send_sigterm();
+    let (_, msg) = sse.message().await;
+    assert_eq!(msg, json!({"disconnect": {"code": 3001, "reason": "shutdown"}}));
+    assert!(server.wait_exit(Duration::from_secs(10)).success());
+}
+
+#[tokio::test]
+async fn unidirectional_transports_are_off_unless_switched_on() {
+    let server = Server::start("");
+    for (method, path) in [("GET", "/connection/uni_sse"), ("POST", "/connection/uni_http_stream")]
+    {
+        let r = Stream::open(server.port, method, path, &[], "").await;
+        assert_eq!(r.status, 404, "{path}");
+    }
+    let (status, _, err) =
+        common::run_cli(&["check-config"], &[("FANFARE__TRANSPORTS__SSE", "true")]);
+    assert!(!status.success());
+    assert!(err.contains("transports.sse"), "{err}");
+}
