@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Runs every fanfare test on a fresh machine: installs what the tests need
-# (Debian packages, Node modules, a Python venv for tests/api), then formatting,
-# lints, unit and integration tests against real processes, the WebSocket
-# conformance cases (tests/conformance), the SDK end-to-end
-# tests, the Python control-API test, the metrics lint and the deployment checks
-# (scripts/test-deploy.sh).
+# (Debian packages, Node modules, Go modules for tests/go, a Python venv for
+# tests/api), then formatting, lints, unit and integration tests against real
+# processes, the WebSocket conformance cases (tests/conformance), the SDK
+# end-to-end tests (centrifuge-js, centrifuge-go, centrifuge-python; JSON and
+# Protobuf), the Python control-API test, the metrics lint and the deployment
+# checks (scripts/test-deploy.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -36,14 +37,17 @@ cargo test --workspace
 step "WebSocket conformance (Autobahn server cases via kosoku against examples/ws_echo.rs)"
 tests/conformance/run.sh
 
-step "SDK end-to-end (npm centrifuge + ws against the real binary)"
+step "SDK end-to-end (npm centrifuge, JSON and Protobuf builds, + ws against the real binary)"
 cargo build -q -p fanfare-server
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run.sh
+
+step "Go SDK end-to-end (centrifuge-go NewProtobufClient and NewJsonClient)"
+FANFARE_BIN="$ROOT/target/debug/fanfare" tests/go/run.sh
 
 step "Redis chaos (npm centrifuge: Redis killed and restarted, a node SIGKILLed, Redis Cluster master failovers)"
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run-redis.sh
 
-step "control API from Python (grpcio stubs generated from proto/ at test time, HTTP, WebSocket; 3 nodes on Redis)"
+step "control API and centrifuge-python SDK from Python (grpcio stubs generated from proto/ at test time, HTTP, WebSocket, JSON and Protobuf SDK clients; 3 nodes on Redis)"
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/api/run.sh
 
 step "metrics lint (promtool check metrics on a live node)"

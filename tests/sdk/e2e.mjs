@@ -9,86 +9,21 @@
 // clients involved and the tail of the server's output are printed to stderr.
 // Set FANFARE_E2E_VERBOSE=1 to print the frames of every test.
 
-import { test, before, after } from 'node:test';
+import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import fs from 'node:fs';
 import http2 from 'node:http2';
-import os from 'node:os';
-import path from 'node:path';
 import { Centrifuge } from 'centrifuge';
 import WebSocket from 'ws';
-import { freePort, sleep, stamp, withTimeout } from './util.mjs';
-
-const WAIT_MS = 10_000; // bound for every single wait
-const HEALTH_TIMEOUT_MS = 20_000; // bound for the server to become healthy
-const STOP_GRACE_MS = 5_000; // SIGTERM -> SIGKILL
-const VERBOSE = process.env.FANFARE_E2E_VERBOSE === '1';
-
-
-// ---------------------------------------------------------------------------
-// Generic helpers
-// ---------------------------------------------------------------------------
-
-/**
- * Resolves with the first `event` of `emitter` whose ctx passes `filter`.
- * The listener is registered synchronously, so call this BEFORE triggering the event.
- */
-function waitEvent(emitter, event, what, { filter = () => true, timeout = WAIT_MS } = {}) {
-  let listener;
-  const p = new Promise((resolve) => {
-    listener = (ctx) => {
-      if (filter(ctx)) {
-        emitter.off(event, listener);
-        resolve(ctx);
-      }
-    };
-    emitter.on(event, listener);
-  });
-  return withTimeout(p, timeout, what).finally(() => emitter.off(event, listener));
-}
-
-/** Collects publications of a subscription and lets a test wait for a count. */
-class PubCollector {
-  constructor(sub) {
-    this.items = [];
-    this.waiters = [];
-    sub.on('publication', (ctx) => {
-      this.items.push(ctx);
-      for (const w of [...this.waiters]) {
-        if (this.items.length >= w.n) {
-          this.waiters.splice(this.waiters.indexOf(w), 1);
-          w.resolve();
-        }
-      }
-    });
-  }
-  /** Waits until at least `n` publications were collected in total. */
-  waitCount(n, what, timeout = WAIT_MS) {
-    if (this.items.length >= n) return Promise.resolve();
-    const p = new Promise((resolve) => this.waiters.push({ n, resolve }));
-    return withTimeout(p, timeout, `${what} (have ${this.items.length}/${n}: ${this.describe()})`);
-  }
-  data() {
-    return this.items.map((p) => p.data);
-  }
-  describe() {
-    return JSON.stringify(this.items.map((p) => ({ data: p.data, offset: p.offset })));
-  }
-}
-
-// ---------------------------------------------------------------------------
-// Ports, config, server process
-// ---------------------------------------------------------------------------
-
-async function twoDistinctFreePorts() {
-  const a = await freePort();
-  for (let i = 0; i < 20; i++) {
-    const b = await freePort();
-    if (b !== a) return [a, b];
-  }
-  throw new Error('could not find two distinct free ports');
-}
+import {
+  PubCollector,
+  WAIT_MS,
+  allSockets,
+  loggingWebSocket,
+  sdkSuite,
+  sleep,
+  waitEvent,
+  withTimeout,
+} from './util.mjs';
 
 function configToml(httpPort, grpcPort) {
   return `[http]
@@ -114,367 +49,8 @@ force_recovery = true
 `;
 }
 
-/** Keeps the last lines of the server's stdout/stderr for failure reports. */
-class RingLog {
-  constructor(limit) {
-    this.limit = limit;
-    this.lines = [];
-  }
-  push(line) {
-    this.lines.push(line);
-    if (this.lines.length > this.limit) this.lines.splice(0, this.lines.length - this.limit);
-  }
-}
-
-const serverLog = new RingLog(400);
-
-class Server {
-  constructor(bin, configPath, httpPort) {
-    this.bin = bin;
-    this.configPath = configPath;
-    this.httpPort = httpPort;
-    this.child = null;
-    this.generation = 0;
-  }
-
-  get wsUrl() {
-    return `ws://127.0.0.1:${this.httpPort}/connection/websocket`;
-  }
-
-  async start() {
-    assert.equal(this.child, null, 'server already running');
-    this.generation += 1;
-    const gen = this.generation;
-    const env = { ...process.env };
-    if (!env.RUST_LOG) env.RUST_LOG = 'info';
-    const child = spawn(this.bin, ['--config', this.configPath], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env,
-    });
-    this.child = child;
-    child.exitInfo = null;
-    child.exited = new Promise((resolve) => {
-      child.on('exit', (code, signal) => {
-        child.exitInfo = { code, signal };
-        serverLog.push(`${stamp()} [server#${gen} pid ${child.pid}] exited code=${code} signal=${signal}`);
-        resolve(child.exitInfo);
-      });
-    });
-    child.on('error', (err) => {
-      serverLog.push(`${stamp()} [server#${gen}] spawn error: ${err.message}`);
-      child.exitInfo = child.exitInfo || { code: null, signal: null, error: err };
-    });
-    for (const [name, stream] of [['out', child.stdout], ['err', child.stderr]]) {
-      let buf = '';
-      stream.setEncoding('utf8');
-      stream.on('data', (chunk) => {
-        buf += chunk;
-        let i;
-        while ((i = buf.indexOf('\n')) >= 0) {
-          serverLog.push(`${stamp()} [server#${gen} ${name}] ${buf.slice(0, i)}`);
-          buf = buf.slice(i + 1);
-        }
-      });
-    }
-    serverLog.push(`${stamp()} [server#${gen}] spawned pid ${child.pid}: ${this.bin} --config ${this.configPath}`);
-
-    // Poll /health until 200, the process dies, or the bound is reached.
-    const deadline = Date.now() + HEALTH_TIMEOUT_MS;
-    let last = 'no attempt';
-    while (Date.now() < deadline) {
-      if (child.exitInfo) {
-        this.child = null;
-        throw new Error(
-          `fanfare exited before becoming healthy: ${JSON.stringify(child.exitInfo)}\n${serverTail()}`,
-        );
-      }
-      try {
-        const res = await fetch(`http://127.0.0.1:${this.httpPort}/health`, {
-          signal: AbortSignal.timeout(1000),
-        });
-        await res.arrayBuffer().catch(() => {});
-        if (res.status === 200) return;
-        last = `HTTP ${res.status}`;
-      } catch (err) {
-        last = err.cause?.code || err.name || String(err);
-      }
-      await sleep(100);
-    }
-    throw new Error(
-      `fanfare did not answer 200 on /health within ${HEALTH_TIMEOUT_MS} ms (last: ${last})\n${serverTail()}`,
-    );
-  }
-
-  /** SIGTERM, SIGKILL after STOP_GRACE_MS. Resolves with how it ended. */
-  async stop() {
-    const child = this.child;
-    if (!child) return null;
-    this.child = null;
-    if (child.exitInfo) return { ...child.exitInfo, killed: false };
-    child.kill('SIGTERM');
-    let timer;
-    const graceful = await Promise.race([
-      child.exited.then(() => true),
-      new Promise((resolve) => (timer = setTimeout(() => resolve(false), STOP_GRACE_MS))),
-    ]);
-    clearTimeout(timer);
-    if (!graceful) {
-      serverLog.push(`${stamp()} [server pid ${child.pid}] no exit ${STOP_GRACE_MS} ms after SIGTERM: SIGKILL`);
-      child.kill('SIGKILL');
-      await withTimeout(child.exited, 5000, 'fanfare to exit after SIGKILL');
-    }
-    return { ...child.exitInfo, killed: !graceful };
-  }
-
-  /** Synchronous last resort for process exit paths. */
-  killNow() {
-    if (this.child && !this.child.exitInfo) {
-      try {
-        this.child.kill('SIGKILL');
-      } catch {
-        // already gone
-      }
-    }
-  }
-}
-
-function serverTail(n = 60) {
-  return `--- last server output ---\n${serverLog.lines.slice(-n).join('\n')}\n--- end server output ---`;
-}
-
-// ---------------------------------------------------------------------------
-// SDK clients with raw frame logging
-// ---------------------------------------------------------------------------
-
-const allSockets = new Set();
-const allClients = new Set();
-const unhandled = [];
-
-process.on('unhandledRejection', (reason) => {
-  // centrifuge-js reports exceptions while dispatching replies as unhandled
-  // rejections; record them (they mean the SDK choked on something) instead of
-  // crashing the test process.
-  unhandled.push(reason);
-  process.stderr.write(`${stamp()} unhandled rejection: ${reason?.stack || reason}\n`);
-});
-
-function truncate(s, n = 2000) {
-  return s.length > n ? `${s.slice(0, n)}...(${s.length} bytes)` : s;
-}
-
-/** A `ws` WebSocket subclass that records every frame in `log`. */
-function loggingWebSocket(label, log) {
-  return class LoggingWebSocket extends WebSocket {
-    constructor(url, protocols) {
-      super(url, protocols);
-      allSockets.add(this);
-      log.push(`${stamp()} ${label} ~ dial ${url}`);
-      this.on('open', () => log.push(`${stamp()} ${label} ~ open`));
-      this.on('message', (data, isBinary) => {
-        if (isBinary) {
-          log.push(`${stamp()} ${label} < [binary ${data.length} bytes] ${data.toString('hex').slice(0, 200)}`);
-          return;
-        }
-        // One frame may carry several newline-delimited replies.
-        for (const line of data.toString().split('\n')) log.push(`${stamp()} ${label} < ${truncate(line)}`);
-      });
-      this.on('close', (code, reason) => {
-        allSockets.delete(this);
-        log.push(`${stamp()} ${label} ~ close code=${code} reason=${JSON.stringify(reason.toString())}`);
-      });
-      this.on('error', (err) => log.push(`${stamp()} ${label} ~ error ${err.message}`));
-    }
-    send(data, ...rest) {
-      if (typeof data === 'string') {
-        // One frame may carry several newline-delimited commands.
-        for (const line of data.split('\n')) log.push(`${stamp()} ${label} > ${truncate(line)}`);
-      } else {
-        log.push(`${stamp()} ${label} > [binary ${data.length ?? data.byteLength} bytes]`);
-      }
-      return super.send(data, ...rest);
-    }
-  };
-}
-
-/** Per-test environment: creates clients, dumps their frames on failure, cleans up. */
-class Env {
-  constructor(name) {
-    this.name = name;
-    this.clients = [];
-    this.log = [];
-  }
-
-  client(label) {
-    const c = new Centrifuge(server.wsUrl, {
-      websocket: loggingWebSocket(label, this.log),
-      minReconnectDelay: 100,
-      maxReconnectDelay: 500,
-      timeout: 5000,
-    });
-    c.label = label;
-    c.connectedCount = 0;
-    c.closeEvents = []; // { event, code, reason }
-    // An 'error' event without listener would throw inside the SDK.
-    c.on('error', (ctx) => this.log.push(`${stamp()} ${label} ! client error ${JSON.stringify(ctx.error)} (${ctx.type})`));
-    c.on('connected', (ctx) => {
-      c.connectedCount += 1;
-      this.log.push(`${stamp()} ${label} ! connected client=${ctx.client}`);
-    });
-    c.on('connecting', (ctx) => {
-      c.closeEvents.push({ event: 'connecting', code: ctx.code, reason: ctx.reason });
-      this.log.push(`${stamp()} ${label} ! connecting code=${ctx.code} reason=${ctx.reason}`);
-    });
-    c.on('disconnected', (ctx) => {
-      c.closeEvents.push({ event: 'disconnected', code: ctx.code, reason: ctx.reason });
-      this.log.push(`${stamp()} ${label} ! disconnected code=${ctx.code} reason=${ctx.reason}`);
-    });
-    this.clients.push(c);
-    allClients.add(c);
-    return c;
-  }
-
-  /** Connects `c` and waits for its `connected` event. */
-  async connect(c) {
-    const connected = waitEvent(c, 'connected', `${c.label} to connect`);
-    c.connect();
-    return connected;
-  }
-
-  subscription(c, channel, options = {}) {
-    const sub = c.newSubscription(channel, options);
-    sub.subscribedCount = 0;
-    sub.on('error', (ctx) => this.log.push(`${stamp()} ${c.label} ! sub ${channel} error ${JSON.stringify(ctx.error)} (${ctx.type})`));
-    sub.on('subscribed', (ctx) => {
-      sub.subscribedCount += 1;
-      this.log.push(`${stamp()} ${c.label} ! sub ${channel} subscribed ${JSON.stringify(ctx)}`);
-    });
-    sub.on('subscribing', (ctx) => this.log.push(`${stamp()} ${c.label} ! sub ${channel} subscribing code=${ctx.code} reason=${ctx.reason}`));
-    sub.on('unsubscribed', (ctx) => this.log.push(`${stamp()} ${c.label} ! sub ${channel} unsubscribed code=${ctx.code} reason=${ctx.reason}`));
-    return sub;
-  }
-
-  /** Subscribes `sub` and waits for its `subscribed` event. */
-  async subscribe(sub) {
-    const subscribed = waitEvent(sub, 'subscribed', `subscription to ${sub.channel}`);
-    sub.subscribe();
-    return subscribed;
-  }
-
-  dump(err) {
-    process.stderr.write(
-      `\n===== ${this.name}: ${err ? 'FAILED' : 'frames'} =====\n` +
-        (err ? `${err.stack || err}\n` : '') +
-        `--- client frames/events (> sent, < received, ~ socket, ! SDK event) ---\n` +
-        `${this.log.join('\n')}\n` +
-        `${serverTail()}\n` +
-        `===== end ${this.name} =====\n\n`,
-    );
-  }
-
-  close() {
-    for (const c of this.clients) {
-      try {
-        c.disconnect();
-      } catch {
-        // ignore
-      }
-      allClients.delete(c);
-    }
-  }
-}
-
-/** Declares a test that runs `fn(env)` and dumps diagnostics on failure. */
-function e2e(name, fn, timeout = 40_000) {
-  test(name, { timeout }, async () => {
-    const env = new Env(name);
-    const unhandledBefore = unhandled.length;
-    try {
-      await fn(env);
-      assert.equal(
-        unhandled.length,
-        unhandledBefore,
-        `the SDK reported exceptions while handling server replies: ${unhandled.slice(unhandledBefore).map(String).join('; ')}`,
-      );
-      if (VERBOSE) env.dump(null);
-    } catch (err) {
-      env.dump(err);
-      throw err;
-    } finally {
-      env.close();
-    }
-  });
-}
-
-// ---------------------------------------------------------------------------
-// Setup / teardown
-// ---------------------------------------------------------------------------
-
-let server = null;
-let tmpDir = null;
-
-function killEverythingSync() {
-  for (const c of allClients) {
-    try {
-      c.disconnect();
-    } catch {
-      // ignore
-    }
-  }
-  for (const s of allSockets) {
-    try {
-      s.terminate();
-    } catch {
-      // ignore
-    }
-  }
-  if (server) server.killNow();
-}
-
-process.on('exit', killEverythingSync);
-for (const sig of ['SIGINT', 'SIGTERM']) {
-  process.once(sig, () => {
-    killEverythingSync();
-    process.exit(130);
-  });
-}
-
-before(async () => {
-  const bin = process.env.FANFARE_BIN;
-  assert.ok(bin, 'FANFARE_BIN must be set to the path of the fanfare binary');
-  assert.ok(path.isAbsolute(bin), `FANFARE_BIN must be an absolute path, got ${bin}`);
-  assert.ok(fs.existsSync(bin), `FANFARE_BIN does not exist: ${bin}`);
-  const [httpPort, grpcPort] = await twoDistinctFreePorts();
-  tmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'fanfare-e2e-'));
-  const configPath = path.join(tmpDir, 'config.toml');
-  fs.writeFileSync(configPath, configToml(httpPort, grpcPort));
-  server = new Server(bin, configPath, httpPort);
-  server.grpcPort = grpcPort;
-  await server.start();
-});
-
-after(async () => {
-  for (const c of allClients) {
-    try {
-      c.disconnect();
-    } catch {
-      // ignore
-    }
-  }
-  allClients.clear();
-  if (server) {
-    const how = await server.stop();
-    if (how?.killed) process.stderr.write(`fanfare did not exit within ${STOP_GRACE_MS} ms of SIGTERM; killed\n`);
-  }
-  for (const s of allSockets) {
-    try {
-      s.terminate();
-    } catch {
-      // ignore
-    }
-  }
-  allSockets.clear();
-  if (tmpDir) fs.rmSync(tmpDir, { recursive: true, force: true });
-});
+const suite = sdkSuite({ Centrifuge, config: configToml });
+const e2e = suite.e2e;
 
 // ---------------------------------------------------------------------------
 // Test A: client-side publish reaches a subscriber, in order
@@ -651,13 +227,13 @@ e2e('B: after a server restart (SIGTERM) the SDK reconnects and resubscribes by 
   const connectedBefore = s.connectedCount;
   const subscribedBefore = sub.subscribedCount;
 
-  const stopped = await server.stop();
+  const stopped = await suite.server.stop();
   assert.ok(stopped, 'server was not running');
   const goneCtx = await sGoesAway;
   // Stay down for a while: the SDK's reconnect attempts must fail and back off.
   await sleep(1000);
   assert.equal(s.state, 'connecting', 'S must keep trying to reconnect while the server is down');
-  await server.start(); // same config file => same ports
+  await suite.server.start(); // same config file => same ports
 
   await Promise.all([sReconnected, pReconnected]);
   const resub = await sResubscribed;
@@ -690,7 +266,7 @@ test(
   'D: the server echoes the Close frame when the client closes (raw ws)',
   { timeout: 15_000 },
   async () => {
-    const ws = new WebSocket(server.wsUrl);
+    const ws = new WebSocket(suite.server.wsUrl);
     allSockets.add(ws);
     try {
       await withTimeout(
@@ -730,7 +306,7 @@ test(
 
 /** POSTs `body` (a string, sent as is) to the HTTP API: { status, json }. */
 async function apiPost(method, body) {
-  const res = await fetch(`http://127.0.0.1:${server.httpPort}/api/${method}`, {
+  const res = await fetch(`http://127.0.0.1:${suite.server.httpPort}/api/${method}`, {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
     body,
@@ -767,7 +343,7 @@ function grpcPublish(channel, data) {
   prefix.writeUInt32BE(msg.length, 1);
   return withTimeout(
     new Promise((resolve, reject) => {
-      const session = http2.connect(`http://127.0.0.1:${server.grpcPort}`);
+      const session = http2.connect(`http://127.0.0.1:${suite.server.grpcPort}`);
       session.on('error', reject);
       const req = session.request({
         ':method': 'POST',
@@ -839,7 +415,7 @@ e2e('I1: a pretty-printed HTTP publish reaches SDK subscribers compact and the n
 
 e2e('I2: a raw line break inside a client publish is normalised and subscribers are undisturbed', async (env) => {
   const s = await steadySubscriber(env, 'sub', 'ingress-lf');
-  const raw = new (loggingWebSocket('raw', env.log))(server.wsUrl);
+  const raw = new (loggingWebSocket('raw', env.log))(suite.server.wsUrl);
   await withTimeout(new Promise((resolve, reject) => {
     raw.on('open', resolve);
     raw.on('error', reject);

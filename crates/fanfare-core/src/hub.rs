@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
-use fanfare_protocol::{Codec, Reply};
+use fanfare_protocol::{Codec, DisconnectCode, Reply};
 
 use crate::coalesce::Coalescer;
 use crate::outbox::{Control, Outbox};
@@ -97,7 +97,8 @@ impl Subscriber {
 pub struct PreparedPush {
     reply: Reply,
     offset: u64,
-    encoded: [OnceLock<Bytes>; Codec::COUNT],
+    /// `None`: the codec cannot carry this push (binary data for JSON clients).
+    encoded: [OnceLock<Option<Bytes>>; Codec::COUNT],
 }
 
 impl PreparedPush {
@@ -105,8 +106,8 @@ impl PreparedPush {
         Self { reply, offset, encoded: std::array::from_fn(|_| OnceLock::new()) }
     }
 
-    fn get(&self, codec: Codec) -> &Bytes {
-        self.encoded[codec.index()].get_or_init(|| codec.encode(&self.reply))
+    fn get(&self, codec: Codec) -> Option<&Bytes> {
+        self.encoded[codec.index()].get_or_init(|| codec.encode(&self.reply).ok()).as_ref()
     }
 }
 
@@ -233,7 +234,13 @@ impl Hub {
             }
         }
         for sub in entry.subs.values() {
-            sub.deliver(push.offset, push.get(sub.outbox.codec()), self.coalescer.as_ref());
+            match push.get(sub.outbox.codec()) {
+                Some(bytes) => sub.deliver(push.offset, bytes, self.coalescer.as_ref()),
+                // A JSON client cannot receive binary data: Centrifugo closes
+                // it with 3506 (terminal: the SDK does not reconnect into the
+                // same failure), and so does fanfare.
+                None => sub.outbox.close(DisconnectCode::INAPPROPRIATE_PROTOCOL),
+            }
         }
         FanOut::Delivered(entry.subs.len())
     }
@@ -331,6 +338,38 @@ mod tests {
         assert!(!hub.unsubscribe("c", 1));
         assert!(hub.unsubscribe("c", 2));
         assert_eq!(hub.num_channels(), 0);
+    }
+
+    #[test]
+    fn binary_data_reaches_protobuf_subscribers_and_closes_json_ones_with_3506() {
+        let hub = Hub::new();
+        let json = Arc::new(Outbox::new(Codec::Json, 1 << 20));
+        let proto = Arc::new(Outbox::new(Codec::Protobuf, 1 << 20));
+        let proto2 = Arc::new(Outbox::new(Codec::Protobuf, 1 << 20));
+        for (id, o) in [(1, &json), (2, &proto), (3, &proto2)] {
+            let sub = Arc::new(Subscriber::new(o.clone()));
+            hub.subscribe("c", id, sub.clone());
+            sub.go_live(0);
+        }
+        let data = Bytes::from_static(b"\x00\xffbinary");
+        let p = Publication { data: data.clone(), offset: 1, ..Default::default() };
+        assert_eq!(
+            hub.fan_out("c", &PreparedPush::new(Reply::push("c", PushBody::Pub(p)), 1)),
+            FanOut::Delivered(3)
+        );
+        let mut v = Vec::new();
+        assert_eq!(proto.drain(&mut v), None);
+        let mut v2 = Vec::new();
+        proto2.drain(&mut v2);
+        assert_eq!(v[0].as_ptr(), v2[0].as_ptr(), "encoded once, shared by both subscribers");
+        let mut buf = &v[0][..];
+        let reply =
+            <fanfare_protocol::pb::Reply as prost::Message>::decode_length_delimited(&mut buf)
+                .unwrap();
+        assert_eq!(reply.push.unwrap().r#pub.unwrap().data, data, "the exact bytes");
+        let mut v = Vec::new();
+        assert_eq!(json.drain(&mut v), Some(DisconnectCode::INAPPROPRIATE_PROTOCOL));
+        assert!(v.is_empty(), "nothing a JSON client could not parse is queued");
     }
 
     #[test]

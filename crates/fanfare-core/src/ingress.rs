@@ -3,6 +3,12 @@
 //! `max_size` bytes, nested at most `max_depth` levels, and kept in compact
 //! form (insignificant whitespace removed here, once, not per subscriber).
 //!
+//! The one exception is a Protobuf client's publish ([`DataRules::check_opaque`]):
+//! for Protobuf clients data is opaque bytes, so data that is not JSON is kept
+//! as it came (size limit still applies). JSON subscribers cannot receive it
+//! and are closed with 3506 when it reaches them, as in Centrifugo; data that
+//! is JSON follows the JSON rule.
+//!
 //! Why: JSON clients get data embedded verbatim into newline-delimited frames.
 //! A pretty-printed value carries raw newlines, which split the frame inside a
 //! message and make every SDK subscriber of the channel fail to parse it (and
@@ -85,6 +91,23 @@ impl DataRules {
             return Ok(data);
         }
         Ok(Bytes::from(compact(&data)))
+    }
+
+    /// The rule for a Protobuf client's data: the size limit always; data
+    /// that is JSON is checked and compacted as by [`DataRules::check`];
+    /// anything else (binary) is kept byte for byte.
+    pub fn check_opaque(&self, data: Bytes) -> Result<Bytes, DataError> {
+        if data.is_empty() {
+            return Err(DataError::Empty);
+        }
+        if data.len() > self.max_size {
+            return Err(DataError::TooLarge { size: data.len(), max: self.max_size });
+        }
+        if !fanfare_protocol::is_json(&data) {
+            return Ok(data);
+        }
+        // `is_json` ran the grammar pass already.
+        self.check_parsed(data)
     }
 }
 
@@ -200,6 +223,28 @@ mod tests {
             Err(DataError::TooLarge { size: 11, max: 8 })
         );
         assert_eq!(rules.check(Bytes::new()), Err(DataError::Empty));
+    }
+
+    #[test]
+    fn protobuf_data_binary_is_kept_as_is_and_json_follows_the_json_rule() {
+        let rules = DataRules { max_size: 8, max_depth: 2 };
+        let binary = Bytes::from_static(b"\x00\xff\n{");
+        let out = rules.check_opaque(binary.clone()).unwrap();
+        assert_eq!(out.as_ptr(), binary.as_ptr(), "binary data passes without a copy");
+        // Text that is not JSON is opaque bytes too.
+        assert_eq!(&rules.check_opaque(Bytes::from_static(b"hello")).unwrap()[..], b"hello");
+        // JSON is compacted and depth-checked like any JSON data.
+        assert_eq!(&rules.check_opaque(Bytes::from_static(b"[ 1, 2 ]")).unwrap()[..], b"[1,2]");
+        assert_eq!(
+            rules.check_opaque(Bytes::from_static(b"[[[1]]]")),
+            Err(DataError::TooDeep { max: 2 })
+        );
+        // The size limit holds for every kind of data.
+        assert_eq!(
+            rules.check_opaque(Bytes::from_static(b"\x00123456789")),
+            Err(DataError::TooLarge { size: 10, max: 8 })
+        );
+        assert_eq!(rules.check_opaque(Bytes::new()), Err(DataError::Empty));
     }
 
     #[test]

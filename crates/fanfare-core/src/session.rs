@@ -134,7 +134,11 @@ fn anonymous_user() -> Arc<str> {
 fn ping_frame(codec: Codec) -> Bytes {
     static PINGS: [std::sync::OnceLock<Bytes>; Codec::COUNT] =
         [const { std::sync::OnceLock::new() }; Codec::COUNT];
-    PINGS[codec.index()].get_or_init(|| codec.encode(&Reply::new(0, ReplyBody::Ping))).clone()
+    PINGS[codec.index()]
+        .get_or_init(|| {
+            codec.encode(&Reply::new(0, ReplyBody::Ping)).expect("every codec encodes a ping")
+        })
+        .clone()
 }
 
 /// A point in time in 8 bytes (a `std::time::Instant` takes 16, and a session
@@ -413,9 +417,20 @@ impl Session {
     /// Queues a reply or push. Nothing the session sends may exceed the reply
     /// budget ([`Session::reply_budget`]): a reply that would is answered with
     /// error 106 instead, so asking for too much never closes the asker with 3008.
+    ///
+    /// A reply this connection's codec cannot carry (binary publication data
+    /// in a recovery or history reply to a JSON client) closes the connection
+    /// with 3506, as a push would (see `Hub::fan_out`).
     fn send(&self, reply: Reply) {
         let codec = self.outbox.codec();
-        let bytes = codec.encode(&reply);
+        let bytes = match codec.encode(&reply) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::debug!(session = self.id, error = %e, "reply not encodable; closing");
+                self.outbox.close(DisconnectCode::INAPPROPRIATE_PROTOCOL);
+                return;
+            }
+        };
         if bytes.len() > self.reply_budget() {
             tracing::warn!(
                 session = self.id,
@@ -424,7 +439,8 @@ impl Session {
                 "reply larger than the client queue allows; sent as error 106"
             );
             if reply.id != 0 {
-                self.outbox.push(codec.encode(&Reply::error(reply.id, ErrorCode::LIMIT_EXCEEDED)));
+                let error = codec.encode(&Reply::error(reply.id, ErrorCode::LIMIT_EXCEEDED));
+                self.outbox.push(error.expect("every codec encodes an error reply"));
             }
             return;
         }
@@ -835,8 +851,15 @@ impl Session {
         {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
-        // The frame decoder parsed `data` as one JSON value already.
-        let data = match self.node.config().data_rules.check_parsed(data) {
+        // Protobuf clients may publish any bytes (JSON clients cannot receive
+        // those, see `Hub::fan_out`); a JSON client's data is JSON, which the
+        // frame decoder parsed as one value already.
+        let rules = &self.node.config().data_rules;
+        let checked = match self.outbox.codec() {
+            Codec::Json => rules.check_parsed(data),
+            Codec::Protobuf => rules.check_opaque(data),
+        };
+        let data = match checked {
             Ok(d) => d,
             Err(DataError::TooLarge { .. }) => return Err(ErrorCode::LIMIT_EXCEEDED.into()),
             Err(e) => {

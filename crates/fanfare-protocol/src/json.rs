@@ -14,9 +14,36 @@ use crate::command::{
     Command, ConnectRequest, HistoryRequest, Request, StreamPosition, SubscribeRequest,
 };
 use crate::reply::{
-    ClientInfo, ConnectResult, HistoryResult, Publication, PushBody, Reply, ReplyBody,
+    ClientInfo, ConnectResult, HistoryResult, Publication, Push, PushBody, Reply, ReplyBody,
     SubscribeResult,
 };
+
+/// Whether `data` is one JSON value in UTF-8, i.e. can be embedded verbatim in
+/// a JSON message. (serde_json skips string contents without checking their
+/// UTF-8, hence the separate check.)
+pub fn is_json(data: &[u8]) -> bool {
+    std::str::from_utf8(data).is_ok()
+        && serde_json::from_slice::<serde::de::IgnoredAny>(data).is_ok()
+}
+
+/// Whether every publication's data in `reply` can be embedded in JSON.
+///
+/// Data that is not JSON can only come from a Protobuf publisher (every other
+/// path enters JSON, see `fanfare_core::ingress`). Checked here, once per
+/// publication and codec (not per subscriber), rather than marked on the
+/// publication: the check holds for data from any broker or history, whoever
+/// wrote it. Only publication data is checked: info comes from tokens and
+/// other payloads from JSON paths.
+pub(crate) fn payloads_are_json(reply: &Reply) -> bool {
+    let ok = |pubs: &[Publication]| pubs.iter().all(|p| p.data.is_empty() || is_json(&p.data));
+    match &reply.body {
+        ReplyBody::Push(Push { body: PushBody::Pub(p), .. }) => ok(std::slice::from_ref(p)),
+        ReplyBody::Subscribe(r) => ok(&r.publications),
+        ReplyBody::Connect(r) => r.subs.iter().all(|(_, s)| ok(&s.publications)),
+        ReplyBody::History(r) => ok(&r.publications),
+        _ => true,
+    }
+}
 
 // ---------------------------------------------------------------- decoding
 
@@ -589,6 +616,24 @@ mod tests {
         assert!(!s.contains(['\n', '\r']), "{s}");
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v["push"]["pub"]["data"]["a"], 2);
+    }
+
+    #[test]
+    fn binary_publication_data_is_not_encodable_as_json() {
+        use crate::codec::{Codec, EncodeError};
+        let binary = Publication { data: Bytes::from_static(b"\x00\xff{"), ..Default::default() };
+        let push = Reply::push("c", PushBody::Pub(binary.clone()));
+        assert_eq!(Codec::Json.encode(&push), Err(EncodeError::NotJson));
+        assert!(Codec::Protobuf.encode(&push).is_ok());
+        let history = Reply::new(
+            2,
+            ReplyBody::History(HistoryResult { publications: vec![binary], ..Default::default() }),
+        );
+        assert_eq!(Codec::Json.encode(&history), Err(EncodeError::NotJson));
+        // Text that is not JSON is not JSON either; JSON text is.
+        assert!(!is_json(b"hello"));
+        assert!(!is_json(b"\"\xff\""));
+        assert!(is_json(br#"{"a":[1,"x"]}"#));
     }
 
     #[test]

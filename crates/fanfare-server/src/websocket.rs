@@ -7,7 +7,7 @@ use std::time::Duration;
 use fanfare_core::metrics::hot;
 use fanfare_core::{MAX_PUBLISHES_IN_FLIGHT, Node, Session};
 use fanfare_protocol::{Codec, DisconnectCode, FrameKind};
-use fanfare_server::ws::{self, Incoming, OP_PONG, OP_TEXT, WsConn, WsError};
+use fanfare_server::ws::{self, Incoming, OP_BINARY, OP_PONG, OP_TEXT, WsConn, WsError};
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -62,7 +62,7 @@ pub fn upgrade(
     if node.is_draining() {
         return plain(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n");
     }
-    let codec = Codec::Json;
+    let (codec, subprotocol) = negotiate(&req);
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
@@ -91,8 +91,42 @@ pub fn upgrade(
             }
         }
     });
-    ws::switching_protocols(&key)
+    let mut resp = ws::switching_protocols(&key);
+    if let Some(p) = subprotocol {
+        resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
+    }
+    resp
 }
+
+/// The codec a client asked for, and the subprotocol to answer with, as
+/// Centrifugo's handler decides them: the first of the client's
+/// `Sec-WebSocket-Protocol` values that we speak is answered
+/// (`centrifuge-protobuf`, or `centrifuge-json`); Protobuf is chosen by that
+/// subprotocol or by the query `cf_protocol=protobuf` (older clients:
+/// `format=protobuf`). Unknown subprotocols are not answered (a browser then
+/// fails the connection, as it should), and JSON is the default.
+fn negotiate<B>(req: &Request<B>) -> (Codec, Option<&'static str>) {
+    let subprotocol = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .find_map(|p| [PROTOBUF_SUBPROTOCOL, JSON_SUBPROTOCOL].into_iter().find(|s| *s == p));
+    let query_protobuf = req.uri().query().is_some_and(|q| {
+        q.split('&').any(|kv| kv == "cf_protocol=protobuf" || kv == "format=protobuf")
+    });
+    let codec = if subprotocol == Some(PROTOBUF_SUBPROTOCOL) || query_protobuf {
+        Codec::Protobuf
+    } else {
+        Codec::Json
+    };
+    (codec, subprotocol)
+}
+
+const PROTOBUF_SUBPROTOCOL: &str = "centrifuge-protobuf";
+const JSON_SUBPROTOCOL: &str = "centrifuge-json";
 
 /// Why the connection loop ended.
 enum End {
@@ -146,17 +180,20 @@ where
             // commands in the socket (backpressure instead of an unbounded queue).
             msg = conn.read(), if session.publishes_in_flight() < MAX_PUBLISHES_IN_FLIGHT => {
                 let res = match msg {
-                    Ok(Incoming::Text(p)) => {
+                    // A binary frame on JSON, or text on Protobuf: a bad request
+                    // (3501), which is what Centrifugo's decoder ends up
+                    // answering too (it reads either frame type with the codec).
+                    Ok(Incoming::Text(p)) if codec.frame_kind() != FrameKind::Text => {
+                        account_received(p.len());
+                        Err(DisconnectCode::BAD_REQUEST)
+                    }
+                    Ok(Incoming::Binary(p)) if codec.frame_kind() != FrameKind::Binary => {
+                        account_received(p.len());
+                        Err(DisconnectCode::BAD_REQUEST)
+                    }
+                    Ok(Incoming::Text(p) | Incoming::Binary(p)) => {
                         account_received(p.len());
                         Box::pin(session.handle_frame(conn.payload(p))).await
-                    }
-                    Ok(Incoming::Binary(p)) => {
-                        account_received(p.len());
-                        match codec.frame_kind() {
-                            FrameKind::Binary => Box::pin(session.handle_frame(conn.payload(p))).await,
-                            // Binary frames are not part of the JSON protocol.
-                            FrameKind::Text => Err(DisconnectCode::BAD_REQUEST),
-                        }
                     }
                     Ok(Incoming::Ping(p)) => {
                         match Box::pin(answer_ping(conn, p, opts.write_timeout)).await {
@@ -263,10 +300,13 @@ where
         return Ok(close);
     }
     let count = items.len();
-    let (opcode, separator): (u8, &[u8]) = match codec {
-        // JSON messages share a text frame, separated by newlines.
-        Codec::Json => (OP_TEXT, b"\n"),
+    // JSON messages share a text frame, separated by newlines; Protobuf
+    // messages a binary frame, each behind its length prefix.
+    let opcode = match codec.frame_kind() {
+        FrameKind::Text => OP_TEXT,
+        FrameKind::Binary => OP_BINARY,
     };
+    let separator = codec.separator();
     let h = hot();
     // Counted before writing, so a client that got the bytes sees the count.
     h.writes.increment(1);

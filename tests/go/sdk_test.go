@@ -1,0 +1,351 @@
+// End-to-end tests of fanfare with the real centrifuge-go SDK (v0.12.1), both
+// NewProtobufClient and NewJsonClient, against the binary named by FANFARE_BIN
+// (started here on free loopback ports). Run with tests/go/run.sh.
+package sdktest
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/centrifugal/centrifuge-go"
+)
+
+const wait = 10 * time.Second
+
+var wsURL string
+
+func freePort() int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// TestMain starts one fanfare process for all tests and stops it at the end.
+func TestMain(m *testing.M) {
+	bin := os.Getenv("FANFARE_BIN")
+	if bin == "" || !filepath.IsAbs(bin) {
+		fmt.Fprintln(os.Stderr, "FANFARE_BIN must be the absolute path of the fanfare binary")
+		os.Exit(2)
+	}
+	dir, err := os.MkdirTemp("", "fanfare-go-sdk-")
+	if err != nil {
+		panic(err)
+	}
+	httpPort, grpcPort := freePort(), freePort()
+	config := fmt.Sprintf(`[http]
+listen = "127.0.0.1:%d"
+
+[grpc]
+listen = "127.0.0.1:%d"
+
+# Short pings, so the SDK's pongs are exercised (TestPingsAreAnswered).
+[client]
+ping_interval = "1s"
+pong_timeout = "800ms"
+
+[[namespaces]]
+name = ""
+allow_publish = true
+allow_subscribe = true
+history_size = 100
+history_ttl = "300s"
+presence = true
+`, httpPort, grpcPort)
+	configPath := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
+		panic(err)
+	}
+	logFile, err := os.Create(filepath.Join(dir, "fanfare.log"))
+	if err != nil {
+		panic(err)
+	}
+	cmd := exec.Command(bin, "--config", configPath)
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := cmd.Start(); err != nil {
+		panic(err)
+	}
+	healthy := false
+	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/health", httpPort))
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				healthy = true
+				break
+			}
+		}
+	}
+	code := 2
+	if healthy {
+		wsURL = fmt.Sprintf("ws://127.0.0.1:%d/connection/websocket", httpPort)
+		code = m.Run()
+	} else {
+		fmt.Fprintln(os.Stderr, "fanfare did not become healthy")
+	}
+	_ = cmd.Process.Kill()
+	_, _ = cmd.Process.Wait()
+	if code != 0 {
+		log, _ := os.ReadFile(logFile.Name())
+		fmt.Fprintf(os.Stderr, "---- fanfare log ----\n%s\n----\n", log)
+	}
+	_ = os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// events collects what a client and its subscriptions report.
+type events struct {
+	mu           sync.Mutex
+	pubs         []centrifuge.Publication
+	disconnected chan centrifuge.DisconnectedEvent
+	// Connecting events after the first connect: reconnects.
+	reconnecting chan centrifuge.ConnectingEvent
+	subscribed   chan centrifuge.SubscribedEvent
+	changed      chan struct{}
+}
+
+func newEvents() *events {
+	return &events{
+		disconnected: make(chan centrifuge.DisconnectedEvent, 16),
+		reconnecting: make(chan centrifuge.ConnectingEvent, 16),
+		subscribed:   make(chan centrifuge.SubscribedEvent, 16),
+		changed:      make(chan struct{}, 1024),
+	}
+}
+
+// waitPubs waits until n publications arrived and returns them.
+func (e *events) waitPubs(t *testing.T, n int, what string) []centrifuge.Publication {
+	t.Helper()
+	deadline := time.After(wait)
+	for {
+		e.mu.Lock()
+		if len(e.pubs) >= n {
+			out := append([]centrifuge.Publication(nil), e.pubs...)
+			e.mu.Unlock()
+			return out
+		}
+		have := len(e.pubs)
+		e.mu.Unlock()
+		select {
+		case <-e.changed:
+		case <-deadline:
+			t.Fatalf("timed out waiting for %s: have %d of %d publications", what, have, n)
+		}
+	}
+}
+
+type kind int
+
+const (
+	protobuf kind = iota
+	jsonKind
+)
+
+// client makes a connected client of the given kind.
+func client(t *testing.T, k kind) (*centrifuge.Client, *events) {
+	t.Helper()
+	cfg := centrifuge.Config{MinReconnectDelay: 50 * time.Millisecond, MaxReconnectDelay: 300 * time.Millisecond}
+	var c *centrifuge.Client
+	if k == protobuf {
+		c = centrifuge.NewProtobufClient(wsURL, cfg)
+	} else {
+		c = centrifuge.NewJsonClient(wsURL, cfg)
+	}
+	e := newEvents()
+	connected := make(chan struct{}, 16)
+	c.OnConnected(func(centrifuge.ConnectedEvent) { connected <- struct{}{} })
+	c.OnConnecting(func(ev centrifuge.ConnectingEvent) {
+		if ev.Code != 0 { // 0: the connect call itself
+			e.reconnecting <- ev
+		}
+	})
+	c.OnDisconnected(func(ev centrifuge.DisconnectedEvent) { e.disconnected <- ev })
+	c.OnError(func(ev centrifuge.ErrorEvent) { t.Logf("client error: %v", ev.Error) })
+	t.Cleanup(c.Close)
+	if err := c.Connect(); err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	select {
+	case <-connected:
+	case <-time.After(wait):
+		t.Fatal("timed out waiting for connected")
+	}
+	return c, e
+}
+
+// subscribe subscribes c to channel (recoverable) and waits for subscribed.
+func subscribe(t *testing.T, c *centrifuge.Client, e *events, channel string) *centrifuge.Subscription {
+	t.Helper()
+	sub, err := c.NewSubscription(channel, centrifuge.SubscriptionConfig{Recoverable: true, Positioned: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub.OnPublication(func(ev centrifuge.PublicationEvent) {
+		e.mu.Lock()
+		e.pubs = append(e.pubs, ev.Publication)
+		e.mu.Unlock()
+		e.changed <- struct{}{}
+	})
+	sub.OnSubscribed(func(ev centrifuge.SubscribedEvent) { e.subscribed <- ev })
+	sub.OnError(func(ev centrifuge.SubscriptionErrorEvent) { t.Logf("subscription error: %v", ev.Error) })
+	if err := sub.Subscribe(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-e.subscribed:
+	case <-time.After(wait):
+		t.Fatalf("timed out subscribing to %s", channel)
+	}
+	return sub
+}
+
+func publish(t *testing.T, c *centrifuge.Client, channel string, data []byte) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	if _, err := c.Publish(ctx, channel, data); err != nil {
+		t.Fatalf("publish %q: %v", data, err)
+	}
+}
+
+func TestProtobufClientPublishesBytesAndReadsPresenceHistoryAndRecovery(t *testing.T) {
+	pub, _ := client(t, protobuf)
+	subClient, e := client(t, protobuf)
+	sub := subscribe(t, subClient, e, "go-pb")
+
+	binary := []byte{0, 0xff, '\n', 0xc3, 0x28}
+	publish(t, pub, "go-pb", binary)
+	publish(t, pub, "go-pb", []byte(`{"n":2}`))
+	pubs := e.waitPubs(t, 2, "two publications")
+	if !bytes.Equal(pubs[0].Data, binary) || string(pubs[1].Data) != `{"n":2}` {
+		t.Fatalf("data: %q %q", pubs[0].Data, pubs[1].Data)
+	}
+	if pubs[0].Offset != 1 || pubs[1].Offset != 2 || pubs[0].Info == nil {
+		t.Fatalf("offsets or info: %+v", pubs)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), wait)
+	defer cancel()
+	presence, err := sub.Presence(ctx)
+	if err != nil || len(presence.Clients) != 1 {
+		t.Fatalf("presence: %+v %v", presence, err)
+	}
+	stats, err := sub.PresenceStats(ctx)
+	if err != nil || stats.NumClients != 1 {
+		t.Fatalf("presence stats: %+v %v", stats, err)
+	}
+	history, err := sub.History(ctx, centrifuge.WithHistoryLimit(-1))
+	if err != nil || len(history.Publications) != 2 || !bytes.Equal(history.Publications[0].Data, binary) {
+		t.Fatalf("history: %+v %v", history, err)
+	}
+
+	// Missed while disconnected, recovered on reconnect.
+	if err := subClient.Disconnect(); err != nil {
+		t.Fatal(err)
+	}
+	<-e.disconnected
+	publish(t, pub, "go-pb", []byte{3, 0xfe})
+	publish(t, pub, "go-pb", []byte{4, 0xfe})
+	if err := subClient.Connect(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case ev := <-e.subscribed:
+		if !ev.WasRecovering || !ev.Recovered {
+			t.Fatalf("resubscribe did not recover: %+v", ev)
+		}
+	case <-time.After(wait):
+		t.Fatal("timed out waiting for the resubscribe")
+	}
+	pubs = e.waitPubs(t, 4, "the recovered publications")
+	if !bytes.Equal(pubs[2].Data, []byte{3, 0xfe}) || !bytes.Equal(pubs[3].Data, []byte{4, 0xfe}) || pubs[3].Offset != 4 {
+		t.Fatalf("recovered: %+v", pubs[2:])
+	}
+}
+
+func TestJsonClientPublishesAndReceivesJSON(t *testing.T) {
+	pub, _ := client(t, jsonKind)
+	subClient, e := client(t, jsonKind)
+	subscribe(t, subClient, e, "go-json")
+	publish(t, pub, "go-json", []byte(`{"text": "hi"}`))
+	pubs := e.waitPubs(t, 1, "the publication")
+	if string(pubs[0].Data) != `{"text":"hi"}` {
+		t.Fatalf("data: %s", pubs[0].Data)
+	}
+}
+
+func TestJsonAndProtobufSubscribersShareAChannel(t *testing.T) {
+	pbSubClient, pbEvents := client(t, protobuf)
+	jsonSubClient, jsonEvents := client(t, jsonKind)
+	subscribe(t, pbSubClient, pbEvents, "go-mixed")
+	subscribe(t, jsonSubClient, jsonEvents, "go-mixed")
+	pbPub, _ := client(t, protobuf)
+	jsonPub, _ := client(t, jsonKind)
+
+	publish(t, jsonPub, "go-mixed", []byte(`{"from":"json"}`))
+	publish(t, pbPub, "go-mixed", []byte(`{"from":"protobuf"}`))
+	for name, e := range map[string]*events{"protobuf": pbEvents, "json": jsonEvents} {
+		pubs := e.waitPubs(t, 2, name+" subscriber")
+		var got []map[string]string
+		for _, p := range pubs {
+			var v map[string]string
+			if err := json.Unmarshal(p.Data, &v); err != nil {
+				t.Fatalf("%s subscriber got %q: %v", name, p.Data, err)
+			}
+			got = append(got, v)
+		}
+		if got[0]["from"] != "json" || got[1]["from"] != "protobuf" {
+			t.Fatalf("%s subscriber got %v", name, got)
+		}
+	}
+
+	// Binary data: the Protobuf subscriber gets the bytes, the JSON client is
+	// disconnected with 3506 (inappropriate protocol), as Centrifugo does.
+	binary := []byte{0xde, 0xad, 0xbe, 0xef, 0}
+	publish(t, pbPub, "go-mixed", binary)
+	if pubs := pbEvents.waitPubs(t, 3, "the binary publication"); !bytes.Equal(pubs[2].Data, binary) {
+		t.Fatalf("binary data: %q", pubs[2].Data)
+	}
+	select {
+	case ev := <-jsonEvents.disconnected:
+		if ev.Code != 3506 || !strings.Contains(ev.Reason, "inappropriate protocol") {
+			t.Fatalf("JSON client disconnected with %+v", ev)
+		}
+	case <-time.After(wait):
+		t.Fatal("the JSON subscriber was not disconnected")
+	}
+	jsonEvents.mu.Lock()
+	n := len(jsonEvents.pubs)
+	jsonEvents.mu.Unlock()
+	if n != 2 {
+		t.Fatalf("the JSON subscriber got %d publications, want 2", n)
+	}
+}
+
+func TestPingsAreAnsweredByBothClients(t *testing.T) {
+	_, pbEvents := client(t, protobuf)
+	_, jsonEvents := client(t, jsonKind)
+	time.Sleep(3500 * time.Millisecond) // three 1 s pings, each answered within 800 ms
+	for name, e := range map[string]*events{"protobuf": pbEvents, "json": jsonEvents} {
+		select {
+		case ev := <-e.disconnected:
+			t.Fatalf("%s client disconnected: %+v", name, ev)
+		case ev := <-e.reconnecting:
+			t.Fatalf("%s client reconnecting: %+v", name, ev)
+		default:
+		}
+	}
+}
