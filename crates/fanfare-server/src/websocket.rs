@@ -345,14 +345,22 @@ async fn send_close<S>(
         if conn.send_close(code.0, reason).await.is_err() {
             return;
         }
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let answered = tokio::time::timeout(Duration::from_secs(1), async {
             while let Ok(m) = conn.read().await {
                 if matches!(m, Incoming::Close(..)) {
-                    break;
+                    return true;
                 }
             }
+            false
         })
         .await;
+        if answered != Ok(true) {
+            // No close frame came back (e.g. the peer is still sending the
+            // message we refused with 1009): drop its input for a moment so
+            // the socket is not reset under our close frame.
+            let _ = conn.shutdown().await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn.drain_input()).await;
+        }
     };
     let _ = tokio::time::timeout(write_timeout, close).await;
 }

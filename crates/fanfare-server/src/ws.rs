@@ -714,6 +714,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsConn<S> {
     pub async fn shutdown(&mut self) -> io::Result<()> {
         poll_fn(|cx| Pin::new(&mut self.io).poll_shutdown(cx)).await
     }
+
+    /// Reads and drops raw bytes until the peer closes or the caller's
+    /// timeout ends this future ("lingering close", RFC 9112 9.6): a socket
+    /// closed with unread input makes the kernel send a reset, which can
+    /// destroy the close frame just written before the peer reads it (seen
+    /// after a 1009 for a message still arriving).
+    pub async fn drain_input(&mut self) {
+        let mut scratch = [0u8; 4096];
+        loop {
+            let n = poll_fn(|cx| {
+                let mut rb = ReadBuf::new(&mut scratch);
+                Pin::new(&mut self.io).poll_read(cx, &mut rb).map_ok(|()| rb.filled().len())
+            })
+            .await;
+            if !matches!(n, Ok(n) if n > 0) {
+                return;
+            }
+        }
+    }
 }
 
 /// The `Sec-WebSocket-Accept` value for a `Sec-WebSocket-Key` (RFC 6455 4.2.2).
