@@ -8,7 +8,7 @@ use bytes::Bytes;
 use fanfare_protocol::{Codec, DisconnectCode, Reply};
 
 use crate::coalesce::Coalescer;
-use crate::outbox::{Control, Outbox};
+use crate::outbox::{Directive, Outbox};
 
 const SHARDS: usize = 64;
 
@@ -257,7 +257,7 @@ impl Hub {
         let Some(entry) = entry else { return 0 };
         let channel: Arc<str> = Arc::from(channel);
         for sub in entry.subs.values() {
-            sub.outbox.push_control(Control::Unsubscribed {
+            sub.outbox.push_directive(Directive::Unsubscribed {
                 channel: channel.clone(),
                 code,
                 reason,
@@ -436,8 +436,8 @@ mod evict_tests {
         assert_eq!(hub.evict("c", 2500, "insufficient state"), 1);
         assert!(!hub.has_subscribers("c"));
         assert_eq!(
-            outbox.take_controls(),
-            vec![Control::Unsubscribed {
+            outbox.take_directives(),
+            vec![Directive::Unsubscribed {
                 channel: "c".into(),
                 code: 2500,
                 reason: "insufficient state"

@@ -33,5 +33,5 @@ pub use hub::{FanOut, Hub};
 pub use ingress::{DataError, DataRules};
 pub use memory::{MemoryBroker, MemoryConfig};
 pub use node::{Node, NodeConfig};
-pub use outbox::{Control, Outbox};
+pub use outbox::{Directive, Outbox};
 pub use session::{MAX_PUBLISHES_IN_FLIGHT, Session};

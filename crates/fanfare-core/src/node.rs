@@ -13,7 +13,7 @@ use crate::channel::{ChannelRules, Namespace};
 use crate::control::ControlMessage;
 use crate::hub::{FanOut, Hub, PreparedPush, Subscriber};
 use crate::metrics;
-use crate::outbox::{Control, Outbox};
+use crate::outbox::{Directive, Outbox};
 use crate::timer::Timers;
 
 /// Per-node settings that shape every session.
@@ -297,13 +297,13 @@ impl Node {
             ControlMessage::Subscribe { user, client, channel } => {
                 let channel: Arc<str> = channel.into();
                 for o in self.local_targets(&user, &client) {
-                    o.push_control(Control::Subscribe { channel: channel.clone() });
+                    o.push_directive(Directive::Subscribe { channel: channel.clone() });
                 }
             }
             ControlMessage::Unsubscribe { user, client, channel } => {
                 let channel: Arc<str> = channel.into();
                 for o in self.local_targets(&user, &client) {
-                    o.push_control(Control::Unsubscribed {
+                    o.push_directive(Directive::Unsubscribed {
                         channel: channel.clone(),
                         code: 2000,
                         reason: "server unsubscribe",

@@ -49,13 +49,13 @@ struct State {
 struct Cold {
     /// A reason replacing the close code's standard one (set by the control API).
     close_reason: Option<String>,
-    controls: Vec<Control>,
+    directives: Vec<Directive>,
 }
 
 /// A request from the node to a session, applied by the session's own task
 /// (so session state is only ever touched by that task).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Control {
+pub enum Directive {
     /// The node stopped delivering `channel` to this session (e.g. its stream may
     /// have a gap): drop the subscription and send an unsubscribe push with `code`
     /// (>= 2500 makes SDKs resubscribe, with recovery when they use it).
@@ -189,26 +189,26 @@ impl Outbox {
         self.lock().close
     }
 
-    /// Queues a control request for the session's task.
-    pub fn push_control(&self, control: Control) {
+    /// Queues a directive for the session's task.
+    pub fn push_directive(&self, directive: Directive) {
         let mut st = self.lock();
         if st.close.is_some() {
             return;
         }
-        st.cold.get_or_insert_default().controls.push(control);
+        st.cold.get_or_insert_default().directives.push(directive);
         drop(st);
         self.wake();
     }
 
-    /// Takes pending control requests.
-    pub fn take_controls(&self) -> Vec<Control> {
+    /// Takes pending directives.
+    pub fn take_directives(&self) -> Vec<Directive> {
         let mut st = self.lock();
         let Some(cold) = st.cold.as_mut() else { return Vec::new() };
-        let controls = std::mem::take(&mut cold.controls);
+        let directives = std::mem::take(&mut cold.directives);
         if cold.close_reason.is_none() {
             st.cold = None;
         }
-        controls
+        directives
     }
 
     /// Like [`Outbox::close`] with a custom reason (at most 123 bytes are sent).

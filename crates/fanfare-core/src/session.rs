@@ -32,7 +32,7 @@ use crate::channel::{ChannelError, Namespace, personal_channel};
 use crate::hub::Subscriber;
 use crate::ingress::DataError;
 use crate::node::Node;
-use crate::outbox::{Control, Outbox};
+use crate::outbox::{Directive, Outbox};
 use crate::subscriptions::{SubMap, Subscription};
 
 /// How a command failed: a reply error (connection stays) or a disconnect.
@@ -326,20 +326,20 @@ impl Session {
         }
     }
 
-    /// Applies requests the node queued for this session (see [`Control`]).
-    pub async fn apply_controls(&mut self) {
-        let controls = self.outbox.take_controls();
-        if controls.is_empty() {
+    /// Applies requests the node queued for this session (see [`Directive`]).
+    pub async fn apply_directives(&mut self) {
+        let directives = self.outbox.take_directives();
+        if directives.is_empty() {
             return;
         }
-        for control in controls {
-            match control {
-                Control::Subscribe { channel } => {
+        for directive in directives {
+            match directive {
+                Directive::Subscribe { channel } => {
                     if self.conn.is_some() {
                         self.subscribe_server_side(&channel).await;
                     }
                 }
-                Control::Unsubscribed { channel, code, reason } => {
+                Directive::Unsubscribed { channel, code, reason } => {
                     let server_side = self
                         .conn
                         .as_ref()

@@ -382,7 +382,7 @@ async fn drive(
             }
             session.arm_timer();
         }
-        session.apply_controls().await;
+        session.apply_directives().await;
         let close = outbox.drain(&mut items);
         if !items.is_empty() {
             let chunk = conn.frame(&items);

@@ -164,7 +164,7 @@ where
                     }
                     session.arm_timer();
                 }
-                Box::pin(session.apply_controls()).await;
+                Box::pin(session.apply_directives()).await;
                 match Box::pin(flush_outbox(conn, &outbox, codec, opts.write_timeout)).await {
                     Ok(None) => {}
                     Ok(Some(code)) => break End::Close(code),
