@@ -326,7 +326,8 @@ pub struct TransportsSection {
     pub uni_sse: bool,
     /// `POST /connection/uni_http_stream` (newline-delimited JSON stream).
     pub uni_http_stream: bool,
-    /// Not available yet (refused when set).
+    /// `/connection/uni_websocket` (connect request as the first message,
+    /// then one push per WebSocket message).
     pub uni_websocket: bool,
     /// Not available yet (refused when set).
     pub http_stream: bool,
@@ -470,7 +471,6 @@ impl Settings {
             bail!("client.history_max_publication_limit: must be at least 1");
         }
         for (key, on) in [
-            ("transports.uni_websocket", self.transports.uni_websocket),
             ("transports.http_stream", self.transports.http_stream),
             ("transports.sse", self.transports.sse),
         ] {

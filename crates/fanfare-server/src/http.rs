@@ -41,6 +41,7 @@ pub struct HttpState {
     /// `transports.uni_sse`, `transports.uni_http_stream`.
     pub uni_sse: bool,
     pub uni_http_stream: bool,
+    pub uni_websocket: bool,
 }
 
 /// How long a client may take to send a request (`http.*_timeout`). Without
@@ -79,7 +80,12 @@ async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr)
         return crate::api_http::handle(req, &st.node, &st.api, peer, st.deadlines.body).await;
     }
     match (req.method(), req.uri().path()) {
-        (_, "/connection/websocket") => websocket::upgrade(req, st.node.clone(), st.ws.clone()),
+        (_, "/connection/websocket") => {
+            websocket::upgrade(req, st.node.clone(), st.ws.clone(), websocket::Mode::Bidirectional)
+        }
+        (_, "/connection/uni_websocket") if st.uni_websocket => {
+            websocket::upgrade(req, st.node.clone(), st.ws.clone(), websocket::Mode::Unidirectional)
+        }
         (&Method::GET, "/health") => plain(StatusCode::OK, "ok\n"),
         (&Method::GET, "/ready") => {
             if st.node.is_ready() {

@@ -197,6 +197,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         },
         uni_sse: settings.transports.uni_sse,
         uni_http_stream: settings.transports.uni_http_stream,
+        uni_websocket: settings.transports.uni_websocket,
     };
     // Histogram samples are kept raw until the recorder's upkeep folds them into
     // buckets; `install_recorder` runs no upkeep, so without this they would

@@ -10,6 +10,8 @@
 //!   Centrifugo, whose uni_sse cannot resume without an SDK).
 //! - `POST /connection/uni_http_stream` with the connect request as body:
 //!   newline-delimited JSON messages in a streamed response.
+//! - `/connection/uni_websocket`: the connect request as the first message,
+//!   then one push per WebSocket message.
 //!
 //! Messages are Centrifugo's unidirectional pushes: `{"connect":{...}}`
 //! first, then `{"channel":"c","pub":{...}}`, `{}` as ping, and
@@ -34,6 +36,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
+
+use fanfare_server::ws::{self, OP_PONG, OP_TEXT, WsConn};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::websocket::WsOptions;
 
@@ -424,4 +429,145 @@ fn url_param(query: &str, name: &str) -> Option<String> {
             percent_encoding::percent_decode_str(&v).decode_utf8_lossy().into_owned()
         })
     })
+}
+
+/// The close code for a connect refused with reply error `code`.
+fn refused_close(code: Option<u64>) -> DisconnectCode {
+    match code {
+        Some(101 | 109) => DisconnectCode::INVALID_TOKEN,
+        Some(103) => DisconnectCode::PERMISSION_DENIED,
+        Some(106) => DisconnectCode::CHANNEL_LIMIT,
+        _ => DisconnectCode::BAD_REQUEST,
+    }
+}
+
+/// `/connection/uni_websocket` after the upgrade: the first message is the
+/// connect request; then every push goes out as a WebSocket message of its
+/// own (a plain client parses one JSON value per message), pings as `{}`.
+/// Messages from the client after the connect request are ignored; its
+/// WebSocket pings are answered and its close ends the connection.
+pub async fn serve_websocket<S>(conn: &mut WsConn<S>, node: Node, opts: &WsOptions)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let connect_timeout = node.config().connect_timeout;
+    let first = tokio::time::timeout(connect_timeout, conn.read()).await;
+    let connect: Option<Value> = match &first {
+        Ok(Ok(ws::Incoming::Text(p))) => serde_json::from_slice(conn.payload(*p)).ok(),
+        _ => None,
+    };
+    let connect = match (connect, first.is_err()) {
+        (Some(v @ Value::Object(_)), _) => v,
+        (_, true) => return goodbye_ws(conn, DisconnectCode::STALE, opts.write_timeout).await,
+        _ => return goodbye_ws(conn, DisconnectCode::BAD_REQUEST, opts.write_timeout).await,
+    };
+    let Some(mut session) = Session::new_unidirectional(node, Codec::Json) else {
+        return goodbye_ws(conn, DisconnectCode::SHUTDOWN, opts.write_timeout).await;
+    };
+    let frame = json!({"id": 1, "connect": connect}).to_string();
+    if let Err(code) = session.handle_frame(frame.as_bytes()).await {
+        let code = session.ended(code);
+        goodbye_ws(conn, code, opts.write_timeout).await;
+        return session.close(code).await;
+    }
+    let outbox = session.outbox().clone();
+    let mut items = Vec::new();
+    outbox.drain(&mut items);
+    let first: Value =
+        items.first().and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
+    if let Some(err) = first.get("error") {
+        let code = session.ended(refused_close(err["code"].as_u64()));
+        goodbye_ws(conn, code, opts.write_timeout).await;
+        return session.close(code).await;
+    }
+    if !items.is_empty() {
+        items[0] = Bytes::from(json!({"connect": first["connect"]}).to_string());
+    }
+    session.arm_timer();
+    let code = loop {
+        let mut sent = true;
+        for item in items.drain(..) {
+            let msg = unidirectional(&item);
+            let write = conn.send(OP_TEXT, msg);
+            match tokio::time::timeout(opts.write_timeout, write).await {
+                Ok(Ok(())) => {
+                    let h = fanfare_core::metrics::hot();
+                    h.writes.increment(1);
+                    h.messages_sent.increment(1);
+                    h.bytes_sent.increment(msg.len() as u64);
+                }
+                Ok(Err(_)) => {
+                    sent = false;
+                    break;
+                }
+                Err(_) => {
+                    if outbox.close_first(DisconnectCode::SLOW) {
+                        fanfare_core::metrics::slow_consumer();
+                    }
+                    sent = false;
+                    break;
+                }
+            }
+        }
+        if !sent {
+            break DisconnectCode::WRITE_ERROR;
+        }
+        tokio::select! {
+            biased;
+            _ = outbox.ready() => {
+                if outbox.take_timer_due() {
+                    if let Err(code) = session.on_deadline().await {
+                        break code;
+                    }
+                    session.arm_timer();
+                }
+                session.apply_directives().await;
+                if let Some(code) = outbox.drain(&mut items) {
+                    if items.is_empty() {
+                        break code;
+                    }
+                    // Write what was queued, then close.
+                    outbox.close(code);
+                }
+            }
+            msg = conn.read() => match msg {
+                Ok(ws::Incoming::Ping(p)) => {
+                    let mut body = [0u8; 125];
+                    let data = conn.payload(p);
+                    let n = data.len();
+                    body[..n].copy_from_slice(data);
+                    if conn.send(OP_PONG, &body[..n]).await.is_err() {
+                        break DisconnectCode::WRITE_ERROR;
+                    }
+                }
+                Ok(ws::Incoming::Close(..)) | Err(_) => break DisconnectCode::CONNECTION_CLOSED,
+                Ok(_) => {}
+            },
+        }
+    };
+    let code = session.ended(code);
+    if code != DisconnectCode::CONNECTION_CLOSED && code != DisconnectCode::WRITE_ERROR {
+        goodbye_ws(conn, code, opts.write_timeout).await;
+    }
+    session.close(code).await;
+}
+
+/// Sends a close frame with `code` and gives the peer a moment to answer.
+async fn goodbye_ws<S>(conn: &mut WsConn<S>, code: DisconnectCode, write_timeout: Duration)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let bye = async {
+        if conn.send_close(code.0, code.reason()).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                while let Ok(m) = conn.read().await {
+                    if matches!(m, ws::Incoming::Close(..)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+    };
+    let _ = tokio::time::timeout(write_timeout, bye).await;
 }

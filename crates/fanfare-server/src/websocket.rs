@@ -39,11 +39,22 @@ impl WsOptions {
     }
 }
 
+/// Which protocol runs over an upgraded connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// `/connection/websocket`: the client protocol, commands and replies.
+    Bidirectional,
+    /// `/connection/uni_websocket`: a connect request, then pushes only
+    /// (`uni::serve_websocket`).
+    Unidirectional,
+}
+
 /// Answers the upgrade request and spawns the connection task.
 pub fn upgrade(
     mut req: Request<hyper::body::Incoming>,
     node: Node,
     opts: Arc<WsOptions>,
+    mode: Mode,
 ) -> Response<Body> {
     let key = match ws::check_upgrade(&req) {
         Ok(key) => key,
@@ -81,13 +92,26 @@ pub fn upgrade(
                 drop(parts.read_buf);
                 // A task of its own: the long-lived future is just `serve` and
                 // the connection, not also the upgrade's state.
+                if mode == Mode::Unidirectional {
+                    tokio::spawn(async move {
+                        crate::uni::serve_websocket(&mut conn, node, &opts).await
+                    });
+                    return;
+                }
                 let task = async move { serve(&mut conn, node, codec, opts).await };
                 tracing::trace!(bytes = std::mem::size_of_val(&task), "connection task future");
                 tokio::spawn(task);
             }
             Err(upgraded) => {
                 let mut conn = opts.conn(TokioIo::new(upgraded), &[]);
-                tokio::spawn(async move { serve(&mut conn, node, codec, opts).await });
+                tokio::spawn(async move {
+                    match mode {
+                        Mode::Bidirectional => serve(&mut conn, node, codec, opts).await,
+                        Mode::Unidirectional => {
+                            crate::uni::serve_websocket(&mut conn, node, &opts).await
+                        }
+                    }
+                });
             }
         }
     });

@@ -114,6 +114,7 @@ pong_timeout = "500ms"
 [transports]
 uni_sse = true
 uni_http_stream = true
+uni_websocket = true
 
 [[namespaces]]
 name = ""
@@ -265,4 +266,41 @@ async fn unidirectional_transports_are_off_unless_switched_on() {
         common::run_cli(&["check-config"], &[("FANFARE__TRANSPORTS__SSE", "true")]);
     assert!(!status.success());
     assert!(err.contains("transports.sse"), "{err}");
+}
+
+#[tokio::test]
+async fn uni_websocket_takes_the_connect_request_first_then_sends_one_push_per_message() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let server = node();
+    let url = format!("ws://127.0.0.1:{}/connection/uni_websocket", server.port);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("upgrade");
+    ws.send(Message::text(json!({"subs": {"news": {}}}).to_string())).await.unwrap();
+    let next = |m: Option<Result<Message, _>>| -> Value {
+        match m {
+            Some(Ok(Message::Text(t))) => serde_json::from_str(t.as_str()).expect("one JSON value"),
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    };
+    let connect = next(ws.next().await);
+    assert!(connect["connect"]["client"].is_string(), "{connect}");
+    assert_eq!(connect["connect"]["subs"]["news"]["recoverable"], true, "{connect}");
+    publish(&server, "news", json!({"a": 1})).await;
+    publish(&server, "news", json!({"a": 2})).await;
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("a push");
+        let v = next(msg);
+        if v != json!({}) {
+            got.push(v["pub"]["data"]["a"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(got, vec![1, 2], "each push in its own message, in order");
+    // A connect request that is not JSON closes with 3501.
+    let (mut bad, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("upgrade");
+    bad.send(Message::text("hello")).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(5), bad.next()).await.expect("a close") {
+        Some(Ok(Message::Close(Some(f)))) => assert_eq!(u16::from(f.code), 3501),
+        other => panic!("expected close 3501, got {other:?}"),
+    }
 }
