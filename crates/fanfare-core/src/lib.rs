@@ -34,4 +34,4 @@ pub use ingress::{DataError, DataRules};
 pub use memory::{MemoryBroker, MemoryConfig};
 pub use node::{Node, NodeConfig};
 pub use outbox::{Directive, Outbox};
-pub use session::{MAX_PUBLISHES_IN_FLIGHT, Session};
+pub use session::{MAX_PUBLISHES_IN_FLIGHT, Session, Transport};

@@ -6,6 +6,7 @@ use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 
 pub const CONNECTIONS: &str = "fanfare_connections";
 pub const CONNECTS: &str = "fanfare_connects_total";
+pub const TRANSPORT_CONNECTS: &str = "fanfare_transport_connects_total";
 pub const DISCONNECTS: &str = "fanfare_disconnects_total";
 pub const SUBSCRIPTIONS: &str = "fanfare_subscriptions";
 pub const CHANNELS: &str = "fanfare_channels";
@@ -68,6 +69,10 @@ pub fn slow_consumer() {
 pub fn describe() {
     use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
     describe_gauge!(CONNECTIONS, "Client connections currently open on this node.");
+    describe_counter!(
+        TRANSPORT_CONNECTS,
+        "Successful connects by transport (websocket, uni_websocket, uni_sse, uni_http_stream) and encoding (json, protobuf)."
+    );
     describe_counter!(CONNECTS, "Client connects accepted.");
     describe_counter!(DISCONNECTS, "Client disconnects by reason.");
     describe_gauge!(SUBSCRIPTIONS, "Client subscriptions on this node.");

@@ -81,10 +81,36 @@ pub struct Session {
     publishing: Option<Box<Publishing>>,
     /// The disconnect was counted ([`Session::ended`]).
     end_counted: bool,
-    /// A unidirectional transport: the client only receives, so pings expect
-    /// no pong, and channels of the connect request's `subs` are joined
-    /// server-side (where the namespace lets anyone subscribe).
-    unidirectional: bool,
+    /// The transport carrying this session (for metrics; a unidirectional
+    /// one changes behaviour, see [`Transport::is_unidirectional`]).
+    transport: Transport,
+}
+
+/// The transport a session runs over. A unidirectional one: the client only
+/// receives, so pings expect no pong, and the channels of the connect
+/// request's `subs` are joined server-side (where the namespace lets anyone
+/// subscribe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    WebSocket,
+    UniWebSocket,
+    UniSse,
+    UniHttpStream,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::WebSocket => "websocket",
+            Transport::UniWebSocket => "uni_websocket",
+            Transport::UniSse => "uni_sse",
+            Transport::UniHttpStream => "uni_http_stream",
+        }
+    }
+
+    pub fn is_unidirectional(self) -> bool {
+        self != Transport::WebSocket
+    }
 }
 
 /// A connection's publishes: one batch at the broker, the next one forming.
@@ -206,14 +232,14 @@ impl Session {
             presence_refresh: None,
             publishing: None,
             end_counted: false,
-            unidirectional: false,
+            transport: Transport::WebSocket,
         })
     }
 
-    /// A session of a unidirectional transport (see `unidirectional`).
-    pub fn new_unidirectional(node: Node, codec: Codec) -> Option<Self> {
+    /// A session of a unidirectional transport (see [`Transport`]).
+    pub fn new_unidirectional(node: Node, codec: Codec, transport: Transport) -> Option<Self> {
         let mut s = Self::new(node, codec)?;
-        s.unidirectional = true;
+        s.transport = transport;
         Some(s)
     }
 
@@ -297,7 +323,7 @@ impl Session {
         }
         if now >= self.next_ping {
             self.outbox.push(ping_frame(self.outbox.codec()));
-            if self.pong_deadline.is_none() && !self.unidirectional {
+            if self.pong_deadline.is_none() && !self.transport.is_unidirectional() {
                 self.pong_deadline = Some(now + self.node.config().pong_timeout);
             }
             self.next_ping = now + self.node.config().ping_interval;
@@ -539,7 +565,7 @@ impl Session {
         // names in `subs` are joined for it, with the permission a subscribe
         // command without token would need.
         let mut requested = Vec::new();
-        if self.unidirectional {
+        if self.transport.is_unidirectional() {
             if req.subs.len() > self.node.config().max_channels {
                 return Err(ErrorCode::LIMIT_EXCEEDED.into());
             }
@@ -597,7 +623,7 @@ impl Session {
                 positioned: true,
                 ..Default::default()
             });
-            if self.unidirectional {
+            if self.transport.is_unidirectional() {
                 // Server-side, so recoverable as token channels are: the
                 // transport resumes from positions it hands out (SSE ids).
                 sub_req.recoverable = true;
@@ -633,7 +659,7 @@ impl Session {
             data: Bytes::new(),
             subs,
             ping: cfg.ping_interval.as_secs() as u32,
-            pong: !self.unidirectional,
+            pong: !self.transport.is_unidirectional(),
             node: String::new(),
         };
         self.send(Reply::new(id, ReplyBody::Connect(Box::new(result))));
@@ -644,6 +670,16 @@ impl Session {
             }
         }
         crate::metrics::hot().connects.increment(1);
+        let encoding = match self.outbox.codec() {
+            Codec::Json => "json",
+            Codec::Protobuf => "protobuf",
+        };
+        metrics::counter!(
+            crate::metrics::TRANSPORT_CONNECTS,
+            "transport" => self.transport.label(),
+            "encoding" => encoding
+        )
+        .increment(1);
         Ok(None)
     }
 

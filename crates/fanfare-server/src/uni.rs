@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use data_encoding::BASE64URL_NOPAD;
-use fanfare_core::{Node, Session};
+use fanfare_core::{Node, Session, Transport};
 use fanfare_protocol::{Codec, DisconnectCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Frame, Incoming};
@@ -194,7 +194,11 @@ async fn start(
     resume: Vec<Position>,
 ) -> Response<UniBody> {
     add_recovery(&mut connect, &resume);
-    let Some(mut session) = Session::new_unidirectional(node, Codec::Json) else {
+    let transport = match framing {
+        Framing::Sse => Transport::UniSse,
+        Framing::HttpStream => Transport::UniHttpStream,
+    };
+    let Some(mut session) = Session::new_unidirectional(node, Codec::Json, transport) else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, disconnect_json(DisconnectCode::SHUTDOWN));
     };
     let frame = json!({"id": 1, "connect": connect}).to_string();
@@ -461,7 +465,8 @@ where
         (_, true) => return goodbye_ws(conn, DisconnectCode::STALE, opts.write_timeout).await,
         _ => return goodbye_ws(conn, DisconnectCode::BAD_REQUEST, opts.write_timeout).await,
     };
-    let Some(mut session) = Session::new_unidirectional(node, Codec::Json) else {
+    let Some(mut session) = Session::new_unidirectional(node, Codec::Json, Transport::UniWebSocket)
+    else {
         return goodbye_ws(conn, DisconnectCode::SHUTDOWN, opts.write_timeout).await;
     };
     let frame = json!({"id": 1, "connect": connect}).to_string();

@@ -196,6 +196,18 @@ async fn uni_sse_delivers_and_an_event_source_resumes_with_last_event_id_exactly
     publish(&server, "news", json!({ "n": 6 })).await;
     let (_, msg) = sse.message().await;
     assert_eq!(msg["pub"]["data"]["n"], 6, "then live, no duplicate: {msg}");
+    assert_eq!(transport_connects(&server, "uni_sse"), 2.0);
+}
+
+/// `fanfare_transport_connects_total` of one transport (JSON encoding).
+fn transport_connects(server: &Server, transport: &str) -> f64 {
+    let (_, body) = common::http_get(server.port, "/metrics").expect("metrics");
+    body.lines()
+        .filter(|l| l.starts_with("fanfare_transport_connects_total{"))
+        .filter(|l| l.contains(&format!("transport=\"{transport}\"")))
+        .filter(|l| l.contains("encoding=\"json\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 #[tokio::test]
@@ -296,6 +308,7 @@ async fn uni_websocket_takes_the_connect_request_first_then_sends_one_push_per_m
         }
     }
     assert_eq!(got, vec![1, 2], "each push in its own message, in order");
+    assert_eq!(transport_connects(&server, "uni_websocket"), 1.0);
     // A connect request that is not JSON closes with 3501.
     let (mut bad, _) = tokio_tungstenite::connect_async(url.as_str()).await.expect("upgrade");
     bad.send(Message::text("hello")).await.unwrap();
