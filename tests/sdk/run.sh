@@ -25,4 +25,4 @@ fi
 
 # One file at a time: run together they compete for the 2 cores and I4 (a 2 MB
 # message closed with 1009) then sometimes sees the close lost to a TCP reset.
-exec node --test --test-concurrency=1 e2e.mjs protobuf.mjs
+exec node --test --test-concurrency=1 e2e.mjs protobuf.mjs uni-sse.mjs
