@@ -23,7 +23,7 @@ for tool in redis-server redis-cli; do
   fi
 done
 
-if [ ! -d node_modules ]; then
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund
 fi
 

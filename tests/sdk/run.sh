@@ -19,7 +19,7 @@ if [ ! -x "$FANFARE_BIN" ]; then
   exit 2
 fi
 
-if [ ! -d node_modules ]; then
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
   npm ci --no-audit --no-fund
 fi
 
