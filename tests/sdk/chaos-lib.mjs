@@ -12,7 +12,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Centrifuge } from 'centrifuge';
 import WebSocket from 'ws';
-import { sleep, stamp, withTimeout, freePort } from './util.mjs';
+import { freePort, onLines, sleep, stamp, withTimeout } from './util.mjs';
 
 export const BIN = process.env.FANFARE_BIN;
 export const SECRET = 'redis-chaos-secret';
@@ -64,16 +64,7 @@ export function spawnLogged(label, cmd, args, log) {
   });
   child.on('error', (err) => log.push(`${stamp()} [${label}] spawn error: ${err.message}`));
   for (const stream of [child.stdout, child.stderr]) {
-    let buf = '';
-    stream.setEncoding('utf8');
-    stream.on('data', (chunk) => {
-      buf += chunk;
-      let i;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        log.push(`${stamp()} [${label}] ${buf.slice(0, i)}`);
-        buf = buf.slice(i + 1);
-      }
-    });
+    onLines(stream, (line) => log.push(`${stamp()} [${label}] ${line}`));
   }
   log.push(`${stamp()} [${label}] spawned pid ${child.pid}`);
   return child;

@@ -18,6 +18,20 @@ export const stamp = () => `+${String(Date.now() - T0).padStart(6)}ms`;
 
 export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+/** Calls `fn` with every complete line a child process writes to `stream`. */
+export function onLines(stream, fn) {
+  let buf = '';
+  stream.setEncoding('utf8');
+  stream.on('data', (chunk) => {
+    buf += chunk;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      fn(buf.slice(0, i));
+      buf = buf.slice(i + 1);
+    }
+  });
+}
+
 /** Rejects with a descriptive error when `promise` does not settle within `ms`. */
 export function withTimeout(promise, ms, what) {
   let timer;
@@ -162,16 +176,7 @@ export class Server {
       child.exitInfo = child.exitInfo || { code: null, signal: null, error: err };
     });
     for (const [name, stream] of [['out', child.stdout], ['err', child.stderr]]) {
-      let buf = '';
-      stream.setEncoding('utf8');
-      stream.on('data', (chunk) => {
-        buf += chunk;
-        let i;
-        while ((i = buf.indexOf('\n')) >= 0) {
-          serverLog.push(`${stamp()} [server#${gen} ${name}] ${buf.slice(0, i)}`);
-          buf = buf.slice(i + 1);
-        }
-      });
+      onLines(stream, (line) => serverLog.push(`${stamp()} [server#${gen} ${name}] ${line}`));
     }
     serverLog.push(`${stamp()} [server#${gen}] spawned pid ${child.pid}: ${this.bin} --config ${this.configPath}`);
 
