@@ -43,8 +43,10 @@ const AFTER_MS = 3000;
 // The goal is 1 s; the assertion leaves room for a loaded 2-core machine.
 const RESUME_LIMIT_MS = Number(process.env.FAILOVER_RESUME_LIMIT_MS || 3000);
 // A frozen master is noticed by the periodic slot-owner check (every 1 s),
-// and every try to reach it waits for a timeout.
-const FREEZE_RESUME_LIMIT_MS = 10_000;
+// and every try to reach it waits for a timeout: 2.5-7.5 s after the
+// promotion on the loaded 2-core VM. Outside issue 13's 1 s goal (which is for
+// SIGKILL and CLUSTER FAILOVER); this bound only asserts that it resumes.
+const FREEZE_RESUME_LIMIT_MS = 15_000;
 
 // ---------------------------------------------------------------------------
 // A minimal RESP client: one command per connection, replies parsed fully.
