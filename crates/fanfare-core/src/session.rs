@@ -702,17 +702,9 @@ impl Session {
             .map_err(|_| Fail::Error(ErrorCode::INTERNAL))?;
         let mut result = SubscribeResult::default();
         // The namespace may make every subscription recoverable / positioned.
-        let forced;
-        let req = if ns.force_recovery || ns.force_positioning {
-            let mut r = req.clone();
-            r.recoverable |= ns.force_recovery;
-            r.positioned |= ns.force_positioning;
-            forced = r;
-            &forced
-        } else {
-            req
-        };
-        if ns.history_enabled() && (req.recover || req.recoverable || req.positioned) {
+        let recoverable = req.recoverable || ns.force_recovery;
+        let positioned = req.positioned || ns.force_positioning;
+        if ns.history_enabled() && (req.recover || recoverable || positioned) {
             let query = if req.recover {
                 HistoryQuery {
                     since: Some(StreamPosition { offset: req.offset, epoch: req.epoch.clone() }),
@@ -726,8 +718,8 @@ impl Session {
             };
             match self.node.broker().history(channel, query).await {
                 Ok(page) => {
-                    result.recoverable = req.recoverable || req.recover;
-                    result.positioned = req.positioned || req.recoverable || req.recover;
+                    result.recoverable = recoverable || req.recover;
+                    result.positioned = positioned || recoverable || req.recover;
                     result.epoch = page.position.epoch;
                     result.offset = page.position.offset;
                     if req.recover {

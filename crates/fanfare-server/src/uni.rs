@@ -37,10 +37,10 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use fanfare_server::ws::{self, OP_PONG, OP_TEXT, WsConn};
+use fanfare_server::ws::{self, OP_TEXT, WsConn};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::websocket::WsOptions;
+use crate::websocket::{WsOptions, answer_ping, send_close};
 
 /// Which unidirectional transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,10 +105,7 @@ pub async fn handle(
     framing: Framing,
     body_timeout: Duration,
 ) -> Response<UniBody> {
-    let origin = req.headers().get(header::ORIGIN);
-    if let Some(o) = origin
-        && !opts.allowed_origins.iter().any(|a| a == "*" || a.as_bytes() == o.as_bytes())
-    {
+    if !opts.origin_allowed(req.headers().get(header::ORIGIN)) {
         return refuse(StatusCode::FORBIDDEN, json!({"error": "origin not allowed"}));
     }
     let expected = if framing == Framing::Sse { Method::GET } else { Method::POST };
@@ -462,17 +459,19 @@ where
     };
     let connect = match (connect, first.is_err()) {
         (Some(v @ Value::Object(_)), _) => v,
-        (_, true) => return goodbye_ws(conn, DisconnectCode::STALE, opts.write_timeout).await,
-        _ => return goodbye_ws(conn, DisconnectCode::BAD_REQUEST, opts.write_timeout).await,
+        (_, true) => {
+            return send_close(conn, DisconnectCode::STALE, None, opts.write_timeout).await;
+        }
+        _ => return send_close(conn, DisconnectCode::BAD_REQUEST, None, opts.write_timeout).await,
     };
     let Some(mut session) = Session::new_unidirectional(node, Codec::Json, Transport::UniWebSocket)
     else {
-        return goodbye_ws(conn, DisconnectCode::SHUTDOWN, opts.write_timeout).await;
+        return send_close(conn, DisconnectCode::SHUTDOWN, None, opts.write_timeout).await;
     };
     let frame = json!({"id": 1, "connect": connect}).to_string();
     if let Err(code) = session.handle_frame(frame.as_bytes()).await {
         let code = session.ended(code);
-        goodbye_ws(conn, code, opts.write_timeout).await;
+        send_close(conn, code, None, opts.write_timeout).await;
         return session.close(code).await;
     }
     let outbox = session.outbox().clone();
@@ -482,7 +481,7 @@ where
         items.first().and_then(|b| serde_json::from_slice(b).ok()).unwrap_or(Value::Null);
     if let Some(err) = first.get("error") {
         let code = session.ended(refused_close(err["code"].as_u64()));
-        goodbye_ws(conn, code, opts.write_timeout).await;
+        send_close(conn, code, None, opts.write_timeout).await;
         return session.close(code).await;
     }
     if !items.is_empty() {
@@ -537,11 +536,7 @@ where
             }
             msg = conn.read() => match msg {
                 Ok(ws::Incoming::Ping(p)) => {
-                    let mut body = [0u8; 125];
-                    let data = conn.payload(p);
-                    let n = data.len();
-                    body[..n].copy_from_slice(data);
-                    if conn.send(OP_PONG, &body[..n]).await.is_err() {
+                    if answer_ping(conn, p, opts.write_timeout).await.is_err() {
                         break DisconnectCode::WRITE_ERROR;
                     }
                 }
@@ -552,27 +547,7 @@ where
     };
     let code = session.ended(code);
     if code != DisconnectCode::CONNECTION_CLOSED && code != DisconnectCode::WRITE_ERROR {
-        goodbye_ws(conn, code, opts.write_timeout).await;
+        send_close(conn, code, None, opts.write_timeout).await;
     }
     session.close(code).await;
-}
-
-/// Sends a close frame with `code` and gives the peer a moment to answer.
-async fn goodbye_ws<S>(conn: &mut WsConn<S>, code: DisconnectCode, write_timeout: Duration)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let bye = async {
-        if conn.send_close(code.0, code.reason()).await.is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                while let Ok(m) = conn.read().await {
-                    if matches!(m, ws::Incoming::Close(..)) {
-                        break;
-                    }
-                }
-            })
-            .await;
-        }
-    };
-    let _ = tokio::time::timeout(write_timeout, bye).await;
 }

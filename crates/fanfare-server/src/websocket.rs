@@ -29,7 +29,7 @@ pub struct WsOptions {
 }
 
 impl WsOptions {
-    fn origin_allowed(&self, origin: Option<&HeaderValue>) -> bool {
+    pub(crate) fn origin_allowed(&self, origin: Option<&HeaderValue>) -> bool {
         let Some(origin) = origin else { return true };
         self.allowed_origins.iter().any(|o| o == "*" || o.as_bytes() == origin.as_bytes())
     }
@@ -92,6 +92,8 @@ pub fn upgrade(
                 drop(parts.read_buf);
                 // A task of its own: the long-lived future is just `serve` and
                 // the connection, not also the upgrade's state.
+                // Spawned apart: a task of one future type each keeps the
+                // bidirectional connection's task as small as before.
                 if mode == Mode::Unidirectional {
                     tokio::spawn(async move {
                         crate::uni::serve_websocket(&mut conn, node, &opts).await
@@ -288,7 +290,7 @@ fn account_received(n: usize) {
 }
 
 /// Sends the pong for a ping (same payload, at most 125 bytes).
-async fn answer_ping<S>(
+pub(crate) async fn answer_ping<S>(
     conn: &mut WsConn<S>,
     ping: ws::Payload,
     write_timeout: Duration,
@@ -356,7 +358,7 @@ where
 
 /// Sends a close frame, then gives the peer a moment to answer the close
 /// handshake before the socket is dropped.
-async fn send_close<S>(
+pub(crate) async fn send_close<S>(
     conn: &mut WsConn<S>,
     code: DisconnectCode,
     reason: Option<String>,
