@@ -710,6 +710,8 @@ impl Session {
             Codec::Json => "json",
             Codec::Protobuf => "protobuf",
         };
+        metrics::gauge!(crate::metrics::TRANSPORT_CONNECTIONS, "transport" => self.transport.label())
+            .increment(1.0);
         metrics::counter!(
             crate::metrics::TRANSPORT_CONNECTS,
             "transport" => self.transport.label(),
@@ -1153,6 +1155,10 @@ impl Session {
     /// Ends the session: leaves every channel and unregisters from the node.
     pub async fn close(mut self, code: DisconnectCode) {
         let _ = self.ended(code);
+        if self.conn.is_some() {
+            metrics::gauge!(crate::metrics::TRANSPORT_CONNECTIONS, "transport" => self.transport.label())
+                .decrement(1.0);
+        }
         // The timer's entry for this outbox is dropped when its bucket is walked.
         self.outbox.set_armed_tick(0);
         self.close_subscriptions().await;

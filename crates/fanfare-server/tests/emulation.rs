@@ -140,6 +140,15 @@ async fn http_stream_streams_replies_and_emulation_requests_carry_the_commands()
         ),
         1.0
     );
+    let open = |t: &str| {
+        common::api::metric_with(server.port, "fanfare_transport_connections", &[("transport", t)])
+    };
+    assert_eq!((open("http_stream"), open("websocket")), (1.0, 0.0));
+    drop(s);
+    common::api::eventually("the stream's connection to be gone", common::TIMEOUT, || async {
+        open("http_stream") == 0.0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
