@@ -1,0 +1,496 @@
+// centrifuge-js in headless Chromium (Playwright) against the real fanfare
+// binary, once per transport the client is limited to: websocket, http_stream
+// and sse (the last two through `/emulation` for the client's commands).
+//
+// Run:  FANFARE_BIN=/abs/path/to/fanfare tests/browser/run.sh
+//
+// The page is served by a static server of this script on its own loopback
+// port, so the SDK talks to the nodes cross-origin, as a site does that runs
+// its fanfare nodes on another host: the nodes allow that origin
+// (`websocket.allowed_origins`), and the HTTP transports need CORS.
+//
+// Per transport: a client connects (as a JWT user), subscribes to a channel
+// with history, presence and forced recovery, publishes and receives, reads
+// presence and history; then its node is stopped (SIGTERM by PID), a second
+// node on the same Redis publishes what the client misses, the first node is
+// started again on the same port, and the client must come back by itself
+// with exactly the missed publications, once and in order. Every wait is
+// bounded; on a failure the page's console, its network traffic and the tail
+// of every process's output are printed.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn, spawnSync } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const BIN = process.env.FANFARE_BIN;
+const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
+const SECRET = 'browser-e2e-secret';
+const WAIT_MS = 10_000; // bound for every single wait
+const STOP_GRACE_MS = 5_000; // SIGTERM -> SIGKILL
+const VERBOSE = process.env.FANFARE_E2E_VERBOSE === '1'; // print the logs of passing scenarios too
+
+const T0 = Date.now();
+const stamp = () => `+${String(Date.now() - T0).padStart(6)}ms`;
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Rejects with a descriptive error when `promise` does not settle within `ms`. */
+function withTimeout(promise, ms, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/** A loopback TCP port that was free a moment ago. */
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** An HS256 connection JWT for `user`, valid for an hour. */
+function jwt(user) {
+  const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  const payload = { sub: user, exp: Math.floor(Date.now() / 1000) + 3600 };
+  const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64(payload)}`;
+  return `${head}.${crypto.createHmac('sha256', SECRET).update(head).digest('base64url')}`;
+}
+
+// ---------------------------------------------------------------------------
+// Processes. Every child is tracked and SIGKILLed by PID at exit at the latest;
+// its output lines go to the suite log that a failure prints.
+// ---------------------------------------------------------------------------
+
+const processLog = [];
+const logProcess = (line) => {
+  processLog.push(`${stamp()} ${line}`);
+  if (processLog.length > 600) processLog.splice(0, processLog.length - 600);
+};
+const children = new Set();
+process.on('exit', () => {
+  for (const c of children) {
+    try {
+      c.kill('SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+});
+
+function spawnLogged(label, cmd, args) {
+  // NO_COLOR: fanfare's log lines without ANSI colours, readable in a failure dump.
+  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NO_COLOR: '1' } });
+  children.add(child);
+  child.exitInfo = null;
+  child.exited = new Promise((resolve) => {
+    child.on('exit', (code, signal) => {
+      children.delete(child);
+      child.exitInfo = { code, signal };
+      logProcess(`[${label} pid ${child.pid}] exited code=${code} signal=${signal}`);
+      resolve(child.exitInfo);
+    });
+  });
+  child.on('error', (err) => {
+    child.exitInfo = child.exitInfo || { error: err.message };
+    logProcess(`[${label}] spawn error: ${err.message}`);
+  });
+  for (const stream of [child.stdout, child.stderr]) {
+    let buf = '';
+    stream.setEncoding('utf8');
+    stream.on('data', (chunk) => {
+      buf += chunk;
+      let i;
+      while ((i = buf.indexOf('\n')) >= 0) {
+        logProcess(`[${label}] ${buf.slice(0, i)}`);
+        buf = buf.slice(i + 1);
+      }
+    });
+  }
+  logProcess(`[${label}] spawned pid ${child.pid}: ${cmd} ${args.join(' ')}`);
+  return child;
+}
+
+/** SIGTERM, then SIGKILL after STOP_GRACE_MS; resolves once the process is gone. */
+async function stopChild(child) {
+  if (!child || child.exitInfo) return;
+  child.kill('SIGTERM');
+  const graceful = await Promise.race([child.exited.then(() => true), sleep(STOP_GRACE_MS).then(() => false)]);
+  if (!graceful) {
+    logProcess(`[pid ${child.pid}] no exit ${STOP_GRACE_MS} ms after SIGTERM: SIGKILL`);
+    child.kill('SIGKILL');
+    await withTimeout(child.exited, 5000, `pid ${child.pid} to exit after SIGKILL`);
+  }
+}
+
+/** Polls `probe` (true when ready) until it is, the child exits, or `ms` pass. */
+async function waitReady(child, label, probe, ms = 20_000) {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (child.exitInfo) throw new Error(`${label} exited before it was ready: ${JSON.stringify(child.exitInfo)}`);
+    if (await probe().catch(() => false)) return;
+    await sleep(50);
+  }
+  throw new Error(`${label} was not ready within ${ms} ms`);
+}
+
+/** `PING` over RESP; true on `+PONG`. */
+function redisPing(port) {
+  return new Promise((resolve) => {
+    const s = net.connect(port, '127.0.0.1');
+    let data = '';
+    const done = (ok) => {
+      s.destroy();
+      resolve(ok);
+    };
+    s.setTimeout(1000, () => done(false));
+    s.on('error', () => done(false));
+    s.on('connect', () => s.write('PING\r\n'));
+    s.on('data', (d) => {
+      data += d;
+      if (data.includes('\r\n')) done(data.startsWith('+PONG'));
+    });
+  });
+}
+
+/** The HTTP transports (bidirectional emulation) this binary may not have yet. */
+const EMULATION_KEYS = ['transports.http_stream', 'transports.sse'];
+
+/**
+ * A fanfare node on the suite's Redis. `start()` may be called again after
+ * `stop()`: it then comes back on the same ports with the same config.
+ */
+class Node {
+  constructor(name, { redisPort, pageOrigin, emulation, dir }) {
+    this.name = name;
+    this.child = null;
+    this.httpPort = null;
+    this.toml = (httpPort, grpcPort) => `[node]
+name = "${name}"
+
+[http]
+listen = "127.0.0.1:${httpPort}"
+
+[grpc]
+listen = "127.0.0.1:${grpcPort}"
+
+[broker]
+kind = "redis"
+
+[redis]
+urls = ["redis://127.0.0.1:${redisPort}"]
+
+[auth]
+hmac_secret = "${SECRET}"
+
+[websocket]
+# The page's origin only: a deployment lists its sites, not "*".
+allowed_origins = ["${pageOrigin}"]
+
+[shutdown]
+# The clients reconnect at once; no need to wait the default 5 s for them.
+drain_timeout = "1s"
+${emulation ? '\n[transports]\nhttp_stream = true\nsse = true\n' : ''}
+[[namespaces]]
+name = "room"
+allow_publish = true
+presence = true
+history_size = 100
+history_ttl = "300s"
+# The page's subscription does not ask for recovery; the namespace makes it recoverable.
+force_recovery = true
+`;
+    this.configPath = path.join(dir, `${name}.toml`);
+  }
+
+  get origin() {
+    return `http://127.0.0.1:${this.httpPort}`;
+  }
+
+  async start() {
+    if (this.httpPort === null) {
+      this.httpPort = await freePort();
+      let grpcPort = await freePort();
+      while (grpcPort === this.httpPort) grpcPort = await freePort();
+      fs.writeFileSync(this.configPath, this.toml(this.httpPort, grpcPort));
+    }
+    this.child = spawnLogged(`fanfare ${this.name}:${this.httpPort}`, BIN, ['--config', this.configPath]);
+    await waitReady(this.child, `fanfare ${this.name}`, async () => {
+      const res = await fetch(`${this.origin}/ready`, { signal: AbortSignal.timeout(1000) });
+      await res.arrayBuffer();
+      return res.status === 200;
+    });
+  }
+
+  async stop() {
+    await stopChild(this.child);
+    this.child = null;
+  }
+
+  /** `POST /api/<method>` (loopback callers need no key); the JSON reply. */
+  async api(method, body) {
+    const res = await fetch(`${this.origin}/api/${method}`, {
+      method: 'POST',
+      body: JSON.stringify(body),
+      signal: AbortSignal.timeout(WAIT_MS),
+    });
+    const text = await res.text();
+    assert.equal(res.status, 200, `${this.name} /api/${method} answered ${res.status}: ${text}`);
+    return JSON.parse(text);
+  }
+}
+
+// ---------------------------------------------------------------------------
+// The suite: one Redis, one static server for the page, one browser.
+// ---------------------------------------------------------------------------
+
+const suite = { redis: null, redisPort: null, pageServer: null, pageOrigin: null, browser: null, emulation: null, dir: null };
+
+/** Serves page.html at `/` and centrifuge-js's ESM build (no bare imports) at `/centrifuge.mjs`. */
+function startPageServer() {
+  const files = {
+    '/': ['text/html; charset=utf-8', path.join(HERE, 'page.html')],
+    '/centrifuge.mjs': ['text/javascript; charset=utf-8', path.join(HERE, 'node_modules/centrifuge/build/index.mjs')],
+  };
+  const server = http.createServer((req, res) => {
+    const file = files[new URL(req.url, 'http://x').pathname];
+    if (!file) {
+      res.writeHead(404).end();
+      return;
+    }
+    res.writeHead(200, { 'content-type': file[0], 'cache-control': 'no-store' });
+    fs.createReadStream(file[1]).pipe(res);
+  });
+  return new Promise((resolve, reject) => {
+    server.on('error', reject);
+    server.listen(0, '127.0.0.1', () => resolve(server));
+  });
+}
+
+/**
+ * Whether this binary accepts `transports.http_stream` and `transports.sse`
+ * (`fanfare check-config`); `{ ok, why }`.
+ */
+function emulationSupport() {
+  const probe = path.join(suite.dir, 'probe.toml');
+  fs.writeFileSync(probe, '[transports]\nhttp_stream = true\nsse = true\n');
+  const r = spawnSync(BIN, ['check-config', '--config', probe], { encoding: 'utf8', timeout: WAIT_MS });
+  if (r.status === 0) return { ok: true, why: '' };
+  const why = `${r.stderr || ''}${r.stdout || ''}`.trim().split('\n').slice(-3).join(' | ');
+  return { ok: false, why };
+}
+
+before(async () => {
+  assert.ok(BIN && path.isAbsolute(BIN) && fs.existsSync(BIN), `FANFARE_BIN must be the absolute path of the fanfare binary, got ${BIN}`);
+  suite.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fanfare-browser-'));
+  suite.emulation = emulationSupport();
+
+  // History lives in Redis, so it outlives the node restart. Nothing is saved
+  // to disk: the Redis itself is never restarted here.
+  suite.redisPort = await freePort();
+  suite.redis = spawnLogged(`redis:${suite.redisPort}`, 'redis-server', [
+    '--port', String(suite.redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', suite.dir, '--loglevel', 'warning',
+  ]);
+  await waitReady(suite.redis, 'redis-server', () => redisPing(suite.redisPort));
+
+  suite.pageServer = await startPageServer();
+  suite.pageOrigin = `http://127.0.0.1:${suite.pageServer.address().port}`;
+  suite.browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    // Root in a container has no user namespace for Chromium's sandbox.
+    args: ['--no-sandbox'],
+    headless: true,
+    timeout: 30_000,
+  });
+});
+
+after(async () => {
+  if (suite.browser) await suite.browser.close().catch(() => {});
+  if (suite.pageServer) {
+    suite.pageServer.closeAllConnections();
+    suite.pageServer.close();
+  }
+  await stopChild(suite.redis);
+  if (suite.dir) fs.rmSync(suite.dir, { recursive: true, force: true });
+});
+
+// ---------------------------------------------------------------------------
+// A page with its console and network traffic logged.
+// ---------------------------------------------------------------------------
+
+function short(s, n = 300) {
+  return s.length > n ? `${s.slice(0, n)}...(${s.length} chars)` : s;
+}
+
+async function openPage(log) {
+  const context = await suite.browser.newContext();
+  const page = await context.newPage();
+  page.on('console', (m) => log.push(`${stamp()} [console.${m.type()}] ${m.text()}`));
+  page.on('pageerror', (e) => log.push(`${stamp()} [pageerror] ${e.stack || e}`));
+  page.on('request', (r) => {
+    if (r.url().startsWith(suite.pageOrigin)) return;
+    log.push(`${stamp()} [net >] ${r.method()} ${short(r.url())} ${short(r.postData() || '')}`);
+  });
+  page.on('response', (r) => {
+    if (r.url().startsWith(suite.pageOrigin)) return;
+    const h = r.headers();
+    const cors = Object.keys(h).filter((k) => k.startsWith('access-control-')).map((k) => `${k}: ${h[k]}`).join('; ');
+    log.push(`${stamp()} [net <] ${r.status()} ${r.request().method()} ${short(r.url())} ${h['content-type'] || ''} {${cors}}`);
+  });
+  page.on('requestfailed', (r) => log.push(`${stamp()} [net !] ${r.method()} ${short(r.url())} failed: ${r.failure()?.errorText}`));
+  page.on('websocket', (ws) => {
+    log.push(`${stamp()} [ws ~] open ${ws.url()}`);
+    ws.on('framesent', (f) => log.push(`${stamp()} [ws >] ${short(String(f.payload))}`));
+    ws.on('framereceived', (f) => log.push(`${stamp()} [ws <] ${short(String(f.payload))}`));
+    ws.on('socketerror', (e) => log.push(`${stamp()} [ws !] ${e}`));
+    ws.on('close', () => log.push(`${stamp()} [ws ~] close ${ws.url()}`));
+  });
+  await page.goto(`${suite.pageOrigin}/`, { timeout: WAIT_MS });
+  await page.waitForFunction(() => window.fxReady === true, null, { timeout: WAIT_MS });
+  return { context, page };
+}
+
+/** Waits (bounded) until `fn(arg)` is truthy in the page. */
+function pageWait(page, fn, arg, what) {
+  return page.waitForFunction(fn, arg, { timeout: WAIT_MS, polling: 50 }).catch((err) => {
+    throw new Error(`timed out after ${WAIT_MS} ms waiting for ${what} (${err.message.split('\n')[0]})`);
+  });
+}
+
+/** The page's record of SDK events (see page.html). */
+const pageState = (page) =>
+  page.evaluate(() => {
+    const { client, sub, ...rest } = window.fx.state;
+    return { ...rest, clientState: client?.state, subState: sub?.state };
+  });
+
+// ---------------------------------------------------------------------------
+// One scenario per transport.
+// ---------------------------------------------------------------------------
+
+const TRANSPORTS = {
+  websocket: (node) => ({ transport: 'websocket', endpoint: `ws://127.0.0.1:${node.httpPort}/connection/websocket` }),
+  http_stream: (node) => ({ transport: 'http_stream', endpoint: `${node.origin}/connection/http_stream` }),
+  sse: (node) => ({ transport: 'sse', endpoint: `${node.origin}/connection/sse` }),
+};
+
+function dump(transport, err, log) {
+  process.stderr.write(
+    `\n===== ${transport}: ${err ? `FAILED =====\n${err.stack || err}` : 'passed ====='}\n` +
+      `--- page console, SDK events and network (net/ws: > sent, < received, ! failed) ---\n${log.join('\n')}\n` +
+      `--- processes (redis, fanfare nodes) ---\n${processLog.slice(-150).join('\n')}\n` +
+      `===== end ${transport} =====\n\n`,
+  );
+}
+
+function scenario(transport) {
+  const emulated = transport !== 'websocket';
+  test(`${transport}: connect, publish, receive, presence, history; recovery after the node restarts`, { timeout: 90_000 }, async (t) => {
+    if (emulated && !suite.emulation.ok) {
+      const msg = `this fanfare does not serve ${EMULATION_KEYS.join(' / ')} yet (check-config: ${suite.emulation.why})`;
+      process.stdout.write(`SKIPPED ${transport}: ${msg}\n`);
+      t.skip(msg);
+      return;
+    }
+    const log = [];
+    const nodeOpts = { redisPort: suite.redisPort, pageOrigin: suite.pageOrigin, emulation: suite.emulation.ok, dir: suite.dir };
+    const a = new Node(`a-${transport}`, nodeOpts);
+    const b = new Node(`b-${transport}`, nodeOpts);
+    const channel = `room:${transport}`;
+    const user = `user-${transport}`;
+    let context = null;
+    try {
+      await Promise.all([a.start(), b.start()]);
+      let page;
+      ({ context, page } = await openPage(log));
+
+      await page.evaluate((args) => window.fx.start(args), {
+        transports: [TRANSPORTS[transport](a)],
+        options: { emulationEndpoint: `${a.origin}/emulation`, token: jwt(user) },
+        channel,
+      });
+      await pageWait(page, () => window.fx.state.subscribed.length === 1, null, `the page's client to connect over ${transport} and subscribe to ${channel}`);
+      let st = await pageState(page);
+      assert.equal(st.connected.length, 1);
+      assert.equal(st.connected[0].transport, transport, 'the client connected over another transport than the only one it was given');
+      const firstClient = st.connected[0].client;
+      assert.equal(st.subscribed[0].recoverable, true, 'force_recovery should make the subscription recoverable');
+
+      // Publish from the page; the page's own subscription receives it, in order.
+      const sent = [1, 2, 3].map((n) => ({ from: 'page', n }));
+      for (const data of sent) await page.evaluate((d) => window.fx.publish(d), data);
+      await pageWait(page, () => window.fx.state.pubs.length >= 3, null, 'the page to receive its 3 publications');
+      st = await pageState(page);
+      assert.deepEqual(st.pubs.map((p) => p.data), sent);
+      const base = st.pubs[0].offset;
+      assert.deepEqual(st.pubs.map((p) => p.offset), [base, base + 1, base + 2], 'offsets of consecutive publications');
+
+      // Presence: this client, as the token's user.
+      assert.deepEqual(await page.evaluate(() => window.fx.presence()), [{ client: firstClient, user }]);
+
+      // History: the three publications, oldest first.
+      assert.deepEqual(await page.evaluate(() => window.fx.history(100)), st.pubs);
+
+      // The node goes away (SIGTERM by PID: it closes clients with 3001 and exits).
+      await a.stop();
+      await pageWait(page, () => window.fx.clientState() === 'connecting', null, 'the client to notice the node is gone and try to reconnect');
+
+      // Published on the other node while the client's node is down: missed.
+      const missed = [1, 2, 3].map((n) => ({ from: 'api', n }));
+      for (const [i, data] of missed.entries()) {
+        const res = await b.api('publish', { channel, data });
+        assert.equal(res.offset, base + 3 + i, `offset of publication ${i + 1} published on the second node`);
+      }
+      st = await pageState(page);
+      assert.equal(st.pubs.length, 3, 'nothing can reach the client while its node is down');
+
+      // The node comes back on the same port; the client returns by itself and
+      // recovers exactly what it missed, once, in order.
+      await a.start();
+      await pageWait(page, () => window.fx.state.subscribed.length === 2, null, 'the client to reconnect and resubscribe');
+      await pageWait(page, () => window.fx.state.pubs.length >= 6, null, 'the 3 missed publications');
+      await sleep(500); // a duplicate would show up by now
+      st = await pageState(page);
+      assert.equal(st.subscribed[1].wasRecovering, true, `the resubscribe should have asked to recover: ${JSON.stringify(st.subscribed[1])}`);
+      assert.equal(st.subscribed[1].recovered, true, `the resubscribe should report a recovery: ${JSON.stringify(st.subscribed[1])}`);
+      assert.deepEqual(st.pubs.map((p) => p.data), [...sent, ...missed], 'publications after the restart (missed ones exactly once, in order)');
+      assert.deepEqual(st.pubs.map((p) => p.offset), [0, 1, 2, 3, 4, 5].map((i) => base + i));
+      assert.equal(st.connected.length, 2);
+      assert.equal(st.connected[1].transport, transport, 'reconnected over another transport');
+      assert.deepEqual(st.disconnected, [], 'the client gave up instead of reconnecting');
+      const secondClient = st.connected[1].client;
+
+      // Live again: a publication from the page arrives, history kept everything
+      // across the restart, and presence shows the new connection only.
+      await page.evaluate((d) => window.fx.publish(d), { from: 'page', n: 4 });
+      await pageWait(page, () => window.fx.state.pubs.length >= 7, null, 'the publication after the restart');
+      st = await pageState(page);
+      assert.deepEqual(st.pubs[6], { data: { from: 'page', n: 4 }, offset: base + 6 });
+      assert.deepEqual(await page.evaluate(() => window.fx.history(100)), st.pubs);
+      assert.deepEqual(await page.evaluate(() => window.fx.presence()), [{ client: secondClient, user }]);
+      if (VERBOSE) dump(transport, null, log);
+    } catch (err) {
+      dump(transport, err, log);
+      throw err;
+    } finally {
+      if (context) await context.close().catch(() => {});
+      await Promise.all([a.stop(), b.stop()]);
+    }
+  });
+}
+
+for (const transport of Object.keys(TRANSPORTS)) scenario(transport);
