@@ -18,7 +18,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::ApiContext;
-use crate::websocket::{self, WsOptions};
+use crate::transport::emulation::{self, Stream};
+use crate::transport::uni::{self, Framing};
+use crate::transport::websocket::{self, WsOptions};
+use crate::transport::{AnyBody, add_cors, preflight};
 
 pub type Body = Full<Bytes>;
 
@@ -38,7 +41,9 @@ pub struct HttpState {
     pub metrics: PrometheusHandle,
     pub api: Arc<ApiContext>,
     pub deadlines: Deadlines,
-    /// `transports.uni_sse`, `transports.uni_http_stream`.
+    /// `transports.*`: which optional transports answer.
+    pub http_stream: bool,
+    pub sse: bool,
     pub uni_sse: bool,
     pub uni_http_stream: bool,
     pub uni_websocket: bool,
@@ -58,21 +63,38 @@ pub struct Deadlines {
     pub body: Duration,
 }
 
-/// Every response: complete, or streamed (unidirectional transports).
-type AnyBody = crate::uni::UniBody;
-
 async fn route(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<AnyBody> {
-    let framing = match req.uri().path() {
-        "/connection/uni_sse" if st.uni_sse => Some(crate::uni::Framing::Sse),
-        "/connection/uni_http_stream" if st.uni_http_stream => {
-            Some(crate::uni::Framing::HttpStream)
-        }
+    enum Http {
+        Emulated(Stream),
+        Uni(Framing),
+        Emulation,
+    }
+    let http = match req.uri().path() {
+        "/connection/http_stream" if st.http_stream => Some(Http::Emulated(Stream::HttpStream)),
+        "/connection/sse" if st.sse => Some(Http::Emulated(Stream::Sse)),
+        "/emulation" if st.http_stream || st.sse => Some(Http::Emulation),
+        "/connection/uni_sse" if st.uni_sse => Some(Http::Uni(Framing::Sse)),
+        "/connection/uni_http_stream" if st.uni_http_stream => Some(Http::Uni(Framing::HttpStream)),
         _ => None,
     };
-    if let Some(framing) = framing {
-        return crate::uni::handle(req, st.node.clone(), &st.ws, framing, st.deadlines.body).await;
-    }
-    route_complete(req, st, peer).await.map(http_body_util::Either::Left)
+    let Some(http) = http else {
+        return route_complete(req, st, peer).await.map(http_body_util::Either::Left);
+    };
+    // The browser fallbacks are fetched cross-origin: preflights and CORS
+    // headers for the HTTP transports.
+    let headers = req.headers().clone();
+    let mut r = if req.method() == Method::OPTIONS {
+        preflight()
+    } else {
+        let (node, body) = (st.node.clone(), st.deadlines.body);
+        match http {
+            Http::Emulated(stream) => emulation::connect(req, node, &st.ws, stream, body).await,
+            Http::Emulation => emulation::emulate(req, &node, &st.ws, body).await,
+            Http::Uni(framing) => uni::handle(req, node, &st.ws, framing, body).await,
+        }
+    };
+    add_cors(&headers, &st.ws, &mut r);
+    r
 }
 
 async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<Body> {
