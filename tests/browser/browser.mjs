@@ -14,13 +14,18 @@
 // presence and history; then its node is stopped (SIGTERM by PID), a second
 // node on the same Redis publishes what the client misses, the first node is
 // started again on the same port, and the client must come back by itself
-// with exactly the missed publications, once and in order. Every wait is
-// bounded; on a failure the page's console, its network traffic and the tail
-// of every process's output are printed.
+// with exactly the missed publications, once and in order. http_stream and
+// sse run a second time with `/emulation` on the other node, as behind a load
+// balancer without session affinity. Last, the same page served from an
+// origin the nodes do not list must get no connection over any transport.
+//
+// Every wait is bounded; on a failure the page's console, its network traffic
+// and the output of the processes during that test are printed
+// (FANFARE_E2E_VERBOSE=1: for passing tests too).
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn, spawnSync } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
@@ -76,11 +81,9 @@ function jwt(user) {
 // its output lines go to the suite log that a failure prints.
 // ---------------------------------------------------------------------------
 
+// Unbounded: a run writes a few hundred lines; each scenario prints its own part.
 const processLog = [];
-const logProcess = (line) => {
-  processLog.push(`${stamp()} ${line}`);
-  if (processLog.length > 600) processLog.splice(0, processLog.length - 600);
-};
+const logProcess = (line) => processLog.push(`${stamp()} ${line}`);
 const children = new Set();
 process.on('exit', () => {
   for (const c of children) {
@@ -167,15 +170,12 @@ function redisPing(port) {
   });
 }
 
-/** The HTTP transports (bidirectional emulation) this binary may not have yet. */
-const EMULATION_KEYS = ['transports.http_stream', 'transports.sse'];
-
 /**
  * A fanfare node on the suite's Redis. `start()` may be called again after
  * `stop()`: it then comes back on the same ports with the same config.
  */
 class Node {
-  constructor(name, { redisPort, pageOrigin, emulation, dir }) {
+  constructor(name, { redisPort, pageOrigin, dir }) {
     this.name = name;
     this.child = null;
     this.httpPort = null;
@@ -204,7 +204,12 @@ allowed_origins = ["${pageOrigin}"]
 [shutdown]
 # The clients reconnect at once; no need to wait the default 5 s for them.
 drain_timeout = "1s"
-${emulation ? '\n[transports]\nhttp_stream = true\nsse = true\n' : ''}
+
+[transports]
+# On by default; said here because the page depends on them.
+http_stream = true
+sse = true
+
 [[namespaces]]
 name = "room"
 allow_publish = true
@@ -241,6 +246,14 @@ force_recovery = true
     this.child = null;
   }
 
+  /** The value of gauge `name` with `labels` in `/metrics` (0 when not shown). */
+  async gauge(name, labels) {
+    const res = await fetch(`${this.origin}/metrics`, { signal: AbortSignal.timeout(WAIT_MS) });
+    const want = `${name}{${Object.entries(labels).map(([k, v]) => `${k}="${v}"`).join(',')}} `;
+    const line = (await res.text()).split('\n').find((l) => l.startsWith(want));
+    return line ? Number(line.slice(want.length)) : 0;
+  }
+
   /** `POST /api/<method>` (loopback callers need no key); the JSON reply. */
   async api(method, body) {
     const res = await fetch(`${this.origin}/api/${method}`, {
@@ -258,7 +271,16 @@ force_recovery = true
 // The suite: one Redis, one static server for the page, one browser.
 // ---------------------------------------------------------------------------
 
-const suite = { redis: null, redisPort: null, pageServer: null, pageOrigin: null, browser: null, emulation: null, dir: null };
+const suite = {
+  redis: null,
+  redisPort: null,
+  pageServer: null, // serves the page from the origin the nodes allow
+  pageOrigin: null,
+  strangerServer: null, // the same page from an origin the nodes do not list
+  strangerOrigin: null,
+  browser: null,
+  dir: null,
+};
 
 /** Serves page.html at `/` and centrifuge-js's ESM build (no bare imports) at `/centrifuge.mjs`. */
 function startPageServer() {
@@ -281,23 +303,9 @@ function startPageServer() {
   });
 }
 
-/**
- * Whether this binary accepts `transports.http_stream` and `transports.sse`
- * (`fanfare check-config`); `{ ok, why }`.
- */
-function emulationSupport() {
-  const probe = path.join(suite.dir, 'probe.toml');
-  fs.writeFileSync(probe, '[transports]\nhttp_stream = true\nsse = true\n');
-  const r = spawnSync(BIN, ['check-config', '--config', probe], { encoding: 'utf8', timeout: WAIT_MS });
-  if (r.status === 0) return { ok: true, why: '' };
-  const why = `${r.stderr || ''}${r.stdout || ''}`.trim().split('\n').slice(-3).join(' | ');
-  return { ok: false, why };
-}
-
 before(async () => {
   assert.ok(BIN && path.isAbsolute(BIN) && fs.existsSync(BIN), `FANFARE_BIN must be the absolute path of the fanfare binary, got ${BIN}`);
   suite.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fanfare-browser-'));
-  suite.emulation = emulationSupport();
 
   // History lives in Redis, so it outlives the node restart. Nothing is saved
   // to disk: the Redis itself is never restarted here.
@@ -309,6 +317,8 @@ before(async () => {
 
   suite.pageServer = await startPageServer();
   suite.pageOrigin = `http://127.0.0.1:${suite.pageServer.address().port}`;
+  suite.strangerServer = await startPageServer();
+  suite.strangerOrigin = `http://127.0.0.1:${suite.strangerServer.address().port}`;
   suite.browser = await chromium.launch({
     executablePath: CHROMIUM,
     // Root in a container has no user namespace for Chromium's sandbox.
@@ -320,9 +330,10 @@ before(async () => {
 
 after(async () => {
   if (suite.browser) await suite.browser.close().catch(() => {});
-  if (suite.pageServer) {
-    suite.pageServer.closeAllConnections();
-    suite.pageServer.close();
+  for (const server of [suite.pageServer, suite.strangerServer]) {
+    if (!server) continue;
+    server.closeAllConnections();
+    server.close();
   }
   await stopChild(suite.redis);
   if (suite.dir) fs.rmSync(suite.dir, { recursive: true, force: true });
@@ -336,17 +347,17 @@ function short(s, n = 300) {
   return s.length > n ? `${s.slice(0, n)}...(${s.length} chars)` : s;
 }
 
-async function openPage(log) {
+async function openPage(log, origin = suite.pageOrigin) {
   const context = await suite.browser.newContext();
   const page = await context.newPage();
   page.on('console', (m) => log.push(`${stamp()} [console.${m.type()}] ${m.text()}`));
   page.on('pageerror', (e) => log.push(`${stamp()} [pageerror] ${e.stack || e}`));
   page.on('request', (r) => {
-    if (r.url().startsWith(suite.pageOrigin)) return;
+    if (r.url().startsWith(origin)) return;
     log.push(`${stamp()} [net >] ${r.method()} ${short(r.url())} ${short(r.postData() || '')}`);
   });
   page.on('response', (r) => {
-    if (r.url().startsWith(suite.pageOrigin)) return;
+    if (r.url().startsWith(origin)) return;
     const h = r.headers();
     const cors = Object.keys(h).filter((k) => k.startsWith('access-control-')).map((k) => `${k}: ${h[k]}`).join('; ');
     log.push(`${stamp()} [net <] ${r.status()} ${r.request().method()} ${short(r.url())} ${h['content-type'] || ''} {${cors}}`);
@@ -359,7 +370,7 @@ async function openPage(log) {
     ws.on('socketerror', (e) => log.push(`${stamp()} [ws !] ${e}`));
     ws.on('close', () => log.push(`${stamp()} [ws ~] close ${ws.url()}`));
   });
-  await page.goto(`${suite.pageOrigin}/`, { timeout: WAIT_MS });
+  await page.goto(`${origin}/`, { timeout: WAIT_MS });
   await page.waitForFunction(() => window.fxReady === true, null, { timeout: WAIT_MS });
   return { context, page };
 }
@@ -388,30 +399,48 @@ const TRANSPORTS = {
   sse: (node) => ({ transport: 'sse', endpoint: `${node.origin}/connection/sse` }),
 };
 
-function dump(transport, err, log) {
+/** Prints a scenario's page log and the process output since `processFrom`. */
+function dump(name, err, log, processFrom) {
   process.stderr.write(
-    `\n===== ${transport}: ${err ? `FAILED =====\n${err.stack || err}` : 'passed ====='}\n` +
+    `\n===== ${name}: ${err ? `FAILED =====\n${err.stack || err}` : 'passed ====='}\n` +
       `--- page console, SDK events and network (net/ws: > sent, < received, ! failed) ---\n${log.join('\n')}\n` +
-      `--- processes (redis, fanfare nodes) ---\n${processLog.slice(-150).join('\n')}\n` +
-      `===== end ${transport} =====\n\n`,
+      `--- processes (redis, fanfare nodes) ---\n${processLog.slice(processFrom).join('\n')}\n` +
+      `===== end ${name} =====\n\n`,
   );
 }
 
-function scenario(transport) {
-  const emulated = transport !== 'websocket';
-  test(`${transport}: connect, publish, receive, presence, history; recovery after the node restarts`, { timeout: 90_000 }, async (t) => {
-    if (emulated && !suite.emulation.ok) {
-      const msg = `this fanfare does not serve ${EMULATION_KEYS.join(' / ')} yet (check-config: ${suite.emulation.why})`;
-      process.stdout.write(`SKIPPED ${transport}: ${msg}\n`);
-      t.skip(msg);
-      return;
-    }
+/**
+ * Declares a test that runs `fn(log)` with a fresh log for the page, and
+ * prints that log and the processes' output on a failure.
+ */
+function browserTest(name, fn) {
+  test(name, { timeout: 90_000 }, async () => {
     const log = [];
-    const nodeOpts = { redisPort: suite.redisPort, pageOrigin: suite.pageOrigin, emulation: suite.emulation.ok, dir: suite.dir };
-    const a = new Node(`a-${transport}`, nodeOpts);
-    const b = new Node(`b-${transport}`, nodeOpts);
-    const channel = `room:${transport}`;
-    const user = `user-${transport}`;
+    const processFrom = processLog.length;
+    try {
+      await fn(log);
+      if (VERBOSE) dump(name, null, log, processFrom);
+    } catch (err) {
+      dump(name, err, log, processFrom);
+      throw err;
+    }
+  });
+}
+
+/**
+ * The scenario over `transport`. With `commandsViaOtherNode` the client's
+ * `/emulation` requests go to the second node, as behind a load balancer
+ * without session affinity: that node forwards them to the session's node.
+ */
+function scenario(transport, { commandsViaOtherNode = false } = {}) {
+  const variant = commandsViaOtherNode ? `${transport}-via-b` : transport;
+  const title = commandsViaOtherNode ? `${transport} with /emulation on the other node` : transport;
+  browserTest(`${title}: connect, publish, receive, presence, history; recovery after the node restarts`, async (log) => {
+    const nodeOpts = { redisPort: suite.redisPort, pageOrigin: suite.pageOrigin, dir: suite.dir };
+    const a = new Node(`a-${variant}`, nodeOpts);
+    const b = new Node(`b-${variant}`, nodeOpts);
+    const channel = `room:${variant}`;
+    const user = `user-${variant}`;
     let context = null;
     try {
       await Promise.all([a.start(), b.start()]);
@@ -420,7 +449,7 @@ function scenario(transport) {
 
       await page.evaluate((args) => window.fx.start(args), {
         transports: [TRANSPORTS[transport](a)],
-        options: { emulationEndpoint: `${a.origin}/emulation`, token: jwt(user) },
+        options: { emulationEndpoint: `${(commandsViaOtherNode ? b : a).origin}/emulation`, token: jwt(user) },
         channel,
       });
       await pageWait(page, () => window.fx.state.subscribed.length === 1, null, `the page's client to connect over ${transport} and subscribe to ${channel}`);
@@ -482,10 +511,6 @@ function scenario(transport) {
       assert.deepEqual(st.pubs[6], { data: { from: 'page', n: 4 }, offset: base + 6 });
       assert.deepEqual(await page.evaluate(() => window.fx.history(100)), st.pubs);
       assert.deepEqual(await page.evaluate(() => window.fx.presence()), [{ client: secondClient, user }]);
-      if (VERBOSE) dump(transport, null, log);
-    } catch (err) {
-      dump(transport, err, log);
-      throw err;
     } finally {
       if (context) await context.close().catch(() => {});
       await Promise.all([a.stop(), b.stop()]);
@@ -494,3 +519,35 @@ function scenario(transport) {
 }
 
 for (const transport of Object.keys(TRANSPORTS)) scenario(transport);
+scenario('http_stream', { commandsViaOtherNode: true });
+scenario('sse', { commandsViaOtherNode: true });
+
+// The nodes list only the page's origin: the same page served from another
+// origin must not get a connection over any transport, and the refusal must
+// be the node's (no connection held), not just the browser hiding a reply.
+browserTest('a page from an origin the nodes do not allow connects over no transport', async (log) => {
+  const node = new Node('origin-check', { redisPort: suite.redisPort, pageOrigin: suite.pageOrigin, dir: suite.dir });
+  try {
+    await node.start();
+    for (const [transport, endpoint] of Object.entries(TRANSPORTS)) {
+      log.push(`${stamp()} ----- ${transport} from ${suite.strangerOrigin}`);
+      const { context, page } = await openPage(log, suite.strangerOrigin);
+      try {
+        await page.evaluate((args) => window.fx.start(args), {
+          transports: [endpoint(node)],
+          options: { emulationEndpoint: `${node.origin}/emulation`, token: jwt('stranger') },
+          channel: 'room:stranger',
+        });
+        // Two failed attempts (refused, and refused again on the retry), or a connection.
+        await pageWait(page, () => window.fx.state.errors.length >= 2 || window.fx.state.connected.length > 0, null, `${transport}: two failed connection attempts`);
+        const st = await pageState(page);
+        assert.deepEqual(st.connected, [], `${transport}: connected from ${suite.strangerOrigin}, which websocket.allowed_origins does not list`);
+        assert.equal(await node.gauge('fanfare_transport_connections', { transport }), 0, `${transport}: the node holds a connection from the refused origin`);
+      } finally {
+        await context.close().catch(() => {});
+      }
+    }
+  } finally {
+    await node.stop();
+  }
+});
