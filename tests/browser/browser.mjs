@@ -347,11 +347,19 @@ function short(s, n = 300) {
   return s.length > n ? `${s.slice(0, n)}...(${s.length} chars)` : s;
 }
 
+/**
+ * A new page at `origin`, its console and traffic written to `log`;
+ * `pageErrors` collects uncaught exceptions (the SDK choking on something).
+ */
 async function openPage(log, origin = suite.pageOrigin) {
   const context = await suite.browser.newContext();
   const page = await context.newPage();
+  const pageErrors = [];
   page.on('console', (m) => log.push(`${stamp()} [console.${m.type()}] ${m.text()}`));
-  page.on('pageerror', (e) => log.push(`${stamp()} [pageerror] ${e.stack || e}`));
+  page.on('pageerror', (e) => {
+    pageErrors.push(String(e));
+    log.push(`${stamp()} [pageerror] ${e.stack || e}`);
+  });
   page.on('request', (r) => {
     if (r.url().startsWith(origin)) return;
     log.push(`${stamp()} [net >] ${r.method()} ${short(r.url())} ${short(r.postData() || '')}`);
@@ -372,7 +380,7 @@ async function openPage(log, origin = suite.pageOrigin) {
   });
   await page.goto(`${origin}/`, { timeout: WAIT_MS });
   await page.waitForFunction(() => window.fxReady === true, null, { timeout: WAIT_MS });
-  return { context, page };
+  return { context, page, pageErrors };
 }
 
 /** Waits (bounded) until `fn(arg)` is truthy in the page. */
@@ -444,8 +452,8 @@ function scenario(transport, { commandsViaOtherNode = false } = {}) {
     let context = null;
     try {
       await Promise.all([a.start(), b.start()]);
-      let page;
-      ({ context, page } = await openPage(log));
+      let page, pageErrors;
+      ({ context, page, pageErrors } = await openPage(log));
 
       await page.evaluate((args) => window.fx.start(args), {
         transports: [TRANSPORTS[transport](a)],
@@ -511,6 +519,7 @@ function scenario(transport, { commandsViaOtherNode = false } = {}) {
       assert.deepEqual(st.pubs[6], { data: { from: 'page', n: 4 }, offset: base + 6 });
       assert.deepEqual(await page.evaluate(() => window.fx.history(100)), st.pubs);
       assert.deepEqual(await page.evaluate(() => window.fx.presence()), [{ client: secondClient, user }]);
+      assert.deepEqual(pageErrors, [], 'uncaught exceptions in the page');
     } finally {
       if (context) await context.close().catch(() => {});
       await Promise.all([a.stop(), b.stop()]);
