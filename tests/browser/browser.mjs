@@ -282,11 +282,17 @@ const suite = {
   dir: null,
 };
 
-/** Serves page.html at `/` and centrifuge-js's ESM build (no bare imports) at `/centrifuge.mjs`. */
+/**
+ * Serves page.html at `/`, centrifuge-js's ESM build (self-contained: no bare
+ * imports) at `/centrifuge.mjs` and the package's browser bundle of its
+ * Protobuf build at `/centrifuge.protobuf.js`.
+ */
 function startPageServer() {
+  const js = 'text/javascript; charset=utf-8';
   const files = {
     '/': ['text/html; charset=utf-8', path.join(HERE, 'page.html')],
-    '/centrifuge.mjs': ['text/javascript; charset=utf-8', path.join(HERE, 'node_modules/centrifuge/build/index.mjs')],
+    '/centrifuge.mjs': [js, path.join(HERE, 'node_modules/centrifuge/build/index.mjs')],
+    '/centrifuge.protobuf.js': [js, path.join(HERE, 'node_modules/centrifuge/dist/centrifuge.protobuf.js')],
   };
   const server = http.createServer((req, res) => {
     const file = files[new URL(req.url, 'http://x').pathname];
@@ -351,7 +357,7 @@ function short(s, n = 300) {
  * A new page at `origin`, its console and traffic written to `log`;
  * `pageErrors` collects uncaught exceptions (the SDK choking on something).
  */
-async function openPage(log, origin = suite.pageOrigin) {
+async function openPage(log, { origin = suite.pageOrigin, build = 'json' } = {}) {
   const context = await suite.browser.newContext();
   const page = await context.newPage();
   const pageErrors = [];
@@ -378,7 +384,7 @@ async function openPage(log, origin = suite.pageOrigin) {
     ws.on('socketerror', (e) => log.push(`${stamp()} [ws !] ${e}`));
     ws.on('close', () => log.push(`${stamp()} [ws ~] close ${ws.url()}`));
   });
-  await page.goto(`${origin}/`, { timeout: WAIT_MS });
+  await page.goto(`${origin}/?build=${build}`, { timeout: WAIT_MS });
   await page.waitForFunction(() => window.fxReady === true, null, { timeout: WAIT_MS });
   return { context, page, pageErrors };
 }
@@ -419,30 +425,37 @@ function dump(name, err, log, processFrom) {
 
 /**
  * Declares a test that runs `fn(log)` with a fresh log for the page, and
- * prints that log and the processes' output on a failure.
+ * prints that log and the processes' output on a failure. A `todo` test (a
+ * known server bug, named in `todo`) runs and reports, but does not fail the
+ * run; its logs are printed only with FANFARE_E2E_VERBOSE=1.
  */
-function browserTest(name, fn) {
-  test(name, { timeout: 90_000 }, async () => {
+function browserTest(name, fn, { todo } = {}) {
+  test(name, { timeout: 90_000, todo }, async () => {
     const log = [];
     const processFrom = processLog.length;
     try {
       await fn(log);
+      if (todo) process.stderr.write(`${name}: passes now; drop its todo (${todo})\n`);
       if (VERBOSE) dump(name, null, log, processFrom);
     } catch (err) {
-      dump(name, err, log, processFrom);
+      if (todo && !VERBOSE) process.stderr.write(`${name}: fails as expected (TODO: ${todo}): ${err.message.split('\n')[0]}\n`);
+      else dump(name, err, log, processFrom);
       throw err;
     }
   });
 }
 
 /**
- * The scenario over `transport`. With `commandsViaOtherNode` the client's
- * `/emulation` requests go to the second node, as behind a load balancer
- * without session affinity: that node forwards them to the session's node.
+ * The scenario over `transport`, with centrifuge-js's `build` ('json' or
+ * 'protobuf'). With `commandsViaOtherNode` the client's `/emulation` requests
+ * go to the second node, as behind a load balancer without session affinity:
+ * that node forwards them to the session's node.
  */
-function scenario(transport, { commandsViaOtherNode = false } = {}) {
-  const variant = commandsViaOtherNode ? `${transport}-via-b` : transport;
-  const title = commandsViaOtherNode ? `${transport} with /emulation on the other node` : transport;
+function scenario(transport, { build = 'json', commandsViaOtherNode = false, todo } = {}) {
+  const variant = `${transport}${build === 'json' ? '' : `-${build}`}${commandsViaOtherNode ? '-via-b' : ''}`;
+  const title =
+    `${transport}${build === 'json' ? '' : ` (${build} build)`}` +
+    `${commandsViaOtherNode ? ' with /emulation on the other node' : ''}`;
   browserTest(`${title}: connect, publish, receive, presence, history; recovery after the node restarts`, async (log) => {
     const nodeOpts = { redisPort: suite.redisPort, pageOrigin: suite.pageOrigin, dir: suite.dir };
     const a = new Node(`a-${variant}`, nodeOpts);
@@ -453,15 +466,22 @@ function scenario(transport, { commandsViaOtherNode = false } = {}) {
     try {
       await Promise.all([a.start(), b.start()]);
       let page, pageErrors;
-      ({ context, page, pageErrors } = await openPage(log));
+      ({ context, page, pageErrors } = await openPage(log, { build }));
 
       await page.evaluate((args) => window.fx.start(args), {
         transports: [TRANSPORTS[transport](a)],
         options: { emulationEndpoint: `${(commandsViaOtherNode ? b : a).origin}/emulation`, token: jwt(user) },
         channel,
       });
-      await pageWait(page, () => window.fx.state.subscribed.length === 1, null, `the page's client to connect over ${transport} and subscribe to ${channel}`);
+      // A client that gave up (`disconnected`) will not come back: stop waiting.
+      await pageWait(
+        page,
+        () => window.fx.state.subscribed.length === 1 || window.fx.state.disconnected.length > 0,
+        null,
+        `the page's client to connect over ${transport} and subscribe to ${channel}`,
+      );
       let st = await pageState(page);
+      assert.deepEqual(st.disconnected, [], `the client gave up connecting over ${transport}`);
       assert.equal(st.connected.length, 1);
       assert.equal(st.connected[0].transport, transport, 'the client connected over another transport than the only one it was given');
       const firstClient = st.connected[0].client;
@@ -519,17 +539,30 @@ function scenario(transport, { commandsViaOtherNode = false } = {}) {
       assert.deepEqual(st.pubs[6], { data: { from: 'page', n: 4 }, offset: base + 6 });
       assert.deepEqual(await page.evaluate(() => window.fx.history(100)), st.pubs);
       assert.deepEqual(await page.evaluate(() => window.fx.presence()), [{ client: secondClient, user }]);
+      // The Protobuf build hands the page bytes, the JSON build parsed JSON.
+      const dataType = build === 'protobuf' ? 'bytes' : 'json';
+      assert.deepEqual(st.dataTypes, st.pubs.map(() => dataType), `publication data as the ${build} build gives it`);
       assert.deepEqual(pageErrors, [], 'uncaught exceptions in the page');
     } finally {
       if (context) await context.close().catch(() => {});
       await Promise.all([a.stop(), b.stop()]);
     }
-  });
+  }, { todo });
 }
 
 for (const transport of Object.keys(TRANSPORTS)) scenario(transport);
 scenario('http_stream', { commandsViaOtherNode: true });
 scenario('sse', { commandsViaOtherNode: true });
+// SSE carries text only: centrifuge-js offers it to the JSON build alone.
+// Known bug: fanfare's Protobuf connect reply encodes the `subs` map entry of
+// the personal channel without its (empty) SubscribeResult value (prost omits
+// default map values; Centrifugo's Go encoder writes `12 00`), protobufjs then
+// decodes the value as null, and centrifuge-js's _processServerSubs throws
+// reading `.offset` of it: every JWT user's Protobuf connection fails. Drop
+// `todo` once that is fixed.
+const PROTOBUF_SUBS_BUG = 'Protobuf connect reply: empty SubscribeResult map values omitted, centrifuge-js throws';
+scenario('websocket', { build: 'protobuf', todo: PROTOBUF_SUBS_BUG });
+scenario('http_stream', { build: 'protobuf', todo: PROTOBUF_SUBS_BUG });
 
 // The nodes list only the page's origin: the same page served from another
 // origin must not get a connection over any transport, and the refusal must
@@ -540,7 +573,7 @@ browserTest('a page from an origin the nodes do not allow connects over no trans
     await node.start();
     for (const [transport, endpoint] of Object.entries(TRANSPORTS)) {
       log.push(`${stamp()} ----- ${transport} from ${suite.strangerOrigin}`);
-      const { context, page } = await openPage(log, suite.strangerOrigin);
+      const { context, page } = await openPage(log, { origin: suite.strangerOrigin });
       try {
         await page.evaluate((args) => window.fx.start(args), {
           transports: [endpoint(node)],
