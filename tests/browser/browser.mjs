@@ -25,15 +25,14 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
+import { freePort, redisPing, sleep, spawnLogged as spawnInto, stamp, withTimeout } from '../common/harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.FANFARE_BIN;
@@ -42,31 +41,6 @@ const SECRET = 'browser-e2e-secret';
 const WAIT_MS = 10_000; // bound for every single wait
 const STOP_GRACE_MS = 5_000; // SIGTERM -> SIGKILL
 const VERBOSE = process.env.FANFARE_E2E_VERBOSE === '1'; // print the logs of passing scenarios too
-
-const T0 = Date.now();
-const stamp = () => `+${String(Date.now() - T0).padStart(6)}ms`;
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** Rejects with a descriptive error when `promise` does not settle within `ms`. */
-function withTimeout(promise, ms, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
-/** A loopback TCP port that was free a moment ago. */
-function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
 
 /** An HS256 connection JWT for `user`, valid for an hour. */
 function jwt(user) {
@@ -77,56 +51,13 @@ function jwt(user) {
 }
 
 // ---------------------------------------------------------------------------
-// Processes. Every child is tracked and SIGKILLed by PID at exit at the latest;
-// its output lines go to the suite log that a failure prints.
+// Processes (killed by PID at exit at the latest, see tests/common/harness.mjs);
+// their output lines go to the suite log that a failure prints.
 // ---------------------------------------------------------------------------
 
 // Unbounded: a run writes a few hundred lines; each scenario prints its own part.
 const processLog = [];
-const logProcess = (line) => processLog.push(`${stamp()} ${line}`);
-const children = new Set();
-process.on('exit', () => {
-  for (const c of children) {
-    try {
-      c.kill('SIGKILL');
-    } catch {
-      // already gone
-    }
-  }
-});
-
-function spawnLogged(label, cmd, args) {
-  // NO_COLOR: fanfare's log lines without ANSI colours, readable in a failure dump.
-  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NO_COLOR: '1' } });
-  children.add(child);
-  child.exitInfo = null;
-  child.exited = new Promise((resolve) => {
-    child.on('exit', (code, signal) => {
-      children.delete(child);
-      child.exitInfo = { code, signal };
-      logProcess(`[${label} pid ${child.pid}] exited code=${code} signal=${signal}`);
-      resolve(child.exitInfo);
-    });
-  });
-  child.on('error', (err) => {
-    child.exitInfo = child.exitInfo || { error: err.message };
-    logProcess(`[${label}] spawn error: ${err.message}`);
-  });
-  for (const stream of [child.stdout, child.stderr]) {
-    let buf = '';
-    stream.setEncoding('utf8');
-    stream.on('data', (chunk) => {
-      buf += chunk;
-      let i;
-      while ((i = buf.indexOf('\n')) >= 0) {
-        logProcess(`[${label}] ${buf.slice(0, i)}`);
-        buf = buf.slice(i + 1);
-      }
-    });
-  }
-  logProcess(`[${label}] spawned pid ${child.pid}: ${cmd} ${args.join(' ')}`);
-  return child;
-}
+const spawnLogged = (label, cmd, args) => spawnInto(label, cmd, args, processLog);
 
 /** SIGTERM, then SIGKILL after STOP_GRACE_MS; resolves once the process is gone. */
 async function stopChild(child) {
@@ -134,7 +65,7 @@ async function stopChild(child) {
   child.kill('SIGTERM');
   const graceful = await Promise.race([child.exited.then(() => true), sleep(STOP_GRACE_MS).then(() => false)]);
   if (!graceful) {
-    logProcess(`[pid ${child.pid}] no exit ${STOP_GRACE_MS} ms after SIGTERM: SIGKILL`);
+    processLog.push(`${stamp()} [pid ${child.pid}] no exit ${STOP_GRACE_MS} ms after SIGTERM: SIGKILL`);
     child.kill('SIGKILL');
     await withTimeout(child.exited, 5000, `pid ${child.pid} to exit after SIGKILL`);
   }
@@ -149,25 +80,6 @@ async function waitReady(child, label, probe, ms = 20_000) {
     await sleep(50);
   }
   throw new Error(`${label} was not ready within ${ms} ms`);
-}
-
-/** `PING` over RESP; true on `+PONG`. */
-function redisPing(port) {
-  return new Promise((resolve) => {
-    const s = net.connect(port, '127.0.0.1');
-    let data = '';
-    const done = (ok) => {
-      s.destroy();
-      resolve(ok);
-    };
-    s.setTimeout(1000, () => done(false));
-    s.on('error', () => done(false));
-    s.on('connect', () => s.write('PING\r\n'));
-    s.on('data', (d) => {
-      data += d;
-      if (data.includes('\r\n')) done(data.startsWith('+PONG'));
-    });
-  });
 }
 
 /**
