@@ -21,7 +21,7 @@ use crate::api::ApiContext;
 use crate::transport::emulation::{self, Stream};
 use crate::transport::uni::{self, Framing};
 use crate::transport::websocket::{self, WsOptions};
-use crate::transport::{AnyBody, add_cors, preflight};
+use crate::transport::{AnyBody, ReqBody, add_cors, bare, preflight};
 
 pub type Body = Full<Bytes>;
 
@@ -63,23 +63,33 @@ pub struct Deadlines {
     pub body: Duration,
 }
 
-async fn route(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<AnyBody> {
-    enum Http {
-        Emulated(Stream),
-        Uni(Framing),
-        Emulation,
-    }
-    let http = match req.uri().path() {
-        "/connection/http_stream" if st.http_stream => Some(Http::Emulated(Stream::HttpStream)),
-        "/connection/sse" if st.sse => Some(Http::Emulated(Stream::Sse)),
-        "/emulation" if st.http_stream || st.sse => Some(Http::Emulation),
-        "/connection/uni_sse" if st.uni_sse => Some(Http::Uni(Framing::Sse)),
-        "/connection/uni_http_stream" if st.uni_http_stream => Some(Http::Uni(Framing::HttpStream)),
-        _ => None,
-    };
-    let Some(http) = http else {
-        return route_complete(req, st, peer).await.map(http_body_util::Either::Left);
-    };
+/// The transports answered with a streamed response, and `/emulation`.
+enum HttpTransport {
+    Emulated(Stream),
+    Uni(Framing),
+    Emulation,
+}
+
+fn http_transport(path: &str, st: &HttpState) -> Option<HttpTransport> {
+    Some(match path {
+        "/connection/http_stream" if st.http_stream => HttpTransport::Emulated(Stream::HttpStream),
+        "/connection/sse" if st.sse => HttpTransport::Emulated(Stream::Sse),
+        "/emulation" if st.http_stream || st.sse => HttpTransport::Emulation,
+        "/connection/uni_sse" if st.uni_sse => HttpTransport::Uni(Framing::Sse),
+        "/connection/uni_http_stream" if st.uni_http_stream => {
+            HttpTransport::Uni(Framing::HttpStream)
+        }
+        _ => return None,
+    })
+}
+
+/// Answers a request for an HTTP transport, from hyper or from
+/// `transport::bare`.
+async fn serve_http_transport(
+    t: HttpTransport,
+    req: Request<impl ReqBody>,
+    st: &HttpState,
+) -> Response<AnyBody> {
     // The browser fallbacks are fetched cross-origin: preflights and CORS
     // headers for the HTTP transports.
     let headers = req.headers().clone();
@@ -87,14 +97,23 @@ async fn route(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Respo
         preflight()
     } else {
         let (node, body) = (st.node.clone(), st.deadlines.body);
-        match http {
-            Http::Emulated(stream) => emulation::connect(req, node, &st.ws, stream, body).await,
-            Http::Emulation => emulation::emulate(req, &node, &st.ws, body).await,
-            Http::Uni(framing) => uni::handle(req, node, &st.ws, framing, body).await,
+        match t {
+            HttpTransport::Emulated(stream) => {
+                emulation::connect(req, node, &st.ws, stream, body).await
+            }
+            HttpTransport::Emulation => emulation::emulate(req, &node, &st.ws, body).await,
+            HttpTransport::Uni(framing) => uni::handle(req, node, &st.ws, framing, body).await,
         }
     };
     add_cors(&headers, &st.ws, &mut r);
     r
+}
+
+async fn route(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<AnyBody> {
+    match http_transport(req.uri().path(), &st) {
+        Some(t) => serve_http_transport(t, req, &st).await,
+        None => route_complete(req, st, peer).await.map(http_body_util::Either::Left),
+    }
 }
 
 async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<Body> {
@@ -151,6 +170,33 @@ pub async fn serve(listener: TcpListener, st: HttpState, mut stop: watch::Receiv
         let st = st.clone();
         let header_timeout = st.deadlines.header;
         tokio::spawn(async move {
+            // A long-lived stream as the connection's first request is served
+            // on the bare socket, without hyper's buffers (`transport::bare`).
+            let streams = [st.sse, st.http_stream, st.uni_sse, st.uni_http_stream];
+            if streams.contains(&true) {
+                let mut first = [0u8; 40];
+                match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                    Ok(Ok(n)) if n > 0 => {
+                        if bare::wants(&first[..n], &streams) {
+                            let (body, max) = (st.deadlines.body, st.ws.max_message_size);
+                            let st2 = st.clone();
+                            let handle = |req: Request<_>| async move {
+                                match http_transport(req.uri().path(), &st2) {
+                                    Some(t) => serve_http_transport(t, req, &st2).await,
+                                    None => crate::transport::refuse(
+                                        StatusCode::NOT_FOUND,
+                                        serde_json::json!({"error": "not found"}),
+                                    ),
+                                }
+                            };
+                            bare::serve(stream, header_timeout, body, max, handle).await;
+                            return;
+                        }
+                    }
+                    // Closed, failed, or silent past the header deadline.
+                    _ => return,
+                }
+            }
             let svc = service_fn(move |req| {
                 let st = st.clone();
                 async move { Ok::<_, Infallible>(route(req, st, peer).await) }

@@ -286,3 +286,51 @@ allowed_origins = ["http://app.example"]
         assert_eq!(Stream::open(off.port, method, path, &[], "").await.status, 404, "{path}");
     }
 }
+
+/// Reads from a raw socket until `needle` was seen (bounded), returns all.
+async fn read_until(s: &mut tokio::net::TcpStream, needle: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + common::TIMEOUT;
+    while !String::from_utf8_lossy(&got).contains(needle) {
+        let mut buf = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            _ => panic!("{needle:?} not received; got {:?}", String::from_utf8_lossy(&got)),
+        }
+    }
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_works_as_first_request_on_the_bare_socket_and_after_another_request_via_hyper() {
+    use tokio::io::AsyncWriteExt;
+    let server = node();
+    let uri = sse_uri(&connect_command("frank"));
+    // First request of its connection: served on the bare socket, chunked.
+    let mut a = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+    a.write_all(format!("GET {uri} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let got = read_until(&mut a, "\"session\"").await;
+    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    assert!(got.contains("transfer-encoding: chunked"), "{got}");
+    assert!(got.contains("content-type: text/event-stream"), "{got}");
+    assert!(!got.contains("date:"), "hyper writes a date header, the bare path does not: {got}");
+    // After a /health on the same kept-alive connection: hyper serves it.
+    let mut b = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+    b.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    read_until(&mut b, "ok\n").await;
+    b.write_all(format!("GET {uri} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let got = read_until(&mut b, "\"session\"").await;
+    assert!(got.contains("text/event-stream") && got.contains("date:"), "{got}");
+    // A chunked request body is refused on the bare path with 411.
+    let mut c = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+    c.write_all(
+        b"POST /connection/http_stream HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert!(read_until(&mut c, "\r\n").await.starts_with("HTTP/1.1 411"));
+    // Both streams are alive: pings arrive on each.
+    read_until(&mut a, "data: {}").await;
+    read_until(&mut b, "data: {}").await;
+}

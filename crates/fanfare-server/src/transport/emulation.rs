@@ -24,7 +24,6 @@ use bytes::{Bytes, BytesMut};
 use fanfare_core::{Emulation, Node, Session, Transport};
 use fanfare_protocol::{Codec, DisconnectCode, PushBody, Reply};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use prost::Message;
@@ -33,7 +32,7 @@ use tokio::sync::mpsc;
 
 use super::driver::{End, Input, Wire, account_received, drive};
 use super::websocket::WsOptions;
-use super::{AnyBody, StreamBody, refuse, streamed, url_param};
+use super::{AnyBody, ReqBody, StreamBody, refuse, streamed, url_param};
 
 /// Which emulated transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +41,7 @@ pub enum Stream {
     Sse,
 }
 
-fn is_protobuf(req: &Request<Incoming>) -> bool {
+fn is_protobuf<B>(req: &Request<B>) -> bool {
     req.headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -51,7 +50,7 @@ fn is_protobuf(req: &Request<Incoming>) -> bool {
 
 /// Reads a whole request body of at most `limit` bytes within `timeout`.
 async fn read_body(
-    req: Request<Incoming>,
+    req: Request<impl ReqBody>,
     limit: usize,
     timeout: Duration,
     key: &str,
@@ -72,7 +71,7 @@ async fn read_body(
 
 /// Handles `/connection/http_stream` and `/connection/sse`.
 pub async fn connect(
-    req: Request<Incoming>,
+    req: Request<impl ReqBody>,
     node: Node,
     opts: &WsOptions,
     stream: Stream,
@@ -249,7 +248,7 @@ struct EmulationRequest {
 
 /// Handles `POST /emulation`.
 pub async fn emulate(
-    req: Request<Incoming>,
+    req: Request<impl ReqBody>,
     node: &Node,
     opts: &WsOptions,
     body_timeout: Duration,

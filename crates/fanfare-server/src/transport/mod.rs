@@ -14,6 +14,7 @@
 //! The WebSocket frame codec (`frame.rs`) lives in the library part of the
 //! crate as `fanfare_server::ws`.
 
+pub(crate) mod bare;
 pub(crate) mod driver;
 pub(crate) mod emulation;
 pub(crate) mod uni;
@@ -44,6 +45,21 @@ impl StreamBody {
         (tx, Self(rx))
     }
 }
+
+impl StreamBody {
+    /// The next chunk; `None` once the connection's task ended the stream.
+    pub(crate) async fn next(&mut self) -> Option<Bytes> {
+        self.0.recv().await
+    }
+}
+
+/// Bodies the handlers read: hyper's, or one `bare` read already.
+pub(crate) trait ReqBody:
+    http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send
+{
+}
+impl<B: http_body::Body<Data = Bytes, Error: Into<BoxError>> + Send> ReqBody for B {}
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl http_body::Body for StreamBody {
     type Data = Bytes;

@@ -28,7 +28,6 @@ use fanfare_core::{Node, Session, Transport};
 use fanfare_protocol::{Codec, DisconnectCode};
 use fanfare_server::ws::{self, OP_TEXT, WsConn};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use hyper::header;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
@@ -38,7 +37,7 @@ use tokio::sync::mpsc;
 
 use super::driver::{End, Input, Wire, drive};
 use super::websocket::{WsOptions, answer_ping, send_close};
-use super::{AnyBody, StreamBody, refuse, streamed, url_param};
+use super::{AnyBody, ReqBody, StreamBody, refuse, streamed, url_param};
 
 /// Which unidirectional transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,7 +70,7 @@ fn event_id(positions: &[Position]) -> String {
 
 /// Handles `/connection/uni_sse` and `/connection/uni_http_stream`.
 pub async fn handle(
-    req: Request<Incoming>,
+    req: Request<impl ReqBody>,
     node: Node,
     opts: &WsOptions,
     framing: Framing,
