@@ -63,7 +63,13 @@ const spawnLogged = (label, cmd, args) => spawnInto(label, cmd, args, processLog
 async function stopChild(child) {
   if (!child || child.exitInfo) return;
   child.kill('SIGTERM');
-  const graceful = await Promise.race([child.exited.then(() => true), sleep(STOP_GRACE_MS).then(() => false)]);
+  let timer;
+  const graceful = await Promise.race([
+    child.exited.then(() => true),
+    new Promise((resolve) => (timer = setTimeout(() => resolve(false), STOP_GRACE_MS))),
+  ]);
+  // A pending timer would keep the script alive for STOP_GRACE_MS after its last test.
+  clearTimeout(timer);
   if (!graceful) {
     processLog.push(`${stamp()} [pid ${child.pid}] no exit ${STOP_GRACE_MS} ms after SIGTERM: SIGKILL`);
     child.kill('SIGKILL');
