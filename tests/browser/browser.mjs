@@ -423,6 +423,10 @@ function scenario(transport, { build = 'json', commandsViaOtherNode = false, tod
       // The node goes away (SIGTERM by PID: it closes clients with 3001 and exits).
       await a.stop();
       await pageWait(page, () => window.fx.clientState() === 'connecting', null, 'the client to notice the node is gone and try to reconnect');
+      // Told why over its own transport (a close frame, or a disconnect push on
+      // the stream), not left to find a broken connection.
+      st = await pageState(page);
+      assert.deepEqual(st.connecting.slice(1), [{ code: 3001, reason: 'shutdown' }], 'why the client reconnects');
 
       // Published on the other node while the client's node is down: missed.
       const missed = [1, 2, 3].map((n) => ({ from: 'api', n }));
