@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # centrifuge-js in headless Chromium (Debian `chromium`, driven by npm
-# playwright-core) against the real fanfare binary: one scenario each for the
-# websocket, http_stream and sse transports (browser.mjs).
+# playwright-core) against real fanfare nodes on a real Redis: the client limited
+# to websocket, http_stream or sse, publishing, receiving, reading presence and
+# history, recovering across a node restart; and a refused origin (browser.mjs).
 # Usage: FANFARE_BIN=/abs/path/to/fanfare tests/browser/run.sh
-# Needs redis-server and /usr/bin/chromium (or CHROMIUM_BIN). Exit code is the result.
+# Needs redis-server and /usr/bin/chromium (or CHROMIUM_BIN). Exit code is the
+# result. FANFARE_E2E_VERBOSE=1 prints the page and process logs of passing tests too.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -13,6 +15,14 @@ case "${FANFARE_BIN:-}" in
 esac
 if [ ! -x "$FANFARE_BIN" ]; then
   echo "run.sh: FANFARE_BIN is not an executable file: $FANFARE_BIN" >&2
+  exit 2
+fi
+if [ ! -x "${CHROMIUM_BIN:-/usr/bin/chromium}" ]; then
+  echo "run.sh: no Chromium at ${CHROMIUM_BIN:-/usr/bin/chromium}: apt-get install chromium (scripts/test.sh does)" >&2
+  exit 2
+fi
+if ! command -v redis-server >/dev/null; then
+  echo "run.sh: redis-server is not installed (scripts/test.sh installs it)" >&2
   exit 2
 fi
 
