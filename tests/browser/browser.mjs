@@ -476,15 +476,12 @@ for (const transport of Object.keys(TRANSPORTS)) scenario(transport);
 scenario('http_stream', { commandsViaOtherNode: true });
 scenario('sse', { commandsViaOtherNode: true });
 // SSE carries text only: centrifuge-js offers it to the JSON build alone.
-// Known bug: fanfare's Protobuf connect reply encodes the `subs` map entry of
-// the personal channel without its (empty) SubscribeResult value (prost omits
-// default map values; Centrifugo's Go encoder writes `12 00`), protobufjs then
-// decodes the value as null, and centrifuge-js's _processServerSubs throws
-// reading `.offset` of it: every JWT user's Protobuf connection fails. Drop
-// `todo` once that is fixed.
-const PROTOBUF_SUBS_BUG = 'Protobuf connect reply: empty SubscribeResult map values omitted, centrifuge-js throws';
-scenario('websocket', { build: 'protobuf', todo: PROTOBUF_SUBS_BUG });
-scenario('http_stream', { build: 'protobuf', todo: PROTOBUF_SUBS_BUG });
+// The Protobuf scenarios have a JWT user, so the connect reply carries the
+// personal channel's (empty) server-side subscription: its map value must be
+// written even when empty (protobufjs decodes a missing one as null and
+// centrifuge-js throws), which anonymous Protobuf clients never exercised.
+scenario('websocket', { build: 'protobuf' });
+scenario('http_stream', { build: 'protobuf' });
 
 // The nodes list only the page's origin: the same page served from another
 // origin must not get a connection over any transport, and the refusal must
