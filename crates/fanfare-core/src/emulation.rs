@@ -10,25 +10,70 @@
 //! separate from the client id: client ids are visible to other clients
 //! (presence), and whoever holds a key can send commands as that client.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
 use data_encoding::BASE64;
-use tokio::sync::mpsc;
+use futures_util::task::AtomicWaker;
 
 use crate::control::ControlMessage;
 use crate::node::Node;
 
-/// Command batches one emulated session may have waiting; a sender beyond
-/// this waits (up to [`DELIVERY_TIMEOUT`]) instead of growing a queue.
+/// Command batches one emulated session may have waiting; a request beyond
+/// this is refused as [`Emulation::Busy`] instead of growing the queue (the
+/// SDK sends commands in batches, so a client that far ahead is broken or
+/// hostile).
 const QUEUE: usize = 16;
 
-/// How long an `/emulation` request waits for the session to take its
-/// commands, or for the node holding it to answer. Past it the request is
-/// answered as failed (the SDK then closes the transport and reconnects).
+/// How long an `/emulation` request waits for the node holding its session
+/// to answer. Past it the session counts as gone (the SDK then closes the
+/// transport and reconnects).
 pub const DELIVERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The command batches waiting for one emulated session. A queue that
+/// allocates only while it holds something and the session task's waker: an
+/// idle session pays about 100 bytes (a channel would preallocate a block of
+/// slots, 1 KiB).
+#[derive(Default)]
+pub struct Inbox {
+    queue: Mutex<VecDeque<Bytes>>,
+    waker: AtomicWaker,
+}
+
+impl Inbox {
+    fn push(&self, batch: Bytes) -> Emulation {
+        let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if q.len() >= QUEUE {
+            return Emulation::Busy;
+        }
+        q.push_back(batch);
+        drop(q);
+        self.waker.wake();
+        Emulation::Delivered
+    }
+
+    /// The next batch of commands (cancel-safe: nothing is taken until it
+    /// is returned).
+    pub async fn next(&self) -> Bytes {
+        std::future::poll_fn(|cx| {
+            self.waker.register(cx.waker());
+            let mut q = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+            match q.pop_front() {
+                Some(b) => {
+                    if q.is_empty() {
+                        q.shrink_to(0);
+                    }
+                    Poll::Ready(b)
+                }
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+}
 
 /// What became of one `/emulation` request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,28 +82,26 @@ pub enum Emulation {
     Delivered,
     /// No such session (ended, never existed, or its node is gone).
     Unknown,
-    /// The session did not take the commands in time.
+    /// The session has too many command batches waiting.
     Busy,
 }
 
 /// The emulated sessions of this node, by key.
 #[derive(Default)]
 pub(crate) struct Registry {
-    sessions: Mutex<HashMap<Box<str>, mpsc::Sender<Bytes>, ahash::RandomState>>,
+    sessions: Mutex<HashMap<Box<str>, Arc<Inbox>, ahash::RandomState>>,
 }
 
 impl Registry {
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<Box<str>, mpsc::Sender<Bytes>, ahash::RandomState>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<Inbox>, ahash::RandomState>> {
         self.sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn register(&self) -> (String, mpsc::Receiver<Bytes>) {
+    pub(crate) fn register(&self) -> (String, Arc<Inbox>) {
         let key = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 16]>());
-        let (tx, rx) = mpsc::channel(QUEUE);
-        self.lock().insert(key.as_str().into(), tx);
-        (key, rx)
+        let inbox = Arc::new(Inbox::default());
+        self.lock().insert(key.as_str().into(), inbox.clone());
+        (key, inbox)
     }
 
     pub(crate) fn unregister(&self, key: &str) {
@@ -66,12 +109,10 @@ impl Registry {
     }
 
     /// Hands `data` to a session of this node.
-    pub(crate) async fn deliver(&self, key: &str, data: Bytes) -> Emulation {
-        let Some(tx) = self.lock().get(key).cloned() else { return Emulation::Unknown };
-        match tx.send_timeout(data, DELIVERY_TIMEOUT).await {
-            Ok(()) => Emulation::Delivered,
-            Err(mpsc::error::SendTimeoutError::Closed(_)) => Emulation::Unknown,
-            Err(mpsc::error::SendTimeoutError::Timeout(_)) => Emulation::Busy,
+    pub(crate) fn deliver(&self, key: &str, data: Bytes) -> Emulation {
+        match self.lock().get(key) {
+            Some(inbox) => inbox.push(data),
+            None => Emulation::Unknown,
         }
     }
 
@@ -82,8 +123,8 @@ impl Registry {
 
 impl Node {
     /// Registers an emulated session: its key (for the connect reply) and
-    /// the receiver of the command batches sent for it.
-    pub fn register_emulated(&self) -> (String, mpsc::Receiver<Bytes>) {
+    /// the inbox of the command batches sent for it.
+    pub fn register_emulated(&self) -> (String, Arc<Inbox>) {
         self.emulated().register()
     }
 
@@ -100,7 +141,7 @@ impl Node {
     /// node `node`: here, or through the control channel on another node.
     pub async fn emulate(&self, node: &str, session: &str, data: Bytes) -> Emulation {
         if node == self.uid() || node.is_empty() {
-            return self.emulated().deliver(session, data).await;
+            return self.emulated().deliver(session, data);
         }
         let id = format!("{:032x}", rand::random::<u128>());
         let request = ControlMessage::Emulate {
@@ -129,7 +170,7 @@ impl Node {
         let node = self.clone();
         tokio::spawn(async move {
             let outcome = match BASE64.decode(data.as_bytes()) {
-                Ok(data) => node.emulated().deliver(&session, Bytes::from(data)).await,
+                Ok(data) => node.emulated().deliver(&session, Bytes::from(data)),
                 Err(_) => Emulation::Unknown,
             };
             let reply = ControlMessage::EmulateReply {

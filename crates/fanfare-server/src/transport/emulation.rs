@@ -13,7 +13,7 @@
 //!   holding the session is found through the broker's control channel
 //!   (`fanfare_core::emulation`). 200 once the session took the commands,
 //!   404 when there is no such session (the SDK then reconnects), 503 when
-//!   it did not take them in time.
+//!   16 batches already wait for it.
 //!
 //! A disconnect goes down the stream as a `disconnect` push before the
 //! response ends; the client's pings are not expected (no pong).
@@ -28,11 +28,13 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use prost::Message;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use fanfare_core::emulation::Inbox;
 
 use super::driver::{End, Input, Wire, account_received, drive};
 use super::websocket::WsOptions;
-use super::{AnyBody, ReqBody, StreamBody, refuse, streamed, url_param};
+use super::{AnyBody, BodySender, ReqBody, StreamBody, refuse, streamed, url_param};
 
 /// Which emulated transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,11 +166,11 @@ pub async fn connect(
 struct EmulatedWire {
     stream: Stream,
     codec: Codec,
-    commands: mpsc::Receiver<Bytes>,
+    commands: Arc<Inbox>,
     /// The commands that came with the connect request, read first.
     first: Option<Bytes>,
     frame: Bytes,
-    tx: mpsc::Sender<Bytes>,
+    tx: BodySender,
 }
 
 impl EmulatedWire {
@@ -199,14 +201,13 @@ impl Wire for EmulatedWire {
             self.frame = first;
             return Input::Frame;
         }
+        // The last batch was handled: do not keep its buffer while idle.
+        self.frame = Bytes::new();
         tokio::select! {
-            batch = self.commands.recv() => match batch {
-                Some(b) => {
-                    self.frame = b;
-                    Input::Frame
-                }
-                None => Input::Gone(DisconnectCode::CONNECTION_CLOSED),
-            },
+            batch = self.commands.next() => {
+                self.frame = batch;
+                Input::Frame
+            }
             // The client went away (hyper dropped the response body).
             _ = self.tx.closed() => Input::Gone(DisconnectCode::CONNECTION_CLOSED),
         }
@@ -293,7 +294,7 @@ pub async fn emulate(
         Emulation::Unknown => refuse(StatusCode::NOT_FOUND, json!({"error": "unknown session"})),
         Emulation::Busy => refuse(
             StatusCode::SERVICE_UNAVAILABLE,
-            json!({"error": "the session did not take the commands in time"}),
+            json!({"error": "too many command batches waiting for this session"}),
         ),
     }
 }

@@ -22,7 +22,8 @@ pub(crate) mod websocket;
 
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -30,26 +31,136 @@ use hyper::body::Frame;
 use hyper::header::{self, HeaderMap, HeaderValue};
 use hyper::{Response, StatusCode};
 use serde_json::Value;
-use tokio::sync::mpsc;
 
 pub(crate) use websocket::WsOptions;
 
-/// A response body fed by the connection's task, one chunk per write.
-pub struct StreamBody(mpsc::Receiver<Bytes>);
+/// A response body fed by the connection's task, one chunk per write,
+/// through a one-chunk slot: about 100 bytes per connection where a tokio
+/// channel would preallocate a block of 32 slots (1 KiB), and a stream is
+/// idle nearly all of its life.
+pub struct StreamBody(Arc<Slot>);
 
-impl StreamBody {
-    /// The body, and the sender its connection writes into. A capacity of
-    /// one: a chunk waits in the channel only while hyper writes the last.
-    pub(crate) fn channel() -> (mpsc::Sender<Bytes>, Self) {
-        let (tx, rx) = mpsc::channel(1);
-        (tx, Self(rx))
+/// The sending side of a [`StreamBody`]; dropping it ends the body.
+pub(crate) struct BodySender(Arc<Slot>);
+
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    chunk: Option<Bytes>,
+    /// The connection's task waits for room or for the reader to go away.
+    sender: Option<Waker>,
+    /// The body's reader waits for a chunk.
+    reader: Option<Waker>,
+    sender_gone: bool,
+    reader_gone: bool,
+}
+
+impl Slot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 impl StreamBody {
+    /// The body, and the sender its connection writes into.
+    pub(crate) fn channel() -> (BodySender, Self) {
+        let slot = Arc::new(Slot::default());
+        (BodySender(slot.clone()), Self(slot))
+    }
+
+    fn poll_next(&self, cx: &mut Context<'_>) -> Poll<Option<Bytes>> {
+        let mut s = self.0.lock();
+        if let Some(chunk) = s.chunk.take() {
+            if let Some(w) = s.sender.take() {
+                w.wake();
+            }
+            return Poll::Ready(Some(chunk));
+        }
+        if s.sender_gone {
+            return Poll::Ready(None);
+        }
+        s.reader = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
     /// The next chunk; `None` once the connection's task ended the stream.
     pub(crate) async fn next(&mut self) -> Option<Bytes> {
-        self.0.recv().await
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
+    }
+}
+
+impl Drop for StreamBody {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.reader_gone = true;
+        s.chunk = None;
+        if let Some(w) = s.sender.take() {
+            w.wake();
+        }
+    }
+}
+
+impl BodySender {
+    /// Hands one chunk to the body once the previous one was taken; `Err`
+    /// when the reader is gone (the client went away).
+    pub(crate) async fn send(&self, chunk: Bytes) -> Result<(), Bytes> {
+        let mut chunk = Some(chunk);
+        std::future::poll_fn(|cx| {
+            let mut s = self.0.lock();
+            if s.reader_gone {
+                return Poll::Ready(Err(chunk.take().unwrap_or_default()));
+            }
+            if s.chunk.is_some() {
+                s.sender = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            s.chunk = chunk.take();
+            if let Some(w) = s.reader.take() {
+                w.wake();
+            }
+            Poll::Ready(Ok(()))
+        })
+        .await
+    }
+
+    /// Hands a chunk over only if the slot is free now.
+    pub(crate) fn try_send(&self, chunk: Bytes) -> bool {
+        let mut s = self.0.lock();
+        if s.reader_gone || s.chunk.is_some() {
+            return false;
+        }
+        s.chunk = Some(chunk);
+        if let Some(w) = s.reader.take() {
+            w.wake();
+        }
+        true
+    }
+
+    /// Resolves once the body's reader is gone.
+    pub(crate) async fn closed(&self) {
+        std::future::poll_fn(|cx| {
+            let mut s = self.0.lock();
+            if s.reader_gone {
+                return Poll::Ready(());
+            }
+            s.sender = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+impl Drop for BodySender {
+    fn drop(&mut self) {
+        let mut s = self.0.lock();
+        s.sender_gone = true;
+        if let Some(w) = s.reader.take() {
+            w.wake();
+        }
     }
 }
 
@@ -66,10 +177,10 @@ impl http_body::Body for StreamBody {
     type Error = Infallible;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
+        self.poll_next(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
     }
 }
 
@@ -137,4 +248,39 @@ pub(crate) fn preflight() -> Response<AnyBody> {
     let mut r = Response::new(http_body_util::Either::Left(Full::new(Bytes::new())));
     *r.status_mut() = StatusCode::NO_CONTENT;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_body_slot_hands_chunks_over_in_order_and_ends_when_the_sender_goes() {
+        let (tx, mut body) = StreamBody::channel();
+        let writer = tokio::spawn(async move {
+            for i in 0..3u8 {
+                tx.send(Bytes::from(vec![i])).await.unwrap();
+            }
+        });
+        for i in 0..3u8 {
+            assert_eq!(body.next().await.unwrap()[..], [i]);
+        }
+        writer.await.unwrap();
+        assert_eq!(body.next().await, None, "the sender is gone: the body ends");
+    }
+
+    #[tokio::test]
+    async fn a_sender_waits_for_room_and_learns_when_the_reader_is_gone() {
+        let (tx, body) = StreamBody::channel();
+        assert!(tx.try_send(Bytes::from_static(b"a")));
+        assert!(!tx.try_send(Bytes::from_static(b"b")), "one chunk at a time");
+        let waiting = tokio::spawn(async move {
+            let r = tx.send(Bytes::from_static(b"b")).await;
+            tx.closed().await;
+            r
+        });
+        tokio::task::yield_now().await;
+        drop(body);
+        assert_eq!(waiting.await.unwrap(), Err(Bytes::from_static(b"b")));
+    }
 }

@@ -33,11 +33,10 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 
 use super::driver::{End, Input, Wire, drive};
 use super::websocket::{WsOptions, answer_ping, send_close};
-use super::{AnyBody, ReqBody, StreamBody, refuse, streamed, url_param};
+use super::{AnyBody, BodySender, ReqBody, StreamBody, refuse, streamed, url_param};
 
 /// Which unidirectional transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,7 +234,7 @@ async fn start(
     items.splice(1..1, recovered);
     let head = conn.frame(&items);
     items.clear();
-    let _ = tx.try_send(head);
+    tx.try_send(head);
     tokio::spawn(async move {
         let mut wire = UniStreamWire { conn, tx };
         let code = drive(&mut wire, &mut session, write_timeout).await;
@@ -338,7 +337,7 @@ fn unidirectional(item: &Bytes) -> &[u8] {
 /// (the client only receives), batches go out as one chunk each.
 struct UniStreamWire {
     conn: UniConn,
-    tx: mpsc::Sender<Bytes>,
+    tx: BodySender,
 }
 
 impl Wire for UniStreamWire {
