@@ -5,9 +5,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use bytes::Bytes;
-use fanfare_protocol::{Codec, DisconnectCode, Reply};
+use fanfare_protocol::{Codec, DisconnectCode, Publication, Push, PushBody, Reply, ReplyBody};
 
 use crate::coalesce::Coalescer;
+use crate::delta;
 use crate::outbox::{Directive, Outbox};
 
 const SHARDS: usize = 64;
@@ -22,6 +23,13 @@ const SHARDS: usize = 64;
 /// Once live, pushes at or below the position the subscriber went live at are
 /// still dropped: with an asynchronous broker (Redis) a publication can reach
 /// the node after the session's history read already returned it.
+///
+/// A subscription that negotiated delta compression (`delta.rs`) gets a
+/// publication as a delta only when the client holds the publication right
+/// before it: the one it was last sent (live, or last in its recovered
+/// list). Anything else — the first publication after subscribing without
+/// recovery, after a recovery that returned nothing, after a publication
+/// without offset — goes in full, and the next one may be a delta again.
 #[derive(Debug)]
 pub struct Subscriber {
     outbox: Arc<Outbox>,
@@ -29,12 +37,20 @@ pub struct Subscriber {
     live_after: AtomicU64,
     /// Pushes held while syncing (boxed: most subscribers never hold any).
     held: Mutex<Option<Box<Held>>>,
+    /// `NO_DELTA`, or the offset of the publication the client holds as the
+    /// base of the next delta (0 = none). Written only by the channel's
+    /// fan-out (one at a time per channel) and by `go_live` before it
+    /// publishes `live_after`.
+    delta_base: AtomicU64,
 }
 
-/// Pushes (with their offsets) held back while a subscriber syncs.
-type Held = Vec<(u64, Bytes)>;
+/// Pushes held back while a subscriber syncs: offset, full form, and the
+/// delta form for a delta subscription (which one goes is decided at
+/// `go_live`, when the client's base is known).
+type Held = Vec<(u64, Bytes, Option<Bytes>)>;
 
 const SYNCING: u64 = u64::MAX;
+const NO_DELTA: u64 = u64::MAX;
 
 /// Whether a push with `offset` (0 = not part of a stream) follows position `after`.
 fn is_new(offset: u64, after: u64) -> bool {
@@ -43,16 +59,55 @@ fn is_new(offset: u64, after: u64) -> bool {
 
 impl Subscriber {
     pub fn new(outbox: Arc<Outbox>) -> Self {
-        Self { outbox, live_after: AtomicU64::new(SYNCING), held: Mutex::new(None) }
+        Self::with_delta(outbox, false)
     }
 
-    fn deliver(&self, offset: u64, item: &Bytes, coalescer: Option<&Coalescer>) {
+    /// A subscriber that negotiated delta compression (`delta`) or not.
+    pub fn with_delta(outbox: Arc<Outbox>, delta: bool) -> Self {
+        Self {
+            outbox,
+            live_after: AtomicU64::new(SYNCING),
+            held: Mutex::new(None),
+            delta_base: AtomicU64::new(if delta { 0 } else { NO_DELTA }),
+        }
+    }
+
+    /// Whether publications reach this subscriber in their delta forms.
+    fn takes_delta(&self) -> bool {
+        self.delta_base.load(Ordering::Relaxed) != NO_DELTA
+    }
+
+    /// The form of a publication to queue, moving the delta base along:
+    /// the delta when the client holds the publication just before it.
+    fn choose(&self, offset: u64, full: &Bytes, delta: Option<&Bytes>) -> Bytes {
+        let base = self.delta_base.load(Ordering::Acquire);
+        if base == NO_DELTA {
+            return full.clone();
+        }
+        // No offset, no base: the next publication cannot be checked against it.
+        self.delta_base.store(offset, Ordering::Release);
+        match delta {
+            Some(d) if base > 0 && offset == base + 1 => d.clone(),
+            _ => full.clone(),
+        }
+    }
+
+    /// Queues a push (`delta`: its delta form, only for publications to a
+    /// delta subscription) or holds it while syncing.
+    fn deliver(
+        &self,
+        offset: u64,
+        full: &Bytes,
+        delta: Option<&Bytes>,
+        coalescer: Option<&Coalescer>,
+    ) {
         let after = self.live_after.load(Ordering::Acquire);
         if after != SYNCING {
             if is_new(offset, after) {
+                let item = self.choose(offset, full, delta);
                 match coalescer {
-                    Some(c) => self.outbox.push_deferred(item.clone(), c),
-                    None => self.outbox.push(item.clone()),
+                    Some(c) => self.outbox.push_deferred(item, c),
+                    None => self.outbox.push(item),
                 };
             }
             return;
@@ -61,11 +116,11 @@ impl Subscriber {
         // Re-check under the lock: go_live sets the position while holding it.
         let after = self.live_after.load(Ordering::Acquire);
         if after == SYNCING {
-            held.get_or_insert_default().push((offset, item.clone()));
+            held.get_or_insert_default().push((offset, full.clone(), delta.cloned()));
         } else {
             drop(held);
             if is_new(offset, after) {
-                self.outbox.push(item.clone());
+                self.outbox.push(self.choose(offset, full, delta));
             }
         }
     }
@@ -81,11 +136,21 @@ impl Subscriber {
     /// without an offset always pass) and delivers directly from now on, still
     /// skipping offsets up to `after_offset`.
     pub fn go_live(&self, after_offset: u64) {
+        self.go_live_with_base(after_offset, 0);
+    }
+
+    /// [`Subscriber::go_live`] for a delta subscription whose client holds
+    /// the publication at `delta_base` (the last one of its subscribe reply;
+    /// 0 = none), so the publication after it may come as a delta.
+    pub fn go_live_with_base(&self, after_offset: u64, delta_base: u64) {
         let after_offset = after_offset.min(SYNCING - 1);
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        for (offset, item) in held.take().into_iter().flat_map(|h| *h) {
+        if self.takes_delta() {
+            self.delta_base.store(delta_base.min(NO_DELTA - 1), Ordering::Release);
+        }
+        for (offset, full, delta) in held.take().into_iter().flat_map(|h| *h) {
             if is_new(offset, after_offset) {
-                self.outbox.push(item);
+                self.outbox.push(self.choose(offset, &full, delta.as_ref()));
             }
         }
         self.live_after.store(after_offset, Ordering::Release);
@@ -93,21 +158,107 @@ impl Subscriber {
 }
 
 /// A push prepared for fan-out: encoded at most once per codec, then the same
-/// `Bytes` is shared by every subscriber using that codec.
+/// `Bytes` is shared by every subscriber using that codec. A publication
+/// also has the forms delta subscriptions take, likewise encoded at most once
+/// per codec and form.
 pub struct PreparedPush {
     reply: Reply,
     offset: u64,
     /// `None`: the codec cannot carry this push (binary data for JSON clients).
     encoded: [OnceLock<Option<Bytes>>; Codec::COUNT],
+    /// Built at the first delta subscriber (boxed: most pushes never need it).
+    delta: OnceLock<Box<DeltaForms>>,
+}
+
+/// A publication's forms for delta subscriptions (see `delta.rs`).
+struct DeltaForms {
+    /// Fossil delta against the channel's previous publication: `None` when
+    /// that one is unknown here or the delta would not be shorter.
+    patch: Option<Bytes>,
+    full: [OnceLock<Option<Bytes>>; Codec::COUNT],
+    delta: [OnceLock<Option<Bytes>>; Codec::COUNT],
+}
+
+fn once_per_codec() -> [OnceLock<Option<Bytes>>; Codec::COUNT] {
+    std::array::from_fn(|_| OnceLock::new())
 }
 
 impl PreparedPush {
     pub fn new(reply: Reply, offset: u64) -> Self {
-        Self { reply, offset, encoded: std::array::from_fn(|_| OnceLock::new()) }
+        Self { reply, offset, encoded: once_per_codec(), delta: OnceLock::new() }
     }
 
     fn get(&self, codec: Codec) -> Option<&Bytes> {
         self.encoded[codec.index()].get_or_init(|| codec.encode(&self.reply).ok()).as_ref()
+    }
+
+    fn publication(&self) -> Option<(&Arc<str>, &Publication)> {
+        match &self.reply.body {
+            ReplyBody::Push(Push { channel, body: PushBody::Pub(p) }) => Some((channel, p)),
+            _ => None,
+        }
+    }
+
+    fn delta_forms(&self, base: Option<&Bytes>) -> &DeltaForms {
+        self.delta.get_or_init(|| {
+            let patch = match (base, self.publication()) {
+                (Some(base), Some((_, p))) => delta::fossil(base, &p.data),
+                _ => None,
+            };
+            Box::new(DeltaForms { patch, full: once_per_codec(), delta: once_per_codec() })
+        })
+    }
+
+    /// Encodes this publication replaced by `form` (none: not representable).
+    fn encode_form(&self, codec: Codec, form: Option<Publication>) -> Option<Bytes> {
+        let (channel, _) = self.publication()?;
+        codec.encode(&Reply::push(channel.clone(), PushBody::Pub(form?))).ok()
+    }
+
+    /// The full form for a delta subscription: as for anyone over Protobuf;
+    /// data as a JSON string over JSON.
+    fn delta_full(&self, codec: Codec) -> Option<&Bytes> {
+        if codec == Codec::Protobuf {
+            return self.get(codec);
+        }
+        let forms = self.delta.get()?;
+        forms.full[codec.index()]
+            .get_or_init(|| {
+                let p = self.publication()?.1;
+                self.encode_form(codec, delta::full_form(p, codec))
+            })
+            .as_ref()
+    }
+
+    /// The delta form, when there is one this codec can carry.
+    fn delta_patch(&self, codec: Codec) -> Option<&Bytes> {
+        let forms = self.delta.get()?;
+        let patch = forms.patch.as_ref()?;
+        forms.delta[codec.index()]
+            .get_or_init(|| {
+                let p = self.publication()?.1;
+                self.encode_form(codec, delta::delta_form(p, patch, codec))
+            })
+            .as_ref()
+    }
+}
+
+/// The newest publication of a channel with delta subscribers on this node:
+/// the base of the next publication's delta. One per such channel.
+#[derive(Default)]
+struct DeltaBase(Mutex<Option<(u64, Bytes)>>);
+
+impl DeltaBase {
+    /// Records `push` as the channel's newest publication and returns the data
+    /// of the one before it, if that is known here (offset - 1).
+    fn advance(&self, push: &PreparedPush) -> Option<Bytes> {
+        let (_, p) = push.publication()?;
+        let mut prev = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let newest = (push.offset > 0).then(|| (push.offset, p.data.clone()));
+        match std::mem::replace(&mut *prev, newest) {
+            Some((offset, data)) if push.offset > 0 && offset + 1 == push.offset => Some(data),
+            _ => None,
+        }
     }
 }
 
@@ -128,6 +279,8 @@ type Subscribers = HashMap<u64, Arc<Subscriber>, ahash::RandomState>;
 struct ChannelSubs {
     subs: Subscribers,
     last_offset: AtomicU64,
+    /// Set once a delta subscriber joined (boxed: most channels have none).
+    delta: Option<Box<DeltaBase>>,
 }
 
 type Shard = RwLock<HashMap<Arc<str>, ChannelSubs, ahash::RandomState>>;
@@ -182,18 +335,16 @@ impl Hub {
     /// Adds a subscriber; returns true when it is the channel's first on this node.
     pub fn subscribe(&self, channel: &str, session: u64, sub: Arc<Subscriber>) -> bool {
         let mut shard = self.shard(channel).write().unwrap_or_else(|p| p.into_inner());
-        match shard.get_mut(channel) {
-            Some(entry) => {
-                entry.subs.insert(session, sub);
-                false
-            }
-            None => {
-                let mut entry = ChannelSubs::default();
-                entry.subs.insert(session, sub);
-                shard.insert(Arc::from(channel), entry);
-                true
-            }
+        let delta = sub.takes_delta();
+        let (entry, first) = match shard.get_mut(channel) {
+            Some(entry) => (entry, false),
+            None => (shard.entry(Arc::from(channel)).or_default(), true),
+        };
+        if delta && entry.delta.is_none() {
+            entry.delta = Some(Box::default());
         }
+        entry.subs.insert(session, sub);
+        first
     }
 
     /// Removes a subscriber; returns true when the channel has no local subscriber left.
@@ -233,9 +384,25 @@ impl Hub {
                 return FanOut::Gap;
             }
         }
+        // Delta forms only when the channel has delta subscribers: the
+        // previous publication is kept (and a delta computed) for them alone.
+        let base = entry.delta.as_ref().and_then(|d| d.advance(push));
+        let publication = push.publication().is_some();
         for sub in entry.subs.values() {
-            match push.get(sub.outbox.codec()) {
-                Some(bytes) => sub.deliver(push.offset, bytes, self.coalescer.as_ref()),
+            let codec = sub.outbox.codec();
+            if publication && sub.takes_delta() {
+                push.delta_forms(base.as_ref());
+                match push.delta_full(codec) {
+                    Some(full) => {
+                        let patch = push.delta_patch(codec);
+                        sub.deliver(push.offset, full, patch, self.coalescer.as_ref())
+                    }
+                    None => sub.outbox.close(DisconnectCode::INAPPROPRIATE_PROTOCOL),
+                }
+                continue;
+            }
+            match push.get(codec) {
+                Some(bytes) => sub.deliver(push.offset, bytes, None, self.coalescer.as_ref()),
                 // A JSON client cannot receive binary data: Centrifugo closes
                 // it with 3506 (terminal: the SDK does not reconnect into the
                 // same failure), and so does fanfare.
@@ -443,5 +610,115 @@ mod evict_tests {
                 reason: "insufficient state"
             }]
         );
+    }
+}
+
+#[cfg(test)]
+mod delta_tests {
+    use super::*;
+
+    /// A 2 KB-ish JSON document whose `n` changes.
+    fn doc(n: u64) -> Bytes {
+        let body: String = (0..40).map(|i| format!("\"field{i}\":\"some text {i}\",")).collect();
+        Bytes::from(format!("{{{body}\"n\":{n}}}"))
+    }
+
+    fn publish(hub: &Hub, offset: u64) {
+        let p = Publication { data: doc(offset), offset, ..Default::default() };
+        let push = PreparedPush::new(Reply::push("c", PushBody::Pub(p)), offset);
+        assert!(matches!(hub.fan_out("c", &push), FanOut::Delivered(_)));
+    }
+
+    /// (delta flag, data reconstructed by the client) per received message.
+    fn apply_all(outbox: &Outbox, base: &mut Vec<u8>) -> Vec<(bool, Bytes)> {
+        let mut v = Vec::new();
+        outbox.drain(&mut v);
+        v.iter()
+            .map(|m| {
+                let msg: serde_json::Value = serde_json::from_slice(m).unwrap();
+                let p = &msg["push"]["pub"];
+                let s = p["data"].as_str().expect("delta subscriptions get JSON strings");
+                let delta = p["delta"] == true;
+                *base = if delta {
+                    fossil_delta::apply(&base[..], s.as_bytes()).unwrap()
+                } else {
+                    s.as_bytes().to_vec()
+                };
+                (delta, Bytes::from(base.clone()))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_delta_subscriber_gets_a_delta_only_after_the_publication_it_applies_to() {
+        let hub = Hub::new();
+        let plain = Arc::new(Outbox::new(Codec::Json, 1 << 20));
+        let plain_sub = Arc::new(Subscriber::new(plain.clone()));
+        hub.subscribe("c", 1, plain_sub.clone());
+        plain_sub.go_live(0);
+        publish(&hub, 1);
+
+        // Joins after offset 1 without recovery: offset 2 must come in full.
+        let a = Arc::new(Outbox::new(Codec::Json, 1 << 20));
+        let a_sub = Arc::new(Subscriber::with_delta(a.clone(), true));
+        hub.subscribe("c", 2, a_sub.clone());
+        a_sub.go_live(1);
+        publish(&hub, 2);
+        publish(&hub, 3);
+        let mut base = Vec::new();
+        let got = apply_all(&a, &mut base);
+        assert_eq!(got, [(false, doc(2)), (true, doc(3))], "full first, then a delta");
+        publish(&hub, 4);
+        let got = apply_all(&a, &mut base);
+        assert_eq!(got, [(true, doc(4))], "offset 4 follows the 3 the client holds");
+
+        // Syncing while 5 and 6 arrive, recovered up to 4 (its base): both
+        // held ones go as deltas.
+        let b = Arc::new(Outbox::new(Codec::Json, 1 << 20));
+        let b_sub = Arc::new(Subscriber::with_delta(b.clone(), true));
+        hub.subscribe("c", 3, b_sub.clone());
+        publish(&hub, 5);
+        publish(&hub, 6);
+        b_sub.go_live_with_base(4, 4);
+        let mut b_base = doc(4).to_vec();
+        let got = apply_all(&b, &mut b_base);
+        assert_eq!(got, [(true, doc(5)), (true, doc(6))]);
+
+        // The plain subscriber saw raw JSON data throughout, never a string.
+        let mut v = Vec::new();
+        plain.drain(&mut v);
+        assert_eq!(v.len(), 6);
+        for (i, m) in v.iter().enumerate() {
+            let msg: serde_json::Value = serde_json::from_slice(m).unwrap();
+            assert_eq!(msg["push"]["pub"]["data"]["n"], i as u64 + 1);
+            assert!(msg["push"]["pub"].get("delta").is_none());
+        }
+    }
+
+    #[test]
+    fn every_form_is_encoded_once_and_shared_by_all_subscribers() {
+        let hub = Hub::new();
+        let outboxes: Vec<_> = (0..3).map(|_| Arc::new(Outbox::new(Codec::Protobuf, 1 << 20))).collect();
+        for (i, o) in outboxes.iter().enumerate() {
+            let s = Arc::new(Subscriber::with_delta(o.clone(), true));
+            hub.subscribe("c", i as u64, s.clone());
+            s.go_live(0);
+        }
+        publish(&hub, 1);
+        publish(&hub, 2);
+        let drained: Vec<Vec<Bytes>> = outboxes
+            .iter()
+            .map(|o| {
+                let mut v = Vec::new();
+                o.drain(&mut v);
+                v
+            })
+            .collect();
+        for d in &drained[1..] {
+            for (m, first) in d.iter().zip(&drained[0]) {
+                assert_eq!(m.as_ptr(), first.as_ptr(), "the same Bytes, not a copy");
+            }
+        }
+        assert!(drained[0][1].len() < 100, "offset 2 went as a small delta");
     }
 }

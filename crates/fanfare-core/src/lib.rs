@@ -10,6 +10,7 @@ pub mod auth;
 pub mod broker;
 pub mod channel;
 pub mod coalesce;
+pub mod delta;
 pub mod control;
 pub mod hub;
 pub mod ingress;

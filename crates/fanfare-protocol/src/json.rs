@@ -114,6 +114,8 @@ struct WireSubscribe<'a> {
     recoverable: bool,
     #[serde(default)]
     join_leave: bool,
+    #[serde(default)]
+    delta: String,
 }
 
 #[derive(Deserialize)]
@@ -196,6 +198,7 @@ fn subscribe_request(w: WireSubscribe<'_>) -> SubscribeRequest {
         positioned: w.positioned,
         recoverable: w.recoverable,
         join_leave: w.join_leave,
+        delta: w.delta,
     }
 }
 
@@ -393,7 +396,7 @@ fn write_publication_fields(po: &mut Obj<'_>, p: &Publication) {
         }
         t.close();
     }
-    po.int("time", p.time);
+    po.bool("delta", p.delta).int("time", p.time);
 }
 
 fn publications(o: &mut Obj<'_>, name: &str, pubs: &[Publication]) {
@@ -423,7 +426,8 @@ fn subscribe_result(o: &mut Obj<'_>, r: &SubscribeResult) {
         .uint("offset", r.offset)
         .bool("positioned", r.positioned)
         .raw("data", &r.data)
-        .bool("was_recovering", r.was_recovering);
+        .bool("was_recovering", r.was_recovering)
+        .bool("delta", r.delta);
 }
 
 fn connect_result(o: &mut Obj<'_>, r: &ConnectResult) {

@@ -70,6 +70,7 @@ fn subscribe_request(s: pb::SubscribeRequest) -> SubscribeRequest {
         positioned: s.positioned,
         recoverable: s.recoverable,
         join_leave: s.join_leave,
+        delta: s.delta,
     }
 }
 
@@ -148,6 +149,7 @@ fn publication(p: &Publication) -> pb::Publication {
         info: p.info.as_deref().map(client_info),
         offset: p.offset,
         tags: p.tags.as_deref().cloned().unwrap_or_default(),
+        delta: p.delta,
         time: p.time,
     }
 }
@@ -168,6 +170,7 @@ fn subscribe_result(r: &SubscribeResult) -> pb::SubscribeResult {
         positioned: r.positioned,
         data: r.data.clone(),
         was_recovering: r.was_recovering,
+        delta: r.delta,
     }
 }
 
