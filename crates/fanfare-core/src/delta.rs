@@ -20,9 +20,20 @@ use serde::{Deserialize, Serialize};
 /// A delta encoding a namespace may allow (`allowed_delta_types`). Unknown
 /// names are refused when the configuration is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", try_from = "String")]
 pub enum DeltaType {
     Fossil,
+}
+
+impl TryFrom<String> for DeltaType {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, String> {
+        match name.as_str() {
+            "fossil" => Ok(DeltaType::Fossil),
+            _ => Err(format!("unknown delta type {name:?} (known: \"fossil\")")),
+        }
+    }
 }
 
 impl DeltaType {

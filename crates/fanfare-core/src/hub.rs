@@ -347,6 +347,22 @@ impl Hub {
         first
     }
 
+    /// Gives a channel's delta subscribers the base of the next delta when
+    /// this node has none yet: the newest publication a subscribe just read
+    /// from history (recovery). Nothing was fanned out since the subscriber
+    /// joined (that would have set one), so it is the newest there is here;
+    /// without it the first live publication after a recovery into a channel
+    /// nobody here was subscribed to would go in full to everyone.
+    pub fn seed_delta_base(&self, channel: &str, offset: u64, data: &Bytes) {
+        let shard = self.shard(channel).read().unwrap_or_else(|p| p.into_inner());
+        if let Some(base) = shard.get(channel).and_then(|e| e.delta.as_deref()) {
+            let mut prev = base.0.lock().unwrap_or_else(|p| p.into_inner());
+            if prev.is_none() && offset > 0 {
+                *prev = Some((offset, data.clone()));
+            }
+        }
+    }
+
     /// Removes a subscriber; returns true when the channel has no local subscriber left.
     pub fn unsubscribe(&self, channel: &str, session: u64) -> bool {
         let mut shard = self.shard(channel).write().unwrap_or_else(|p| p.into_inner());

@@ -777,6 +777,9 @@ impl Session {
             // The first recovered publication in full, the rest as deltas;
             // the last one is the base of the first live delta (`go_live`).
             let pubs = std::mem::take(&mut result.publications);
+            if let Some(last) = pubs.last() {
+                self.node.hub().seed_delta_base(channel, last.offset, &last.data);
+            }
             result.publications = crate::delta::recovered(pubs, self.outbox.codec());
         }
         self.connected_mut().subs.insert(
