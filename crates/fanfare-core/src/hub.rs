@@ -77,38 +77,42 @@ impl Subscriber {
         self.delta_base.load(Ordering::Relaxed) != NO_DELTA
     }
 
-    /// The form of a publication to queue, moving the delta base along:
-    /// the delta when the client holds the publication just before it.
-    fn choose(&self, offset: u64, full: &Bytes, delta: Option<&Bytes>) -> Bytes {
+    /// The form of a push to queue, moving the delta base along: the delta
+    /// when the client holds the publication just before it. `None`: the
+    /// codec cannot carry the push at all.
+    fn choose(&self, offset: u64, offer: &Offer<'_>) -> Option<Bytes> {
         let base = self.delta_base.load(Ordering::Acquire);
-        if base == NO_DELTA {
-            return full.clone();
+        if base == NO_DELTA || matches!(offer, Offer::Plain(_)) {
+            return offer.full();
         }
         // No offset, no base: the next publication cannot be checked against it.
         self.delta_base.store(offset, Ordering::Release);
-        match delta {
-            Some(d) if base > 0 && offset == base + 1 => d.clone(),
-            _ => full.clone(),
+        if base > 0 && offset == base + 1 {
+            // Only the form this subscriber takes is built.
+            if let Some(d) = offer.delta() {
+                return Some(d);
+            }
         }
+        offer.full()
     }
 
-    /// Queues a push (`delta`: its delta form, only for publications to a
-    /// delta subscription) or holds it while syncing.
-    fn deliver(
-        &self,
-        offset: u64,
-        full: &Bytes,
-        delta: Option<&Bytes>,
-        coalescer: Option<&Coalescer>,
-    ) {
+    /// Queues a push or holds it while syncing. A push the subscriber's
+    /// codec cannot carry (binary data for a JSON client) closes it with
+    /// 3506 instead: Centrifugo does the same (terminal, so the SDK does not
+    /// reconnect into the same failure).
+    fn deliver(&self, offset: u64, offer: Offer<'_>, coalescer: Option<&Coalescer>) {
         let after = self.live_after.load(Ordering::Acquire);
         if after != SYNCING {
             if is_new(offset, after) {
-                let item = self.choose(offset, full, delta);
-                match coalescer {
-                    Some(c) => self.outbox.push_deferred(item, c),
-                    None => self.outbox.push(item),
-                };
+                match self.choose(offset, &offer) {
+                    Some(item) => {
+                        match coalescer {
+                            Some(c) => self.outbox.push_deferred(item, c),
+                            None => self.outbox.push(item),
+                        };
+                    }
+                    None => self.outbox.close(DisconnectCode::INAPPROPRIATE_PROTOCOL),
+                }
             }
             return;
         }
@@ -116,11 +120,20 @@ impl Subscriber {
         // Re-check under the lock: go_live sets the position while holding it.
         let after = self.live_after.load(Ordering::Acquire);
         if after == SYNCING {
-            held.get_or_insert_default().push((offset, full.clone(), delta.cloned()));
+            // Which form goes is known only at go_live: keep both.
+            match offer.full() {
+                Some(full) => held.get_or_insert_default().push((offset, full, offer.delta())),
+                None => self.outbox.close(DisconnectCode::INAPPROPRIATE_PROTOCOL),
+            }
         } else {
             drop(held);
             if is_new(offset, after) {
-                self.outbox.push(self.choose(offset, full, delta));
+                match self.choose(offset, &offer) {
+                    Some(item) => {
+                        self.outbox.push(item);
+                    }
+                    None => self.outbox.close(DisconnectCode::INAPPROPRIATE_PROTOCOL),
+                }
             }
         }
     }
@@ -149,11 +162,42 @@ impl Subscriber {
             self.delta_base.store(delta_base.min(NO_DELTA - 1), Ordering::Release);
         }
         for (offset, full, delta) in held.take().into_iter().flat_map(|h| *h) {
-            if is_new(offset, after_offset) {
-                self.outbox.push(self.choose(offset, &full, delta.as_ref()));
+            if is_new(offset, after_offset)
+                && let Some(item) = self.choose(offset, &Offer::Ready(&full, delta.as_ref()))
+            {
+                self.outbox.push(item);
             }
         }
         self.live_after.store(after_offset, Ordering::Release);
+    }
+}
+
+/// What a subscriber is offered for one push.
+enum Offer<'a> {
+    /// The same bytes whatever the subscriber's state (`None`: the codec
+    /// cannot carry the push).
+    Plain(Option<&'a Bytes>),
+    /// A publication for a delta subscription: forms built on first demand.
+    Lazy(&'a PreparedPush, Codec),
+    /// Both forms of a held publication (full, delta).
+    Ready(&'a Bytes, Option<&'a Bytes>),
+}
+
+impl Offer<'_> {
+    fn full(&self) -> Option<Bytes> {
+        match self {
+            Offer::Plain(b) => b.cloned(),
+            Offer::Lazy(push, codec) => push.delta_full(*codec).cloned(),
+            Offer::Ready(full, _) => Some((*full).clone()),
+        }
+    }
+
+    fn delta(&self) -> Option<Bytes> {
+        match self {
+            Offer::Plain(_) => None,
+            Offer::Lazy(push, codec) => push.delta_patch(*codec).cloned(),
+            Offer::Ready(_, delta) => delta.cloned(),
+        }
     }
 }
 
@@ -406,24 +450,13 @@ impl Hub {
         let publication = push.publication().is_some();
         for sub in entry.subs.values() {
             let codec = sub.outbox.codec();
-            if publication && sub.takes_delta() {
+            let offer = if publication && sub.takes_delta() {
                 push.delta_forms(base.as_ref());
-                match push.delta_full(codec) {
-                    Some(full) => {
-                        let patch = push.delta_patch(codec);
-                        sub.deliver(push.offset, full, patch, self.coalescer.as_ref())
-                    }
-                    None => sub.outbox.close(DisconnectCode::INAPPROPRIATE_PROTOCOL),
-                }
-                continue;
-            }
-            match push.get(codec) {
-                Some(bytes) => sub.deliver(push.offset, bytes, None, self.coalescer.as_ref()),
-                // A JSON client cannot receive binary data: Centrifugo closes
-                // it with 3506 (terminal: the SDK does not reconnect into the
-                // same failure), and so does fanfare.
-                None => sub.outbox.close(DisconnectCode::INAPPROPRIATE_PROTOCOL),
-            }
+                Offer::Lazy(push, codec)
+            } else {
+                Offer::Plain(push.get(codec))
+            };
+            sub.deliver(push.offset, offer, self.coalescer.as_ref());
         }
         FanOut::Delivered(entry.subs.len())
     }
