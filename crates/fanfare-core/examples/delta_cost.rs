@@ -31,7 +31,9 @@ fn document(v: u64, fields: u64) -> Bytes {
     let mut s = String::from("{");
     for i in 0..fields {
         let touched = if i == v % fields { v } else { 0 };
-        s.push_str(&format!("\"field{i:02}\":\"value of field {i}, last touched by version {touched}\","));
+        s.push_str(&format!(
+            "\"field{i:02}\":\"value of field {i}, last touched by version {touched}\","
+        ));
     }
     s.push_str(&format!("\"version\":{v}}}"));
     Bytes::from(s)

@@ -747,7 +747,8 @@ mod delta_tests {
     #[test]
     fn every_form_is_encoded_once_and_shared_by_all_subscribers() {
         let hub = Hub::new();
-        let outboxes: Vec<_> = (0..3).map(|_| Arc::new(Outbox::new(Codec::Protobuf, 1 << 20))).collect();
+        let outboxes: Vec<_> =
+            (0..3).map(|_| Arc::new(Outbox::new(Codec::Protobuf, 1 << 20))).collect();
         for (i, o) in outboxes.iter().enumerate() {
             let s = Arc::new(Subscriber::with_delta(o.clone(), true));
             hub.subscribe("c", i as u64, s.clone());

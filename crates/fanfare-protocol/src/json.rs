@@ -713,4 +713,26 @@ mod tests {
             r#"{"id":4,"subscribe":{"recoverable":true,"epoch":"e","publications":[{"data":1,"offset":2}],"recovered":true,"offset":2,"was_recovering":true}}"#
         );
     }
+
+    #[test]
+    fn delta_fields_in_json() {
+        let cmds =
+            decode_commands(br#"{"id":1,"subscribe":{"channel":"c","delta":"fossil"}}"#).unwrap();
+        assert!(matches!(&cmds[0].request, Request::Subscribe(s) if s.delta == "fossil"));
+        let p = Publication {
+            data: Bytes::from_static(br#""3\n1:x""#),
+            offset: 2,
+            delta: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            enc(&Reply::push("c", PushBody::Pub(p))),
+            r#"{"push":{"channel":"c","pub":{"data":"3\n1:x","offset":2,"delta":true}}}"#
+        );
+        let s = SubscribeResult { delta: true, ..Default::default() };
+        assert_eq!(
+            enc(&Reply::new(3, ReplyBody::Subscribe(Box::new(s)))),
+            r#"{"id":3,"subscribe":{"delta":true}}"#
+        );
+    }
 }

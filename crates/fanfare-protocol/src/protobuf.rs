@@ -400,6 +400,7 @@ mod tests {
             })),
             offset: 7,
             tags: Some(tags),
+            delta: false,
             time: 1_700_000_000_000,
         };
         let r = decode_reply(&encode_reply(&Reply::push("chat", PushBody::Pub(p.clone()))));
@@ -477,5 +478,30 @@ mod tests {
             PushBody::Unsubscribe { code: 2500, reason: "insufficient state".into() },
         )));
         assert_eq!(r.push.unwrap().unsubscribe.unwrap().code, 2500);
+    }
+
+    #[test]
+    fn delta_fields_use_the_public_field_numbers() {
+        // SubscribeRequest.delta = 12 (string): tag 12 << 3 | 2 = 0x62.
+        let mut cmd = Vec::new();
+        let req = pb::SubscribeRequest {
+            channel: "c".into(),
+            delta: "fossil".into(),
+            ..Default::default()
+        };
+        pb::Command { id: 1, subscribe: Some(req), ..Default::default() }
+            .encode_length_delimited(&mut cmd)
+            .unwrap();
+        assert!(cmd.windows(8).any(|w| w == b"\x62\x06fossil"), "{cmd:x?}");
+        match &decode_commands(&cmd).unwrap()[0].request {
+            Request::Subscribe(s) => assert_eq!(s.delta, "fossil"),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Publication.delta = 8 (bool): 0x40 0x01; SubscribeResult.delta = 13: 0x68 0x01.
+        let p = Publication { data: Bytes::from_static(b"d"), delta: true, ..Default::default() };
+        let push = pb::Push { r#pub: Some(publication(&p)), ..Default::default() };
+        assert!(push.r#pub.as_ref().unwrap().encode_to_vec().windows(2).any(|w| w == [0x40, 1]));
+        let r = SubscribeResult { delta: true, ..Default::default() };
+        assert_eq!(subscribe_result(&r).encode_to_vec(), [0x68, 1]);
     }
 }

@@ -218,6 +218,7 @@ mod tests {
             })),
             offset: 0,
             tags: Some(Arc::new(tags)),
+            delta: false,
             time: 1234,
         };
         let body = encode_publication(&p);
