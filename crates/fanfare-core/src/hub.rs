@@ -771,4 +771,28 @@ mod delta_tests {
         }
         assert!(drained[0][1].len() < 100, "offset 2 went as a small delta");
     }
+
+    #[test]
+    fn binary_data_closes_a_json_delta_subscriber_with_3506_and_reaches_a_protobuf_one() {
+        let hub = Hub::new();
+        let json = Arc::new(Outbox::new(Codec::Json, 1 << 20));
+        let proto = Arc::new(Outbox::new(Codec::Protobuf, 1 << 20));
+        for (id, o) in [(1, &json), (2, &proto)] {
+            let sub = Arc::new(Subscriber::with_delta(o.clone(), true));
+            hub.subscribe("c", id, sub.clone());
+            sub.go_live(0);
+        }
+        let data = Bytes::from_static(b"\x00\xffbinary");
+        let p = Publication { data: data.clone(), offset: 1, ..Default::default() };
+        hub.fan_out("c", &PreparedPush::new(Reply::push("c", PushBody::Pub(p)), 1));
+        let mut v = Vec::new();
+        assert_eq!(json.drain(&mut v), Some(DisconnectCode::INAPPROPRIATE_PROTOCOL));
+        assert!(v.is_empty());
+        assert_eq!(proto.drain(&mut v), None);
+        let mut buf = &v[0][..];
+        let reply =
+            <fanfare_protocol::pb::Reply as prost::Message>::decode_length_delimited(&mut buf)
+                .unwrap();
+        assert_eq!(reply.push.unwrap().r#pub.unwrap().data, data);
+    }
 }

@@ -7,11 +7,16 @@ mod common;
 
 use std::time::Duration;
 
+use common::redis::{RedisServer, start_nodes};
 use common::{Bystander, Client, SECRET, Server, assert_survived, run_cli};
 use serde_json::{Value, json};
 
 fn server() -> Server {
-    Server::start(&format!(
+    Server::start(&namespaces())
+}
+
+fn namespaces() -> String {
+    format!(
         r#"
 [auth]
 hmac_secret = "{SECRET}"
@@ -34,7 +39,7 @@ history_ttl = "300s"
 name = "health"
 allow_publish = true
 "#
-    ))
+    )
 }
 
 /// Version `v` of a ~2 KB document that changes slowly: one of its 40
@@ -181,6 +186,33 @@ async fn a_delta_subscriber_reconstructs_every_publication_exactly_across_a_reco
         plain_bytes as f64 / delta_bytes as f64
     );
     assert!(delta_bytes * 5 < plain_bytes, "{delta_bytes} B with delta, {plain_bytes} B without");
+
+    // History stays full data, also for a delta subscriber.
+    let h = delta.history(channel, json!({"limit": 3, "reverse": true})).await;
+    let pubs = h["history"]["publications"].as_array().expect("history").clone();
+    let got: Vec<&Value> = pubs.iter().map(|p| &p["data"]).collect();
+    assert_eq!(got, [&document(100), &document(99), &document(98)], "{h}");
+    assert!(pubs.iter().all(|p| p.get("delta").is_none()), "{h}");
+}
+
+#[tokio::test]
+async fn deltas_work_across_nodes_sharing_redis() {
+    let redis = RedisServer::start();
+    let nodes = start_nodes(2, &[redis.url()], false, &namespaces());
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let channel = "doc:cluster";
+    let mut publisher = a.client().await;
+    publisher.connect_ok("").await;
+    let (mut on_b, sub) = subscriber(b, channel, true, None).await;
+    assert_eq!(sub["delta"], true, "{sub}");
+    let mut reader = DeltaReader::default();
+    for v in 1..=20 {
+        let r = publisher.publish(channel, document(v)).await;
+        assert!(r.get("publish").is_some(), "{r}");
+        let p = on_b.recv_push().await;
+        assert_eq!(reader.apply(&p["push"]["pub"]), document(v).to_string().into_bytes());
+    }
+    assert_eq!(reader.deltas, 19, "all but the first, computed by node B");
 }
 
 #[tokio::test]
