@@ -11,6 +11,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import WebSocket from 'ws';
+import { EventSource } from 'eventsource';
 
 const T0 = Date.now();
 /** Milliseconds since the script started, for log lines. */
@@ -292,6 +293,18 @@ export function loggingWebSocket(label, log, onBytes = () => {}) {
   };
 }
 
+/** `fetch` that logs the emulation requests and stream responses of `label`. */
+function loggingFetch(label, log) {
+  return async (url, init = {}) => {
+    const what = String(url).replace(/^http:\/\/[^/]+/, '');
+    const body = typeof init.body === 'string' ? truncate(init.body) : `[${init.body?.length ?? 0} bytes]`;
+    log.push(`${stamp()} ${label} > ${init.method ?? 'GET'} ${what} ${body}`);
+    const r = await fetch(url, init);
+    log.push(`${stamp()} ${label} < ${r.status} ${what}`);
+    return r;
+  };
+}
+
 /** Per-test environment: creates clients, dumps their frames on failure, cleans up. */
 class Env {
   constructor(name, suite) {
@@ -301,17 +314,34 @@ class Env {
     this.log = [];
   }
 
-  /** A client built with the suite's Centrifuge class, or with `Centrifuge` when given. */
-  client(label, { Centrifuge = this.suite.Centrifuge } = {}) {
+  /**
+   * A client built with the suite's Centrifuge class, or with `Centrifuge`
+   * when given; over the WebSocket, or only over `transport` ('http_stream'
+   * or 'sse', the bidirectional emulation centrifuge-js falls back to).
+   */
+  client(label, { Centrifuge = this.suite.Centrifuge, transport = 'websocket' } = {}) {
     const counter = { bytes: 0 };
-    const c = new Centrifuge(this.suite.server.wsUrl, {
+    const options = {
       websocket: loggingWebSocket(label, this.log, (n) => (counter.bytes += n)),
       minReconnectDelay: 100,
       maxReconnectDelay: 500,
       timeout: 5000,
-    });
+    };
+    let endpoint = this.suite.server.wsUrl;
+    if (transport !== 'websocket') {
+      const base = `http://127.0.0.1:${this.suite.server.httpPort}`;
+      endpoint = [{ transport, endpoint: `${base}/connection/${transport}` }];
+      Object.assign(options, {
+        emulationEndpoint: `${base}/emulation`,
+        fetch: loggingFetch(label, this.log),
+        readableStream: ReadableStream,
+        eventsource: EventSource,
+      });
+    }
+    const c = new Centrifuge(endpoint, options);
     c.label = label;
-    // WebSocket payload bytes received over all of the client's connections.
+    // WebSocket payload bytes received over all of the client's connections
+    // (emulated transports are not counted).
     Object.defineProperty(c, 'bytesReceived', { get: () => counter.bytes });
     c.connectedCount = 0;
     c.closeEvents = []; // { event, code, reason }

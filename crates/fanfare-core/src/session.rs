@@ -84,15 +84,24 @@ pub struct Session {
     /// The transport carrying this session (for metrics; a unidirectional
     /// one changes behaviour, see [`Transport::is_unidirectional`]).
     transport: Transport,
+    /// An emulated transport's session key ([`Node::register_emulated`]),
+    /// sent in the connect reply. One pointer on every session.
+    emulation: Option<Box<str>>,
 }
 
 /// The transport a session runs over. A unidirectional one: the client only
 /// receives, so pings expect no pong, and the channels of the connect
 /// request's `subs` are joined server-side (where the namespace lets anyone
-/// subscribe).
+/// subscribe). An emulated one (HTTP streaming, SSE): replies go down a
+/// stream, commands come up in separate `/emulation` requests, so the connect
+/// reply carries a session key, and pings expect no pong (a pong would be one
+/// more HTTP request per client and ping period; a dead stream shows as a
+/// failed write instead).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     WebSocket,
+    HttpStream,
+    Sse,
     UniWebSocket,
     UniSse,
     UniHttpStream,
@@ -102,6 +111,8 @@ impl Transport {
     pub fn label(self) -> &'static str {
         match self {
             Transport::WebSocket => "websocket",
+            Transport::HttpStream => "http_stream",
+            Transport::Sse => "sse",
             Transport::UniWebSocket => "uni_websocket",
             Transport::UniSse => "uni_sse",
             Transport::UniHttpStream => "uni_http_stream",
@@ -109,7 +120,17 @@ impl Transport {
     }
 
     pub fn is_unidirectional(self) -> bool {
-        self != Transport::WebSocket
+        matches!(self, Transport::UniWebSocket | Transport::UniSse | Transport::UniHttpStream)
+    }
+
+    /// Bidirectional over separate requests (`/emulation`).
+    pub fn is_emulated(self) -> bool {
+        matches!(self, Transport::HttpStream | Transport::Sse)
+    }
+
+    /// Whether the client answers server pings (only over a WebSocket).
+    pub fn expects_pong(self) -> bool {
+        self == Transport::WebSocket
     }
 }
 
@@ -233,6 +254,7 @@ impl Session {
             publishing: None,
             end_counted: false,
             transport: Transport::WebSocket,
+            emulation: None,
         })
     }
 
@@ -240,6 +262,15 @@ impl Session {
     pub fn new_unidirectional(node: Node, codec: Codec, transport: Transport) -> Option<Self> {
         let mut s = Self::new(node, codec)?;
         s.transport = transport;
+        Some(s)
+    }
+
+    /// A session of an emulated transport (see [`Transport`]), whose commands
+    /// arrive through [`Node::emulate`] under `key`.
+    pub fn new_emulated(node: Node, codec: Codec, transport: Transport, key: &str) -> Option<Self> {
+        let mut s = Self::new(node, codec)?;
+        s.transport = transport;
+        s.emulation = Some(key.into());
         Some(s)
     }
 
@@ -323,7 +354,7 @@ impl Session {
         }
         if now >= self.next_ping {
             self.outbox.push(ping_frame(self.outbox.codec()));
-            if self.pong_deadline.is_none() && !self.transport.is_unidirectional() {
+            if self.pong_deadline.is_none() && self.transport.expects_pong() {
                 self.pong_deadline = Some(now + self.node.config().pong_timeout);
             }
             self.next_ping = now + self.node.config().ping_interval;
@@ -659,8 +690,13 @@ impl Session {
             data: Bytes::new(),
             subs,
             ping: cfg.ping_interval.as_secs() as u32,
-            pong: !self.transport.is_unidirectional(),
-            node: String::new(),
+            pong: self.transport.expects_pong(),
+            session: self.emulation.as_deref().unwrap_or_default().to_string(),
+            node: if self.emulation.is_some() {
+                self.node.uid().to_string()
+            } else {
+                String::new()
+            },
         };
         self.send(Reply::new(id, ReplyBody::Connect(Box::new(result))));
         for (subscriber, offset, channel, join_leave) in live {
@@ -674,6 +710,8 @@ impl Session {
             Codec::Json => "json",
             Codec::Protobuf => "protobuf",
         };
+        metrics::gauge!(crate::metrics::TRANSPORT_CONNECTIONS, "transport" => self.transport.label())
+            .increment(1.0);
         metrics::counter!(
             crate::metrics::TRANSPORT_CONNECTS,
             "transport" => self.transport.label(),
@@ -1138,6 +1176,10 @@ impl Session {
     /// Ends the session: leaves every channel and unregisters from the node.
     pub async fn close(mut self, code: DisconnectCode) {
         let _ = self.ended(code);
+        if self.conn.is_some() {
+            metrics::gauge!(crate::metrics::TRANSPORT_CONNECTIONS, "transport" => self.transport.label())
+                .decrement(1.0);
+        }
         // The timer's entry for this outbox is dropped when its bucket is walked.
         self.outbox.set_armed_tick(0);
         self.close_subscriptions().await;

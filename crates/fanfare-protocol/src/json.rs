@@ -446,7 +446,10 @@ fn connect_result(o: &mut Obj<'_>, r: &ConnectResult) {
         }
         subs.close();
     }
-    o.uint("ping", r.ping.into()).bool("pong", r.pong).str("node", &r.node);
+    o.uint("ping", r.ping.into())
+        .bool("pong", r.pong)
+        .str("session", &r.session)
+        .str("node", &r.node);
 }
 
 fn history_result(o: &mut Obj<'_>, r: &HistoryResult) {

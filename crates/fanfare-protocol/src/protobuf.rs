@@ -184,7 +184,7 @@ fn connect_result(r: &ConnectResult) -> pb::ConnectResult {
         subs: r.subs.iter().map(|(ch, s)| (ch.clone(), subscribe_result(s))).collect(),
         ping: r.ping,
         pong: r.pong,
-        session: String::new(),
+        session: r.session.clone(),
         node: r.node.clone(),
     }
 }

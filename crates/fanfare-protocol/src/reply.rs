@@ -87,6 +87,9 @@ pub struct ConnectResult {
     pub subs: Vec<(String, SubscribeResult)>,
     pub ping: u32,
     pub pong: bool,
+    /// The emulated transports' session key (HTTP streaming, SSE): the client
+    /// sends it back with each `/emulation` request. Empty otherwise.
+    pub session: String,
     pub node: String,
 }
 

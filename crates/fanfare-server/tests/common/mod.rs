@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod redis;
+pub mod stream;
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
