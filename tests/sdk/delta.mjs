@@ -3,8 +3,9 @@
 // subscription without it gets, over 100 publications of a slowly changing
 // 2 KB document with a recovery in the middle, in the JSON build (data as
 // JSON strings, `JsonCodec.applyDeltaIfNeeded`) and in the Protobuf build
-// (`centrifuge/build/protobuf`, binary deltas). Bytes on the wire are
-// measured per client and printed (docs/BENCHMARKS.md, "Delta compression").
+// (`centrifuge/build/protobuf`, binary deltas), also over the http_stream and
+// sse fallbacks. Bytes on the wire are measured per WebSocket client and
+// printed (docs/BENCHMARKS.md, "Delta compression").
 //
 // Run:  FANFARE_BIN=/abs/path/to/fanfare node --test tests/sdk/delta.mjs
 //  or:  FANFARE_BIN=/abs/path/to/fanfare tests/sdk/run.sh
@@ -140,5 +141,30 @@ e2e('D3: delta in a namespace that does not allow it is declined; publications c
     const asText = SubCentrifuge === Centrifuge ? (d) => JSON.stringify(d) : (d) => new TextDecoder().decode(d);
     assert.deepEqual(pubs.items.map((p) => asText(p.data)), [1, 2, 3].map(text));
     assert.equal(s.deltaStats().numDeltaPayloads, 0);
+  }
+});
+
+e2e('D4: delta over the browser fallbacks (http_stream in both builds, sse) decodes the same', async (env) => {
+  const publisher = env.client('publisher');
+  const subs = [
+    ['http_stream JSON', Centrifuge, 'http_stream'],
+    ['http_stream Protobuf', ProtobufCentrifuge, 'http_stream'],
+    ['sse JSON', Centrifuge, 'sse'],
+  ].map(([label, SubCentrifuge, transport]) => {
+    const c = env.client(label, { Centrifuge: SubCentrifuge, transport });
+    const asText = SubCentrifuge === Centrifuge ? (d) => JSON.stringify(d) : (d) => new TextDecoder().decode(d);
+    return { c, asText };
+  });
+  await Promise.all([publisher, ...subs.map((s) => s.c)].map((c) => env.connect(c)));
+  for (const s of subs) {
+    s.sub = env.subscription(s.c, 'doc:fallback', { recoverable: true, delta: 'fossil' });
+    s.pubs = new PubCollector(s.sub);
+  }
+  await Promise.all(subs.map((s) => env.subscribe(s.sub)));
+  for (let v = 1; v <= 20; v++) await withTimeout(publisher.publish('doc:fallback', doc(v)), WAIT_MS, `publish ${v}`);
+  for (const s of subs) {
+    await s.pubs.waitCount(20, `${s.c.label}: 20 publications`);
+    assert.deepEqual(s.pubs.items.map((p) => s.asText(p.data)), Array.from({ length: 20 }, (_, i) => text(i + 1)), s.c.label);
+    assert.equal(s.sub.deltaStats().numDeltaPayloads, 19, `${s.c.label}: ${JSON.stringify(s.sub.deltaStats())}`);
   }
 });
