@@ -1,59 +1,20 @@
 // Helpers shared by the SDK test scripts (e2e.mjs, protobuf.mjs,
-// redis-chaos.mjs): timing, ports, and the harness of the node:test suites
-// (a fanfare process per script, SDK clients whose frames are logged and
-// dumped on failure).
+// redis-chaos.mjs): the harness of the node:test suites (a fanfare process per
+// script, SDK clients whose frames are logged and dumped on failure), and
+// timing, ports and child output from tests/common/harness.mjs.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import WebSocket from 'ws';
 import { EventSource } from 'eventsource';
+import { freePort, onLines, sleep, stamp, withTimeout } from '../common/harness.mjs';
 
-const T0 = Date.now();
-/** Milliseconds since the script started, for log lines. */
-export const stamp = () => `+${String(Date.now() - T0).padStart(6)}ms`;
-
-export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** Calls `fn` with every complete line a child process writes to `stream`. */
-export function onLines(stream, fn) {
-  let buf = '';
-  stream.setEncoding('utf8');
-  stream.on('data', (chunk) => {
-    buf += chunk;
-    let i;
-    while ((i = buf.indexOf('\n')) >= 0) {
-      fn(buf.slice(0, i));
-      buf = buf.slice(i + 1);
-    }
-  });
-}
-
-/** Rejects with a descriptive error when `promise` does not settle within `ms`. */
-export function withTimeout(promise, ms, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
-/** A loopback TCP port that was free a moment ago. */
-export function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
+// The suites import these from here, with the harness below.
+export { freePort, onLines, sleep, stamp, withTimeout };
 
 export const WAIT_MS = 10_000; // bound for every single wait
 const HEALTH_TIMEOUT_MS = 20_000; // bound for the server to become healthy

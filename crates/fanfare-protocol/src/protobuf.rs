@@ -6,6 +6,7 @@
 //! maps them to and from the codec-independent [`Command`] and [`Reply`].
 
 use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint};
 
 use crate::codec::DecodeError;
 use crate::command::{
@@ -131,7 +132,44 @@ fn into_command(c: pb::Command) -> Command {
 /// can be concatenated into one binary frame). The server ping is an empty
 /// reply: the single byte 0.
 pub(crate) fn encode_reply(reply: &Reply) -> Vec<u8> {
-    to_pb(reply).encode_length_delimited_to_vec()
+    let mut r = to_pb(reply);
+    match r.connect.take() {
+        None => r.encode_length_delimited_to_vec(),
+        Some(connect) => {
+            // `Reply.connect` (5) written by hand after the other fields (field
+            // order is free): see `connect_result_bytes`.
+            let connect = connect_result_bytes(connect);
+            let mut out = r.encode_to_vec();
+            encode_key(5, WireType::LengthDelimited, &mut out);
+            encode_varint(connect.len() as u64, &mut out);
+            out.extend_from_slice(&connect);
+            let mut framed = Vec::with_capacity(out.len() + 5);
+            encode_varint(out.len() as u64, &mut framed);
+            framed.extend_from_slice(&out);
+            framed
+        }
+    }
+}
+
+/// A `ConnectResult` whose `subs` entries always carry their value. prost
+/// leaves a map entry's value out when it is the default message (a
+/// server-side subscription without history or expiry, e.g. the personal
+/// channel), which protobufjs decodes as `null`: centrifuge-js's Protobuf
+/// build then throws on it and gives up the connection. Centrifugo's encoder
+/// writes the empty value (`12 00`); so does this.
+fn connect_result_bytes(mut c: pb::ConnectResult) -> Vec<u8> {
+    let subs = std::mem::take(&mut c.subs);
+    let mut out = c.encode_to_vec();
+    let mut entry = Vec::new();
+    for (channel, sub) in &subs {
+        entry.clear();
+        prost::encoding::string::encode(1, channel, &mut entry);
+        prost::encoding::message::encode(2, sub, &mut entry);
+        encode_key(6, WireType::LengthDelimited, &mut out);
+        encode_varint(entry.len() as u64, &mut out);
+        out.extend_from_slice(&entry);
+    }
+    out
 }
 
 fn client_info(i: &ClientInfo) -> pb::ClientInfo {
@@ -503,5 +541,23 @@ mod tests {
         assert!(push.r#pub.as_ref().unwrap().encode_to_vec().windows(2).any(|w| w == [0x40, 1]));
         let r = SubscribeResult { delta: true, ..Default::default() };
         assert_eq!(subscribe_result(&r).encode_to_vec(), [0x68, 1]);
+    }
+
+    #[test]
+    fn an_empty_server_side_subscription_is_written_with_its_empty_value() {
+        let c = ConnectResult {
+            client: "c".into(),
+            subs: vec![("#42".into(), SubscribeResult::default())],
+            ..Default::default()
+        };
+        let bytes = encode_reply(&Reply::new(1, ReplyBody::Connect(Box::new(c))));
+        // The map entry holds key `#42` and an empty value message (`12 00`),
+        // as Centrifugo writes it, not just the key.
+        let entry = [0x32, 0x07, 0x0a, 0x03, b'#', b'4', b'2', 0x12, 0x00];
+        assert!(bytes.windows(entry.len()).any(|w| w == entry), "{bytes:02x?}");
+        let r = decode_reply(&bytes);
+        let c = r.connect.unwrap();
+        assert_eq!((r.id, c.client.as_str()), (1, "c"));
+        assert_eq!(c.subs["#42"], pb::SubscribeResult::default());
     }
 }

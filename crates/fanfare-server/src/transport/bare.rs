@@ -154,7 +154,12 @@ pub(crate) async fn serve<F, Fut>(
         }
     };
     let response = handle(req).await;
-    let _ = respond(&mut stream, response, body_timeout).await;
+    // The stream lives on in a task of its own: this one's future is sized
+    // for reading and handling the request (the header array, the handlers'
+    // state), which a task would keep for the stream's whole life.
+    tokio::spawn(async move {
+        let _ = respond(&mut stream, response, body_timeout).await;
+    });
 }
 
 /// Writes every byte of `slices`, vectored.
@@ -245,7 +250,7 @@ async fn respond(
                     // times out too and ends the session.
                     _ => return Ok(()),
                 }
-                pending.clear();
+                pending = Vec::new();
             }
         }
     }
