@@ -218,8 +218,9 @@ function truncate(s, n = 2000) {
   return s.length > n ? `${s.slice(0, n)}...(${s.length} bytes)` : s;
 }
 
-/** A `ws` WebSocket subclass that records every frame in `log`. */
-export function loggingWebSocket(label, log) {
+/** A `ws` WebSocket subclass that records every frame in `log` (and, when
+ * given, reports the payload size of every received frame to `onBytes`). */
+export function loggingWebSocket(label, log, onBytes = () => {}) {
   return class LoggingWebSocket extends WebSocket {
     constructor(url, protocols) {
       super(url, protocols);
@@ -227,6 +228,7 @@ export function loggingWebSocket(label, log) {
       log.push(`${stamp()} ${label} ~ dial ${url}`);
       this.on('open', () => log.push(`${stamp()} ${label} ~ open`));
       this.on('message', (data, isBinary) => {
+        onBytes(data.length ?? data.byteLength);
         if (isBinary) {
           log.push(`${stamp()} ${label} < [binary ${data.length} bytes] ${data.toString('hex').slice(0, 200)}`);
           return;
@@ -279,8 +281,9 @@ class Env {
    * or 'sse', the bidirectional emulation centrifuge-js falls back to).
    */
   client(label, { Centrifuge = this.suite.Centrifuge, transport = 'websocket' } = {}) {
+    const counter = { bytes: 0 };
     const options = {
-      websocket: loggingWebSocket(label, this.log),
+      websocket: loggingWebSocket(label, this.log, (n) => (counter.bytes += n)),
       minReconnectDelay: 100,
       maxReconnectDelay: 500,
       timeout: 5000,
@@ -298,6 +301,9 @@ class Env {
     }
     const c = new Centrifuge(endpoint, options);
     c.label = label;
+    // WebSocket payload bytes received over all of the client's connections
+    // (emulated transports are not counted).
+    Object.defineProperty(c, 'bytesReceived', { get: () => counter.bytes });
     c.connectedCount = 0;
     c.closeEvents = []; // { event, code, reason }
     // An 'error' event without listener would throw inside the SDK.

@@ -11,6 +11,7 @@ pub mod broker;
 pub mod channel;
 pub mod coalesce;
 pub mod control;
+pub mod delta;
 pub mod emulation;
 pub mod hub;
 pub mod ingress;

@@ -733,7 +733,14 @@ impl Session {
         expires_at: Option<u64>,
         server_side: bool,
     ) -> Result<(SubscribeResult, Arc<Subscriber>), Fail> {
-        let subscriber = Arc::new(Subscriber::new(self.outbox.clone()));
+        // Delta compression is negotiated as Centrifugo does: granted when the
+        // namespace allows the requested type; otherwise the subscription
+        // goes on without it (no error, the reply just lacks `delta`, and the
+        // SDKs then take full payloads). Server-side subscriptions never use it.
+        let delta = !server_side
+            && !req.delta.is_empty()
+            && ns.allowed_delta_types.iter().any(|t| t.as_str() == req.delta);
+        let subscriber = Arc::new(Subscriber::with_delta(self.outbox.clone(), delta));
         self.node
             .subscribe_local(channel, self.id, subscriber.clone())
             .await
@@ -803,6 +810,16 @@ impl Session {
             result.expires = true;
             result.ttl = ttl_until(e);
         }
+        if delta {
+            result.delta = true;
+            // The first recovered publication in full, the rest as deltas;
+            // the last one is the base of the first live delta (`go_live`).
+            let pubs = std::mem::take(&mut result.publications);
+            if let Some(last) = pubs.last() {
+                self.node.hub().seed_delta_base(channel, last.offset, &last.data);
+            }
+            result.publications = crate::delta::recovered(pubs, self.outbox.codec());
+        }
         self.connected_mut().subs.insert(
             channel.into(),
             Subscription {
@@ -863,8 +880,12 @@ impl Session {
         let (result, subscriber) =
             self.join_channel(&channel, &req, &ns, chan_info, expires_at, false).await?;
         let offset = result.offset;
+        // A delta subscription's client holds the last recovered publication;
+        // with none recovered it holds nothing we can vouch for (an SDK may
+        // drop its base on resubscribe), so the first live one goes in full.
+        let delta_base = result.publications.last().map_or(0, |p| p.offset);
         self.send(Reply::new(id, ReplyBody::Subscribe(Box::new(result))));
-        subscriber.go_live(offset);
+        subscriber.go_live_with_base(offset, delta_base);
         if ns.join_leave {
             self.announce_join(&channel).await;
         }

@@ -71,6 +71,7 @@ fn subscribe_request(s: pb::SubscribeRequest) -> SubscribeRequest {
         positioned: s.positioned,
         recoverable: s.recoverable,
         join_leave: s.join_leave,
+        delta: s.delta,
     }
 }
 
@@ -186,6 +187,7 @@ fn publication(p: &Publication) -> pb::Publication {
         info: p.info.as_deref().map(client_info),
         offset: p.offset,
         tags: p.tags.as_deref().cloned().unwrap_or_default(),
+        delta: p.delta,
         time: p.time,
     }
 }
@@ -206,6 +208,7 @@ fn subscribe_result(r: &SubscribeResult) -> pb::SubscribeResult {
         positioned: r.positioned,
         data: r.data.clone(),
         was_recovering: r.was_recovering,
+        delta: r.delta,
     }
 }
 
@@ -435,6 +438,7 @@ mod tests {
             })),
             offset: 7,
             tags: Some(tags),
+            delta: false,
             time: 1_700_000_000_000,
         };
         let r = decode_reply(&encode_reply(&Reply::push("chat", PushBody::Pub(p.clone()))));
@@ -513,6 +517,32 @@ mod tests {
         )));
         assert_eq!(r.push.unwrap().unsubscribe.unwrap().code, 2500);
     }
+
+    #[test]
+    fn delta_fields_use_the_public_field_numbers() {
+        // SubscribeRequest.delta = 12 (string): tag 12 << 3 | 2 = 0x62.
+        let mut cmd = Vec::new();
+        let req = pb::SubscribeRequest {
+            channel: "c".into(),
+            delta: "fossil".into(),
+            ..Default::default()
+        };
+        pb::Command { id: 1, subscribe: Some(req), ..Default::default() }
+            .encode_length_delimited(&mut cmd)
+            .unwrap();
+        assert!(cmd.windows(8).any(|w| w == b"\x62\x06fossil"), "{cmd:x?}");
+        match &decode_commands(&cmd).unwrap()[0].request {
+            Request::Subscribe(s) => assert_eq!(s.delta, "fossil"),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Publication.delta = 8 (bool): 0x40 0x01; SubscribeResult.delta = 13: 0x68 0x01.
+        let p = Publication { data: Bytes::from_static(b"d"), delta: true, ..Default::default() };
+        let push = pb::Push { r#pub: Some(publication(&p)), ..Default::default() };
+        assert!(push.r#pub.as_ref().unwrap().encode_to_vec().windows(2).any(|w| w == [0x40, 1]));
+        let r = SubscribeResult { delta: true, ..Default::default() };
+        assert_eq!(subscribe_result(&r).encode_to_vec(), [0x68, 1]);
+    }
+
     #[test]
     fn an_empty_server_side_subscription_is_written_with_its_empty_value() {
         let c = ConnectResult {

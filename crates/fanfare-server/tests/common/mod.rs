@@ -364,6 +364,9 @@ pub struct Client {
     pub timeout: Duration,
     /// The client id from the connect reply.
     pub client_id: String,
+    /// Payload bytes of every text frame received so far (pings included):
+    /// what the server put on the wire for this client, less frame headers.
+    pub bytes_received: usize,
 }
 
 impl Client {
@@ -405,6 +408,7 @@ impl Client {
             pings: 0,
             timeout: TIMEOUT,
             client_id: String::new(),
+            bytes_received: 0,
         })
     }
 
@@ -445,6 +449,7 @@ impl Client {
             };
             match msg {
                 Message::Text(text) => {
+                    self.bytes_received += text.len();
                     let mut pings = 0;
                     let mut added = false;
                     for item in serde_json::Deserializer::from_str(&text).into_iter::<Value>() {
