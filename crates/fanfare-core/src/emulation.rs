@@ -86,55 +86,63 @@ pub enum Emulation {
     Busy,
 }
 
-/// The emulated sessions of this node, by key.
+/// The emulated sessions of this node: by key, and the key of each session
+/// (by the node's session id).
 #[derive(Default)]
 pub(crate) struct Registry {
-    sessions: Mutex<HashMap<Box<str>, Arc<Inbox>, ahash::RandomState>>,
+    maps: Mutex<Maps>,
+}
+
+#[derive(Default)]
+struct Maps {
+    by_key: HashMap<Box<str>, Arc<Inbox>, ahash::RandomState>,
+    key_of: HashMap<u64, Box<str>, ahash::RandomState>,
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Arc<Inbox>, ahash::RandomState>> {
-        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Maps> {
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn register(&self) -> (String, Arc<Inbox>) {
-        let key = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 16]>());
+    fn register(&self, session: u64) -> Arc<Inbox> {
+        let key: Box<str> = data_encoding::HEXLOWER.encode(&rand::random::<[u8; 16]>()).into();
         let inbox = Arc::new(Inbox::default());
-        self.lock().insert(key.as_str().into(), inbox.clone());
-        (key, inbox)
+        let mut m = self.lock();
+        m.by_key.insert(key.clone(), inbox.clone());
+        m.key_of.insert(session, key);
+        inbox
     }
 
-    pub(crate) fn unregister(&self, key: &str) {
-        self.lock().remove(key);
+    fn unregister(&self, session: u64) {
+        let mut m = self.lock();
+        if let Some(key) = m.key_of.remove(&session) {
+            m.by_key.remove(&key);
+        }
     }
 
     /// Hands `data` to a session of this node.
-    pub(crate) fn deliver(&self, key: &str, data: Bytes) -> Emulation {
-        match self.lock().get(key) {
+    fn deliver(&self, key: &str, data: Bytes) -> Emulation {
+        match self.lock().by_key.get(key) {
             Some(inbox) => inbox.push(data),
             None => Emulation::Unknown,
         }
     }
-
-    pub(crate) fn len(&self) -> usize {
-        self.lock().len()
-    }
 }
 
 impl Node {
-    /// Registers an emulated session: its key (for the connect reply) and
-    /// the inbox of the command batches sent for it.
-    pub fn register_emulated(&self) -> (String, Arc<Inbox>) {
-        self.emulated().register()
+    /// Registers emulated session `session` under a new key; the inbox of
+    /// the command batches sent for it.
+    pub(crate) fn register_emulated(&self, session: u64) -> Arc<Inbox> {
+        self.emulated().register(session)
     }
 
-    pub fn unregister_emulated(&self, key: &str) {
-        self.emulated().unregister(key)
+    pub(crate) fn unregister_emulated(&self, session: u64) {
+        self.emulated().unregister(session)
     }
 
-    /// Emulated sessions open on this node.
-    pub fn num_emulated(&self) -> usize {
-        self.emulated().len()
+    /// The key of emulated session `session` (for its connect reply).
+    pub(crate) fn emulation_key(&self, session: u64) -> Option<String> {
+        self.emulated().lock().key_of.get(&session).map(|k| k.to_string())
     }
 
     /// Delivers one `/emulation` request's commands to session `session` of

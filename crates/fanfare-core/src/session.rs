@@ -84,9 +84,6 @@ pub struct Session {
     /// The transport carrying this session (for metrics; a unidirectional
     /// one changes behaviour, see [`Transport::is_unidirectional`]).
     transport: Transport,
-    /// An emulated transport's session key ([`Node::register_emulated`]),
-    /// sent in the connect reply. One pointer on every session.
-    emulation: Option<Box<str>>,
 }
 
 /// The transport a session runs over. A unidirectional one: the client only
@@ -254,7 +251,6 @@ impl Session {
             publishing: None,
             end_counted: false,
             transport: Transport::WebSocket,
-            emulation: None,
         })
     }
 
@@ -265,13 +261,19 @@ impl Session {
         Some(s)
     }
 
-    /// A session of an emulated transport (see [`Transport`]), whose commands
-    /// arrive through [`Node::emulate`] under `key`.
-    pub fn new_emulated(node: Node, codec: Codec, transport: Transport, key: &str) -> Option<Self> {
+    /// A session of an emulated transport (see [`Transport`]), registered
+    /// with the node: its commands arrive in the returned inbox through
+    /// [`Node::emulate`]. The key lives in the node's registry, not in the
+    /// session (every WebSocket session would carry the field).
+    pub fn new_emulated(
+        node: Node,
+        codec: Codec,
+        transport: Transport,
+    ) -> Option<(Self, Arc<crate::emulation::Inbox>)> {
         let mut s = Self::new(node, codec)?;
         s.transport = transport;
-        s.emulation = Some(key.into());
-        Some(s)
+        let inbox = s.node.register_emulated(s.id);
+        Some((s, inbox))
     }
 
     pub fn outbox(&self) -> &Arc<Outbox> {
@@ -691,11 +693,13 @@ impl Session {
             subs,
             ping: cfg.ping_interval.as_secs() as u32,
             pong: self.transport.expects_pong(),
-            session: self.emulation.as_deref().unwrap_or_default().to_string(),
-            node: if self.emulation.is_some() {
-                self.node.uid().to_string()
-            } else {
-                String::new()
+            session: match self.transport.is_emulated() {
+                true => self.node.emulation_key(self.id).unwrap_or_default(),
+                false => String::new(),
+            },
+            node: match self.transport.is_emulated() {
+                true => self.node.uid().to_string(),
+                false => String::new(),
             },
         };
         self.send(Reply::new(id, ReplyBody::Connect(Box::new(result))));
@@ -1176,6 +1180,9 @@ impl Session {
     /// Ends the session: leaves every channel and unregisters from the node.
     pub async fn close(mut self, code: DisconnectCode) {
         let _ = self.ended(code);
+        if self.transport.is_emulated() {
+            self.node.unregister_emulated(self.id);
+        }
         if self.conn.is_some() {
             metrics::gauge!(crate::metrics::TRANSPORT_CONNECTIONS, "transport" => self.transport.label())
                 .decrement(1.0);

@@ -12,13 +12,15 @@ use fanfare_core::metrics::hot;
 use fanfare_core::{MAX_PUBLISHES_IN_FLIGHT, Outbox, Session};
 use fanfare_protocol::DisconnectCode;
 
-/// What a wire read from the client.
-pub(crate) enum Input {
+/// What a wire read from the client. `T` says where (a wire's own token,
+/// handed back to it: kept out of the wire itself, so an idle connection's
+/// task does not carry the last input around).
+pub(crate) enum Input<T> {
     /// A frame of commands, in the session's encoding: [`Wire::frame`].
-    Frame,
+    Frame(T),
     /// Something only the wire understands (a WebSocket ping or close):
     /// [`Wire::answer`] deals with it.
-    Control,
+    Control(T),
     /// The client broke the protocol: close with this code.
     Refused(DisconnectCode),
     /// The client went away; nothing more can be written.
@@ -37,13 +39,18 @@ pub(crate) enum End {
 /// loop drops them when the outbox wakes first); `write`, `answer` and
 /// `goodbye` run to completion (or their timeout).
 pub(crate) trait Wire {
+    type Token: Copy;
     /// Waits for the client's next input. A write-only wire waits until the
     /// client is gone.
-    fn read(&mut self) -> impl Future<Output = Input>;
-    /// The frame the last [`Input::Frame`] announced.
-    fn frame(&self) -> &[u8];
-    /// Answers the last [`Input::Control`].
-    fn answer(&mut self, write_timeout: Duration) -> impl Future<Output = Result<(), End>>;
+    fn read(&mut self) -> impl Future<Output = Input<Self::Token>>;
+    /// The frame an [`Input::Frame`] announced.
+    fn frame(&self, at: Self::Token) -> &[u8];
+    /// Answers an [`Input::Control`].
+    fn answer(
+        &mut self,
+        at: Self::Token,
+        write_timeout: Duration,
+    ) -> impl Future<Output = Result<(), End>>;
     /// Writes a batch of encoded messages; the bytes written.
     fn write(&mut self, items: &[Bytes]) -> impl Future<Output = std::io::Result<usize>>;
     /// Tells the client the connection ends with `code`, in the transport's
@@ -64,8 +71,9 @@ pub(crate) trait Wire {
 pub(crate) async fn drive<W: Wire>(
     wire: &mut W,
     session: &mut Session,
-    write_timeout: Duration,
+    write_timeout: &Duration,
 ) -> DisconnectCode {
+    let write_timeout = *write_timeout;
     let outbox = session.outbox().clone();
     // Deadlines (pings, pong and connect timeouts) come from the node's shared
     // coarse timer through the outbox: the task holds no timer of its own.
@@ -98,8 +106,8 @@ pub(crate) async fn drive<W: Wire>(
             // commands unread (backpressure instead of an unbounded queue).
             input = wire.read(), if session.publishes_in_flight() < MAX_PUBLISHES_IN_FLIGHT => {
                 let res = match input {
-                    Input::Frame => Box::pin(session.handle_frame(wire.frame())).await,
-                    Input::Control => match Box::pin(wire.answer(write_timeout)).await {
+                    Input::Frame(at) => Box::pin(session.handle_frame(wire.frame(at))).await,
+                    Input::Control(at) => match Box::pin(wire.answer(at, write_timeout)).await {
                         Ok(()) => Ok(()),
                         Err(end) => break end,
                     },

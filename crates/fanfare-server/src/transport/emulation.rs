@@ -125,13 +125,11 @@ pub async fn connect(
         );
     }
     account_received(commands.len());
-    let (key, rx) = node.register_emulated();
     let transport = match stream {
         Stream::HttpStream => Transport::HttpStream,
         Stream::Sse => Transport::Sse,
     };
-    let Some(mut session) = Session::new_emulated(node.clone(), codec, transport, &key) else {
-        node.unregister_emulated(&key);
+    let Some((mut session, inbox)) = Session::new_emulated(node, codec, transport) else {
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"disconnect": {"code": 3001, "reason": "shutdown"}}),
@@ -143,13 +141,13 @@ pub async fn connect(
         let mut wire = EmulatedWire {
             stream,
             codec,
-            commands: rx,
+            commands: inbox,
             first: Some(commands),
             frame: Bytes::new(),
             tx,
         };
-        let code = drive(&mut wire, &mut session, write_timeout).await;
-        node.unregister_emulated(&key);
+        let code = drive(&mut wire, &mut session, &write_timeout).await;
+        // Unregisters the key first: later `/emulation` requests get 404.
         session.close(code).await;
     });
     let content_type = match (stream, codec) {
@@ -196,28 +194,30 @@ impl EmulatedWire {
 }
 
 impl Wire for EmulatedWire {
-    async fn read(&mut self) -> Input {
+    type Token = ();
+
+    async fn read(&mut self) -> Input<()> {
         if let Some(first) = self.first.take() {
             self.frame = first;
-            return Input::Frame;
+            return Input::Frame(());
         }
         // The last batch was handled: do not keep its buffer while idle.
         self.frame = Bytes::new();
         tokio::select! {
             batch = self.commands.next() => {
                 self.frame = batch;
-                Input::Frame
+                Input::Frame(())
             }
             // The client went away (hyper dropped the response body).
             _ = self.tx.closed() => Input::Gone(DisconnectCode::CONNECTION_CLOSED),
         }
     }
 
-    fn frame(&self) -> &[u8] {
+    fn frame(&self, _: ()) -> &[u8] {
         &self.frame
     }
 
-    async fn answer(&mut self, _: Duration) -> Result<(), End> {
+    async fn answer(&mut self, _: (), _: Duration) -> Result<(), End> {
         Ok(())
     }
 

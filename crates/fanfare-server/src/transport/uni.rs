@@ -237,7 +237,7 @@ async fn start(
     tx.try_send(head);
     tokio::spawn(async move {
         let mut wire = UniStreamWire { conn, tx };
-        let code = drive(&mut wire, &mut session, write_timeout).await;
+        let code = drive(&mut wire, &mut session, &write_timeout).await;
         session.close(code).await
     });
     let content_type = match framing {
@@ -341,17 +341,19 @@ struct UniStreamWire {
 }
 
 impl Wire for UniStreamWire {
-    async fn read(&mut self) -> Input {
+    type Token = ();
+
+    async fn read(&mut self) -> Input<()> {
         // The client went away (hyper dropped the body).
         self.tx.closed().await;
         Input::Gone(DisconnectCode::CONNECTION_CLOSED)
     }
 
-    fn frame(&self) -> &[u8] {
+    fn frame(&self, _: ()) -> &[u8] {
         &[]
     }
 
-    async fn answer(&mut self, _: Duration) -> Result<(), End> {
+    async fn answer(&mut self, _: (), _: Duration) -> Result<(), End> {
         Ok(())
     }
 
@@ -422,14 +424,14 @@ where
     if !items.is_empty() {
         items[0] = Bytes::from(json!({"connect": first["connect"]}).to_string());
     }
-    let mut wire = UniWsWire { conn, ping: None };
+    let mut wire = UniWsWire { conn };
     // What the connect queued goes first, then the driver takes over.
     let sent = tokio::time::timeout(opts.write_timeout, wire.write(&items)).await;
     if !matches!(sent, Ok(Ok(_))) {
         let code = session.ended(DisconnectCode::WRITE_ERROR);
         return session.close(code).await;
     }
-    let code = drive(&mut wire, &mut session, opts.write_timeout).await;
+    let code = drive(&mut wire, &mut session, &opts.write_timeout).await;
     session.close(code).await
 }
 
@@ -439,17 +441,15 @@ where
 /// close ends the connection.
 struct UniWsWire<'c, S> {
     conn: &'c mut WsConn<S>,
-    ping: Option<ws::Payload>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Wire for UniWsWire<'_, S> {
-    async fn read(&mut self) -> Input {
+    type Token = ws::Payload;
+
+    async fn read(&mut self) -> Input<ws::Payload> {
         loop {
             match self.conn.read().await {
-                Ok(ws::Incoming::Ping(p)) => {
-                    self.ping = Some(p);
-                    return Input::Control;
-                }
+                Ok(ws::Incoming::Ping(p)) => return Input::Control(p),
                 Ok(ws::Incoming::Close(..)) | Err(_) => {
                     return Input::Gone(DisconnectCode::CONNECTION_CLOSED);
                 }
@@ -458,17 +458,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for UniWsWire<'_, S> {
         }
     }
 
-    fn frame(&self) -> &[u8] {
+    fn frame(&self, _: ws::Payload) -> &[u8] {
         &[]
     }
 
-    async fn answer(&mut self, write_timeout: Duration) -> Result<(), End> {
-        match self.ping.take() {
-            Some(p) => answer_ping(self.conn, p, write_timeout)
-                .await
-                .map_err(|()| End::Gone(DisconnectCode::WRITE_ERROR)),
-            None => Ok(()),
-        }
+    async fn answer(&mut self, ping: ws::Payload, write_timeout: Duration) -> Result<(), End> {
+        answer_ping(self.conn, ping, write_timeout)
+            .await
+            .map_err(|()| End::Gone(DisconnectCode::WRITE_ERROR))
     }
 
     async fn write(&mut self, items: &[Bytes]) -> std::io::Result<usize> {

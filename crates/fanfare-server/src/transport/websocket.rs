@@ -8,6 +8,7 @@ use bytes::Bytes;
 use fanfare_core::{Node, Session};
 use fanfare_protocol::{Codec, DisconnectCode, FrameKind};
 use fanfare_server::ws::{self, Incoming, OP_BINARY, OP_PONG, OP_TEXT, WsConn, WsError};
+use futures_util::FutureExt;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -161,34 +162,32 @@ const JSON_SUBPROTOCOL: &str = "centrifuge-json";
 struct WsWire<'c, S> {
     conn: &'c mut WsConn<S>,
     codec: Codec,
-    /// The last frame or control message read.
-    last: Option<Incoming>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<'_, S> {
-    async fn read(&mut self) -> Input {
-        let msg = self.conn.read().await;
-        match msg {
+    type Token = Incoming;
+
+    /// The socket's read future itself, its result mapped (no future of
+    /// our own around it: this one sits in every idle connection's task).
+    fn read(&mut self) -> impl Future<Output = Input<Incoming>> {
+        let codec = self.codec;
+        self.conn.read().map(move |msg| match msg {
             // A binary frame on JSON, or text on Protobuf: a bad request
             // (3501), which is what Centrifugo's decoder ends up answering
             // too (it reads either frame type with the codec).
-            Ok(Incoming::Text(p)) if self.codec.frame_kind() != FrameKind::Text => {
+            Ok(Incoming::Text(p)) if codec.frame_kind() != FrameKind::Text => {
                 account_received(p.len());
                 Input::Refused(DisconnectCode::BAD_REQUEST)
             }
-            Ok(Incoming::Binary(p)) if self.codec.frame_kind() != FrameKind::Binary => {
+            Ok(Incoming::Binary(p)) if codec.frame_kind() != FrameKind::Binary => {
                 account_received(p.len());
                 Input::Refused(DisconnectCode::BAD_REQUEST)
             }
             Ok(m @ (Incoming::Text(p) | Incoming::Binary(p))) => {
                 account_received(p.len());
-                self.last = Some(m);
-                Input::Frame
+                Input::Frame(m)
             }
-            Ok(m @ (Incoming::Ping(_) | Incoming::Close(..))) => {
-                self.last = Some(m);
-                Input::Control
-            }
+            Ok(m @ (Incoming::Ping(_) | Incoming::Close(..))) => Input::Control(m),
             Err(WsError::TooBig) => Input::Refused(DisconnectCode::MESSAGE_TOO_BIG),
             Err(e) => match e.close_code() {
                 Some(code) => {
@@ -197,22 +196,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<'_, S> {
                 }
                 None => Input::Gone(DisconnectCode::CONNECTION_CLOSED),
             },
-        }
+        })
     }
 
-    fn frame(&self) -> &[u8] {
-        match self.last {
-            Some(Incoming::Text(p) | Incoming::Binary(p)) => self.conn.payload(p),
+    fn frame(&self, at: Incoming) -> &[u8] {
+        match at {
+            Incoming::Text(p) | Incoming::Binary(p) => self.conn.payload(p),
             _ => &[],
         }
     }
 
-    async fn answer(&mut self, write_timeout: Duration) -> Result<(), End> {
-        match self.last.take() {
-            Some(Incoming::Ping(p)) => answer_ping(self.conn, p, write_timeout)
+    async fn answer(&mut self, at: Incoming, write_timeout: Duration) -> Result<(), End> {
+        match at {
+            Incoming::Ping(p) => answer_ping(self.conn, p, write_timeout)
                 .await
                 .map_err(|()| End::Gone(DisconnectCode::WRITE_ERROR)),
-            Some(Incoming::Close(code, _)) => {
+            Incoming::Close(code, _) => {
                 // Answer the close handshake (RFC 6455 5.5.1), echoing the code.
                 let conn = &mut *self.conn;
                 let reply = async {
@@ -260,8 +259,8 @@ where
             Box::pin(send_close(conn, DisconnectCode::SHUTDOWN, None, opts.write_timeout)).await;
         return;
     };
-    let mut wire = WsWire { conn, codec, last: None };
-    let code = drive(&mut wire, &mut session, opts.write_timeout).await;
+    let mut wire = WsWire { conn, codec };
+    let code = drive(&mut wire, &mut session, &opts.write_timeout).await;
     Box::pin(session.close(code)).await;
 }
 
