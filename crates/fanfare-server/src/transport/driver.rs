@@ -129,7 +129,8 @@ pub(crate) async fn drive<W: Wire>(
             // leave an accepted publication unacknowledged), then write what the
             // session queued before closing (e.g. an error reply), except after
             // overflow, where the queue was dropped.
-            let _ = Box::pin(tokio::time::timeout(*write_timeout, session.finish_publishes())).await;
+            let _ =
+                Box::pin(tokio::time::timeout(*write_timeout, session.finish_publishes())).await;
             let flushed = Box::pin(flush(wire, &outbox, *write_timeout)).await;
             // A flush that failed may have stopped inside a frame: a goodbye
             // after it would be garbage, so the connection is just dropped.
