@@ -330,6 +330,18 @@ async fn a_stream_works_as_first_request_on_the_bare_socket_and_after_another_re
     .await
     .unwrap();
     assert!(read_until(&mut c, "\r\n").await.starts_with("HTTP/1.1 411"));
+    // A client that asks before sending its body (curl, over 1 KiB) is told
+    // to go on at once.
+    let mut d = tokio::net::TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+    let body = connect_command("gina").to_string();
+    let head = format!(
+        "POST /connection/http_stream HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    d.write_all(head.as_bytes()).await.unwrap();
+    assert!(read_until(&mut d, "\r\n\r\n").await.starts_with("HTTP/1.1 100 Continue"));
+    d.write_all(body.as_bytes()).await.unwrap();
+    read_until(&mut d, "\"session\"").await;
     // Both streams are alive: pings arrive on each.
     read_until(&mut a, "data: {}").await;
     read_until(&mut b, "data: {}").await;
