@@ -8,6 +8,7 @@ mod floor;
 mod grpc_publish;
 mod http_publish;
 mod options;
+mod protobuf;
 mod procfs;
 mod redis_stats;
 mod report;
