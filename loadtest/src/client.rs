@@ -89,7 +89,11 @@ impl Endpoint {
             .find(SocketAddr::is_ipv4)
             .with_context(|| format!("{hostport} has no IPv4 address"))?;
         let subprotocol = (protocol == Protocol::Protobuf).then_some(protobuf::SUBPROTOCOL);
-        Ok(Endpoint { addr, request_head: ws::request_head(&path, authority, subprotocol), protocol })
+        Ok(Endpoint {
+            addr,
+            request_head: ws::request_head(&path, authority, subprotocol),
+            protocol,
+        })
     }
 
     /// Source address for client slot `slot`: spread over 127.0.0.2.. for a
@@ -337,17 +341,15 @@ impl Conn {
                                 Err(e) => Setup::Undecodable(e),
                                 Ok((_, Err(e))) => Setup::Undecodable(e.to_string()),
                                 Ok((true, _)) => Setup::Ping,
-                                Ok((false, Ok(r))) => {
-                                    match r.push.and_then(|p| p.disconnect) {
-                                        Some(d) if r.id == 0 => {
-                                            Setup::Disconnect { code: d.code, reason: d.reason }
-                                        }
-                                        _ => Setup::Reply {
-                                            id: r.id,
-                                            error: r.error.map(|e| (e.code, e.message)),
-                                        },
+                                Ok((false, Ok(r))) => match r.push.and_then(|p| p.disconnect) {
+                                    Some(d) if r.id == 0 => {
+                                        Setup::Disconnect { code: d.code, reason: d.reason }
                                     }
-                                }
+                                    _ => Setup::Reply {
+                                        id: r.id,
+                                        error: r.error.map(|e| (e.code, e.message)),
+                                    },
+                                },
                             });
                         }
                     }
@@ -409,7 +411,6 @@ impl Conn {
             }
         }
     }
-
 
     /// Sends a normal close and waits for the server's close or EOF.
     pub async fn close(mut self) {

@@ -204,9 +204,9 @@ async fn session(conn: &Arc<Conn>, id: u64, channels: &mut Vec<String>) -> std::
                     // One frame of replies per client frame.
                     let mut replies = Vec::new();
                     for msg in protobuf::messages(payload) {
-                        let Ok(cmd) = msg.map_err(drop).and_then(|m| {
-                            pb::Command::decode(m).map_err(drop)
-                        }) else {
+                        let Ok(cmd) =
+                            msg.map_err(drop).and_then(|m| pb::Command::decode(m).map_err(drop))
+                        else {
                             return Ok(());
                         };
                         on(protobuf_command(cmd, &mut replies));

@@ -52,7 +52,10 @@ pub fn connect(id: u32, token: &str) -> Vec<u8> {
 pub fn subscribe(out: &mut Vec<u8>, id: u32, channel: &str) {
     let cmd = pb::Command {
         id,
-        subscribe: Some(pb::SubscribeRequest { channel: channel.to_string(), ..Default::default() }),
+        subscribe: Some(pb::SubscribeRequest {
+            channel: channel.to_string(),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     cmd.encode_length_delimited(out).expect("a Vec grows as needed");
@@ -226,7 +229,10 @@ mod tests {
         assert_eq!(cmds.len(), 3);
         assert_eq!(cmds[0].subscribe.as_ref().unwrap().channel, "lt-1");
         let p = cmds[1].publish.as_ref().unwrap();
-        assert_eq!((cmds[1].id, p.channel.as_str(), p.data.as_slice()), (300, "lt-1", data.as_bytes()));
+        assert_eq!(
+            (cmds[1].id, p.channel.as_str(), p.data.as_slice()),
+            (300, "lt-1", data.as_bytes())
+        );
         assert_eq!(cmds[2].id, 1);
         assert_eq!(cmds[2].publish, Some(pb::PublishRequest::default()));
         let c = pb::Command::decode(one(&connect(1, "tok"))).unwrap();

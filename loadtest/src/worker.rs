@@ -586,8 +586,7 @@ async fn serve(
     let delivered;
     let publisher = {
         let mut hist = ctx.stats.latency.lock().expect("stats lock");
-        let mut sink =
-            Sink { ctx, now, streams, hist: &mut hist, delivered: 0, publisher };
+        let mut sink = Sink { ctx, now, streams, hist: &mut hist, delivered: 0, publisher };
         c.handle(|frame| match frame {
             Frame::Text(text) => on_json(&mut sink, text),
             Frame::Binary(bytes) => on_protobuf(&mut sink, bytes),

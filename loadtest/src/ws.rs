@@ -432,7 +432,9 @@ mod tests {
         assert!(!req.contains("Sec-WebSocket-Protocol"));
         let head = request_head("/", "h", Some("centrifuge-protobuf"));
         assert!(
-            String::from_utf8(head).unwrap().contains("\r\nSec-WebSocket-Protocol: centrifuge-protobuf\r\n")
+            String::from_utf8(head)
+                .unwrap()
+                .contains("\r\nSec-WebSocket-Protocol: centrifuge-protobuf\r\n")
         );
 
         let key = "dGhlIHNhbXBsZSBub25jZQ==";
@@ -452,7 +454,8 @@ mod tests {
         // A subprotocol offered must be the one chosen.
         let pb = Some("centrifuge-protobuf");
         assert!(parse_response(ok.as_bytes(), key, pb).unwrap_err().contains("subprotocol"));
-        let chosen = ok.replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: centrifuge-protobuf\r\n\r\n");
+        let chosen =
+            ok.replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: centrifuge-protobuf\r\n\r\n");
         assert_eq!(parse_response(chosen.as_bytes(), key, pb), Ok(Some(chosen.len())));
     }
 

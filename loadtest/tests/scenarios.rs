@@ -397,7 +397,19 @@ fn protobuf_clients_answer_pings_with_empty_commands_while_idle() {
     // Server pings every 2 s: a 5 s hold needs Protobuf pongs or clients get 3012.
     let (code, r) = loadtest(
         &node,
-        &["idle", "--protocol", "protobuf", "-n", "200", "--ramp", "0", "--subs", "2", "--hold", "5s"],
+        &[
+            "idle",
+            "--protocol",
+            "protobuf",
+            "-n",
+            "200",
+            "--ramp",
+            "0",
+            "--subs",
+            "2",
+            "--hold",
+            "5s",
+        ],
     );
     assert_eq!(code, 0, "{r:#}");
     assert_eq!(r["plan"]["protocol"], "protobuf");

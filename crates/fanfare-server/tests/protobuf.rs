@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{Bystander, Client, Server, TIMEOUT, assert_survived};
+use common::{Bystander, Server, TIMEOUT, assert_survived};
 use fanfare_protocol::pb;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
@@ -461,7 +461,10 @@ async fn bad_protobuf_input_closes_with_3501_and_other_clients_keep_their_public
 /// Upgrades with `protocols` in `Sec-WebSocket-Protocol` without checking the
 /// answer (tungstenite's client refuses an unanswered subprotocol, as a
 /// browser does); returns the lower-cased response head and the connection.
-async fn upgrade_offering(server: &Server, protocols: &str) -> (String, WebSocketStream<TcpStream>) {
+async fn upgrade_offering(
+    server: &Server,
+    protocols: &str,
+) -> (String, WebSocketStream<TcpStream>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
     let request = format!(
@@ -495,7 +498,8 @@ async fn an_unknown_subprotocol_is_not_answered_and_the_connection_speaks_json()
     // binary frame is a bad request (3501), as in Centrifugo.
     let connect = pb::Command { id: 1, connect: Some(Default::default()), ..Default::default() };
     ws.send(Message::binary(connect.encode_length_delimited_to_vec())).await.unwrap();
-    let mut pb_anyway = PbClient { ws, buf: VecDeque::new(), next_id: 2, pings: 0, auto_pong: true };
+    let mut pb_anyway =
+        PbClient { ws, buf: VecDeque::new(), next_id: 2, pings: 0, auto_pong: true };
     assert_eq!(pb_anyway.expect_close().await, (3501, "bad request".to_string()));
     json_bystander.check().await;
     pb_bystander.check().await;
