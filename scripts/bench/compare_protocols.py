@@ -139,10 +139,12 @@ def summary(out):
             ratio = f"{meds[1] / meds[0]:.2f}" if meds[0] and meds[1] is not None else "–"
             print(f"| {label} | {cells[0]} | {cells[1]} | {ratio} |")
         print("\nRuns in order (deliveries per server CPU-second; lost/duplicated/reordered,"
-              " unexpected disconnects; `uptime` load averages 1/5/15 min before the run):\n")
+              " unexpected disconnects; `uptime` load averages 1/5/15 min before the run;"
+              " other processes' CPU during the run):\n")
         order = sorted((run, p, r, up) for p in PROTOCOLS for run, r, up in by.get(p, []))
         for run, p, r, up in order:
-            print(f"- {p} {run}: {fmt(per_cpu(r), 'rate')}; {exactness(r)}; load {up}"
+            other = fmt(get(r, "machine", "other_cpu_seconds_per_second"), "cpu")
+            print(f"- {p} {run}: {fmt(per_cpu(r), 'rate')}; {exactness(r)}; load {up}; other {other}"
                   + ("" if r.get("ok") else f"; problems: {'; '.join(r.get('problems', []))}"))
         pairs = []
         for run, r, _ in by.get("json", []):
