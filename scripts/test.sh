@@ -4,19 +4,21 @@
 # tests/api), then formatting, lints, unit and integration tests against real
 # processes, the WebSocket conformance cases (tests/conformance), the SDK
 # end-to-end tests (centrifuge-js, centrifuge-go, centrifuge-python; JSON and
-# Protobuf), the Python control-API test, the metrics lint and the deployment
-# checks (scripts/test-deploy.sh).
+# Protobuf; centrifuge-js in headless Chromium), the Python control-API test,
+# the metrics lint and the deployment checks (scripts/test-deploy.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 
 step() { printf '\n==> %s\n' "$*"; }
 
-# Debian packages the tests use: redis-server (broker tests), promtool (metrics lint).
+# Debian packages the tests use: redis-server (broker tests), promtool (metrics
+# lint), chromium (tests/browser; Playwright drives it, never downloads one).
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v redis-cli >/dev/null || need_apt+=(redis-tools) # redis-cli --cluster create
 command -v promtool >/dev/null || need_apt+=(prometheus)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
   step "installing ${need_apt[*]}"
   SUDO=""
@@ -40,6 +42,9 @@ tests/conformance/run.sh
 step "SDK end-to-end (npm centrifuge, JSON and Protobuf builds, + ws against the real binary)"
 cargo build -q -p fanfare-server
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run.sh
+
+step "browser end-to-end (centrifuge-js in headless Chromium via playwright-core: websocket, http_stream, sse)"
+FANFARE_BIN="$ROOT/target/debug/fanfare" tests/browser/run.sh
 
 step "Go SDK end-to-end (centrifuge-go NewProtobufClient and NewJsonClient)"
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/go/run.sh

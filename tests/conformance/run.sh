@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# WebSocket protocol conformance of fanfare's own framing (crates/fanfare-server/src/ws.rs):
+# WebSocket protocol conformance of fanfare's own framing (crates/fanfare-server/src/transport/frame.rs):
 # the Autobahn TestSuite server cases, driven by kosoku (PyPI), against
 # examples/ws_echo.rs, an echo server on the same codec, on a free loopback port.
 # Compression cases (12.*, 13.*) are skipped: fanfare negotiates no extensions.

@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -64,6 +65,14 @@ allow_subscribe = true
 history_size = 100
 history_ttl = "300s"
 presence = true
+
+# Fossil delta compression (TestDeltaSubscription...).
+[[namespaces]]
+name = "doc"
+allow_publish = true
+history_size = 200
+history_ttl = "300s"
+allowed_delta_types = ["fossil"]
 `, httpPort, grpcPort)
 	configPath := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
@@ -154,10 +163,38 @@ const (
 	jsonKind
 )
 
+// countingConn counts the bytes read from the server.
+type countingConn struct {
+	net.Conn
+	read *atomic.Int64
+}
+
+func (c countingConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	c.read.Add(int64(n))
+	return n, err
+}
+
 // client makes a connected client of the given kind.
 func client(t *testing.T, k kind) (*centrifuge.Client, *events) {
 	t.Helper()
+	return clientCounting(t, k, nil)
+}
+
+// clientCounting is client whose bytes read from the server (over all its
+// connections) are added to read, when given.
+func clientCounting(t *testing.T, k kind, read *atomic.Int64) (*centrifuge.Client, *events) {
+	t.Helper()
 	cfg := centrifuge.Config{MinReconnectDelay: 50 * time.Millisecond, MaxReconnectDelay: 300 * time.Millisecond}
+	if read != nil {
+		cfg.NetDialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			conn, err := (&net.Dialer{}).DialContext(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return countingConn{conn, read}, nil
+		}
+	}
 	var c *centrifuge.Client
 	if k == protobuf {
 		c = centrifuge.NewProtobufClient(wsURL, cfg)
@@ -189,7 +226,13 @@ func client(t *testing.T, k kind) (*centrifuge.Client, *events) {
 // subscribe subscribes c to channel (recoverable) and waits for subscribed.
 func subscribe(t *testing.T, c *centrifuge.Client, e *events, channel string) *centrifuge.Subscription {
 	t.Helper()
-	sub, err := c.NewSubscription(channel, centrifuge.SubscriptionConfig{Recoverable: true, Positioned: true})
+	return subscribeWith(t, c, e, channel, centrifuge.SubscriptionConfig{Recoverable: true, Positioned: true})
+}
+
+// subscribeWith subscribes c to channel with cfg and waits for subscribed.
+func subscribeWith(t *testing.T, c *centrifuge.Client, e *events, channel string, cfg centrifuge.SubscriptionConfig) *centrifuge.Subscription {
+	t.Helper()
+	sub, err := c.NewSubscription(channel, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -347,5 +390,103 @@ func TestPingsAreAnsweredByBothClients(t *testing.T) {
 			t.Fatalf("%s client reconnecting: %+v", name, ev)
 		default:
 		}
+	}
+}
+
+// document is version v of a ~2 KB JSON document: one of its 40 fields and
+// the version change per publication.
+func document(v int) []byte {
+	var b strings.Builder
+	b.WriteString("{")
+	for i := 0; i < 40; i++ {
+		touched := 0
+		if i == v%40 {
+			touched = v
+		}
+		fmt.Fprintf(&b, `"field%02d":"value of field %d, last touched by version %d",`, i, i, touched)
+	}
+	fmt.Fprintf(&b, `"version":%d}`, v)
+	return []byte(b.String())
+}
+
+// A subscription with Delta: DeltaTypeFossil hands the app exactly the bytes a
+// subscription without it gets, over 100 publications with a recovery after
+// 50, in both protocols (the SDK panics on a delta it cannot apply).
+func TestDeltaSubscriptionGetsTheSameBytesAsAPlainOneAcrossARecovery(t *testing.T) {
+	for _, k := range []kind{jsonKind, protobuf} {
+		name := map[kind]string{jsonKind: "json", protobuf: "protobuf"}[k]
+		t.Run(name, func(t *testing.T) {
+			channel := "doc:go-" + name
+			pub, _ := client(t, jsonKind)
+			var plainBytes, deltaBytes atomic.Int64
+			plainClient, plainEvents := clientCounting(t, k, &plainBytes)
+			deltaClient, deltaEvents := clientCounting(t, k, &deltaBytes)
+			subscribeWith(t, plainClient, plainEvents, channel, centrifuge.SubscriptionConfig{Recoverable: true})
+			subscribeWith(t, deltaClient, deltaEvents, channel,
+				centrifuge.SubscriptionConfig{Recoverable: true, Delta: centrifuge.DeltaTypeFossil})
+			for v := 1; v <= 50; v++ {
+				publish(t, pub, channel, document(v))
+			}
+			plainEvents.waitPubs(t, 50, "plain: 1..50")
+			deltaEvents.waitPubs(t, 50, "delta: 1..50")
+			for _, c := range []struct {
+				c *centrifuge.Client
+				e *events
+			}{{plainClient, plainEvents}, {deltaClient, deltaEvents}} {
+				if err := c.c.Disconnect(); err != nil {
+					t.Fatal(err)
+				}
+				select {
+				case <-c.e.disconnected:
+				case <-time.After(wait):
+					t.Fatal("timed out waiting for disconnected")
+				}
+			}
+			for v := 51; v <= 60; v++ {
+				publish(t, pub, channel, document(v))
+			}
+			for _, c := range []struct {
+				c *centrifuge.Client
+				e *events
+			}{{plainClient, plainEvents}, {deltaClient, deltaEvents}} {
+				if err := c.c.Connect(); err != nil {
+					t.Fatal(err)
+				}
+				select {
+				case ev := <-c.e.subscribed:
+					if !ev.WasRecovering || !ev.Recovered {
+						t.Fatalf("resubscribe did not recover: %+v", ev)
+					}
+				case <-time.After(wait):
+					t.Fatal("timed out waiting for the resubscribe")
+				}
+			}
+			for v := 61; v <= 100; v++ {
+				publish(t, pub, channel, document(v))
+			}
+			plain := plainEvents.waitPubs(t, 100, "plain: all 100")
+			delta := deltaEvents.waitPubs(t, 100, "delta: all 100")
+			time.Sleep(200 * time.Millisecond)
+			if len(plainEvents.pubs) != 100 || len(deltaEvents.pubs) != 100 {
+				t.Fatalf("duplicates: %d and %d publications", len(plainEvents.pubs), len(deltaEvents.pubs))
+			}
+			for i := range plain {
+				want := document(i + 1)
+				if !bytes.Equal(plain[i].Data, want) {
+					t.Fatalf("without delta, version %d: %s", i+1, plain[i].Data)
+				}
+				if !bytes.Equal(delta[i].Data, want) {
+					t.Fatalf("with delta, version %d: %s", i+1, delta[i].Data)
+				}
+				if delta[i].Offset != plain[i].Offset {
+					t.Fatalf("offsets differ at %d: %d vs %d", i, delta[i].Offset, plain[i].Offset)
+				}
+			}
+			// Deltas were negotiated and applied: the same data for a fraction of the bytes.
+			t.Logf("bytes read: %d without delta, %d with", plainBytes.Load(), deltaBytes.Load())
+			if deltaBytes.Load()*5 >= plainBytes.Load() {
+				t.Fatalf("%d bytes with delta, %d without", deltaBytes.Load(), plainBytes.Load())
+			}
+		})
 	}
 }

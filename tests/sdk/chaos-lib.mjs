@@ -4,7 +4,6 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
@@ -12,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Centrifuge } from 'centrifuge';
 import WebSocket from 'ws';
-import { freePort, onLines, sleep, stamp, withTimeout } from './util.mjs';
+import { freePort, redisPing, sleep, spawnLogged, stamp, withTimeout } from '../common/harness.mjs';
 
 export const BIN = process.env.FANFARE_BIN;
 export const SECRET = 'redis-chaos-secret';
@@ -36,64 +35,17 @@ export function jwt(payload) {
 }
 
 // ---------------------------------------------------------------------------
-// Processes: every child is tracked and SIGKILLed (by PID) at exit at the latest.
+// Processes: spawned with spawnLogged (tests/common/harness.mjs), which
+// SIGKILLs every child by PID at exit at the latest.
 // ---------------------------------------------------------------------------
 
-const children = new Set();
-process.on('exit', () => {
-  for (const c of children) {
-    try {
-      c.kill('SIGKILL');
-    } catch {
-      // already gone
-    }
-  }
-});
-
-/** Spawns `cmd`, keeping the last lines of its output in `log`. */
-export function spawnLogged(label, cmd, args, log) {
-  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-  children.add(child);
-  child.exited = new Promise((resolve) => {
-    child.on('exit', (code, signal) => {
-      children.delete(child);
-      child.exitInfo = { code, signal };
-      log.push(`${stamp()} [${label} pid ${child.pid}] exited code=${code} signal=${signal}`);
-      resolve(child.exitInfo);
-    });
-  });
-  child.on('error', (err) => log.push(`${stamp()} [${label}] spawn error: ${err.message}`));
-  for (const stream of [child.stdout, child.stderr]) {
-    onLines(stream, (line) => log.push(`${stamp()} [${label}] ${line}`));
-  }
-  log.push(`${stamp()} [${label}] spawned pid ${child.pid}`);
-  return child;
-}
+export { spawnLogged };
 
 /** SIGKILL by PID and wait (bounded) for the exit. */
 export async function killChild(child) {
   if (!child || child.exitInfo) return;
   child.kill('SIGKILL');
   await withTimeout(child.exited, 5000, `pid ${child.pid} to exit after SIGKILL`);
-}
-
-/** `PING` over RESP; true on `+PONG`. */
-export function redisPing(port) {
-  return new Promise((resolve) => {
-    const s = net.connect(port, '127.0.0.1');
-    let data = '';
-    const done = (ok) => {
-      s.destroy();
-      resolve(ok);
-    };
-    s.setTimeout(1000, () => done(false));
-    s.on('error', () => done(false));
-    s.on('connect', () => s.write('PING\r\n'));
-    s.on('data', (d) => {
-      data += d;
-      if (data.includes('\r\n')) done(data.startsWith('+PONG'));
-    });
-  });
 }
 
 export class Redis {

@@ -1,58 +1,20 @@
 // Helpers shared by the SDK test scripts (e2e.mjs, protobuf.mjs,
-// redis-chaos.mjs): timing, ports, and the harness of the node:test suites
-// (a fanfare process per script, SDK clients whose frames are logged and
-// dumped on failure).
+// redis-chaos.mjs): the harness of the node:test suites (a fanfare process per
+// script, SDK clients whose frames are logged and dumped on failure), and
+// timing, ports and child output from tests/common/harness.mjs.
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import WebSocket from 'ws';
+import { EventSource } from 'eventsource';
+import { freePort, onLines, sleep, stamp, withTimeout } from '../common/harness.mjs';
 
-const T0 = Date.now();
-/** Milliseconds since the script started, for log lines. */
-export const stamp = () => `+${String(Date.now() - T0).padStart(6)}ms`;
-
-export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** Calls `fn` with every complete line a child process writes to `stream`. */
-export function onLines(stream, fn) {
-  let buf = '';
-  stream.setEncoding('utf8');
-  stream.on('data', (chunk) => {
-    buf += chunk;
-    let i;
-    while ((i = buf.indexOf('\n')) >= 0) {
-      fn(buf.slice(0, i));
-      buf = buf.slice(i + 1);
-    }
-  });
-}
-
-/** Rejects with a descriptive error when `promise` does not settle within `ms`. */
-export function withTimeout(promise, ms, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
-/** A loopback TCP port that was free a moment ago. */
-export function freePort() {
-  return new Promise((resolve, reject) => {
-    const srv = net.createServer();
-    srv.unref();
-    srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
-    });
-  });
-}
+// The suites import these from here, with the harness below.
+export { freePort, onLines, sleep, stamp, withTimeout };
 
 export const WAIT_MS = 10_000; // bound for every single wait
 const HEALTH_TIMEOUT_MS = 20_000; // bound for the server to become healthy
@@ -256,8 +218,9 @@ function truncate(s, n = 2000) {
   return s.length > n ? `${s.slice(0, n)}...(${s.length} bytes)` : s;
 }
 
-/** A `ws` WebSocket subclass that records every frame in `log`. */
-export function loggingWebSocket(label, log) {
+/** A `ws` WebSocket subclass that records every frame in `log` (and, when
+ * given, reports the payload size of every received frame to `onBytes`). */
+export function loggingWebSocket(label, log, onBytes = () => {}) {
   return class LoggingWebSocket extends WebSocket {
     constructor(url, protocols) {
       super(url, protocols);
@@ -265,6 +228,7 @@ export function loggingWebSocket(label, log) {
       log.push(`${stamp()} ${label} ~ dial ${url}`);
       this.on('open', () => log.push(`${stamp()} ${label} ~ open`));
       this.on('message', (data, isBinary) => {
+        onBytes(data.length ?? data.byteLength);
         if (isBinary) {
           log.push(`${stamp()} ${label} < [binary ${data.length} bytes] ${data.toString('hex').slice(0, 200)}`);
           return;
@@ -290,6 +254,18 @@ export function loggingWebSocket(label, log) {
   };
 }
 
+/** `fetch` that logs the emulation requests and stream responses of `label`. */
+function loggingFetch(label, log) {
+  return async (url, init = {}) => {
+    const what = String(url).replace(/^http:\/\/[^/]+/, '');
+    const body = typeof init.body === 'string' ? truncate(init.body) : `[${init.body?.length ?? 0} bytes]`;
+    log.push(`${stamp()} ${label} > ${init.method ?? 'GET'} ${what} ${body}`);
+    const r = await fetch(url, init);
+    log.push(`${stamp()} ${label} < ${r.status} ${what}`);
+    return r;
+  };
+}
+
 /** Per-test environment: creates clients, dumps their frames on failure, cleans up. */
 class Env {
   constructor(name, suite) {
@@ -299,15 +275,35 @@ class Env {
     this.log = [];
   }
 
-  /** A client built with the suite's Centrifuge class, or with `Centrifuge` when given. */
-  client(label, { Centrifuge = this.suite.Centrifuge } = {}) {
-    const c = new Centrifuge(this.suite.server.wsUrl, {
-      websocket: loggingWebSocket(label, this.log),
+  /**
+   * A client built with the suite's Centrifuge class, or with `Centrifuge`
+   * when given; over the WebSocket, or only over `transport` ('http_stream'
+   * or 'sse', the bidirectional emulation centrifuge-js falls back to).
+   */
+  client(label, { Centrifuge = this.suite.Centrifuge, transport = 'websocket' } = {}) {
+    const counter = { bytes: 0 };
+    const options = {
+      websocket: loggingWebSocket(label, this.log, (n) => (counter.bytes += n)),
       minReconnectDelay: 100,
       maxReconnectDelay: 500,
       timeout: 5000,
-    });
+    };
+    let endpoint = this.suite.server.wsUrl;
+    if (transport !== 'websocket') {
+      const base = `http://127.0.0.1:${this.suite.server.httpPort}`;
+      endpoint = [{ transport, endpoint: `${base}/connection/${transport}` }];
+      Object.assign(options, {
+        emulationEndpoint: `${base}/emulation`,
+        fetch: loggingFetch(label, this.log),
+        readableStream: ReadableStream,
+        eventsource: EventSource,
+      });
+    }
+    const c = new Centrifuge(endpoint, options);
     c.label = label;
+    // WebSocket payload bytes received over all of the client's connections
+    // (emulated transports are not counted).
+    Object.defineProperty(c, 'bytesReceived', { get: () => counter.bytes });
     c.connectedCount = 0;
     c.closeEvents = []; // { event, code, reason }
     // An 'error' event without listener would throw inside the SDK.

@@ -4,6 +4,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::delta::DeltaType;
+
 /// Options of one channel namespace. Channel `ns:name` belongs to namespace `ns`;
 /// a channel without `:` to the default namespace (name `""`).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -48,6 +50,10 @@ pub struct Namespace {
     pub allow_presence_for_client: bool,
     /// Anonymous connections may read presence (in addition to one of the above).
     pub allow_presence_for_anonymous: bool,
+    /// Delta encodings a subscribe request may ask for (`["fossil"]`);
+    /// empty = none. A subscription that gets one receives publications as
+    /// deltas against the previous one where it can (`delta.rs`).
+    pub allowed_delta_types: Vec<DeltaType>,
 }
 
 impl Default for Namespace {
@@ -72,6 +78,7 @@ impl Default for Namespace {
             allow_presence_for_subscriber: true,
             allow_presence_for_client: false,
             allow_presence_for_anonymous: true,
+            allowed_delta_types: Vec::new(),
         }
     }
 }

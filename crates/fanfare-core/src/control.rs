@@ -38,4 +38,19 @@ pub enum ControlMessage {
         node: String,
         channels: Vec<(String, u32)>,
     },
+    /// Commands for an emulated session held by `node` (base64 `data`, in
+    /// the session's encoding); see `crate::emulation`.
+    Emulate {
+        id: String,
+        from: String,
+        node: String,
+        session: String,
+        data: String,
+    },
+    EmulateReply {
+        id: String,
+        to: String,
+        delivered: bool,
+        busy: bool,
+    },
 }

@@ -11,6 +11,8 @@ pub mod broker;
 pub mod channel;
 pub mod coalesce;
 pub mod control;
+pub mod delta;
+pub mod emulation;
 pub mod hub;
 pub mod ingress;
 pub mod memory;
@@ -29,6 +31,7 @@ pub use broker::{
 };
 pub use channel::{ChannelError, ChannelRules, Namespace};
 pub use coalesce::Coalescer;
+pub use emulation::Emulation;
 pub use hub::{FanOut, Hub};
 pub use ingress::{DataError, DataRules};
 pub use memory::{MemoryBroker, MemoryConfig};

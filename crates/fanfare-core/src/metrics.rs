@@ -7,6 +7,7 @@ use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
 pub const CONNECTIONS: &str = "fanfare_connections";
 pub const CONNECTS: &str = "fanfare_connects_total";
 pub const TRANSPORT_CONNECTS: &str = "fanfare_transport_connects_total";
+pub const TRANSPORT_CONNECTIONS: &str = "fanfare_transport_connections";
 pub const DISCONNECTS: &str = "fanfare_disconnects_total";
 pub const SUBSCRIPTIONS: &str = "fanfare_subscriptions";
 pub const CHANNELS: &str = "fanfare_channels";
@@ -71,7 +72,11 @@ pub fn describe() {
     describe_gauge!(CONNECTIONS, "Client connections currently open on this node.");
     describe_counter!(
         TRANSPORT_CONNECTS,
-        "Successful connects by transport (websocket, uni_websocket, uni_sse, uni_http_stream) and encoding (json, protobuf)."
+        "Successful connects by transport (websocket, http_stream, sse, uni_websocket, uni_sse, uni_http_stream) and encoding (json, protobuf)."
+    );
+    describe_gauge!(
+        TRANSPORT_CONNECTIONS,
+        "Connected clients (connect succeeded) currently open on this node, by transport."
     );
     describe_counter!(CONNECTS, "Client connects accepted.");
     describe_counter!(DISCONNECTS, "Client disconnects by reason.");

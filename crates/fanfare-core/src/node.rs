@@ -143,6 +143,8 @@ struct Shared {
     draining: AtomicBool,
     started: Instant,
     uid: String,
+    /// Sessions of the emulated transports, by key (`crate::emulation`).
+    emulated: crate::emulation::Registry,
 }
 
 /// A fanfare node. Cheap to clone (a handle around `Arc`); thread-safe.
@@ -180,6 +182,7 @@ impl Node {
                 draining: AtomicBool::new(false),
                 started: Instant::now(),
                 uid: uuid::Uuid::new_v4().to_string(),
+                emulated: Default::default(),
             }),
         };
         node.shared
@@ -190,6 +193,15 @@ impl Node {
 
     pub fn config(&self) -> &NodeConfig {
         &self.shared.config
+    }
+
+    /// This node's id in the cluster (random per process).
+    pub fn uid(&self) -> &str {
+        &self.shared.uid
+    }
+
+    pub(crate) fn emulated(&self) -> &crate::emulation::Registry {
+        &self.shared.emulated
     }
 
     pub fn broker(&self) -> &Arc<dyn Broker> {
@@ -339,8 +351,18 @@ impl Node {
                     }
                 });
             }
-            reply @ ControlMessage::ChannelsReply { .. } => {
-                let ControlMessage::ChannelsReply { id, to, .. } = &reply else { unreachable!() };
+            ControlMessage::Emulate { id, from, node, session, data } => {
+                if node == self.shared.uid {
+                    self.on_emulate(id, from, session, data);
+                }
+            }
+            reply
+            @ (ControlMessage::ChannelsReply { .. } | ControlMessage::EmulateReply { .. }) => {
+                let (ControlMessage::ChannelsReply { id, to, .. }
+                | ControlMessage::EmulateReply { id, to, .. }) = &reply
+                else {
+                    unreachable!()
+                };
                 if *to != self.shared.uid {
                     return;
                 }
@@ -350,6 +372,31 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Sends `request` (with request id `id`) to the cluster and waits up to
+    /// [`crate::emulation::DELIVERY_TIMEOUT`] for the first reply `pick`
+    /// accepts. `None`: not sent, or nobody answered in time.
+    pub(crate) async fn request<T>(
+        &self,
+        id: &str,
+        request: &ControlMessage,
+        pick: impl Fn(ControlMessage) -> Option<T>,
+    ) -> Option<T> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), tx);
+        let mut answer = None;
+        if self.send_control(request).await.is_ok() {
+            let deadline = tokio::time::Instant::now() + crate::emulation::DELIVERY_TIMEOUT;
+            while let Ok(Some(m)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+                if let Some(t) = pick(m) {
+                    answer = Some(t);
+                    break;
+                }
+            }
+        }
+        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        answer
     }
 
     pub(crate) async fn send_control(&self, msg: &ControlMessage) -> Result<(), BrokerError> {

@@ -89,10 +89,16 @@ pub struct Session {
 /// The transport a session runs over. A unidirectional one: the client only
 /// receives, so pings expect no pong, and the channels of the connect
 /// request's `subs` are joined server-side (where the namespace lets anyone
-/// subscribe).
+/// subscribe). An emulated one (HTTP streaming, SSE): replies go down a
+/// stream, commands come up in separate `/emulation` requests, so the connect
+/// reply carries a session key, and pings expect no pong (a pong would be one
+/// more HTTP request per client and ping period; a dead stream shows as a
+/// failed write instead).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     WebSocket,
+    HttpStream,
+    Sse,
     UniWebSocket,
     UniSse,
     UniHttpStream,
@@ -102,6 +108,8 @@ impl Transport {
     pub fn label(self) -> &'static str {
         match self {
             Transport::WebSocket => "websocket",
+            Transport::HttpStream => "http_stream",
+            Transport::Sse => "sse",
             Transport::UniWebSocket => "uni_websocket",
             Transport::UniSse => "uni_sse",
             Transport::UniHttpStream => "uni_http_stream",
@@ -109,7 +117,17 @@ impl Transport {
     }
 
     pub fn is_unidirectional(self) -> bool {
-        self != Transport::WebSocket
+        matches!(self, Transport::UniWebSocket | Transport::UniSse | Transport::UniHttpStream)
+    }
+
+    /// Bidirectional over separate requests (`/emulation`).
+    pub fn is_emulated(self) -> bool {
+        matches!(self, Transport::HttpStream | Transport::Sse)
+    }
+
+    /// Whether the client answers server pings (only over a WebSocket).
+    pub fn expects_pong(self) -> bool {
+        self == Transport::WebSocket
     }
 }
 
@@ -243,6 +261,21 @@ impl Session {
         Some(s)
     }
 
+    /// A session of an emulated transport (see [`Transport`]), registered
+    /// with the node: its commands arrive in the returned inbox through
+    /// [`Node::emulate`]. The key lives in the node's registry, not in the
+    /// session (every WebSocket session would carry the field).
+    pub fn new_emulated(
+        node: Node,
+        codec: Codec,
+        transport: Transport,
+    ) -> Option<(Self, Arc<crate::emulation::Inbox>)> {
+        let mut s = Self::new(node, codec)?;
+        s.transport = transport;
+        let inbox = s.node.register_emulated(s.id);
+        Some((s, inbox))
+    }
+
     pub fn outbox(&self) -> &Arc<Outbox> {
         &self.outbox
     }
@@ -323,7 +356,7 @@ impl Session {
         }
         if now >= self.next_ping {
             self.outbox.push(ping_frame(self.outbox.codec()));
-            if self.pong_deadline.is_none() && !self.transport.is_unidirectional() {
+            if self.pong_deadline.is_none() && self.transport.expects_pong() {
                 self.pong_deadline = Some(now + self.node.config().pong_timeout);
             }
             self.next_ping = now + self.node.config().ping_interval;
@@ -659,8 +692,15 @@ impl Session {
             data: Bytes::new(),
             subs,
             ping: cfg.ping_interval.as_secs() as u32,
-            pong: !self.transport.is_unidirectional(),
-            node: String::new(),
+            pong: self.transport.expects_pong(),
+            session: match self.transport.is_emulated() {
+                true => self.node.emulation_key(self.id).unwrap_or_default(),
+                false => String::new(),
+            },
+            node: match self.transport.is_emulated() {
+                true => self.node.uid().to_string(),
+                false => String::new(),
+            },
         };
         self.send(Reply::new(id, ReplyBody::Connect(Box::new(result))));
         for (subscriber, offset, channel, join_leave) in live {
@@ -674,6 +714,8 @@ impl Session {
             Codec::Json => "json",
             Codec::Protobuf => "protobuf",
         };
+        metrics::gauge!(crate::metrics::TRANSPORT_CONNECTIONS, "transport" => self.transport.label())
+            .increment(1.0);
         metrics::counter!(
             crate::metrics::TRANSPORT_CONNECTS,
             "transport" => self.transport.label(),
@@ -695,7 +737,14 @@ impl Session {
         expires_at: Option<u64>,
         server_side: bool,
     ) -> Result<(SubscribeResult, Arc<Subscriber>), Fail> {
-        let subscriber = Arc::new(Subscriber::new(self.outbox.clone()));
+        // Delta compression is negotiated as Centrifugo does: granted when the
+        // namespace allows the requested type; otherwise the subscription
+        // goes on without it (no error, the reply just lacks `delta`, and the
+        // SDKs then take full payloads). Server-side subscriptions never use it.
+        let delta = !server_side
+            && !req.delta.is_empty()
+            && ns.allowed_delta_types.iter().any(|t| t.as_str() == req.delta);
+        let subscriber = Arc::new(Subscriber::with_delta(self.outbox.clone(), delta));
         self.node
             .subscribe_local(channel, self.id, subscriber.clone())
             .await
@@ -765,6 +814,16 @@ impl Session {
             result.expires = true;
             result.ttl = ttl_until(e);
         }
+        if delta {
+            result.delta = true;
+            // The first recovered publication in full, the rest as deltas;
+            // the last one is the base of the first live delta (`go_live`).
+            let pubs = std::mem::take(&mut result.publications);
+            if let Some(last) = pubs.last() {
+                self.node.hub().seed_delta_base(channel, last.offset, &last.data);
+            }
+            result.publications = crate::delta::recovered(pubs, self.outbox.codec());
+        }
         self.connected_mut().subs.insert(
             channel.into(),
             Subscription {
@@ -825,8 +884,12 @@ impl Session {
         let (result, subscriber) =
             self.join_channel(&channel, &req, &ns, chan_info, expires_at, false).await?;
         let offset = result.offset;
+        // A delta subscription's client holds the last recovered publication;
+        // with none recovered it holds nothing we can vouch for (an SDK may
+        // drop its base on resubscribe), so the first live one goes in full.
+        let delta_base = result.publications.last().map_or(0, |p| p.offset);
         self.send(Reply::new(id, ReplyBody::Subscribe(Box::new(result))));
-        subscriber.go_live(offset);
+        subscriber.go_live_with_base(offset, delta_base);
         if ns.join_leave {
             self.announce_join(&channel).await;
         }
@@ -1117,6 +1180,13 @@ impl Session {
     /// Ends the session: leaves every channel and unregisters from the node.
     pub async fn close(mut self, code: DisconnectCode) {
         let _ = self.ended(code);
+        if self.transport.is_emulated() {
+            self.node.unregister_emulated(self.id);
+        }
+        if self.conn.is_some() {
+            metrics::gauge!(crate::metrics::TRANSPORT_CONNECTIONS, "transport" => self.transport.label())
+                .decrement(1.0);
+        }
         // The timer's entry for this outbox is dropped when its bucket is walked.
         self.outbox.set_armed_tick(0);
         self.close_subscriptions().await;

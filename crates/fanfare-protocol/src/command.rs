@@ -80,7 +80,7 @@ pub struct ConnectRequest {
 }
 
 /// `SubscribeRequest` (channel 1, token 2, recover 3, epoch 6, offset 7, data 8,
-/// positioned 9, recoverable 10, join_leave 11, flag 14).
+/// positioned 9, recoverable 10, join_leave 11, delta 12).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SubscribeRequest {
     pub channel: String,
@@ -92,6 +92,8 @@ pub struct SubscribeRequest {
     pub positioned: bool,
     pub recoverable: bool,
     pub join_leave: bool,
+    /// Delta compression wanted (`"fossil"`); empty = none.
+    pub delta: String,
 }
 
 /// A position in a channel stream.

@@ -114,6 +114,8 @@ struct WireSubscribe<'a> {
     recoverable: bool,
     #[serde(default)]
     join_leave: bool,
+    #[serde(default)]
+    delta: String,
 }
 
 #[derive(Deserialize)]
@@ -196,6 +198,7 @@ fn subscribe_request(w: WireSubscribe<'_>) -> SubscribeRequest {
         positioned: w.positioned,
         recoverable: w.recoverable,
         join_leave: w.join_leave,
+        delta: w.delta,
     }
 }
 
@@ -393,7 +396,7 @@ fn write_publication_fields(po: &mut Obj<'_>, p: &Publication) {
         }
         t.close();
     }
-    po.int("time", p.time);
+    po.bool("delta", p.delta).int("time", p.time);
 }
 
 fn publications(o: &mut Obj<'_>, name: &str, pubs: &[Publication]) {
@@ -423,7 +426,8 @@ fn subscribe_result(o: &mut Obj<'_>, r: &SubscribeResult) {
         .uint("offset", r.offset)
         .bool("positioned", r.positioned)
         .raw("data", &r.data)
-        .bool("was_recovering", r.was_recovering);
+        .bool("was_recovering", r.was_recovering)
+        .bool("delta", r.delta);
 }
 
 fn connect_result(o: &mut Obj<'_>, r: &ConnectResult) {
@@ -442,7 +446,10 @@ fn connect_result(o: &mut Obj<'_>, r: &ConnectResult) {
         }
         subs.close();
     }
-    o.uint("ping", r.ping.into()).bool("pong", r.pong).str("node", &r.node);
+    o.uint("ping", r.ping.into())
+        .bool("pong", r.pong)
+        .str("session", &r.session)
+        .str("node", &r.node);
 }
 
 fn history_result(o: &mut Obj<'_>, r: &HistoryResult) {
@@ -707,6 +714,28 @@ mod tests {
         assert_eq!(
             enc(&Reply::new(4, ReplyBody::Subscribe(Box::new(s)))),
             r#"{"id":4,"subscribe":{"recoverable":true,"epoch":"e","publications":[{"data":1,"offset":2}],"recovered":true,"offset":2,"was_recovering":true}}"#
+        );
+    }
+
+    #[test]
+    fn delta_fields_in_json() {
+        let cmds =
+            decode_commands(br#"{"id":1,"subscribe":{"channel":"c","delta":"fossil"}}"#).unwrap();
+        assert!(matches!(&cmds[0].request, Request::Subscribe(s) if s.delta == "fossil"));
+        let p = Publication {
+            data: Bytes::from_static(br#""3\n1:x""#),
+            offset: 2,
+            delta: true,
+            ..Default::default()
+        };
+        assert_eq!(
+            enc(&Reply::push("c", PushBody::Pub(p))),
+            r#"{"push":{"channel":"c","pub":{"data":"3\n1:x","offset":2,"delta":true}}}"#
+        );
+        let s = SubscribeResult { delta: true, ..Default::default() };
+        assert_eq!(
+            enc(&Reply::new(3, ReplyBody::Subscribe(Box::new(s)))),
+            r#"{"id":3,"subscribe":{"delta":true}}"#
         );
     }
 }

@@ -6,6 +6,7 @@
 //! maps them to and from the codec-independent [`Command`] and [`Reply`].
 
 use prost::Message;
+use prost::encoding::{WireType, encode_key, encode_varint};
 
 use crate::codec::DecodeError;
 use crate::command::{
@@ -70,6 +71,7 @@ fn subscribe_request(s: pb::SubscribeRequest) -> SubscribeRequest {
         positioned: s.positioned,
         recoverable: s.recoverable,
         join_leave: s.join_leave,
+        delta: s.delta,
     }
 }
 
@@ -130,7 +132,44 @@ fn into_command(c: pb::Command) -> Command {
 /// can be concatenated into one binary frame). The server ping is an empty
 /// reply: the single byte 0.
 pub(crate) fn encode_reply(reply: &Reply) -> Vec<u8> {
-    to_pb(reply).encode_length_delimited_to_vec()
+    let mut r = to_pb(reply);
+    match r.connect.take() {
+        None => r.encode_length_delimited_to_vec(),
+        Some(connect) => {
+            // `Reply.connect` (5) written by hand after the other fields (field
+            // order is free): see `connect_result_bytes`.
+            let connect = connect_result_bytes(connect);
+            let mut out = r.encode_to_vec();
+            encode_key(5, WireType::LengthDelimited, &mut out);
+            encode_varint(connect.len() as u64, &mut out);
+            out.extend_from_slice(&connect);
+            let mut framed = Vec::with_capacity(out.len() + 5);
+            encode_varint(out.len() as u64, &mut framed);
+            framed.extend_from_slice(&out);
+            framed
+        }
+    }
+}
+
+/// A `ConnectResult` whose `subs` entries always carry their value. prost
+/// leaves a map entry's value out when it is the default message (a
+/// server-side subscription without history or expiry, e.g. the personal
+/// channel), which protobufjs decodes as `null`: centrifuge-js's Protobuf
+/// build then throws on it and gives up the connection. Centrifugo's encoder
+/// writes the empty value (`12 00`); so does this.
+fn connect_result_bytes(mut c: pb::ConnectResult) -> Vec<u8> {
+    let subs = std::mem::take(&mut c.subs);
+    let mut out = c.encode_to_vec();
+    let mut entry = Vec::new();
+    for (channel, sub) in &subs {
+        entry.clear();
+        prost::encoding::string::encode(1, channel, &mut entry);
+        prost::encoding::message::encode(2, sub, &mut entry);
+        encode_key(6, WireType::LengthDelimited, &mut out);
+        encode_varint(entry.len() as u64, &mut out);
+        out.extend_from_slice(&entry);
+    }
+    out
 }
 
 fn client_info(i: &ClientInfo) -> pb::ClientInfo {
@@ -148,6 +187,7 @@ fn publication(p: &Publication) -> pb::Publication {
         info: p.info.as_deref().map(client_info),
         offset: p.offset,
         tags: p.tags.as_deref().cloned().unwrap_or_default(),
+        delta: p.delta,
         time: p.time,
     }
 }
@@ -168,6 +208,7 @@ fn subscribe_result(r: &SubscribeResult) -> pb::SubscribeResult {
         positioned: r.positioned,
         data: r.data.clone(),
         was_recovering: r.was_recovering,
+        delta: r.delta,
     }
 }
 
@@ -181,7 +222,7 @@ fn connect_result(r: &ConnectResult) -> pb::ConnectResult {
         subs: r.subs.iter().map(|(ch, s)| (ch.clone(), subscribe_result(s))).collect(),
         ping: r.ping,
         pong: r.pong,
-        session: String::new(),
+        session: r.session.clone(),
         node: r.node.clone(),
     }
 }
@@ -397,6 +438,7 @@ mod tests {
             })),
             offset: 7,
             tags: Some(tags),
+            delta: false,
             time: 1_700_000_000_000,
         };
         let r = decode_reply(&encode_reply(&Reply::push("chat", PushBody::Pub(p.clone()))));
@@ -474,5 +516,48 @@ mod tests {
             PushBody::Unsubscribe { code: 2500, reason: "insufficient state".into() },
         )));
         assert_eq!(r.push.unwrap().unsubscribe.unwrap().code, 2500);
+    }
+
+    #[test]
+    fn delta_fields_use_the_public_field_numbers() {
+        // SubscribeRequest.delta = 12 (string): tag 12 << 3 | 2 = 0x62.
+        let mut cmd = Vec::new();
+        let req = pb::SubscribeRequest {
+            channel: "c".into(),
+            delta: "fossil".into(),
+            ..Default::default()
+        };
+        pb::Command { id: 1, subscribe: Some(req), ..Default::default() }
+            .encode_length_delimited(&mut cmd)
+            .unwrap();
+        assert!(cmd.windows(8).any(|w| w == b"\x62\x06fossil"), "{cmd:x?}");
+        match &decode_commands(&cmd).unwrap()[0].request {
+            Request::Subscribe(s) => assert_eq!(s.delta, "fossil"),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Publication.delta = 8 (bool): 0x40 0x01; SubscribeResult.delta = 13: 0x68 0x01.
+        let p = Publication { data: Bytes::from_static(b"d"), delta: true, ..Default::default() };
+        let push = pb::Push { r#pub: Some(publication(&p)), ..Default::default() };
+        assert!(push.r#pub.as_ref().unwrap().encode_to_vec().windows(2).any(|w| w == [0x40, 1]));
+        let r = SubscribeResult { delta: true, ..Default::default() };
+        assert_eq!(subscribe_result(&r).encode_to_vec(), [0x68, 1]);
+    }
+
+    #[test]
+    fn an_empty_server_side_subscription_is_written_with_its_empty_value() {
+        let c = ConnectResult {
+            client: "c".into(),
+            subs: vec![("#42".into(), SubscribeResult::default())],
+            ..Default::default()
+        };
+        let bytes = encode_reply(&Reply::new(1, ReplyBody::Connect(Box::new(c))));
+        // The map entry holds key `#42` and an empty value message (`12 00`),
+        // as Centrifugo writes it, not just the key.
+        let entry = [0x32, 0x07, 0x0a, 0x03, b'#', b'4', b'2', 0x12, 0x00];
+        assert!(bytes.windows(entry.len()).any(|w| w == entry), "{bytes:02x?}");
+        let r = decode_reply(&bytes);
+        let c = r.connect.unwrap();
+        assert_eq!((r.id, c.client.as_str()), (1, "c"));
+        assert_eq!(c.subs["#42"], pb::SubscribeResult::default());
     }
 }

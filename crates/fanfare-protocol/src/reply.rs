@@ -87,11 +87,14 @@ pub struct ConnectResult {
     pub subs: Vec<(String, SubscribeResult)>,
     pub ping: u32,
     pub pong: bool,
+    /// The emulated transports' session key (HTTP streaming, SSE): the client
+    /// sends it back with each `/emulation` request. Empty otherwise.
+    pub session: String,
     pub node: String,
 }
 
 /// `SubscribeResult` (expires 1, ttl 2, recoverable 3, epoch 6, publications 7,
-/// recovered 8, offset 9, positioned 10, data 11, was_recovering 12).
+/// recovered 8, offset 9, positioned 10, data 11, was_recovering 12, delta 13).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SubscribeResult {
     pub expires: bool,
@@ -104,6 +107,8 @@ pub struct SubscribeResult {
     pub positioned: bool,
     pub data: Bytes,
     pub was_recovering: bool,
+    /// Delta compression was negotiated for this subscription.
+    pub delta: bool,
 }
 
 /// `HistoryResult` (publications 1, epoch 2, offset 3).
@@ -123,7 +128,7 @@ pub struct ClientInfo {
     pub chan_info: Bytes,
 }
 
-/// `Publication` (data 4, info 5, offset 6, tags 7, time 9).
+/// `Publication` (data 4, info 5, offset 6, tags 7, delta 8, time 9).
 ///
 /// Cheap to clone: payload and info are reference counted.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -132,6 +137,9 @@ pub struct Publication {
     pub info: Option<Arc<ClientInfo>>,
     pub offset: u64,
     pub tags: Option<Arc<BTreeMap<String, String>>>,
+    /// `data` is a fossil delta against the previous publication of the
+    /// channel (only sent to subscriptions that negotiated delta compression).
+    pub delta: bool,
     /// Unix milliseconds; 0 = not sent.
     pub time: i64,
 }

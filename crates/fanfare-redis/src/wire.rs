@@ -156,7 +156,7 @@ fn decode_publication_sent(src: &Bytes, from: usize, offset: u64) -> Option<(Pub
         }
         Some(Arc::new(t))
     };
-    Some((Publication { data, info, offset, tags, time }, sent))
+    Some((Publication { data, info, offset, tags, delta: false, time }, sent))
 }
 
 fn decode_info(src: &Bytes, from: usize) -> Option<ClientInfo> {
@@ -218,6 +218,7 @@ mod tests {
             })),
             offset: 0,
             tags: Some(Arc::new(tags)),
+            delta: false,
             time: 1234,
         };
         let body = encode_publication(&p);

@@ -317,9 +317,11 @@ impl Default for ShutdownSection {
 }
 
 /// Transports besides the bidirectional WebSocket (always on), each switched
-/// on by itself. The unidirectional ones are off by default, as in
-/// Centrifugo: they let a client without an SDK hold a connection.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+/// on by itself. The browser fallbacks (HTTP streaming, SSE) are on by
+/// default, so centrifuge-js falls back out of the box (Centrifugo has them
+/// off); the unidirectional ones are off, as in Centrifugo: they let a client
+/// without an SDK hold a connection.
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TransportsSection {
     /// `GET /connection/uni_sse` (Server-Sent Events, resumable with `Last-Event-ID`).
@@ -329,10 +331,24 @@ pub struct TransportsSection {
     /// `/connection/uni_websocket` (connect request as the first message,
     /// then one push per WebSocket message).
     pub uni_websocket: bool,
-    /// Not available yet (refused when set).
+    /// `POST /connection/http_stream` with `POST /emulation` (bidirectional
+    /// emulation, JSON or Protobuf).
     pub http_stream: bool,
-    /// Not available yet (refused when set).
+    /// `GET /connection/sse` with `POST /emulation` (bidirectional
+    /// emulation, JSON).
     pub sse: bool,
+}
+
+impl Default for TransportsSection {
+    fn default() -> Self {
+        Self {
+            uni_sse: false,
+            uni_http_stream: false,
+            uni_websocket: false,
+            http_stream: true,
+            sse: true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -469,14 +485,6 @@ impl Settings {
         }
         if self.client.history_max_publication_limit == 0 {
             bail!("client.history_max_publication_limit: must be at least 1");
-        }
-        for (key, on) in [
-            ("transports.http_stream", self.transports.http_stream),
-            ("transports.sse", self.transports.sse),
-        ] {
-            if on {
-                bail!("{key}: this transport is not available in this version of fanfare");
-            }
         }
         for (key, d) in [
             ("http.header_read_timeout", self.http.header_read_timeout),

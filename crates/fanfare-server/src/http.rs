@@ -18,7 +18,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::ApiContext;
-use crate::websocket::{self, WsOptions};
+use crate::transport::emulation::{self, Stream};
+use crate::transport::uni::{self, Framing};
+use crate::transport::websocket::{self, WsOptions};
+use crate::transport::{AnyBody, ReqBody, add_cors, bare, preflight};
 
 pub type Body = Full<Bytes>;
 
@@ -38,7 +41,9 @@ pub struct HttpState {
     pub metrics: PrometheusHandle,
     pub api: Arc<ApiContext>,
     pub deadlines: Deadlines,
-    /// `transports.uni_sse`, `transports.uni_http_stream`.
+    /// `transports.*`: which optional transports answer.
+    pub http_stream: bool,
+    pub sse: bool,
     pub uni_sse: bool,
     pub uni_http_stream: bool,
     pub uni_websocket: bool,
@@ -58,21 +63,57 @@ pub struct Deadlines {
     pub body: Duration,
 }
 
-/// Every response: complete, or streamed (unidirectional transports).
-type AnyBody = crate::uni::UniBody;
+/// The transports answered with a streamed response, and `/emulation`.
+enum HttpTransport {
+    Emulated(Stream),
+    Uni(Framing),
+    Emulation,
+}
+
+fn http_transport(path: &str, st: &HttpState) -> Option<HttpTransport> {
+    Some(match path {
+        "/connection/http_stream" if st.http_stream => HttpTransport::Emulated(Stream::HttpStream),
+        "/connection/sse" if st.sse => HttpTransport::Emulated(Stream::Sse),
+        "/emulation" if st.http_stream || st.sse => HttpTransport::Emulation,
+        "/connection/uni_sse" if st.uni_sse => HttpTransport::Uni(Framing::Sse),
+        "/connection/uni_http_stream" if st.uni_http_stream => {
+            HttpTransport::Uni(Framing::HttpStream)
+        }
+        _ => return None,
+    })
+}
+
+/// Answers a request for an HTTP transport, from hyper or from
+/// `transport::bare`.
+async fn serve_http_transport(
+    t: HttpTransport,
+    req: Request<impl ReqBody>,
+    st: &HttpState,
+) -> Response<AnyBody> {
+    // The browser fallbacks are fetched cross-origin: preflights and CORS
+    // headers for the HTTP transports.
+    let headers = req.headers().clone();
+    let mut r = if req.method() == Method::OPTIONS {
+        preflight()
+    } else {
+        let (node, body) = (st.node.clone(), st.deadlines.body);
+        match t {
+            HttpTransport::Emulated(stream) => {
+                emulation::connect(req, node, &st.ws, stream, body).await
+            }
+            HttpTransport::Emulation => emulation::emulate(req, &node, &st.ws, body).await,
+            HttpTransport::Uni(framing) => uni::handle(req, node, &st.ws, framing, body).await,
+        }
+    };
+    add_cors(&headers, &st.ws, &mut r);
+    r
+}
 
 async fn route(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<AnyBody> {
-    let framing = match req.uri().path() {
-        "/connection/uni_sse" if st.uni_sse => Some(crate::uni::Framing::Sse),
-        "/connection/uni_http_stream" if st.uni_http_stream => {
-            Some(crate::uni::Framing::HttpStream)
-        }
-        _ => None,
-    };
-    if let Some(framing) = framing {
-        return crate::uni::handle(req, st.node.clone(), &st.ws, framing, st.deadlines.body).await;
+    match http_transport(req.uri().path(), &st) {
+        Some(t) => serve_http_transport(t, req, &st).await,
+        None => route_complete(req, st, peer).await.map(http_body_util::Either::Left),
     }
-    route_complete(req, st, peer).await.map(http_body_util::Either::Left)
 }
 
 async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<Body> {
@@ -129,6 +170,33 @@ pub async fn serve(listener: TcpListener, st: HttpState, mut stop: watch::Receiv
         let st = st.clone();
         let header_timeout = st.deadlines.header;
         tokio::spawn(async move {
+            // A long-lived stream as the connection's first request is served
+            // on the bare socket, without hyper's buffers (`transport::bare`).
+            let streams = [st.sse, st.http_stream, st.uni_sse, st.uni_http_stream];
+            if streams.contains(&true) {
+                let mut first = [0u8; 40];
+                match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+                    Ok(Ok(n)) if n > 0 => {
+                        if bare::wants(&first[..n], &streams) {
+                            let (body, max) = (st.deadlines.body, st.ws.max_message_size);
+                            let st2 = st.clone();
+                            let handle = |req: Request<_>| async move {
+                                match http_transport(req.uri().path(), &st2) {
+                                    Some(t) => serve_http_transport(t, req, &st2).await,
+                                    None => crate::transport::refuse(
+                                        StatusCode::NOT_FOUND,
+                                        serde_json::json!({"error": "not found"}),
+                                    ),
+                                }
+                            };
+                            bare::serve(stream, header_timeout, body, max, handle).await;
+                            return;
+                        }
+                    }
+                    // Closed, failed, or silent past the header deadline.
+                    _ => return,
+                }
+            }
             let svc = service_fn(move |req| {
                 let st = st.clone();
                 async move { Ok::<_, Infallible>(route(req, st, peer).await) }

@@ -11,4 +11,8 @@ pub mod pb {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/control_descriptor.bin"));
 
+/// The WebSocket frame codec (RFC 6455), in the library so the echo server
+/// example and the tests use the same code; the rest of `transport/` is the
+/// binary's.
+#[path = "transport/frame.rs"]
 pub mod ws;

@@ -7,8 +7,7 @@ mod grpc;
 mod grpc_transport;
 mod heap;
 mod http;
-mod uni;
-mod websocket;
+mod transport;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -183,7 +182,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let state = http::HttpState {
         node: node.clone(),
-        ws: Arc::new(websocket::WsOptions {
+        ws: Arc::new(transport::WsOptions {
             allowed_origins: settings.websocket.allowed_origins.clone(),
             max_message_size: settings.websocket.max_message_size,
             read_buffer_size: settings.websocket.read_buffer_size,
@@ -195,6 +194,8 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
             header: settings.http.header_read_timeout,
             body: settings.http.body_read_timeout,
         },
+        http_stream: settings.transports.http_stream,
+        sse: settings.transports.sse,
         uni_sse: settings.transports.uni_sse,
         uni_http_stream: settings.transports.uni_http_stream,
         uni_websocket: settings.transports.uni_websocket,

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod redis;
+pub mod stream;
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -363,6 +364,9 @@ pub struct Client {
     pub timeout: Duration,
     /// The client id from the connect reply.
     pub client_id: String,
+    /// Payload bytes of every text frame received so far (pings included):
+    /// what the server put on the wire for this client, less frame headers.
+    pub bytes_received: usize,
 }
 
 impl Client {
@@ -404,6 +408,7 @@ impl Client {
             pings: 0,
             timeout: TIMEOUT,
             client_id: String::new(),
+            bytes_received: 0,
         })
     }
 
@@ -444,6 +449,7 @@ impl Client {
             };
             match msg {
                 Message::Text(text) => {
+                    self.bytes_received += text.len();
                     let mut pings = 0;
                     let mut added = false;
                     for item in serde_json::Deserializer::from_str(&text).into_iter::<Value>() {

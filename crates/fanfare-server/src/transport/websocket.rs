@@ -4,16 +4,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fanfare_core::metrics::hot;
-use fanfare_core::{MAX_PUBLISHES_IN_FLIGHT, Node, Session};
+use bytes::Bytes;
+use fanfare_core::{Node, Session};
 use fanfare_protocol::{Codec, DisconnectCode, FrameKind};
 use fanfare_server::ws::{self, Incoming, OP_BINARY, OP_PONG, OP_TEXT, WsConn, WsError};
+use futures_util::FutureExt;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use super::driver::{End, Input, Wire, account_received, drive};
 use crate::http::{Body, plain};
 
 /// Largest frame the writer builds when batching queued messages.
@@ -96,7 +98,7 @@ pub fn upgrade(
                 // bidirectional connection's task as small as before.
                 if mode == Mode::Unidirectional {
                     tokio::spawn(async move {
-                        crate::uni::serve_websocket(&mut conn, node, &opts).await
+                        super::uni::serve_websocket(&mut conn, node, &opts).await
                     });
                     return;
                 }
@@ -110,7 +112,7 @@ pub fn upgrade(
                     match mode {
                         Mode::Bidirectional => serve(&mut conn, node, codec, opts).await,
                         Mode::Unidirectional => {
-                            crate::uni::serve_websocket(&mut conn, node, &opts).await
+                            super::uni::serve_websocket(&mut conn, node, &opts).await
                         }
                     }
                 });
@@ -154,12 +156,95 @@ fn negotiate<B>(req: &Request<B>) -> (Codec, Option<&'static str>) {
 const PROTOBUF_SUBPROTOCOL: &str = "centrifuge-protobuf";
 const JSON_SUBPROTOCOL: &str = "centrifuge-json";
 
-/// Why the connection loop ended.
-enum End {
-    /// Close with this code (after writing what is queued).
-    Close(DisconnectCode),
-    /// The peer went away or the socket failed; nothing more can be written.
-    Gone(DisconnectCode),
+/// A bidirectional WebSocket as the driver sees it: frames of commands in,
+/// batches of replies out (one frame per batch), pings and the close
+/// handshake answered here.
+struct WsWire<'c, S> {
+    conn: &'c mut WsConn<S>,
+    codec: Codec,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<'_, S> {
+    type Token = Incoming;
+
+    /// The socket's read future itself, its result mapped (no future of
+    /// our own around it: this one sits in every idle connection's task).
+    fn read(&mut self) -> impl Future<Output = Input<Incoming>> {
+        let codec = self.codec;
+        self.conn.read().map(move |msg| match msg {
+            // A binary frame on JSON, or text on Protobuf: a bad request
+            // (3501), which is what Centrifugo's decoder ends up answering
+            // too (it reads either frame type with the codec).
+            Ok(Incoming::Text(p)) if codec.frame_kind() != FrameKind::Text => {
+                account_received(p.len());
+                Input::Refused(DisconnectCode::BAD_REQUEST)
+            }
+            Ok(Incoming::Binary(p)) if codec.frame_kind() != FrameKind::Binary => {
+                account_received(p.len());
+                Input::Refused(DisconnectCode::BAD_REQUEST)
+            }
+            Ok(m @ (Incoming::Text(p) | Incoming::Binary(p))) => {
+                account_received(p.len());
+                Input::Frame(m)
+            }
+            Ok(m @ (Incoming::Ping(_) | Incoming::Close(..))) => Input::Control(m),
+            Err(WsError::TooBig) => Input::Refused(DisconnectCode::MESSAGE_TOO_BIG),
+            Err(e) => match e.close_code() {
+                Some(code) => {
+                    tracing::debug!(error = %e, "websocket protocol error");
+                    Input::Refused(DisconnectCode(code))
+                }
+                None => Input::Gone(DisconnectCode::CONNECTION_CLOSED),
+            },
+        })
+    }
+
+    fn frame(&self, at: Incoming) -> &[u8] {
+        match at {
+            Incoming::Text(p) | Incoming::Binary(p) => self.conn.payload(p),
+            _ => &[],
+        }
+    }
+
+    async fn answer(&mut self, at: Incoming, write_timeout: Duration) -> Result<(), End> {
+        match at {
+            Incoming::Ping(p) => answer_ping(self.conn, p, write_timeout)
+                .await
+                .map_err(|()| End::Gone(DisconnectCode::WRITE_ERROR)),
+            Incoming::Close(code, _) => {
+                // Answer the close handshake (RFC 6455 5.5.1), echoing the code.
+                let conn = &mut *self.conn;
+                let reply = async {
+                    match code {
+                        Some(c) => conn.send_close(c, "").await,
+                        None => conn.send(ws::OP_CLOSE, &[]).await,
+                    }
+                };
+                let _ = tokio::time::timeout(write_timeout, reply).await;
+                Err(End::Gone(DisconnectCode::CONNECTION_CLOSED))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    async fn write(&mut self, items: &[Bytes]) -> std::io::Result<usize> {
+        // JSON messages share a text frame, separated by newlines; Protobuf
+        // messages a binary frame, each behind its length prefix.
+        let opcode = match self.codec.frame_kind() {
+            FrameKind::Text => OP_TEXT,
+            FrameKind::Binary => OP_BINARY,
+        };
+        self.conn.send_joined(opcode, items, self.codec.separator(), MAX_BATCH_FRAME).await
+    }
+
+    async fn goodbye(
+        &mut self,
+        code: DisconnectCode,
+        reason: Option<String>,
+        write_timeout: Duration,
+    ) {
+        send_close(self.conn, code, reason, write_timeout).await
+    }
 }
 
 /// Runs one connection. Takes the connection by reference: an `async fn`
@@ -174,119 +259,9 @@ where
             Box::pin(send_close(conn, DisconnectCode::SHUTDOWN, None, opts.write_timeout)).await;
         return;
     };
-    let outbox = session.outbox().clone();
-    // Deadlines (pings, pong and connect timeouts) come from the node's shared
-    // coarse timer through the outbox: the task holds no timer of its own.
-    session.arm_timer();
-    let end = loop {
-        tokio::select! {
-            biased;
-            _ = outbox.ready() => {
-                // Cold paths are boxed: their state exists only while they run,
-                // so an idle connection's task stays small.
-                if outbox.take_timer_due() {
-                    if let Err(code) = Box::pin(session.on_deadline()).await {
-                        break End::Close(code);
-                    }
-                    session.arm_timer();
-                }
-                Box::pin(session.apply_directives()).await;
-                match Box::pin(flush_outbox(conn, &outbox, codec, opts.write_timeout)).await {
-                    Ok(None) => {}
-                    Ok(Some(code)) => break End::Close(code),
-                    Err(code) => break End::Gone(code),
-                }
-            }
-            r = session.publish_done() => {
-                if let Err(code) = r {
-                    break End::Close(code);
-                }
-            }
-            // While too many publishes wait for the broker, leave the client's
-            // commands in the socket (backpressure instead of an unbounded queue).
-            msg = conn.read(), if session.publishes_in_flight() < MAX_PUBLISHES_IN_FLIGHT => {
-                let res = match msg {
-                    // A binary frame on JSON, or text on Protobuf: a bad request
-                    // (3501), which is what Centrifugo's decoder ends up
-                    // answering too (it reads either frame type with the codec).
-                    Ok(Incoming::Text(p)) if codec.frame_kind() != FrameKind::Text => {
-                        account_received(p.len());
-                        Err(DisconnectCode::BAD_REQUEST)
-                    }
-                    Ok(Incoming::Binary(p)) if codec.frame_kind() != FrameKind::Binary => {
-                        account_received(p.len());
-                        Err(DisconnectCode::BAD_REQUEST)
-                    }
-                    Ok(Incoming::Text(p) | Incoming::Binary(p)) => {
-                        account_received(p.len());
-                        Box::pin(session.handle_frame(conn.payload(p))).await
-                    }
-                    Ok(Incoming::Ping(p)) => {
-                        match Box::pin(answer_ping(conn, p, opts.write_timeout)).await {
-                            Ok(()) => Ok(()),
-                            Err(()) => break End::Gone(DisconnectCode::WRITE_ERROR),
-                        }
-                    }
-                    Ok(Incoming::Close(code, _)) => {
-                        // Answer the close handshake (RFC 6455 5.5.1), echoing the code.
-                        let reply = async {
-                            match code {
-                                Some(c) => conn.send_close(c, "").await,
-                                None => conn.send(ws::OP_CLOSE, &[]).await,
-                            }
-                        };
-                        let _ = Box::pin(tokio::time::timeout(opts.write_timeout, reply)).await;
-                        break End::Gone(DisconnectCode::CONNECTION_CLOSED);
-                    }
-                    Err(WsError::TooBig) => Err(DisconnectCode::MESSAGE_TOO_BIG),
-                    Err(e) => match e.close_code() {
-                        Some(code) => {
-                            tracing::debug!(error = %e, "websocket protocol error");
-                            break End::Close(DisconnectCode(code));
-                        }
-                        None => break End::Gone(DisconnectCode::CONNECTION_CLOSED),
-                    },
-                };
-                if let Err(code) = res {
-                    break End::Close(code);
-                }
-                session.arm_timer();
-            }
-        }
-    };
-    // Decided and counted now (the goodbye below may wait a write timeout on
-    // a full socket); a close the outbox decided first wins.
-    let end = match end {
-        End::Close(code) => End::Close(session.ended(code)),
-        End::Gone(code) => End::Gone(session.ended(code)),
-    };
-    let code = match end {
-        End::Close(code) => {
-            // Answer publishes still waiting for the broker (a drain must not
-            // leave an accepted publication unacknowledged), then write what the
-            // session queued before closing (e.g. an error reply), except after
-            // overflow, where the queue was dropped.
-            let _ = Box::pin(tokio::time::timeout(opts.write_timeout, session.finish_publishes()))
-                .await;
-            let flushed = Box::pin(flush_outbox(conn, &outbox, codec, opts.write_timeout)).await;
-            // A flush that failed may have stopped inside a frame: a close
-            // frame after it would be garbage, so the socket is just dropped.
-            if flushed.is_ok() {
-                let reason = outbox.close_reason(code);
-                let _ = Box::pin(send_close(conn, code, reason, opts.write_timeout)).await;
-            }
-            code
-        }
-        End::Gone(code) => code,
-    };
-    if code == DisconnectCode::SLOW {
-        tracing::debug!(client = session.client_id(), "slow consumer closed");
-    }
+    let mut wire = WsWire { conn, codec };
+    let code = drive(&mut wire, &mut session, &opts.write_timeout).await;
     Box::pin(session.close(code)).await;
-}
-
-fn account_received(n: usize) {
-    hot().bytes_received.increment(n as u64);
 }
 
 /// Sends the pong for a ping (same payload, at most 125 bytes).
@@ -305,54 +280,6 @@ where
     match tokio::time::timeout(write_timeout, conn.send(OP_PONG, &body[..n])).await {
         Ok(Ok(())) => Ok(()),
         _ => Err(()),
-    }
-}
-
-/// Writes everything queued, batched into as few frames as possible, in one
-/// write (`WsConn::send_joined`). Returns a close requested
-/// through the outbox, or `Err` when the socket is unusable.
-async fn flush_outbox<S>(
-    conn: &mut WsConn<S>,
-    outbox: &fanfare_core::Outbox,
-    codec: Codec,
-    write_timeout: Duration,
-) -> Result<Option<DisconnectCode>, DisconnectCode>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut items = Vec::new();
-    let close = outbox.drain(&mut items);
-    if items.is_empty() {
-        return Ok(close);
-    }
-    let count = items.len();
-    // JSON messages share a text frame, separated by newlines; Protobuf
-    // messages a binary frame, each behind its length prefix.
-    let opcode = match codec.frame_kind() {
-        FrameKind::Text => OP_TEXT,
-        FrameKind::Binary => OP_BINARY,
-    };
-    let separator = codec.separator();
-    let h = hot();
-    // Counted before writing, so a client that got the bytes sees the count.
-    h.writes.increment(1);
-    let write = conn.send_joined(opcode, &items, separator, MAX_BATCH_FRAME);
-    match tokio::time::timeout(write_timeout, write).await {
-        Ok(Ok(bytes)) => {
-            h.messages_sent.increment(count as u64);
-            h.bytes_sent.increment(bytes as u64);
-            Ok(close)
-        }
-        Ok(Err(_)) => Err(DisconnectCode::WRITE_ERROR),
-        Err(_) => {
-            // The client stopped reading: the same failure as a queue overflow,
-            // counted if this decided the close (a second timeout while
-            // saying goodbye does not count again).
-            if outbox.close_first(DisconnectCode::SLOW) {
-                fanfare_core::metrics::slow_consumer();
-            }
-            Err(DisconnectCode::SLOW)
-        }
     }
 }
 

@@ -20,59 +20,29 @@
 //! (where the namespace lets anyone subscribe). The session is the same state
 //! machine as a WebSocket's; this module only frames its outbox.
 
-use std::convert::Infallible;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use data_encoding::BASE64URL_NOPAD;
 use fanfare_core::{Node, Session, Transport};
 use fanfare_protocol::{Codec, DisconnectCode};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Frame, Incoming};
-use hyper::header::{self, HeaderValue};
+use fanfare_server::ws::{self, OP_TEXT, WsConn};
+use http_body_util::{BodyExt, Limited};
+use hyper::header;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
-
-use fanfare_server::ws::{self, OP_TEXT, WsConn};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::websocket::{WsOptions, answer_ping, send_close};
+use super::driver::{End, Input, Wire, drive};
+use super::websocket::{WsOptions, answer_ping, send_close};
+use super::{AnyBody, BodySender, ReqBody, StreamBody, refuse, streamed, url_param};
 
 /// Which unidirectional transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
     Sse,
     HttpStream,
-}
-
-/// A response body fed by the connection's task, one chunk per outbox drain.
-pub struct StreamBody(mpsc::Receiver<Bytes>);
-
-impl http_body::Body for StreamBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|c| c.map(|b| Ok(Frame::data(b))))
-    }
-}
-
-/// A streamed response, or a complete one (refusals).
-pub type UniBody = http_body_util::Either<Full<Bytes>, StreamBody>;
-
-fn refuse(status: StatusCode, body: Value) -> Response<UniBody> {
-    let mut r =
-        Response::new(http_body_util::Either::Left(Full::new(Bytes::from(body.to_string()))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    r
 }
 
 fn disconnect_json(code: DisconnectCode) -> Value {
@@ -99,12 +69,12 @@ fn event_id(positions: &[Position]) -> String {
 
 /// Handles `/connection/uni_sse` and `/connection/uni_http_stream`.
 pub async fn handle(
-    req: Request<Incoming>,
+    req: Request<impl ReqBody>,
     node: Node,
     opts: &WsOptions,
     framing: Framing,
     body_timeout: Duration,
-) -> Response<UniBody> {
+) -> Response<AnyBody> {
     if !opts.origin_allowed(req.headers().get(header::ORIGIN)) {
         return refuse(StatusCode::FORBIDDEN, json!({"error": "origin not allowed"}));
     }
@@ -189,7 +159,7 @@ async fn start(
     framing: Framing,
     write_timeout: Duration,
     resume: Vec<Position>,
-) -> Response<UniBody> {
+) -> Response<AnyBody> {
     add_recovery(&mut connect, &resume);
     let transport = match framing {
         Framing::Sse => Transport::UniSse,
@@ -256,7 +226,7 @@ async fn start(
             }
         }
     }
-    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    let (tx, body) = StreamBody::channel();
     let mut conn = UniConn { framing, positions };
     // The connect reply as the unidirectional connect push (no id).
     let connect_push = Bytes::from(json!({"connect": first["connect"]}).to_string());
@@ -264,20 +234,17 @@ async fn start(
     items.splice(1..1, recovered);
     let head = conn.frame(&items);
     items.clear();
-    let _ = tx.try_send(head);
-    tokio::spawn(drive(session, conn, tx, write_timeout));
-
-    let mut r = Response::new(http_body_util::Either::Right(StreamBody(rx)));
+    tx.try_send(head);
+    tokio::spawn(async move {
+        let mut wire = UniStreamWire { conn, tx };
+        let code = drive(&mut wire, &mut session, &write_timeout).await;
+        session.close(code).await
+    });
     let content_type = match framing {
         Framing::Sse => "text/event-stream",
         Framing::HttpStream => "application/json",
     };
-    let h = r.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    // Reverse proxies (nginx) would otherwise buffer the stream.
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    r
+    streamed(body, content_type)
 }
 
 /// One connection's framing state.
@@ -366,70 +333,40 @@ fn unidirectional(item: &Bytes) -> &[u8] {
     item
 }
 
-/// Runs one unidirectional connection until it ends.
-async fn drive(
-    mut session: Session,
-    mut conn: UniConn,
-    tx: mpsc::Sender<Bytes>,
-    write_timeout: Duration,
-) {
-    let outbox = session.outbox().clone();
-    session.arm_timer();
-    let mut items = Vec::new();
-    let code = loop {
-        tokio::select! {
-            _ = outbox.ready() => {}
-            // The client went away (hyper dropped the body).
-            _ = tx.closed() => break DisconnectCode::CONNECTION_CLOSED,
-        }
-        if outbox.take_timer_due() {
-            if let Err(code) = session.on_deadline().await {
-                break code;
-            }
-            session.arm_timer();
-        }
-        session.apply_directives().await;
-        let close = outbox.drain(&mut items);
-        if !items.is_empty() {
-            let chunk = conn.frame(&items);
-            items.clear();
-            let n = chunk.len();
-            match tokio::time::timeout(write_timeout, tx.send(chunk)).await {
-                Ok(Ok(())) => {
-                    let h = fanfare_core::metrics::hot();
-                    h.writes.increment(1);
-                    h.bytes_sent.increment(n as u64);
-                }
-                Ok(Err(_)) => break DisconnectCode::CONNECTION_CLOSED,
-                Err(_) => {
-                    if outbox.close_first(DisconnectCode::SLOW) {
-                        fanfare_core::metrics::slow_consumer();
-                    }
-                    break DisconnectCode::SLOW;
-                }
-            }
-        }
-        if let Some(code) = close {
-            break code;
-        }
-    };
-    let code = session.ended(code);
-    if code != DisconnectCode::CONNECTION_CLOSED {
-        let _ = tokio::time::timeout(write_timeout, tx.send(conn.goodbye(code))).await;
-    }
-    drop(tx);
-    session.close(code).await;
+/// A unidirectional HTTP stream as the driver sees it: nothing comes in
+/// (the client only receives), batches go out as one chunk each.
+struct UniStreamWire {
+    conn: UniConn,
+    tx: BodySender,
 }
 
-/// The percent-decoded value of `name` in a query string.
-fn url_param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then(|| {
-            let v = v.replace('+', " ");
-            percent_encoding::percent_decode_str(&v).decode_utf8_lossy().into_owned()
-        })
-    })
+impl Wire for UniStreamWire {
+    type Token = ();
+
+    async fn read(&mut self) -> Input<()> {
+        // The client went away (hyper dropped the body).
+        self.tx.closed().await;
+        Input::Gone(DisconnectCode::CONNECTION_CLOSED)
+    }
+
+    fn frame(&self, _: ()) -> &[u8] {
+        &[]
+    }
+
+    async fn answer(&mut self, _: (), _: Duration) -> Result<(), End> {
+        Ok(())
+    }
+
+    async fn write(&mut self, items: &[Bytes]) -> std::io::Result<usize> {
+        let chunk = self.conn.frame(items);
+        let n = chunk.len();
+        self.tx.send(chunk).await.map_err(|_| std::io::ErrorKind::BrokenPipe)?;
+        Ok(n)
+    }
+
+    async fn goodbye(&mut self, code: DisconnectCode, _: Option<String>, write_timeout: Duration) {
+        let _ = tokio::time::timeout(write_timeout, self.tx.send(self.conn.goodbye(code))).await;
+    }
 }
 
 /// The close code for a connect refused with reply error `code`.
@@ -487,67 +424,66 @@ where
     if !items.is_empty() {
         items[0] = Bytes::from(json!({"connect": first["connect"]}).to_string());
     }
-    session.arm_timer();
-    let code = loop {
-        let mut sent = true;
-        for item in items.drain(..) {
-            let msg = unidirectional(&item);
-            let write = conn.send(OP_TEXT, msg);
-            match tokio::time::timeout(opts.write_timeout, write).await {
-                Ok(Ok(())) => {
-                    let h = fanfare_core::metrics::hot();
-                    h.writes.increment(1);
-                    h.messages_sent.increment(1);
-                    h.bytes_sent.increment(msg.len() as u64);
-                }
-                Ok(Err(_)) => {
-                    sent = false;
-                    break;
-                }
-                Err(_) => {
-                    if outbox.close_first(DisconnectCode::SLOW) {
-                        fanfare_core::metrics::slow_consumer();
-                    }
-                    sent = false;
-                    break;
-                }
-            }
-        }
-        if !sent {
-            break DisconnectCode::WRITE_ERROR;
-        }
-        tokio::select! {
-            biased;
-            _ = outbox.ready() => {
-                if outbox.take_timer_due() {
-                    if let Err(code) = session.on_deadline().await {
-                        break code;
-                    }
-                    session.arm_timer();
-                }
-                session.apply_directives().await;
-                if let Some(code) = outbox.drain(&mut items) {
-                    if items.is_empty() {
-                        break code;
-                    }
-                    // Write what was queued, then close.
-                    outbox.close(code);
-                }
-            }
-            msg = conn.read() => match msg {
-                Ok(ws::Incoming::Ping(p)) => {
-                    if answer_ping(conn, p, opts.write_timeout).await.is_err() {
-                        break DisconnectCode::WRITE_ERROR;
-                    }
-                }
-                Ok(ws::Incoming::Close(..)) | Err(_) => break DisconnectCode::CONNECTION_CLOSED,
-                Ok(_) => {}
-            },
-        }
-    };
-    let code = session.ended(code);
-    if code != DisconnectCode::CONNECTION_CLOSED && code != DisconnectCode::WRITE_ERROR {
-        send_close(conn, code, None, opts.write_timeout).await;
+    let mut wire = UniWsWire { conn };
+    // What the connect queued goes first, then the driver takes over.
+    let sent = tokio::time::timeout(opts.write_timeout, wire.write(&items)).await;
+    if !matches!(sent, Ok(Ok(_))) {
+        let code = session.ended(DisconnectCode::WRITE_ERROR);
+        return session.close(code).await;
     }
-    session.close(code).await;
+    let code = drive(&mut wire, &mut session, &opts.write_timeout).await;
+    session.close(code).await
+}
+
+/// A unidirectional WebSocket as the driver sees it: every push goes out as
+/// a WebSocket message of its own (a plain client parses one JSON value per
+/// message); the client's messages are ignored, its pings answered, its
+/// close ends the connection.
+struct UniWsWire<'c, S> {
+    conn: &'c mut WsConn<S>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Wire for UniWsWire<'_, S> {
+    type Token = ws::Payload;
+
+    async fn read(&mut self) -> Input<ws::Payload> {
+        loop {
+            match self.conn.read().await {
+                Ok(ws::Incoming::Ping(p)) => return Input::Control(p),
+                Ok(ws::Incoming::Close(..)) | Err(_) => {
+                    return Input::Gone(DisconnectCode::CONNECTION_CLOSED);
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
+    fn frame(&self, _: ws::Payload) -> &[u8] {
+        &[]
+    }
+
+    async fn answer(&mut self, ping: ws::Payload, write_timeout: Duration) -> Result<(), End> {
+        answer_ping(self.conn, ping, write_timeout)
+            .await
+            .map_err(|()| End::Gone(DisconnectCode::WRITE_ERROR))
+    }
+
+    async fn write(&mut self, items: &[Bytes]) -> std::io::Result<usize> {
+        let mut n = 0;
+        for item in items {
+            let msg = unidirectional(item);
+            self.conn.send(OP_TEXT, msg).await?;
+            n += msg.len();
+        }
+        Ok(n)
+    }
+
+    async fn goodbye(
+        &mut self,
+        code: DisconnectCode,
+        reason: Option<String>,
+        write_timeout: Duration,
+    ) {
+        send_close(self.conn, code, reason, write_timeout).await
+    }
 }

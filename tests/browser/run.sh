@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# centrifuge-js in headless Chromium (Debian `chromium`, driven by npm
+# playwright-core) against real fanfare nodes on a real Redis: the client limited
+# to websocket, http_stream or sse, publishing, receiving, reading presence and
+# history, recovering across a node restart; and a refused origin (browser.mjs).
+# Usage: FANFARE_BIN=/abs/path/to/fanfare tests/browser/run.sh
+# Needs redis-server and /usr/bin/chromium (or CHROMIUM_BIN). Exit code is the
+# result. FANFARE_E2E_VERBOSE=1 prints the page and process logs of passing tests too.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+case "${FANFARE_BIN:-}" in
+  /*) ;;
+  *) echo "run.sh: FANFARE_BIN must be the absolute path of the fanfare binary, got: '${FANFARE_BIN:-}'" >&2; exit 2 ;;
+esac
+if [ ! -x "$FANFARE_BIN" ]; then
+  echo "run.sh: FANFARE_BIN is not an executable file: $FANFARE_BIN" >&2
+  exit 2
+fi
+if [ ! -x "${CHROMIUM_BIN:-/usr/bin/chromium}" ]; then
+  echo "run.sh: no Chromium at ${CHROMIUM_BIN:-/usr/bin/chromium}: apt-get install chromium (scripts/test.sh does)" >&2
+  exit 2
+fi
+if ! command -v redis-server >/dev/null; then
+  echo "run.sh: redis-server is not installed (scripts/test.sh installs it)" >&2
+  exit 2
+fi
+
+# npm ci only when node_modules is missing or older than the lock file.
+if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund
+fi
+
+exec node --test --test-concurrency=1 browser.mjs

@@ -1,0 +1,111 @@
+// What every Node end-to-end suite (tests/sdk, tests/browser) needs of its
+// surroundings: log stamps, bounded waits, free loopback ports, child
+// processes (logged, killed by PID at exit), and whether a Redis answers. No
+// npm dependencies, so each suite imports it whatever its own node_modules hold.
+
+import { spawn } from 'node:child_process';
+import net from 'node:net';
+
+const T0 = Date.now();
+/** Milliseconds since the script started, for log lines. */
+export const stamp = () => `+${String(Date.now() - T0).padStart(6)}ms`;
+
+export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Calls `fn` with every complete line a child process writes to `stream`. */
+export function onLines(stream, fn) {
+  let buf = '';
+  stream.setEncoding('utf8');
+  stream.on('data', (chunk) => {
+    buf += chunk;
+    let i;
+    while ((i = buf.indexOf('\n')) >= 0) {
+      fn(buf.slice(0, i));
+      buf = buf.slice(i + 1);
+    }
+  });
+}
+
+/** Rejects with a descriptive error when `promise` does not settle within `ms`. */
+export function withTimeout(promise, ms, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+// Every child of spawnLogged is SIGKILLed (by PID) at exit at the latest.
+const children = new Set();
+process.on('exit', () => {
+  for (const c of children) {
+    try {
+      c.kill('SIGKILL');
+    } catch {
+      // already gone
+    }
+  }
+});
+
+/**
+ * Spawns `cmd`, pushing its output lines, start and exit onto the array `log`
+ * (stamped, prefixed with `label`). `child.exited` resolves with
+ * `child.exitInfo` once it is gone (also when it could not be spawned).
+ */
+export function spawnLogged(label, cmd, args, log) {
+  // NO_COLOR: fanfare's log lines without ANSI colours, readable in a failure dump.
+  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NO_COLOR: '1' } });
+  children.add(child);
+  child.exitInfo = null;
+  child.exited = new Promise((resolve) => {
+    child.on('exit', (code, signal) => {
+      children.delete(child);
+      child.exitInfo = { code, signal };
+      log.push(`${stamp()} [${label} pid ${child.pid}] exited code=${code} signal=${signal}`);
+      resolve(child.exitInfo);
+    });
+    child.on('error', (err) => {
+      children.delete(child);
+      child.exitInfo = child.exitInfo || { code: null, signal: null, error: err.message };
+      log.push(`${stamp()} [${label}] spawn error: ${err.message}`);
+      resolve(child.exitInfo);
+    });
+  });
+  for (const stream of [child.stdout, child.stderr]) {
+    onLines(stream, (line) => log.push(`${stamp()} [${label}] ${line}`));
+  }
+  log.push(`${stamp()} [${label}] spawned pid ${child.pid}: ${cmd} ${args.join(' ')}`);
+  return child;
+}
+
+/** A loopback TCP port that was free a moment ago. */
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+/** `PING` over RESP to the Redis on loopback `port`; true on `+PONG` within 1 s. */
+export function redisPing(port) {
+  return new Promise((resolve) => {
+    const s = net.connect(port, '127.0.0.1');
+    let data = '';
+    const done = (ok) => {
+      s.destroy();
+      resolve(ok);
+    };
+    s.setTimeout(1000, () => done(false));
+    s.on('error', () => done(false));
+    s.on('connect', () => s.write('PING\r\n'));
+    s.on('data', (d) => {
+      data += d;
+      if (data.includes('\r\n')) done(data.startsWith('+PONG'));
+    });
+  });
+}
