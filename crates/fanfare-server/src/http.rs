@@ -189,7 +189,9 @@ pub async fn serve(listener: TcpListener, st: HttpState, mut stop: watch::Receiv
                                     ),
                                 }
                             };
-                            bare::serve(stream, header_timeout, body, max, handle).await;
+                            // Boxed: the accept task of every other connection
+                            // (WebSocket upgrades) stays as small as before.
+                            Box::pin(bare::serve(stream, header_timeout, body, max, handle)).await;
                             return;
                         }
                     }

@@ -73,7 +73,6 @@ pub(crate) async fn drive<W: Wire>(
     session: &mut Session,
     write_timeout: &Duration,
 ) -> DisconnectCode {
-    let write_timeout = *write_timeout;
     let outbox = session.outbox().clone();
     // Deadlines (pings, pong and connect timeouts) come from the node's shared
     // coarse timer through the outbox: the task holds no timer of its own.
@@ -91,7 +90,7 @@ pub(crate) async fn drive<W: Wire>(
                     session.arm_timer();
                 }
                 Box::pin(session.apply_directives()).await;
-                match Box::pin(flush(wire, &outbox, write_timeout)).await {
+                match Box::pin(flush(wire, &outbox, *write_timeout)).await {
                     Ok(None) => {}
                     Ok(Some(code)) => break End::Close(code),
                     Err(code) => break End::Gone(code),
@@ -107,7 +106,7 @@ pub(crate) async fn drive<W: Wire>(
             input = wire.read(), if session.publishes_in_flight() < MAX_PUBLISHES_IN_FLIGHT => {
                 let res = match input {
                     Input::Frame(at) => Box::pin(session.handle_frame(wire.frame(at))).await,
-                    Input::Control(at) => match Box::pin(wire.answer(at, write_timeout)).await {
+                    Input::Control(at) => match Box::pin(wire.answer(at, *write_timeout)).await {
                         Ok(()) => Ok(()),
                         Err(end) => break end,
                     },
@@ -130,13 +129,14 @@ pub(crate) async fn drive<W: Wire>(
             // leave an accepted publication unacknowledged), then write what the
             // session queued before closing (e.g. an error reply), except after
             // overflow, where the queue was dropped.
-            let _ = Box::pin(tokio::time::timeout(write_timeout, session.finish_publishes())).await;
-            let flushed = Box::pin(flush(wire, &outbox, write_timeout)).await;
+            let _ =
+                Box::pin(tokio::time::timeout(*write_timeout, session.finish_publishes())).await;
+            let flushed = Box::pin(flush(wire, &outbox, *write_timeout)).await;
             // A flush that failed may have stopped inside a frame: a goodbye
             // after it would be garbage, so the connection is just dropped.
             if flushed.is_ok() {
                 let reason = outbox.close_reason(code);
-                Box::pin(wire.goodbye(code, reason, write_timeout)).await;
+                Box::pin(wire.goodbye(code, reason, *write_timeout)).await;
             }
             code
         }
