@@ -19,8 +19,11 @@
 //! multi-threaded tokio runtime with one worker per CPU, as `fanfare` does.
 //!
 //! Only what `fanfare-loadtest` sends is understood: masked, unfragmented
-//! text and close frames up to 64 KiB, commands as `wire.rs` writes them
-//! (`data` last in a publish). Anything else ends the connection.
+//! text, binary and close frames up to 64 KiB, JSON commands as `wire.rs`
+//! writes them (`data` last in a publish), Protobuf commands (a client that
+//! offers the subprotocol `centrifuge-protobuf` gets it; its publications
+//! reach subscribers Protobuf-encoded, so one run uses one protocol).
+//! Anything else ends the connection.
 
 use anyhow::Context;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -28,7 +31,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::net::TcpStream;
 
+use crate::protobuf::{self, pb};
 use crate::ws;
+use prost::Message as _;
 
 /// The same listen backlog as `fanfare` (a burst of connects must not lose SYNs).
 const LISTEN_BACKLOG: u32 = 4096;
@@ -131,7 +136,7 @@ async fn session(conn: &Arc<Conn>, id: u64, channels: &mut Vec<String>) -> std::
     let mut buf = vec![0u8; 2048];
     let mut have = 0;
     // The upgrade request (httparse, as the generator parses the answer).
-    let (head_len, key) = loop {
+    let (head_len, key, binary) = loop {
         let n = conn.read(&mut buf[have..]).await?;
         if n == 0 {
             return Ok(());
@@ -141,12 +146,15 @@ async fn session(conn: &Arc<Conn>, id: u64, channels: &mut Vec<String>) -> std::
         let mut req = httparse::Request::new(&mut headers);
         match req.parse(&buf[..have]) {
             Ok(httparse::Status::Complete(len)) => {
-                let key = req
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-key"))
-                    .map(|h| String::from_utf8_lossy(h.value).trim().to_string());
-                break (len, key);
+                let header = |name: &str| {
+                    req.headers
+                        .iter()
+                        .find(|h| h.name.eq_ignore_ascii_case(name))
+                        .map(|h| String::from_utf8_lossy(h.value).trim().to_string())
+                };
+                let binary = header("sec-websocket-protocol")
+                    .is_some_and(|p| p.split(',').any(|p| p.trim() == protobuf::SUBPROTOCOL));
+                break (len, header("sec-websocket-key"), binary);
             }
             Ok(httparse::Status::Partial) if have < buf.len() => {}
             _ => return Ok(()),
@@ -157,9 +165,14 @@ async fn session(conn: &Arc<Conn>, id: u64, channels: &mut Vec<String>) -> std::
         return Ok(());
     };
     let accept = ws::accept_for(&key);
+    let protocol = if binary {
+        format!("Sec-WebSocket-Protocol: {}\r\n", protobuf::SUBPROTOCOL)
+    } else {
+        String::new()
+    };
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Accept: {accept}\r\n\r\n"
+         Sec-WebSocket-Accept: {accept}\r\n{protocol}\r\n"
     );
     conn.send(response.as_bytes()).await?;
     buf.copy_within(head_len..have, 0);
@@ -172,20 +185,33 @@ async fn session(conn: &Arc<Conn>, id: u64, channels: &mut Vec<String>) -> std::
         let mut at = 0;
         while let Some((op, range, next)) = frame(&mut buf[at..have]) {
             let payload = &buf[at + range.start..at + range.end];
+            let mut on = |what: Command| match what {
+                Command::Subscribe(ch) => {
+                    let mut subs = subscribers().lock().unwrap_or_else(|p| p.into_inner());
+                    subs.entry(ch.clone()).or_default().push((id, conn.clone()));
+                    channels.push(ch);
+                }
+                Command::Publish(p) => publications.push(p),
+                Command::Other => {}
+            };
             match op {
-                ws::OP_TEXT => {
+                ws::OP_TEXT if !binary => {
                     for cmd in payload.split(|b| *b == b'\n').filter(|c| !c.is_empty()) {
-                        match command(cmd, &mut out) {
-                            Command::Subscribe(ch) => {
-                                let mut subs =
-                                    subscribers().lock().unwrap_or_else(|p| p.into_inner());
-                                subs.entry(ch.clone()).or_default().push((id, conn.clone()));
-                                channels.push(ch);
-                            }
-                            Command::Publish(p) => publications.push(p),
-                            Command::Other => {}
-                        }
+                        on(command(cmd, &mut out));
                     }
+                }
+                ws::OP_BINARY if binary => {
+                    // One frame of replies per client frame.
+                    let mut replies = Vec::new();
+                    for msg in protobuf::messages(payload) {
+                        let Ok(cmd) =
+                            msg.map_err(drop).and_then(|m| pb::Command::decode(m).map_err(drop))
+                        else {
+                            return Ok(());
+                        };
+                        on(protobuf_command(cmd, &mut replies));
+                    }
+                    ws::push_server_frame(&mut out, true, ws::OP_BINARY, &replies);
                 }
                 ws::OP_CLOSE => {
                     ws::push_server_frame(
@@ -206,13 +232,16 @@ async fn session(conn: &Arc<Conn>, id: u64, channels: &mut Vec<String>) -> std::
             out.clear();
         }
         // The publications of this read, one frame per channel (pushes
-        // newline-joined, as servers batch them), one write per subscriber.
+        // newline-joined, or length-delimited back to back, as servers batch
+        // them), one write per subscriber.
+        let (opcode, separator): (u8, &[u8]) =
+            if binary { (ws::OP_BINARY, b"") } else { (ws::OP_TEXT, b"\n") };
         while let Some((channel, first)) = publications.first().cloned() {
             let mut text = first;
             let mut rest = Vec::new();
             for (ch, push) in publications.drain(..).skip(1) {
                 if ch == channel {
-                    text.push(b'\n');
+                    text.extend_from_slice(separator);
                     text.extend_from_slice(&push);
                 } else {
                     rest.push((ch, push));
@@ -220,7 +249,7 @@ async fn session(conn: &Arc<Conn>, id: u64, channels: &mut Vec<String>) -> std::
             }
             publications = rest;
             let mut frame = Vec::with_capacity(text.len() + 10);
-            ws::push_server_frame(&mut frame, true, ws::OP_TEXT, &text);
+            ws::push_server_frame(&mut frame, true, opcode, &text);
             let targets: Vec<Arc<Conn>> = {
                 let subs = subscribers().lock().unwrap_or_else(|p| p.into_inner());
                 subs.get(&channel).map(|l| l.iter().map(|(_, c)| c.clone()).collect())
@@ -294,6 +323,42 @@ fn command(cmd: &[u8], out: &mut Vec<u8>) -> Command {
     what
 }
 
+/// Appends the fixed reply to one Protobuf command (length-delimited) and
+/// says what else it needs; a publish's push is encoded once, here.
+fn protobuf_command(cmd: pb::Command, out: &mut Vec<u8>) -> Command {
+    let mut reply = pb::Reply { id: cmd.id, ..Default::default() };
+    let what = if let Some(s) = cmd.subscribe {
+        reply.subscribe = Some(Default::default());
+        Command::Subscribe(s.channel)
+    } else if let Some(p) = cmd.publish {
+        reply.publish = Some(pb::PublishResult {});
+        let push = pb::Reply {
+            push: Some(pb::Push {
+                channel: p.channel.clone(),
+                r#pub: Some(pb::Publication { data: p.data, ..Default::default() }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Command::Publish((p.channel, push.encode_length_delimited_to_vec()))
+    } else if cmd.connect.is_some() {
+        reply.connect = Some(pb::ConnectResult {
+            client: format!("floor-{}", cmd.id),
+            version: "floor".into(),
+            ping: 25,
+            pong: true,
+            ..Default::default()
+        });
+        Command::Other
+    } else {
+        reply.error =
+            Some(pb::Error { code: 104, message: "not available".into(), ..Default::default() });
+        Command::Other
+    };
+    reply.encode_length_delimited(out).expect("a Vec grows as needed");
+    what
+}
+
 /// The first complete masked frame of `buf`, unmasked in place: (opcode,
 /// payload range, frame length). `None` when incomplete or not understood.
 fn frame(buf: &mut [u8]) -> Option<(u8, std::ops::Range<usize>, usize)> {
@@ -357,26 +422,52 @@ mod tests {
         let r: serde_json::Value = serde_json::from_str(text_of(&out)).unwrap();
         assert_eq!((r["id"].as_u64(), r["connect"]["ping"].as_u64()), (Some(7), Some(25)));
 
-        let mut cmd = String::new();
+        let mut cmd = Vec::new();
         crate::wire::subscribe(&mut cmd, 8, "room");
         out.clear();
-        let Command::Subscribe(ch) = command(cmd.as_bytes(), &mut out) else { panic!("{cmd}") };
+        let Command::Subscribe(ch) = command(&cmd, &mut out) else { panic!("{cmd:?}") };
         assert_eq!(ch, "room");
         assert_eq!(crate::wire::fast(text_of(&out)), crate::wire::Fast::Reply(8));
 
         let probe = crate::wire::Probe { ts: 123, seq: 4, p: 5 };
-        let mut cmd = String::new();
+        let mut cmd = Vec::new();
         crate::wire::publish(&mut cmd, 9, "room", &probe.encode(200));
         out.clear();
-        let Command::Publish((ch, push)) = command(cmd.as_bytes(), &mut out) else {
-            panic!("{cmd}")
-        };
+        let Command::Publish((ch, push)) = command(&cmd, &mut out) else { panic!("{cmd:?}") };
         assert_eq!(ch, "room");
         assert_eq!(crate::wire::fast(text_of(&out)), crate::wire::Fast::Reply(9));
         assert_eq!(
             crate::wire::fast(std::str::from_utf8(&push).unwrap()),
             crate::wire::Fast::Probe { channel: "room", probe }
         );
+    }
+
+    #[test]
+    fn protobuf_replies_carry_the_ids_and_a_publish_becomes_a_push_the_generator_reads() {
+        let mut out = Vec::new();
+        let connect = pb::Command::decode(&protobuf::connect(7, "")[1..]).unwrap();
+        assert!(matches!(protobuf_command(connect, &mut out), Command::Other));
+        let mut cmds = Vec::new();
+        protobuf::subscribe(&mut cmds, 8, "room");
+        let probe = crate::wire::Probe { ts: 123, seq: 4, p: 5 };
+        protobuf::publish(&mut cmds, 9, "room", probe.encode(200).as_bytes());
+        let mut push = None;
+        for m in protobuf::messages(&cmds) {
+            match protobuf_command(pb::Command::decode(m.unwrap()).unwrap(), &mut out) {
+                Command::Subscribe(ch) => assert_eq!(ch, "room"),
+                Command::Publish((ch, p)) => push = Some((ch, p)),
+                Command::Other => panic!("subscribe or publish"),
+            }
+        }
+        let replies: Vec<&[u8]> = protobuf::messages(&out).map(Result::unwrap).collect();
+        let connect = pb::Reply::decode(replies[0]).unwrap();
+        assert_eq!((connect.id, connect.connect.unwrap().ping), (7, 25));
+        assert_eq!(protobuf::fast(replies[1]), crate::wire::Fast::Reply(8));
+        assert_eq!(protobuf::fast(replies[2]), crate::wire::Fast::Reply(9));
+        let (ch, push) = push.unwrap();
+        assert_eq!(ch, "room");
+        let push: Vec<&[u8]> = protobuf::messages(&push).map(Result::unwrap).collect();
+        assert_eq!(protobuf::fast(push[0]), crate::wire::Fast::Probe { channel: "room", probe });
     }
 
     #[test]

@@ -9,6 +9,7 @@ mod grpc_publish;
 mod http_publish;
 mod options;
 mod procfs;
+mod protobuf;
 mod redis_stats;
 mod report;
 mod run;

@@ -37,6 +37,18 @@ pub enum PublishMode {
     Grpc,
 }
 
+/// The client protocol the generator's connections speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// JSON: text frames, newline-delimited messages.
+    #[default]
+    Json,
+    /// Protobuf: subprotocol `centrifuge-protobuf`, binary frames, varint
+    /// length-delimited messages.
+    Protobuf,
+}
+
 /// A duration given as `"250ms"`, `"10s"`, `"2m"`, `"1h"` or plain seconds.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Dur(pub Duration);
@@ -78,8 +90,8 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
-/// fanfare-loadtest: drives fanfare or Centrifugo (client protocol v2, JSON over
-/// WebSocket) with idle, fanout, chat and reconnect-storm load, and reports
+/// fanfare-loadtest: drives fanfare or Centrifugo (client protocol v2, JSON or
+/// Protobuf over WebSocket) with idle, fanout, chat and reconnect-storm load, and reports
 /// handshake rate, memory and CPU per connection, delivery rate, latency
 /// percentiles and lost/duplicated/reordered messages.
 #[derive(Parser, Debug, Default, Deserialize)]
@@ -161,6 +173,11 @@ pub struct Options {
     /// fanfare's gRPC `ControlService/Publish` (grpc, needs --grpc-url). Default client.
     #[arg(long, value_enum)]
     pub publish_mode: Option<PublishMode>,
+
+    /// Client protocol: json (text frames) or protobuf (WebSocket subprotocol
+    /// `centrifuge-protobuf`, binary frames). Default json.
+    #[arg(long, value_enum)]
+    pub protocol: Option<Protocol>,
 
     /// HTTP publish endpoint. Default: http://<host:port of the first --url>/api/publish.
     #[arg(long)]
@@ -255,6 +272,8 @@ pub struct Plan {
     pub payload_size: usize,
     pub room_size: usize,
     pub publish_mode: PublishMode,
+    #[serde(default)]
+    pub protocol: Protocol,
     pub api_url: String,
     #[serde(skip_serializing_if = "String::is_empty", default)]
     pub grpc_url: String,
@@ -323,6 +342,7 @@ impl Options {
             payload_size,
             room_size,
             publish_mode,
+            protocol,
             api_url,
             grpc_url,
             api_key,
@@ -453,6 +473,7 @@ impl Options {
             payload_size: self.payload_size.unwrap_or(128),
             room_size,
             publish_mode,
+            protocol: self.protocol.unwrap_or_default(),
             api_url,
             grpc_url,
             api_key: self.api_key.unwrap_or_default(),

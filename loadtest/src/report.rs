@@ -7,7 +7,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 use crate::control::Errors;
-use crate::options::Plan;
+use crate::options::{Plan, Protocol};
 
 /// Latency percentiles in microseconds.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -247,7 +247,8 @@ impl Report {
     pub fn table(&self) -> String {
         let mut rows: Vec<(String, String)> = Vec::new();
         let mut row = |k: &str, v: String| rows.push((k.to_string(), v));
-        row("scenario", self.scenario.clone());
+        let protocol = self.plan.as_ref().map_or(Protocol::Json, |p| p.protocol);
+        row("scenario", format!("{} ({protocol:?} protocol)", self.scenario).to_lowercase());
         row("result", if self.ok { "ok".into() } else { "PROBLEMS (see below)".into() });
         row("git commit / date", format!("{} / {}", self.git_commit, self.date));
         let c = &self.connections;

@@ -1,9 +1,10 @@
 //! The slice of the Centrifugo client protocol v2 (JSON) a load generator
 //! needs: encoding commands, decoding replies and publication pushes, and the
-//! probe payload every publication carries.
+//! probe payload every publication carries (in both protocols: the Protobuf
+//! form, `protobuf.rs`, carries the same probe text as its `bytes` data).
 
 use std::borrow::Cow;
-use std::fmt::Write;
+use std::io::Write;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -21,26 +22,31 @@ pub fn connect(id: u32, token: &str) -> String {
     s
 }
 
+/// Appends a JSON string literal to bytes.
+fn push_str_bytes(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(out, s).expect("a str always serializes");
+}
+
 /// Appends `{"id":N,"subscribe":{"channel":..}}` (newline-separated from what precedes).
-pub fn subscribe(out: &mut String, id: u32, channel: &str) {
+pub fn subscribe(out: &mut Vec<u8>, id: u32, channel: &str) {
     if !out.is_empty() {
-        out.push('\n');
+        out.push(b'\n');
     }
     let _ = write!(out, "{{\"id\":{id},\"subscribe\":{{\"channel\":");
-    push_str(out, channel);
-    out.push_str("}}");
+    push_str_bytes(out, channel);
+    out.extend_from_slice(b"}}");
 }
 
 /// Appends `{"id":N,"publish":{"channel":..,"data":DATA}}`; `data` is raw JSON.
-pub fn publish(out: &mut String, id: u32, channel: &str, data: &str) {
+pub fn publish(out: &mut Vec<u8>, id: u32, channel: &str, data: &str) {
     if !out.is_empty() {
-        out.push('\n');
+        out.push(b'\n');
     }
     let _ = write!(out, "{{\"id\":{id},\"publish\":{{\"channel\":");
-    push_str(out, channel);
-    out.push_str(",\"data\":");
-    out.push_str(data);
-    out.push_str("}}");
+    push_str_bytes(out, channel);
+    out.extend_from_slice(b",\"data\":");
+    out.extend_from_slice(data.as_bytes());
+    out.extend_from_slice(b"}}");
 }
 
 /// Body of `POST /api/publish`: `{"channel":..,"data":DATA}`.
@@ -169,7 +175,9 @@ pub fn fast(line: &str) -> Fast<'_> {
         return fast_probe(rest).unwrap_or(Fast::Other);
     }
     if let Some(rest) = line.strip_prefix("{\"id\":") {
-        let (id, rest) = digits(rest).unwrap_or((0, ""));
+        let (id, tail) = digits(rest.as_bytes()).unwrap_or((0, b""));
+        // The digits are ASCII: what follows them is a str again.
+        let rest = &rest[rest.len() - tail.len()..];
         if id > 0
             && id <= u64::from(u32::MAX)
             && rest.starts_with(',')
@@ -189,7 +197,7 @@ fn fast_probe(push: &str) -> Option<Fast<'_>> {
     if let Some(rest) = push.strip_prefix(CHANNEL) {
         let end = rest.find('"')?;
         if let Some(data) = rest[end..].strip_prefix("\",\"pub\":{\"data\":{\"ts\":") {
-            return probe_fields(&rest[..end], data);
+            return probe_fields(&rest[..end], data.as_bytes());
         }
     }
     // Any other order: search for the fields.
@@ -197,30 +205,40 @@ fn fast_probe(push: &str) -> Option<Fast<'_>> {
     let end = push[at..].find('"')?;
     push.find("\"pub\":{")?;
     let data = &push[push.find(DATA)? + DATA.len()..];
-    probe_fields(&push[at..at + end], data)
+    probe_fields(&push[at..at + end], data.as_bytes())
 }
 
 /// `data` follows `{"ts":` of a probe: `N,"seq":N,"p":N` and more.
-fn probe_fields<'a>(channel: &'a str, data: &str) -> Option<Fast<'a>> {
+fn probe_fields<'a>(channel: &'a str, data: &[u8]) -> Option<Fast<'a>> {
     if channel.bytes().any(|b| b == b'\\') {
         return None;
     }
+    Some(Fast::Probe { channel, probe: probe_after_ts(data)? })
+}
+
+/// The probe whose text (as [`Probe::encode`] writes it) is `data`, read
+/// without a JSON parse: `{"ts":N,"seq":N,"p":N` and more.
+pub fn fast_probe_bytes(data: &[u8]) -> Option<Probe> {
+    probe_after_ts(data.strip_prefix(b"{\"ts\":")?)
+}
+
+fn probe_after_ts(data: &[u8]) -> Option<Probe> {
     let (ts, rest) = digits(data)?;
-    let (seq, rest) = digits(rest.strip_prefix(",\"seq\":")?)?;
-    let (p, rest) = digits(rest.strip_prefix(",\"p\":")?)?;
-    if !rest.starts_with([',', '}']) {
+    let (seq, rest) = digits(rest.strip_prefix(b",\"seq\":")?)?;
+    let (p, rest) = digits(rest.strip_prefix(b",\"p\":")?)?;
+    if !rest.starts_with(b",") && !rest.starts_with(b"}") {
         return None;
     }
-    Some(Fast::Probe { channel, probe: Probe { ts, seq, p: u32::try_from(p).ok()? } })
+    Some(Probe { ts, seq, p: u32::try_from(p).ok()? })
 }
 
 /// A decimal number at the start of `s` and what follows it.
-fn digits(s: &str) -> Option<(u64, &str)> {
-    let n = s.bytes().take_while(u8::is_ascii_digit).count();
+fn digits(s: &[u8]) -> Option<(u64, &[u8])> {
+    let n = s.iter().take_while(|b| b.is_ascii_digit()).count();
     if n == 0 || n > 19 {
         return None;
     }
-    let v = s[..n].bytes().fold(0u64, |v, d| v * 10 + u64::from(d - b'0'));
+    let v = s[..n].iter().fold(0u64, |v, d| v * 10 + u64::from(d - b'0'));
     Some((v, &s[n..]))
 }
 
@@ -239,9 +257,10 @@ mod tests {
     fn commands_are_valid_json() {
         let c: serde_json::Value = serde_json::from_str(&connect(1, "t\"k")).unwrap();
         assert_eq!(c["connect"]["token"], "t\"k");
-        let mut s = String::new();
+        let mut s = Vec::new();
         subscribe(&mut s, 2, "a");
         publish(&mut s, 3, "a", r#"{"x":1}"#);
+        let s = String::from_utf8(s).unwrap();
         let v: Vec<serde_json::Value> =
             s.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
         assert_eq!(v[0]["subscribe"]["channel"], "a");

@@ -14,13 +14,14 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio::time::{MissedTickBehavior, sleep, timeout};
 
-use crate::client::{Conn, Ended, Endpoint};
+use crate::client::{Commands, Conn, Ended, Endpoint, Frame};
 use crate::control::{
     Errors, FromWorker, Progress, Ready, StormRound, ToWorker, WorkerResult, hist_to_hex, new_hist,
 };
 use crate::grpc_publish::GrpcClient;
 use crate::http_publish::ApiClient;
 use crate::options::{Plan, PublishMode, Scenario, Share};
+use crate::protobuf;
 use crate::track::Streams;
 use crate::wire::{self, Fast, Line, Probe};
 
@@ -78,8 +79,9 @@ struct Stats {
 
 struct Ctx {
     plan: Plan,
-    /// The `connect` command (id 1) every client sends, when all use one token.
-    connect_cmd: String,
+    /// The `connect` command (id 1, in the plan's protocol) every client
+    /// sends, when all use one token.
+    connect_cmd: Vec<u8>,
     endpoints: Vec<Endpoint>,
     phase: watch::Receiver<Phase>,
     handshake: Semaphore,
@@ -88,9 +90,9 @@ struct Ctx {
 
 impl Ctx {
     /// The `connect` command (id 1) of client slot `slot`.
-    fn connect_cmd_for(&self, slot: usize) -> std::borrow::Cow<'_, str> {
+    fn connect_cmd_for(&self, slot: usize) -> std::borrow::Cow<'_, [u8]> {
         if self.plan.hmac_secret.is_empty() {
-            return self.connect_cmd.as_str().into();
+            return self.connect_cmd.as_slice().into();
         }
         let exp = now_ns() / 1_000_000_000 + 24 * 3600;
         let token = jsonwebtoken::encode(
@@ -99,7 +101,7 @@ impl Ctx {
             &jsonwebtoken::EncodingKey::from_secret(self.plan.hmac_secret.as_bytes()),
         )
         .unwrap_or_default();
-        wire::connect(1, &token).into()
+        Commands::connect(self.plan.protocol, 1, &token).into()
     }
 
     fn error(&self, msg: impl Into<String>) {
@@ -118,7 +120,7 @@ pub async fn run(
     let plan = *plan;
     let mut endpoints = Vec::new();
     for url in &plan.urls {
-        endpoints.push(Endpoint::resolve(url).await?);
+        endpoints.push(Endpoint::resolve(url, plan.protocol).await?);
     }
     let roles = roles(&plan, &share);
     let (phase_tx, phase_rx) = watch::channel(Phase::Setup);
@@ -147,7 +149,7 @@ pub async fn run(
             storm: Mutex::new(StormRound::default()),
             setup_errors: Mutex::new(Errors::default()),
         },
-        connect_cmd: wire::connect(1, &plan.token),
+        connect_cmd: Commands::connect(plan.protocol, 1, &plan.token),
         plan,
         endpoints,
         phase: phase_rx,
@@ -360,19 +362,19 @@ impl Publisher {
     async fn publish_due(&mut self, conn: &mut Conn, ctx: &Ctx) -> std::io::Result<()> {
         let room = ctx.plan.max_in_flight.saturating_sub(self.in_flight.len()) as u64;
         let n = self.due().min(room);
-        let mut frame = String::new();
+        let mut frame = Commands::new(conn.protocol());
         for _ in 0..n {
             let (pos, data) = self.next_publication();
             let id = conn.next_id();
-            wire::publish(&mut frame, id, &self.names[pos], &data);
+            frame.publish(id, &self.names[pos], &data);
             self.in_flight.insert(id, pos);
-            if frame.len() >= MAX_FRAME_BYTES {
-                conn.send_text(&frame);
-                frame.clear();
+            if frame.buf.len() >= MAX_FRAME_BYTES {
+                conn.send(&frame.buf);
+                frame.buf.clear();
             }
         }
-        if !frame.is_empty() {
-            conn.send_text(&frame);
+        if !frame.buf.is_empty() {
+            conn.send(&frame.buf);
         }
         if n > 0 {
             conn.flush().await?;
@@ -381,13 +383,14 @@ impl Publisher {
         Ok(())
     }
 
-    fn on_reply(&mut self, id: u32, error: Option<&wire::ReplyError>, ctx: &Ctx) {
+    /// The reply to command `id`, with its error (code, message) if any.
+    fn on_reply(&mut self, id: u32, error: Option<(u32, &str)>, ctx: &Ctx) {
         let Some(pos) = self.in_flight.remove(&id) else { return };
         match error {
             None => self.accepted[pos] += 1,
-            Some(e) => {
+            Some((code, message)) => {
                 self.errors += 1;
-                ctx.error(format!("publish error {} {}", e.code, e.message));
+                ctx.error(format!("publish error {code} {message}"));
             }
         }
     }
@@ -577,16 +580,20 @@ async fn serve(
     ctx: &Ctx,
     c: &mut Conn,
     streams: &mut Streams,
-    mut publisher: Option<&mut Publisher>,
+    publisher: Option<&mut Publisher>,
 ) -> Result<(), Ended> {
     let now = now_ns();
-    let mut delivered = 0u64;
-    {
+    let delivered;
+    let publisher = {
         let mut hist = ctx.stats.latency.lock().expect("stats lock");
-        c.handle(|text| {
-            on_frame(ctx, text, now, streams, &mut hist, &mut delivered, publisher.as_deref_mut())
+        let mut sink = Sink { ctx, now, streams, hist: &mut hist, delivered: 0, publisher };
+        c.handle(|frame| match frame {
+            Frame::Text(text) => on_json(&mut sink, text),
+            Frame::Binary(bytes) => on_protobuf(&mut sink, bytes),
         })?;
-    }
+        delivered = sink.delivered;
+        sink.publisher
+    };
     if delivered > 0 {
         ctx.stats.delivered.fetch_add(delivered, Relaxed);
         ctx.stats.last_delivery_ns.fetch_max(now, Relaxed);
@@ -603,25 +610,49 @@ async fn serve(
     Ok(())
 }
 
-/// Handles one text message received at `now`: publication pushes, publish
-/// replies, unexpected pushes. Returns how many server pings it held.
-fn on_frame(
-    ctx: &Ctx,
-    text: &str,
+/// Where the messages of one read go, whatever the protocol. (`'h`: the
+/// latency histogram's lock is held for one read only.)
+struct Sink<'a, 'h> {
+    ctx: &'a Ctx,
+    /// When the read returned (latency = now - the probe's send time).
     now: u64,
-    streams: &mut Streams,
-    hist: &mut Histogram<u64>,
-    delivered: &mut u64,
-    mut publisher: Option<&mut Publisher>,
-) -> usize {
-    let mut pings = 0;
-    let mut record = |channel: &str, probe: Probe| {
-        if let Some(ch) = ctx.plan.channel_index(channel) {
-            streams.record(ch, probe.p, probe.seq);
-            hist.saturating_record((now.saturating_sub(probe.ts) / 1000).max(1));
-            *delivered += 1;
+    streams: &'a mut Streams,
+    hist: &'h mut Histogram<u64>,
+    delivered: u64,
+    publisher: Option<&'a mut Publisher>,
+}
+
+impl Sink<'_, '_> {
+    fn probe(&mut self, channel: &str, probe: Probe) {
+        if let Some(ch) = self.ctx.plan.channel_index(channel) {
+            self.streams.record(ch, probe.p, probe.seq);
+            self.hist.saturating_record((self.now.saturating_sub(probe.ts) / 1000).max(1));
+            self.delivered += 1;
         }
-    };
+    }
+
+    fn reply(&mut self, id: u32, error: Option<(u32, &str)>) {
+        if let Some(p) = self.publisher.as_deref_mut() {
+            p.on_reply(id, error, self.ctx);
+        }
+    }
+
+    fn disconnect(&self, code: u32, reason: &str) {
+        self.ctx.error(format!("disconnect push {code} {reason}"));
+    }
+
+    fn unsubscribed(&self, channel: &str, code: u32) {
+        self.ctx.error(format!("server unsubscribed {channel} (code {code})"));
+    }
+
+    fn undecodable(&self, e: impl std::fmt::Display) {
+        self.ctx.error(format!("undecodable message: {e}"));
+    }
+}
+
+/// Handles one JSON text message; returns how many server pings it held.
+fn on_json(sink: &mut Sink<'_, '_>, text: &str) -> usize {
+    let mut pings = 0;
     for line in text.split('\n') {
         let line = line.trim_ascii();
         if line.is_empty() {
@@ -633,13 +664,11 @@ fn on_frame(
                 continue;
             }
             Fast::Probe { channel, probe } => {
-                record(channel, probe);
+                sink.probe(channel, probe);
                 continue;
             }
             Fast::Reply(id) => {
-                if let Some(p) = publisher.as_deref_mut() {
-                    p.on_reply(id, None, ctx);
-                }
+                sink.reply(id, None);
                 continue;
             }
             // Everything else: the complete decode.
@@ -647,26 +676,78 @@ fn on_frame(
                 Some(Ok(Line::Message(m))) => m,
                 Some(Ok(Line::Ping)) | None => continue,
                 Some(Err(e)) => {
-                    ctx.error(format!("undecodable message: {e}"));
+                    sink.undecodable(e);
                     continue;
                 }
             },
         };
         if m.id != 0 {
-            if let Some(p) = publisher.as_deref_mut() {
-                p.on_reply(m.id, m.error.as_ref(), ctx);
-            }
+            sink.reply(m.id, m.error.as_ref().map(|e| (e.code, e.message.as_str())));
             continue;
         }
         let Some(push) = m.push else { continue };
         if let Some(publication) = push.publication {
             if let Some(probe) = publication.probe() {
-                record(&push.channel, probe);
+                sink.probe(&push.channel, probe);
             }
         } else if let Some(d) = push.disconnect {
-            ctx.error(format!("disconnect push {} {}", d.code, d.reason));
+            sink.disconnect(d.code, &d.reason);
         } else if let Some(u) = push.unsubscribe {
-            ctx.error(format!("server unsubscribed {} (code {})", push.channel, u.code));
+            sink.unsubscribed(&push.channel, u.code);
+        }
+    }
+    pings
+}
+
+/// Handles one Protobuf binary message (length-delimited replies); returns
+/// how many server pings (empty replies) it held.
+fn on_protobuf(sink: &mut Sink<'_, '_>, frame: &[u8]) -> usize {
+    let mut pings = 0;
+    for msg in protobuf::messages(frame) {
+        let msg = match msg {
+            Ok(m) => m,
+            Err(e) => {
+                sink.undecodable(e);
+                break;
+            }
+        };
+        let r = match protobuf::fast(msg) {
+            Fast::Ping => {
+                pings += 1;
+                continue;
+            }
+            Fast::Probe { channel, probe } => {
+                sink.probe(channel, probe);
+                continue;
+            }
+            Fast::Reply(id) => {
+                sink.reply(id, None);
+                continue;
+            }
+            Fast::Other => match protobuf::decode(msg) {
+                Ok(r) => r,
+                Err(e) => {
+                    sink.undecodable(e);
+                    continue;
+                }
+            },
+        };
+        if r.id != 0 {
+            sink.reply(r.id, r.error.as_ref().map(|e| (e.code, e.message.as_str())));
+            continue;
+        }
+        let Some(push) = r.push else { continue };
+        if let Some(publication) = push.r#pub {
+            let probe = std::str::from_utf8(&publication.data)
+                .ok()
+                .and_then(|d| serde_json::from_str::<Probe>(d).ok());
+            if let Some(probe) = probe {
+                sink.probe(&push.channel, probe);
+            }
+        } else if let Some(d) = push.disconnect {
+            sink.disconnect(d.code, &d.reason);
+        } else if let Some(u) = push.unsubscribe {
+            sink.unsubscribed(&push.channel, u.code);
         }
     }
     pings
@@ -678,7 +759,7 @@ async fn reconnect(
     ctx: &Ctx,
     ep: &Endpoint,
     source: Option<std::net::Ipv4Addr>,
-    connect_cmd: &str,
+    connect_cmd: &[u8],
     names: &[String],
 ) -> Option<Conn> {
     let deadline = Instant::now() + ctx.plan.storm_timeout;

@@ -81,11 +81,14 @@ pub fn accept_for(key: &str) -> String {
 }
 
 /// Everything of the upgrade request but the key and the final blank line;
-/// built once per endpoint. `path` includes the query, `host` the port.
-pub fn request_head(path: &str, host: &str) -> Vec<u8> {
+/// built once per endpoint. `path` includes the query, `host` the port;
+/// `subprotocol` is offered in `Sec-WebSocket-Protocol` when given.
+pub fn request_head(path: &str, host: &str, subprotocol: Option<&str>) -> Vec<u8> {
+    let protocol =
+        subprotocol.map(|p| format!("Sec-WebSocket-Protocol: {p}\r\n")).unwrap_or_default();
     format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
+         {protocol}Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: "
     )
     .into_bytes()
 }
@@ -99,8 +102,14 @@ pub fn push_request(out: &mut Vec<u8>, head: &[u8], key: &str) {
 
 /// Checks the server's answer to the upgrade request. `Ok(Some(n))`: a valid
 /// `101` whose head is the first `n` bytes (frames may follow); `Ok(None)`:
-/// the head is not complete yet.
-pub fn parse_response(buf: &[u8], key: &str) -> Result<Option<usize>, String> {
+/// the head is not complete yet. With `subprotocol` (the one offered) the
+/// server must have chosen it: a server that ignores it would speak JSON to
+/// a client expecting Protobuf, a failure better reported at the upgrade.
+pub fn parse_response(
+    buf: &[u8],
+    key: &str,
+    subprotocol: Option<&str>,
+) -> Result<Option<usize>, String> {
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
     let n = match resp.parse(buf) {
@@ -134,6 +143,11 @@ pub fn parse_response(buf: &[u8], key: &str) -> Result<Option<usize>, String> {
     }
     if header("sec-websocket-extensions").is_some() {
         return Err("server chose an extension we did not offer".into());
+    }
+    if let Some(p) = subprotocol
+        && header("sec-websocket-protocol").map(str::trim) != Some(p)
+    {
+        return Err(format!("server did not accept the subprotocol {p}"));
     }
     Ok(Some(n))
 }
@@ -407,22 +421,42 @@ mod tests {
     #[test]
     fn request_and_response() {
         let mut req = Vec::new();
-        push_request(&mut req, &request_head("/connection/websocket", "127.0.0.1:8000"), "k==");
+        push_request(
+            &mut req,
+            &request_head("/connection/websocket", "127.0.0.1:8000", None),
+            "k==",
+        );
         let req = String::from_utf8(req).unwrap();
         assert!(req.starts_with("GET /connection/websocket HTTP/1.1\r\nHost: 127.0.0.1:8000\r\n"));
         assert!(req.ends_with("Sec-WebSocket-Key: k==\r\n\r\n"));
+        assert!(!req.contains("Sec-WebSocket-Protocol"));
+        let head = request_head("/", "h", Some("centrifuge-protobuf"));
+        assert!(
+            String::from_utf8(head)
+                .unwrap()
+                .contains("\r\nSec-WebSocket-Protocol: centrifuge-protobuf\r\n")
+        );
 
         let key = "dGhlIHNhbXBsZSBub25jZQ==";
         let ok = "HTTP/1.1 101 Switching Protocols\r\nupgrade: WebSocket\r\nConnection: keep-alive, Upgrade\r\n\
                   Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
         let mut with_frame = ok.as_bytes().to_vec();
         with_frame.extend_from_slice(&frame(true, OP_TEXT, b"{}"));
-        assert_eq!(parse_response(&with_frame, key), Ok(Some(ok.len())));
-        assert_eq!(parse_response(&ok.as_bytes()[..30], key), Ok(None));
+        assert_eq!(parse_response(&with_frame, key, None), Ok(Some(ok.len())));
+        assert_eq!(parse_response(&ok.as_bytes()[..30], key, None), Ok(None));
         let bad = ok.replace("s3pP", "AAAA");
-        assert!(parse_response(bad.as_bytes(), key).unwrap_err().contains("Accept"));
+        assert!(parse_response(bad.as_bytes(), key, None).unwrap_err().contains("Accept"));
         let denied = "HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n";
-        assert_eq!(parse_response(denied.as_bytes(), key), Err("HTTP error: 403 Forbidden".into()));
+        assert_eq!(
+            parse_response(denied.as_bytes(), key, None),
+            Err("HTTP error: 403 Forbidden".into())
+        );
+        // A subprotocol offered must be the one chosen.
+        let pb = Some("centrifuge-protobuf");
+        assert!(parse_response(ok.as_bytes(), key, pb).unwrap_err().contains("subprotocol"));
+        let chosen =
+            ok.replace("\r\n\r\n", "\r\nSec-WebSocket-Protocol: centrifuge-protobuf\r\n\r\n");
+        assert_eq!(parse_response(chosen.as_bytes(), key, pb), Ok(Some(chosen.len())));
     }
 
     #[test]

@@ -389,3 +389,111 @@ fn grpc_publish_mode_delivers_every_publication_once_and_in_order() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--grpc-url"), "{out:?}");
 }
+
+#[test]
+fn protobuf_clients_answer_pings_with_empty_commands_while_idle() {
+    let _g = serial();
+    let node = Node::start();
+    // Server pings every 2 s: a 5 s hold needs Protobuf pongs or clients get 3012.
+    let (code, r) = loadtest(
+        &node,
+        &[
+            "idle",
+            "--protocol",
+            "protobuf",
+            "-n",
+            "200",
+            "--ramp",
+            "0",
+            "--subs",
+            "2",
+            "--hold",
+            "5s",
+        ],
+    );
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(r["plan"]["protocol"], "protobuf");
+    let c = &r["connections"];
+    assert_eq!(u(&c["connected"]), 200);
+    assert_eq!(u(&c["subscriptions"]), 400);
+    assert_eq!(u(&c["unexpected_disconnects"]), 0);
+}
+
+#[test]
+fn protobuf_fanout_and_chat_deliver_every_publication_once_and_in_order() {
+    let _g = serial();
+    let node = Node::start();
+    let (code, r) = loadtest(
+        &node,
+        &[
+            "fanout",
+            "--protocol",
+            "protobuf",
+            "-n",
+            "200",
+            "--channels",
+            "5",
+            "--publishers",
+            "2",
+            "--rate",
+            "500",
+            "-d",
+            "2s",
+        ],
+    );
+    assert_eq!(code, 0, "{r:#}");
+    assert_exact_delivery(&r);
+    let m = &r["messages"];
+    assert_eq!(u(&m["expected"]), u(&m["published"]) * 40, "{m}");
+    assert!(f(&m["publish_rate_per_second"]) > 400.0, "{m}");
+
+    // Every client publishes and receives, in two worker processes.
+    let (code, r) = loadtest(
+        &node,
+        &[
+            "chat",
+            "--protocol",
+            "protobuf",
+            "--workers",
+            "2",
+            "-n",
+            "100",
+            "--room-size",
+            "10",
+            "--rate",
+            "200",
+            "-d",
+            "2s",
+        ],
+    );
+    assert_eq!(code, 0, "{r:#}");
+    assert_exact_delivery(&r);
+    assert_eq!(u(&r["messages"]["expected"]), u(&r["messages"]["published"]) * 10);
+}
+
+#[test]
+fn the_floor_endpoint_serves_protobuf_fanout_exactly() {
+    let _g = serial();
+    let floor = Node::start_floor();
+    let (code, r) = loadtest(
+        &floor,
+        &[
+            "fanout",
+            "--protocol",
+            "protobuf",
+            "-n",
+            "100",
+            "--channels",
+            "2",
+            "--publishers",
+            "2",
+            "--rate",
+            "400",
+            "-d",
+            "2s",
+        ],
+    );
+    assert_eq!(code, 0, "{r:#}");
+    assert_exact_delivery(&r);
+    assert_eq!(u(&r["messages"]["expected"]), u(&r["messages"]["published"]) * 50);
+}

@@ -18,6 +18,9 @@
 #   FANOUT_N=10000 [1000]  FANOUT_CHANNELS=10  FANOUT_RATE=200 [100]
 #   FANOUT_PUBLISHERS=1  FANOUT_DUR=10s [3s]  PAYLOAD=128  WORKERS=2  PUBLISH_MODE=client (or http)
 #   AUTH=jwt (HS256 token per client) or anon
+#   PROTOCOL=json or protobuf: the clients' protocol (`fanfare-loadtest
+#     --protocol`); protobuf offers the WebSocket subprotocol
+#     `centrifuge-protobuf`, which both servers (and the floor) answer
 #   QUIET_WAIT=900 [60]: longest wait for a quiet machine before each run
 #   CENTRIFUGO_VERSION=v6.9.1
 #   FLOOR=1: with the memory broker, also run every scenario against
@@ -54,7 +57,7 @@ ROOT=$PWD
 . "$ROOT/loadtest/bench/lib.sh" # wait_quiet, free_port, wait_port
 
 # The size variables the caller set, for the command line in the summary.
-SIZE_VARS="FLOOR FANFARE_WRITE_DELAY RUNS IDLE_N IDLE_HOLD SETTLE FANOUT_N FANOUT_CHANNELS FANOUT_RATE FANOUT_PUBLISHERS FANOUT_DUR PAYLOAD WORKERS PUBLISH_MODE AUTH QUIET_WAIT CENTRIFUGO_VERSION"
+SIZE_VARS="PROTOCOL FLOOR FANFARE_WRITE_DELAY RUNS IDLE_N IDLE_HOLD SETTLE FANOUT_N FANOUT_CHANNELS FANOUT_RATE FANOUT_PUBLISHERS FANOUT_DUR PAYLOAD WORKERS PUBLISH_MODE AUTH QUIET_WAIT CENTRIFUGO_VERSION"
 ENV_PREFIX=""
 for v in $SIZE_VARS; do [ -n "${!v+x}" ] && ENV_PREFIX+="$v=${!v} "; done
 
@@ -83,9 +86,10 @@ else
 fi
 RUNS=${RUNS_ARG:-$RUNS}
 : "${FANOUT_CHANNELS:=10}" "${FANOUT_PUBLISHERS:=1}" "${PAYLOAD:=128}" "${WORKERS:=2}" "${PUBLISH_MODE:=client}"
-: "${AUTH:=jwt}" "${CENTRIFUGO_VERSION:=v6.9.1}" "${FANFARE_WRITE_DELAY:=0s}" "${FLOOR:=0}"
+: "${AUTH:=jwt}" "${PROTOCOL:=json}" "${CENTRIFUGO_VERSION:=v6.9.1}" "${FANFARE_WRITE_DELAY:=0s}" "${FLOOR:=0}"
 export QUIET_WAIT
 case $AUTH in jwt|anon) ;; *) echo "AUTH must be jwt or anon" >&2; exit 2 ;; esac
+case $PROTOCOL in json|protobuf) ;; *) echo "PROTOCOL must be json or protobuf" >&2; exit 2 ;; esac
 OUT=${OUT:-$ROOT/target/bench/compare-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/runs" "$OUT/cfg" "$OUT/logs"
 
@@ -129,7 +133,7 @@ json.dump({
         "RUNS": "$RUNS", "IDLE_N": "$IDLE_N", "IDLE_HOLD": "$IDLE_HOLD", "SETTLE": "$SETTLE",
         "FANOUT_N": "$FANOUT_N", "FANOUT_CHANNELS": "$FANOUT_CHANNELS",
         "FANOUT_RATE": "$FANOUT_RATE", "FANOUT_PUBLISHERS": "$FANOUT_PUBLISHERS", "FANOUT_DUR": "$FANOUT_DUR", "PAYLOAD": "$PAYLOAD",
-        "WORKERS": "$WORKERS", "PUBLISH_MODE": "$PUBLISH_MODE", "AUTH": "$AUTH",
+        "WORKERS": "$WORKERS", "PUBLISH_MODE": "$PUBLISH_MODE", "AUTH": "$AUTH", "PROTOCOL": "$PROTOCOL",
         "BROKERS": "$BROKERS", "FANFARE_WRITE_DELAY": "$FANFARE_WRITE_DELAY", "FLOOR": "$FLOOR"}.items()},
 }, open(sys.argv[1], "w"), indent=1)
 PY
@@ -243,10 +247,12 @@ run_one() {
   name=$broker-$scenario-$server-$run
   [ -n "$REDIS" ] && redis-cli -p "$RPORT" flushall >/dev/null
   wait_quiet
+  # The load averages before the run, shown in the summary beside its figures.
+  uptime >"$OUT/runs/$name.uptime"
   start_server "$server" "$broker"
   local url=ws://127.0.0.1:$PORT/connection/websocket
   # shellcheck disable=SC2046 # auth_flags is a list of words
-  local common=(--url "$url" --workers "$WORKERS" --server-pid "$SERVER" --json --quiet $(auth_flags))
+  local common=(--url "$url" --protocol "$PROTOCOL" --workers "$WORKERS" --server-pid "$SERVER" --json --quiet $(auth_flags))
   echo "== $name (pid $SERVER, port $PORT)"
   case $scenario in
     idle)

@@ -179,6 +179,18 @@ def tables(out):
             else:
                 lines.append(f"| {label} | {cells['fanfare']} | {cells['centrifugo']} | "
                              f"{q} | {better} |")
+        loads = []
+        for s in SERVERS:
+            for scenario in ("idle", "fanout"):
+                for path in sorted(glob.glob(os.path.join(
+                        out, "runs", f"{broker}-{scenario}-{s}-*.uptime"))):
+                    m = re.search(r"load average: ([\d.]+), ([\d.]+), ([\d.]+)", open(path).read())
+                    if m:
+                        loads.append(f"{os.path.basename(path)[:-7]} {' / '.join(m.groups())}")
+        if loads:
+            lines.append("")
+            lines.append("`uptime` load averages (1 / 5 / 15 min) before each run: "
+                         + ", ".join(loads) + ".")
         lost = []
         for s in SERVERS:
             for r in groups.get((broker, "fanout", s), []):
@@ -224,6 +236,9 @@ def section(out):
             else "anonymous")
     publish = ("client-side `publish` commands" if env.get("PUBLISH_MODE") == "client"
                else "`POST /api/publish` with `X-API-Key`")
+    protocol = ("the Protobuf client protocol (subprotocol `centrifuge-protobuf`, binary "
+                "frames; `--protocol protobuf`)" if env.get("PROTOCOL") == "protobuf"
+                else "the JSON client protocol")
     wd = env.get("FANFARE_WRITE_DELAY", "0s")
     write_delay_note = ("" if wd in ("", "0s", "0") else
                         f"\n**fanfare ran with `client.write_delay = \"{wd}\"`**, which Centrifugo"
@@ -244,7 +259,8 @@ def section(out):
   (sizes: {', '.join(f'{k}={v}' for k, v in env.items())})
 
 Both servers run alternately (fanfare, Centrifugo, fanfare, …), each run
-against a freshly started server, with equivalent settings: {auth}; subscribe
+against a freshly started server, clients speaking {protocol},
+with equivalent settings: {auth}; subscribe
 and client-side publish allowed in the default namespace (fanfare
 `[[namespaces]] name = "" allow_publish = true`, Centrifugo
 `channel.without_namespace.allow_subscribe_for_client` +

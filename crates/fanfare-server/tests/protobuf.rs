@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use common::{Client, Server, TIMEOUT};
+use common::{Bystander, Server, TIMEOUT, assert_survived};
 use fanfare_protocol::pb;
 use futures_util::{SinkExt, StreamExt};
 use prost::Message as _;
@@ -18,6 +18,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::Role;
 
 const NS: &str = r#"
 [[namespaces]]
@@ -363,59 +364,89 @@ async fn json_and_protobuf_subscribers_share_a_channel_and_binary_data_closes_js
     assert_eq!(pb_sub.push().await.r#pub.unwrap().data.as_ref(), b"\x01");
 }
 
+/// A Protobuf client connected and subscribed before a test misbehaves; it
+/// must still get publications afterwards (the Protobuf counterpart of
+/// `common::Bystander`, which speaks JSON).
+struct PbBystander {
+    client: PbClient,
+    channel: &'static str,
+    n: u8,
+}
+
+impl PbBystander {
+    async fn join(server: &Server, channel: &'static str) -> PbBystander {
+        let mut client = PbClient::connected(server).await;
+        assert!(client.call(subscribe(channel, None)).await.subscribe.is_some());
+        PbBystander { client, channel, n: 0 }
+    }
+
+    /// Publishes into its channel and receives exactly that publication.
+    async fn check(&mut self) {
+        self.n += 1;
+        let data = [b'p', b'b', 0, self.n];
+        let r = self.client.call(publish(self.channel, &data)).await;
+        assert!(r.publish.is_some() && r.error.is_none(), "bystander publish failed: {r:?}");
+        let p = self.client.push().await;
+        assert_eq!(p.channel, self.channel);
+        assert_eq!(p.r#pub.expect("publication").data.as_ref(), data);
+    }
+}
+
+/// A frame whose first varint says `len`, padded with zero bytes to `total`.
+fn length_then_zeros(len: u64, total: usize) -> Vec<u8> {
+    let mut frame = Vec::new();
+    prost::encoding::encode_varint(len, &mut frame);
+    frame.resize(total.max(frame.len()), 0);
+    frame
+}
+
 #[tokio::test]
-async fn bad_protobuf_input_closes_with_3501() {
+async fn bad_protobuf_input_closes_with_3501_and_other_clients_keep_their_publications() {
     let server = Server::start(&format!("{NS}\n[websocket]\nmax_message_size = 1024\n"));
     let bad_request = (3501, "bad request".to_string());
+    let mut json_bystander = Bystander::join(&server).await;
+    let mut pb_bystander = PbBystander::join(&server, "h:pb-bystander").await;
 
-    // A text frame on the Protobuf protocol.
-    let mut c = PbClient::connected(&server).await;
-    c.ws.send(Message::text(r#"{"id":2,"ping":{}}"#)).await.unwrap();
-    assert_eq!(c.expect_close().await, bad_request, "text frame");
-
-    // A varint that never ends.
-    let mut c = PbClient::connected(&server).await;
-    c.send_raw(vec![0xff; 11]).await;
-    assert_eq!(c.expect_close().await, bad_request, "bad varint");
-
-    // A length past the end of the frame (and past max_message_size).
-    let mut c = PbClient::connected(&server).await;
-    let mut frame = Vec::new();
-    prost::encoding::encode_varint(1 << 20, &mut frame);
-    frame.extend_from_slice(&[0x08, 0x02]);
-    c.send_raw(frame).await;
-    assert_eq!(c.expect_close().await, bad_request, "length past the frame");
-
-    // A second command cut short after a good one: the frame is refused.
-    let mut c = PbClient::connected(&server).await;
-    let mut frame = Vec::new();
+    let mut frame_with_a_cut_second_command = Vec::new();
     let ping = pb::Command { id: 2, ping: Some(pb::PingRequest {}), ..Default::default() };
-    ping.encode_length_delimited(&mut frame).unwrap();
-    frame.extend_from_slice(&[5, 0x08]);
-    c.send_raw(frame).await;
-    assert_eq!(c.expect_close().await, bad_request, "truncated second command");
-
-    // A command without id, and bytes that are not a Command.
-    let mut c = PbClient::connected(&server).await;
-    let mut frame = Vec::new();
-    subscribe("h:a", None).encode_length_delimited(&mut frame).unwrap();
-    c.send_raw(frame).await;
-    assert_eq!(c.expect_close().await, bad_request, "missing id");
-    let mut c = PbClient::connected(&server).await;
-    c.send_raw(vec![3, 0x0a, 0x09, b'x']).await;
-    assert_eq!(c.expect_close().await, bad_request, "not a Command");
+    ping.encode_length_delimited(&mut frame_with_a_cut_second_command).unwrap();
+    frame_with_a_cut_second_command.extend_from_slice(&[5, 0x08]);
+    let mut without_id = Vec::new();
+    subscribe("h:a", None).encode_length_delimited(&mut without_id).unwrap();
+    let cases: Vec<(&str, Message)> = vec![
+        ("a text frame on the Protobuf subprotocol", Message::text(r#"{"id":2,"ping":{}}"#)),
+        ("a varint that never ends", Message::binary(vec![0xff; 11])),
+        // The frame itself is within max_message_size (1024); the length in
+        // it is past that limit, so no frame could ever hold the command.
+        ("a length of max_message_size + 1", Message::binary(length_then_zeros(1025, 1024))),
+        ("a length of 2^20 in a 4-byte frame", Message::binary(length_then_zeros(1 << 20, 4))),
+        ("a length of 2^64 - 1", Message::binary(length_then_zeros(u64::MAX, 12))),
+        ("a second command cut short", Message::binary(frame_with_a_cut_second_command)),
+        ("a command without id", Message::binary(without_id)),
+        // Field 1 as a length-delimited string running past the message.
+        ("bytes that are not a Command", Message::binary(vec![3, 0x0a, 0x09, b'x'])),
+    ];
+    for (what, msg) in cases {
+        let mut c = PbClient::connected(&server).await;
+        c.ws.send(msg).await.unwrap();
+        assert_eq!(c.expect_close().await, bad_request, "{what}");
+        json_bystander.check().await;
+        pb_bystander.check().await;
+    }
 
     // A command before connect.
     let mut c = PbClient::open(&server, Ask::Subprotocol).await;
     c.send(vec![subscribe("h:a", None)]).await;
     assert_eq!(c.expect_close().await, bad_request, "command before connect");
+    pb_bystander.check().await;
 
     // A frame larger than websocket.max_message_size: 1009, as for JSON.
     let mut c = PbClient::connected(&server).await;
     c.send(vec![publish("h:a", &[1u8; 2000])]).await;
     assert_eq!(c.expect_close().await.0, 1009, "frame too big");
+    pb_bystander.check().await;
 
-    // The node still serves both protocols.
+    // The node still serves both protocols, old connections and new ones.
     let mut c = PbClient::connected(&server).await;
     assert!(
         c.call(pb::Command { ping: Some(pb::PingRequest {}), ..Default::default() })
@@ -423,7 +454,73 @@ async fn bad_protobuf_input_closes_with_3501() {
             .ping
             .is_some()
     );
-    let _: Client = server.connected("still").await;
+    assert_survived(&server, &mut json_bystander).await;
+    pb_bystander.check().await;
+}
+
+/// Upgrades with `protocols` in `Sec-WebSocket-Protocol` without checking the
+/// answer (tungstenite's client refuses an unanswered subprotocol, as a
+/// browser does); returns the lower-cased response head and the connection.
+async fn upgrade_offering(
+    server: &Server,
+    protocols: &str,
+) -> (String, WebSocketStream<TcpStream>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(("127.0.0.1", server.port)).await.unwrap();
+    let request = format!(
+        "GET /connection/websocket HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {protocols}\r\n\r\n"
+    );
+    s.write_all(request.as_bytes()).await.unwrap();
+    // Byte by byte, so nothing after the head is read here.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let b = tokio::time::timeout(TIMEOUT, s.read_u8()).await.expect("response head").unwrap();
+        head.push(b);
+    }
+    let ws = WebSocketStream::from_raw_socket(s, Role::Client, None).await;
+    (String::from_utf8(head).unwrap().to_ascii_lowercase(), ws)
+}
+
+#[tokio::test]
+async fn an_unknown_subprotocol_is_not_answered_and_the_connection_speaks_json() {
+    let server = Server::start(NS);
+    let mut json_bystander = Bystander::join(&server).await;
+    let mut pb_bystander = PbBystander::join(&server, "h:pb-bystander").await;
+
+    // Not answered: a browser (and tungstenite) then fails the connection
+    // itself (RFC 6455 4.1: a subprotocol was asked for, none was chosen).
+    let (head, mut ws) = upgrade_offering(&server, "centrifuge-unknown").await;
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(!head.contains("sec-websocket-protocol"), "{head}");
+    // A client that speaks Protobuf anyway is on a JSON connection: its
+    // binary frame is a bad request (3501), as in Centrifugo.
+    let connect = pb::Command { id: 1, connect: Some(Default::default()), ..Default::default() };
+    ws.send(Message::binary(connect.encode_length_delimited_to_vec())).await.unwrap();
+    let mut pb_anyway =
+        PbClient { ws, buf: VecDeque::new(), next_id: 2, pings: 0, auto_pong: true };
+    assert_eq!(pb_anyway.expect_close().await, (3501, "bad request".to_string()));
+    json_bystander.check().await;
+    pb_bystander.check().await;
+
+    // One that speaks JSON is served as JSON.
+    let (head, mut ws) = upgrade_offering(&server, "centrifuge-unknown, mqtt").await;
+    assert!(head.starts_with("http/1.1 101") && !head.contains("sec-websocket-protocol"), "{head}");
+    ws.send(Message::text(r#"{"id":1,"connect":{}}"#)).await.unwrap();
+    let reply = loop {
+        match tokio::time::timeout(TIMEOUT, ws.next()).await.expect("connect reply") {
+            Some(Ok(Message::Text(t))) => break t.to_string(),
+            Some(Ok(_)) => {}
+            other => panic!("expected the connect reply, got {other:?}"),
+        }
+    };
+    let reply: serde_json::Value = serde_json::from_str(reply.lines().next().unwrap()).unwrap();
+    assert_eq!(reply["id"], 1, "{reply}");
+    assert!(reply["connect"]["client"].as_str().is_some_and(|c| !c.is_empty()), "{reply}");
+
+    assert_survived(&server, &mut json_bystander).await;
+    pb_bystander.check().await;
 }
 
 #[tokio::test]
