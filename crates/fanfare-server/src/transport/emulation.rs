@@ -23,7 +23,6 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use fanfare_core::{Emulation, Node, Session, Transport};
 use fanfare_protocol::{Codec, DisconnectCode, PushBody, Reply};
-use http_body_util::{BodyExt, Limited};
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use prost::Message;
@@ -34,7 +33,7 @@ use fanfare_core::emulation::Inbox;
 
 use super::driver::{End, Input, Wire, account_received, drive};
 use super::websocket::WsOptions;
-use super::{AnyBody, BodySender, ReqBody, StreamBody, refuse, streamed, url_param};
+use super::{AnyBody, BodySender, ReqBody, StreamBody, read_body, refuse, streamed, url_param};
 
 /// Which emulated transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,27 +47,6 @@ fn is_protobuf<B>(req: &Request<B>) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim().starts_with("application/octet-stream"))
-}
-
-/// Reads a whole request body of at most `limit` bytes within `timeout`.
-async fn read_body(
-    req: Request<impl ReqBody>,
-    limit: usize,
-    timeout: Duration,
-    key: &str,
-) -> Result<Bytes, Response<AnyBody>> {
-    let body = Limited::new(req.into_body(), limit).collect();
-    match tokio::time::timeout(timeout, body).await {
-        Err(_) => Err(refuse(
-            StatusCode::REQUEST_TIMEOUT,
-            json!({"error": "request body not received in time (http.body_read_timeout)"}),
-        )),
-        Ok(Err(_)) => Err(refuse(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            json!({"error": format!("request body larger than {limit} bytes ({key})")}),
-        )),
-        Ok(Ok(b)) => Ok(b.to_bytes()),
-    }
 }
 
 /// Handles `/connection/http_stream` and `/connection/sse`.

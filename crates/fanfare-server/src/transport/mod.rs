@@ -24,13 +24,14 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Frame;
 use hyper::header::{self, HeaderMap, HeaderValue};
-use hyper::{Response, StatusCode};
-use serde_json::Value;
+use hyper::{Request, Response, StatusCode};
+use serde_json::{Value, json};
 
 pub(crate) use websocket::WsOptions;
 
@@ -205,6 +206,27 @@ pub(crate) fn streamed(body: StreamBody, content_type: &'static str) -> Response
     // Reverse proxies (nginx) would otherwise buffer the stream.
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     r
+}
+
+/// Reads a whole request body of at most `limit` bytes within `timeout`.
+pub(crate) async fn read_body(
+    req: Request<impl ReqBody>,
+    limit: usize,
+    timeout: Duration,
+    key: &str,
+) -> Result<Bytes, Response<AnyBody>> {
+    let body = Limited::new(req.into_body(), limit).collect();
+    match tokio::time::timeout(timeout, body).await {
+        Err(_) => Err(refuse(
+            StatusCode::REQUEST_TIMEOUT,
+            json!({"error": "request body not received in time (http.body_read_timeout)"}),
+        )),
+        Ok(Err(_)) => Err(refuse(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            json!({"error": format!("request body larger than {limit} bytes ({key})")}),
+        )),
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+    }
 }
 
 /// The percent-decoded value of `name` in a query string.

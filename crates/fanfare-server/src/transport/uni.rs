@@ -27,7 +27,6 @@ use data_encoding::BASE64URL_NOPAD;
 use fanfare_core::{Node, Session, Transport};
 use fanfare_protocol::{Codec, DisconnectCode};
 use fanfare_server::ws::{self, OP_TEXT, WsConn};
-use http_body_util::{BodyExt, Limited};
 use hyper::header;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
@@ -36,7 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::driver::{End, Input, Wire, drive};
 use super::websocket::{WsOptions, answer_ping, send_close};
-use super::{AnyBody, BodySender, ReqBody, StreamBody, refuse, streamed, url_param};
+use super::{AnyBody, BodySender, ReqBody, StreamBody, read_body, refuse, streamed, url_param};
 
 /// Which unidirectional transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -99,28 +98,10 @@ pub async fn handle(
         }
         Framing::HttpStream => {
             let limit = opts.max_message_size;
-            let body = Limited::new(req.into_body(), limit).collect();
-            let Ok(body) = tokio::time::timeout(body_timeout, body).await else {
-                return refuse(
-                    StatusCode::REQUEST_TIMEOUT,
-                    json!({"error": "connect request not received in time (http.body_read_timeout)"}),
-                );
-            };
-            match body {
-                Ok(b) => {
-                    let b = b.to_bytes();
-                    if b.iter().all(u8::is_ascii_whitespace) {
-                        Bytes::from_static(b"{}")
-                    } else {
-                        b
-                    }
-                }
-                Err(_) => {
-                    return refuse(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        json!({"error": format!("connect request larger than {limit} bytes (websocket.max_message_size)")}),
-                    );
-                }
+            match read_body(req, limit, body_timeout, "websocket.max_message_size").await {
+                Ok(b) if b.iter().all(u8::is_ascii_whitespace) => Bytes::from_static(b"{}"),
+                Ok(b) => b,
+                Err(refusal) => return refusal,
             }
         }
     };
