@@ -248,29 +248,36 @@ fn idle_holds_connections_answers_pings_and_measures_the_server() {
 fn fanout_delivers_every_publication_once_and_in_order() {
     let _g = serial();
     let node = Node::start();
-    let (code, r) = loadtest(
-        &node,
-        &[
-            "fanout",
-            "-n",
-            "200",
-            "--channels",
-            "5",
-            "--publishers",
-            "2",
-            "--rate",
-            "500",
-            "-d",
-            "2s",
-        ],
-    );
+    let r = exact_fanout(&node, &[]);
+    assert_eq!(u(&r["connections"]["publishers_connected"]), 2);
+}
+
+/// 200 subscribers over 5 channels, 2 publishers at 500/s for 2 s (plus
+/// `extra` flags): every publication reaches its 40 subscribers exactly once,
+/// in order. The report.
+fn exact_fanout(node: &Node, extra: &[&str]) -> Value {
+    let mut args = vec!["fanout"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "-n",
+        "200",
+        "--channels",
+        "5",
+        "--publishers",
+        "2",
+        "--rate",
+        "500",
+        "-d",
+        "2s",
+    ]);
+    let (code, r) = loadtest(node, &args);
     assert_eq!(code, 0, "{r:#}");
     assert_exact_delivery(&r);
     let m = &r["messages"];
     // 200 subscribers over 5 channels: every publication reaches 40 of them.
     assert_eq!(u(&m["expected"]), u(&m["published"]) * 40, "{m}");
     assert!(f(&m["publish_rate_per_second"]) > 400.0, "{m}");
-    assert_eq!(u(&r["connections"]["publishers_connected"]), 2);
+    r
 }
 
 #[test]
@@ -423,29 +430,7 @@ fn protobuf_clients_answer_pings_with_empty_commands_while_idle() {
 fn protobuf_fanout_and_chat_deliver_every_publication_once_and_in_order() {
     let _g = serial();
     let node = Node::start();
-    let (code, r) = loadtest(
-        &node,
-        &[
-            "fanout",
-            "--protocol",
-            "protobuf",
-            "-n",
-            "200",
-            "--channels",
-            "5",
-            "--publishers",
-            "2",
-            "--rate",
-            "500",
-            "-d",
-            "2s",
-        ],
-    );
-    assert_eq!(code, 0, "{r:#}");
-    assert_exact_delivery(&r);
-    let m = &r["messages"];
-    assert_eq!(u(&m["expected"]), u(&m["published"]) * 40, "{m}");
-    assert!(f(&m["publish_rate_per_second"]) > 400.0, "{m}");
+    exact_fanout(&node, &["--protocol", "protobuf"]);
 
     // Every client publishes and receives, in two worker processes.
     let (code, r) = loadtest(

@@ -16,23 +16,11 @@ import re
 import statistics
 import sys
 
+# The report readers of the Centrifugo comparison (same directory).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare_summary import get, load  # noqa: E402
+
 PROTOCOLS = ["json", "protobuf"]
-
-
-def load(path):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def get(r, *path):
-    for k in path:
-        if not isinstance(r, dict) or r.get(k) is None:
-            return None
-        r = r[k]
-    return r
 
 
 def per_cpu(r):

@@ -159,10 +159,14 @@ impl Node {
             session: session.to_string(),
             data: BASE64.encode(&data),
         };
-        let reply = self
-            .request(&id, &request, |m| match m {
-                ControlMessage::EmulateReply { delivered, busy, .. } => Some((delivered, busy)),
-                _ => None,
+        let mut reply = None;
+        let _ = self
+            .request(&id, &request, DELIVERY_TIMEOUT, |m| match m {
+                ControlMessage::EmulateReply { delivered, busy, .. } => {
+                    reply = Some((delivered, busy));
+                    true
+                }
+                _ => false,
             })
             .await;
         match reply {

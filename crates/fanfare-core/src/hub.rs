@@ -81,8 +81,12 @@ impl Subscriber {
     /// when the client holds the publication just before it. `None`: the
     /// codec cannot carry the push at all.
     fn choose(&self, offset: u64, offer: &Offer<'_>) -> Option<Bytes> {
+        // Plain first: a subscription without delta pays no atomic load here.
+        if matches!(offer, Offer::Plain(_)) {
+            return offer.full();
+        }
         let base = self.delta_base.load(Ordering::Acquire);
-        if base == NO_DELTA || matches!(offer, Offer::Plain(_)) {
+        if base == NO_DELTA {
             return offer.full();
         }
         // No offset, no base: the next publication cannot be checked against it.

@@ -374,31 +374,6 @@ impl Node {
         }
     }
 
-    /// Sends `request` (with request id `id`) to the cluster and waits up to
-    /// [`crate::emulation::DELIVERY_TIMEOUT`] for the first reply `pick`
-    /// accepts. `None`: not sent, or nobody answered in time.
-    pub(crate) async fn request<T>(
-        &self,
-        id: &str,
-        request: &ControlMessage,
-        pick: impl Fn(ControlMessage) -> Option<T>,
-    ) -> Option<T> {
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), tx);
-        let mut answer = None;
-        if self.send_control(request).await.is_ok() {
-            let deadline = tokio::time::Instant::now() + crate::emulation::DELIVERY_TIMEOUT;
-            while let Ok(Some(m)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-                if let Some(t) = pick(m) {
-                    answer = Some(t);
-                    break;
-                }
-            }
-        }
-        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
-        answer
-    }
-
     pub(crate) async fn send_control(&self, msg: &ControlMessage) -> Result<(), BrokerError> {
         let raw = serde_json::to_vec(msg).map_err(|e| BrokerError::Internal(e.to_string()))?;
         self.shared.broker.publish_control(bytes::Bytes::from(raw)).await
@@ -414,33 +389,50 @@ impl Node {
     ) -> Result<HashMap<String, u32>, BrokerError> {
         let expected = self.shared.broker.nodes().await?.len().max(1);
         let id = uuid::Uuid::new_v4().to_string();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id.clone(), tx);
         let request = ControlMessage::ChannelsRequest {
             id: id.clone(),
             from: self.shared.uid.clone(),
             pattern: pattern.to_string(),
         };
-        let sent = self.send_control(&request).await;
         let mut merged: HashMap<String, u32> = HashMap::new();
         let mut seen = std::collections::HashSet::new();
+        self.request(&id, &request, timeout, |reply| {
+            if let ControlMessage::ChannelsReply { node, channels, .. } = reply
+                && seen.insert(node)
+            {
+                for (c, n) in channels {
+                    *merged.entry(c).or_default() += n;
+                }
+            }
+            seen.len() >= expected
+        })
+        .await?;
+        Ok(merged)
+    }
+
+    /// Sends `request` (request id `id`) to the cluster and hands each reply
+    /// addressed to it to `on_reply` until that returns `true` or `timeout`
+    /// passes. `Err`: the request could not be sent.
+    pub(crate) async fn request(
+        &self,
+        id: &str,
+        request: &ControlMessage,
+        timeout: Duration,
+        mut on_reply: impl FnMut(ControlMessage) -> bool,
+    ) -> Result<(), BrokerError> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).insert(id.to_string(), tx);
+        let sent = self.send_control(request).await;
         if sent.is_ok() {
             let deadline = tokio::time::Instant::now() + timeout;
-            while seen.len() < expected {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
-                    Ok(Some(ControlMessage::ChannelsReply { node, channels, .. })) => {
-                        if seen.insert(node) {
-                            for (c, n) in channels {
-                                *merged.entry(c).or_default() += n;
-                            }
-                        }
-                    }
-                    _ => break,
+            while let Ok(Some(reply)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+                if on_reply(reply) {
+                    break;
                 }
             }
         }
-        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
-        sent.map(|_| merged)
+        self.shared.pending.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        sent
     }
 
     /// Adds a local subscriber, subscribing the node in the broker when it is the

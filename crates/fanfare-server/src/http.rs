@@ -21,7 +21,7 @@ use crate::api::ApiContext;
 use crate::transport::emulation::{self, Stream};
 use crate::transport::uni::{self, Framing};
 use crate::transport::websocket::{self, WsOptions};
-use crate::transport::{AnyBody, ReqBody, add_cors, bare, preflight};
+use crate::transport::{AnyBody, Cors, ReqBody, add_cors, bare, preflight};
 
 pub type Body = Full<Bytes>;
 
@@ -92,7 +92,7 @@ async fn serve_http_transport(
 ) -> Response<AnyBody> {
     // The browser fallbacks are fetched cross-origin: preflights and CORS
     // headers for the HTTP transports.
-    let headers = req.headers().clone();
+    let cors = Cors::of(req.headers());
     let mut r = if req.method() == Method::OPTIONS {
         preflight()
     } else {
@@ -105,7 +105,7 @@ async fn serve_http_transport(
             HttpTransport::Uni(framing) => uni::handle(req, node, &st.ws, framing, body).await,
         }
     };
-    add_cors(&headers, &st.ws, &mut r);
+    add_cors(&cors, &st.ws, &mut r);
     r
 }
 

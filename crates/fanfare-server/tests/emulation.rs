@@ -6,7 +6,7 @@
 mod common;
 
 use common::api::{Redis, redis_node_toml};
-use common::stream::Stream;
+use common::stream::{Stream, cf_connect_uri};
 use common::{SECRET, Server, user_token};
 use serde_json::{Value, json};
 
@@ -32,19 +32,7 @@ history_ttl = "300s"
 
 /// `/connection/sse?cf_connect=` for these commands.
 fn sse_uri(commands: &Value) -> String {
-    let q: String =
-        commands
-            .to_string()
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-    format!("/connection/sse?cf_connect={q}")
+    cf_connect_uri("/connection/sse", commands)
 }
 
 fn connect_command(user: &str) -> Value {

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::stream::Stream;
+use common::stream::{Stream, cf_connect_uri};
 use common::{SECRET, Server, sign, unix_now};
 use serde_json::{Value, json};
 
@@ -42,19 +42,7 @@ private = true
 }
 
 fn sse_uri(connect: &Value) -> String {
-    let q: String =
-        connect
-            .to_string()
-            .bytes()
-            .map(|b| {
-                if b.is_ascii_alphanumeric() {
-                    (b as char).to_string()
-                } else {
-                    format!("%{b:02X}")
-                }
-            })
-            .collect();
-    format!("/connection/uni_sse?cf_connect={q}")
+    cf_connect_uri("/connection/uni_sse", connect)
 }
 
 async fn publish(server: &Server, channel: &str, data: Value) {

@@ -33,7 +33,10 @@ use fanfare_core::emulation::Inbox;
 
 use super::driver::{End, Input, Wire, account_received, drive};
 use super::websocket::WsOptions;
-use super::{AnyBody, BodySender, ReqBody, StreamBody, read_body, refuse, streamed, url_param};
+use super::{
+    AnyBody, BodySender, ReqBody, StreamBody, disconnect_json, read_body, refuse, streamed,
+    url_param,
+};
 
 /// Which emulated transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,10 +68,7 @@ pub async fn connect(
         return refuse(StatusCode::FORBIDDEN, json!({"error": "origin not allowed"}));
     }
     if node.is_draining() {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"disconnect": {"code": 3001, "reason": "shutdown"}}),
-        );
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, disconnect_json(DisconnectCode::SHUTDOWN));
     }
     let (codec, commands) = match stream {
         Stream::Sse => {
@@ -108,10 +108,7 @@ pub async fn connect(
         Stream::Sse => Transport::Sse,
     };
     let Some((mut session, inbox)) = Session::new_emulated(node, codec, transport) else {
-        return refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            json!({"disconnect": {"code": 3001, "reason": "shutdown"}}),
-        );
+        return refuse(StatusCode::SERVICE_UNAVAILABLE, disconnect_json(DisconnectCode::SHUTDOWN));
     };
     let (tx, body) = StreamBody::channel();
     let write_timeout = opts.write_timeout;

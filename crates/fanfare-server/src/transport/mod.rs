@@ -244,8 +244,8 @@ pub(crate) fn url_param(query: &str, name: &str) -> Option<String> {
 /// (the browser fallbacks post with `mode: 'cors'`): an allowed `Origin` is
 /// echoed (never `*`, so the policy stays `websocket.allowed_origins`), and a
 /// preflight learns the methods and headers it asked for.
-pub(crate) fn add_cors(request: &HeaderMap, opts: &WsOptions, response: &mut Response<AnyBody>) {
-    let Some(origin) = request.get(header::ORIGIN) else { return };
+pub(crate) fn add_cors(request: &Cors, opts: &WsOptions, response: &mut Response<AnyBody>) {
+    let Some(origin) = &request.origin else { return };
     if !opts.origin_allowed(Some(origin)) {
         return;
     }
@@ -253,16 +253,40 @@ pub(crate) fn add_cors(request: &HeaderMap, opts: &WsOptions, response: &mut Res
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin.clone());
     h.insert(header::VARY, HeaderValue::from_static("Origin"));
     h.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
-    if let Some(asked) = request.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+    if let Some(asked) = &request.asked_headers {
         h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
     }
-    if request.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD) {
+    if request.preflight {
         h.insert(
             header::ACCESS_CONTROL_ALLOW_METHODS,
             HeaderValue::from_static("GET, POST, OPTIONS"),
         );
         h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("600"));
     }
+}
+
+/// The request headers CORS answers depend on, taken before the request is
+/// handed on (not a copy of the whole header map per request).
+pub(crate) struct Cors {
+    origin: Option<HeaderValue>,
+    asked_headers: Option<HeaderValue>,
+    preflight: bool,
+}
+
+impl Cors {
+    pub(crate) fn of(request: &HeaderMap) -> Self {
+        Self {
+            origin: request.get(header::ORIGIN).cloned(),
+            asked_headers: request.get(header::ACCESS_CONTROL_REQUEST_HEADERS).cloned(),
+            preflight: request.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD),
+        }
+    }
+}
+
+/// The `{"disconnect": {...}}` body of a refused connect (and the last
+/// message of a unidirectional stream).
+pub(crate) fn disconnect_json(code: fanfare_protocol::DisconnectCode) -> Value {
+    json!({"disconnect": {"code": code.0, "reason": code.reason()}})
 }
 
 /// The answer to a CORS preflight (`OPTIONS`); headers come from [`add_cors`].

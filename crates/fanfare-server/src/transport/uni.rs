@@ -35,17 +35,16 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::driver::{End, Input, Wire, drive};
 use super::websocket::{WsOptions, answer_ping, send_close};
-use super::{AnyBody, BodySender, ReqBody, StreamBody, read_body, refuse, streamed, url_param};
+use super::{
+    AnyBody, BodySender, ReqBody, StreamBody, disconnect_json, read_body, refuse, streamed,
+    url_param,
+};
 
 /// Which unidirectional transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Framing {
     Sse,
     HttpStream,
-}
-
-fn disconnect_json(code: DisconnectCode) -> Value {
-    json!({"disconnect": {"code": code.0, "reason": code.reason()}})
 }
 
 /// The position of one channel as an SSE event id carries it.

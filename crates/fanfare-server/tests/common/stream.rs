@@ -97,3 +97,21 @@ impl Stream {
         }
     }
 }
+
+/// `path?cf_connect=<value, percent-encoded>`: the connect request (or
+/// command) of the SSE transports in their query.
+pub fn cf_connect_uri(path: &str, value: &Value) -> String {
+    let q: String =
+        value
+            .to_string()
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+    format!("{path}?cf_connect={q}")
+}
