@@ -177,7 +177,9 @@ pub struct Event(EventKind);
 
 enum EventKind {
     Published(Vec<(u32, bool)>),
-    Answered(Result<crate::proxy::ProxyAnswer, crate::proxy::ProxyFailure>),
+    /// Boxed: the event sits in every connection task's future (the
+    /// driver's select output), and an answer is some 200 bytes.
+    Answered(Box<Result<crate::proxy::ProxyAnswer, crate::proxy::ProxyFailure>>),
 }
 
 /// The subscriptions of `conn` whose expiry passed.
@@ -1178,7 +1180,7 @@ impl Session {
             if let Some(w) = self.waiting_mut()
                 && let Poll::Ready(answer) = w.call.get_mut().as_mut().poll(cx)
             {
-                return Poll::Ready(Event(EventKind::Answered(answer)));
+                return Poll::Ready(Event(EventKind::Answered(Box::new(answer))));
             }
             Poll::Pending
         })
@@ -1192,7 +1194,7 @@ impl Session {
     pub async fn handle_event(&mut self, event: Event) -> Result<(), DisconnectCode> {
         match event.0 {
             EventKind::Published(done) => self.batch_done(done),
-            EventKind::Answered(answer) => self.proxy_answered(answer).await,
+            EventKind::Answered(answer) => self.proxy_answered(*answer).await,
         }
     }
 
