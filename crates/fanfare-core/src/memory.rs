@@ -405,6 +405,15 @@ impl Broker for MemoryBroker {
         Ok(HistoryPage { publications, position: stream.position(), complete })
     }
 
+    async fn remove_history(&self, channel: &str) -> Result<(), BrokerError> {
+        let mut shard = self.shard(channel);
+        if let Some(s) = shard.channels.get_mut(channel).and_then(|c| c.stream.as_mut()) {
+            // A new deque, not `clear`: the buffer's memory goes too.
+            s.items = VecDeque::new();
+        }
+        Ok(())
+    }
+
     async fn add_presence(
         &self,
         channel: &str,
