@@ -62,6 +62,29 @@ def pb(tmp_path_factory):
     return pb2, pb2_grpc
 
 
+@pytest.fixture(scope="session")
+def cpb(tmp_path_factory):
+    """`(api_pb2, api_pb2_grpc)` of Centrifugo's server API, compiled from our
+    proto/centrifugo/api.proto now, by grpc_tools.protoc."""
+    out = tmp_path_factory.mktemp("gen-centrifugo")
+    cmd = [
+        sys.executable, "-m", "grpc_tools.protoc",
+        f"-I{PROTO_DIR}",
+        f"--python_out={out}",
+        f"--grpc_python_out={out}",
+        str(PROTO_DIR / "centrifugo" / "api.proto"),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, f"protoc failed: {r.stderr}"
+    sys.path.insert(0, str(out))
+    try:
+        pb2 = importlib.import_module("centrifugo.api_pb2")
+        pb2_grpc = importlib.import_module("centrifugo.api_pb2_grpc")
+    finally:
+        sys.path.remove(str(out))
+    return pb2, pb2_grpc
+
+
 # ---------------------------------------------------------------- processes
 
 
