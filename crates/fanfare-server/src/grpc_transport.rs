@@ -521,17 +521,17 @@ async fn dispatch<C: ControlService>(
     };
     let c = &service.control;
     match method {
-        Method::Publish => unary(method, msg, |r| c.publish(r)).await,
-        Method::Broadcast => unary(method, msg, |r| c.broadcast(r)).await,
-        Method::PublishToUser => unary(method, msg, |r| c.publish_to_user(r)).await,
-        Method::Subscribe => unary(method, msg, |r| c.subscribe(r)).await,
-        Method::Unsubscribe => unary(method, msg, |r| c.unsubscribe(r)).await,
-        Method::Disconnect => unary(method, msg, |r| c.disconnect(r)).await,
-        Method::Presence => unary(method, msg, |r| c.presence(r)).await,
-        Method::PresenceStats => unary(method, msg, |r| c.presence_stats(r)).await,
-        Method::History => unary(method, msg, |r| c.history(r)).await,
-        Method::Channels => unary(method, msg, |r| c.channels(r)).await,
-        Method::Info => unary(method, msg, |r| c.info(r)).await,
+        Method::Publish => unary(msg, |r| c.publish(r)).await,
+        Method::Broadcast => unary(msg, |r| c.broadcast(r)).await,
+        Method::PublishToUser => unary(msg, |r| c.publish_to_user(r)).await,
+        Method::Subscribe => unary(msg, |r| c.subscribe(r)).await,
+        Method::Unsubscribe => unary(msg, |r| c.unsubscribe(r)).await,
+        Method::Disconnect => unary(msg, |r| c.disconnect(r)).await,
+        Method::Presence => unary(msg, |r| c.presence(r)).await,
+        Method::PresenceStats => unary(msg, |r| c.presence_stats(r)).await,
+        Method::History => unary(msg, |r| c.history(r)).await,
+        Method::Channels => unary(msg, |r| c.channels(r)).await,
+        Method::Info => unary(msg, |r| c.info(r)).await,
         // CentrifugoApi only: `from_grpc(Api::Control, ..)` never returns them.
         Method::Refresh | Method::HistoryRemove | Method::Rpc | Method::Batch => {
             Reply::Status(Status::unimplemented(format!(
@@ -544,11 +544,7 @@ async fn dispatch<C: ControlService>(
 
 /// Decodes a ControlService request, runs it through the generated trait,
 /// encodes the response.
-async fn unary<Req, Resp, F>(
-    method: Method,
-    msg: Bytes,
-    call: impl FnOnce(tonic::Request<Req>) -> F,
-) -> Reply
+async fn unary<Req, Resp, F>(msg: Bytes, call: impl FnOnce(tonic::Request<Req>) -> F) -> Reply
 where
     Req: Message + Default,
     Resp: Message,
@@ -559,10 +555,11 @@ where
             Ok(resp) => Reply::Message(encode(resp.get_ref())),
             Err(s) => Reply::Status(s),
         },
-        Err(e) => Reply::Status(Status::invalid_argument(format!(
-            "not a valid fanfare.v1 request for {}: {e}",
-            method.grpc_name()
-        ))),
+        Err(e) => {
+            // The generated type's name is the message's name in the .proto.
+            let name = std::any::type_name::<Req>().rsplit("::").next().unwrap_or_default();
+            Reply::Status(Status::invalid_argument(format!("not a valid fanfare.v1.{name}: {e}")))
+        }
     }
 }
 
