@@ -37,6 +37,11 @@ pub enum ApiError {
     /// gRPC UNAVAILABLE, HTTP 503.
     #[error("{0}")]
     Unavailable(String),
+    /// A history `since` position that is not one of the stream (another
+    /// epoch): gRPC INVALID_ARGUMENT, HTTP 400 (the Centrifugo-compatible API:
+    /// code 112).
+    #[error("{0}")]
+    UnrecoverablePosition(String),
 }
 
 impl From<BrokerError> for ApiError {
@@ -312,7 +317,7 @@ impl Node {
         if let Some(since) = since
             && since.epoch != page.position.epoch
         {
-            return Err(ApiError::InvalidArgument(format!(
+            return Err(ApiError::UnrecoverablePosition(format!(
                 "epoch: {:?} is not the channel's current epoch {:?}",
                 since.epoch, page.position.epoch
             )));

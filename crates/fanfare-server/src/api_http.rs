@@ -37,7 +37,9 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
 
 fn api_error(e: &ApiError) -> Response<Body> {
     let status = match e {
-        ApiError::InvalidArgument(_) | ApiError::UnknownNamespace(_) => StatusCode::BAD_REQUEST,
+        ApiError::InvalidArgument(_)
+        | ApiError::UnknownNamespace(_)
+        | ApiError::UnrecoverablePosition(_) => StatusCode::BAD_REQUEST,
         ApiError::NotFound(_) => StatusCode::NOT_FOUND,
         ApiError::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
         ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,

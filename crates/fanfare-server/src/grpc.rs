@@ -21,9 +21,9 @@ use pb::control_service_server::{ControlService, ControlServiceServer};
 
 fn status(e: &ApiError) -> Status {
     match e {
-        ApiError::InvalidArgument(m) | ApiError::UnknownNamespace(m) => {
-            Status::invalid_argument(m.clone())
-        }
+        ApiError::InvalidArgument(m)
+        | ApiError::UnknownNamespace(m)
+        | ApiError::UnrecoverablePosition(m) => Status::invalid_argument(m.clone()),
         ApiError::NotFound(m) => Status::not_found(m.clone()),
         ApiError::ResourceExhausted(m) | ApiError::TooLarge(m) => {
             Status::resource_exhausted(m.clone())

@@ -55,6 +55,10 @@ async fn after_history_remove_a_subscriber_recovering_is_told_it_did_not_recover
     // (false fields are left out of the JSON protocol, as Centrifugo does)
     assert_eq!(r["subscribe"]["was_recovering"], json!(true), "{r}");
     assert!(r["subscribe"].get("recovered").is_none(), "{r}");
+    // A position of another epoch: Centrifugo's 112 (unrecoverable position).
+    let since = json!({"channel": "feed", "limit": -1, "since": {"offset": 1, "epoch": "other"}});
+    let (status, v) = call(&server, "history", since);
+    assert_eq!((status, &v["error"]["code"]), (200, &json!(112)), "{v}");
     // Publishing goes on from the kept position.
     let r = result(&server, "publish", json!({"channel": "feed", "data": 4}));
     assert_eq!(r["offset"], 4, "{r}");

@@ -37,6 +37,7 @@ impl CompatError {
     pub const LIMIT_EXCEEDED: u32 = 106;
     pub const BAD_REQUEST: u32 = 107;
     pub const NOT_AVAILABLE: u32 = 108;
+    pub const UNRECOVERABLE_POSITION: u32 = 112;
 
     pub fn new(code: u32, message: impl Into<String>) -> Self {
         Self { code, message: message.into() }
@@ -68,6 +69,7 @@ impl CompatError {
             106 => "106",
             107 => "107",
             108 => "108",
+            112 => "112",
             _ => "other",
         }
     }
@@ -83,6 +85,7 @@ impl From<ApiError> for CompatError {
             ApiError::NotFound(_) => Self::NOT_AVAILABLE,
             ApiError::ResourceExhausted(_) | ApiError::TooLarge(_) => Self::LIMIT_EXCEEDED,
             ApiError::Unavailable(_) => Self::INTERNAL,
+            ApiError::UnrecoverablePosition(_) => Self::UNRECOVERABLE_POSITION,
         };
         Self::new(code, e.to_string())
     }
@@ -125,27 +128,59 @@ pub struct Params {
     pub params: Bytes,
 }
 
+/// Request fields Centrifugo has and fanfare does not support.
+#[derive(Debug, Clone, Copy)]
+enum Unsupported {
+    Session,
+    ExpireAt,
+    Info,
+    B64Info,
+    Data,
+    B64Data,
+    RecoverSince,
+    Override,
+    Whitelist,
+    Version,
+}
+
+impl Unsupported {
+    fn name(self) -> &'static str {
+        match self {
+            Unsupported::Session => "session",
+            Unsupported::ExpireAt => "expire_at",
+            Unsupported::Info => "info",
+            Unsupported::B64Info => "b64info",
+            Unsupported::Data => "data",
+            Unsupported::B64Data => "b64data",
+            Unsupported::RecoverSince => "recover_since",
+            Unsupported::Override => "override",
+            Unsupported::Whitelist => "whitelist",
+            Unsupported::Version => "version",
+        }
+    }
+}
+
 impl Params {
-    /// Refuses the first of `fields` that is set (fields Centrifugo has and
-    /// fanfare does not support: ignoring them would do something else than
-    /// the caller asked for).
-    fn refuse(&self, fields: &[&str]) -> Result<(), CompatError> {
-        for f in fields {
-            let set = match *f {
-                "session" => !self.session.is_empty(),
-                "expire_at" => self.expire_at != 0,
-                "info" => !self.info.is_empty(),
-                "b64info" => !self.b64info.is_empty(),
-                "data" => !self.data.is_empty(),
-                "b64data" => !self.b64data.is_empty(),
-                "recover_since" => self.recover_since,
-                "override" => self.override_options,
-                "whitelist" => !self.whitelist.is_empty(),
-                "version" => self.version != 0,
-                other => unreachable!("no such field {other}"),
+    /// Refuses the first of `fields` that is set: ignoring it would do
+    /// something else than the caller asked for (e.g. without `session`, a
+    /// disconnect meant for one session would close all of the user's).
+    fn refuse(&self, fields: &[Unsupported]) -> Result<(), CompatError> {
+        for &f in fields {
+            let set = match f {
+                Unsupported::Session => !self.session.is_empty(),
+                Unsupported::ExpireAt => self.expire_at != 0,
+                Unsupported::Info => !self.info.is_empty(),
+                Unsupported::B64Info => !self.b64info.is_empty(),
+                Unsupported::Data => !self.data.is_empty(),
+                Unsupported::B64Data => !self.b64data.is_empty(),
+                Unsupported::RecoverSince => self.recover_since,
+                Unsupported::Override => self.override_options,
+                Unsupported::Whitelist => !self.whitelist.is_empty(),
+                Unsupported::Version => self.version != 0,
             };
             if set {
-                return Err(CompatError::bad_request(format!("{f}: not supported by fanfare")));
+                let name = f.name();
+                return Err(CompatError::bad_request(format!("{name}: not supported by fanfare")));
             }
         }
         Ok(())
@@ -153,7 +188,7 @@ impl Params {
 
     /// The publish part of publish and broadcast.
     fn publish(&self) -> Result<ApiPublish, CompatError> {
-        self.refuse(&["version"])?;
+        self.refuse(&[Unsupported::Version])?;
         let data = match (self.data.is_empty(), self.b64data.is_empty()) {
             (_, true) => self.data.clone(),
             (true, false) => data_encoding::BASE64
@@ -224,32 +259,24 @@ pub async fn run(
             Done::Broadcast(results.into_iter().map(|r| r.map_err(CompatError::from)).collect())
         }
         Method::Subscribe => {
-            p.refuse(&[
-                "session",
-                "expire_at",
-                "info",
-                "b64info",
-                "data",
-                "b64data",
-                "recover_since",
-                "override",
-            ])?;
+            use Unsupported::*;
+            p.refuse(&[Session, ExpireAt, Info, B64Info, Data, B64Data, RecoverSince, Override])?;
             node.api_subscribe(&p.user, &p.client, &p.channel).await?;
             Done::Empty
         }
         Method::Unsubscribe => {
-            p.refuse(&["session"])?;
+            p.refuse(&[Unsupported::Session])?;
             node.api_unsubscribe(&p.user, &p.client, &p.channel).await?;
             Done::Empty
         }
         Method::Disconnect => {
-            p.refuse(&["session", "whitelist"])?;
+            p.refuse(&[Unsupported::Session, Unsupported::Whitelist])?;
             let (code, reason) = p.disconnect.unwrap_or_default();
             node.api_disconnect(&p.user, &p.client, code, &reason).await?;
             Done::Empty
         }
         Method::Refresh => {
-            p.refuse(&["session", "info"])?;
+            p.refuse(&[Unsupported::Session, Unsupported::Info])?;
             node.api_refresh(&p.user, &p.client, p.expired, p.expire_at).await?;
             Done::Empty
         }
