@@ -181,29 +181,13 @@ fn params(method: Method, msg: Bytes) -> Result<Params, prost::DecodeError> {
     Ok(match method {
         Method::Publish => {
             let r = pb::PublishRequest::decode(msg)?;
-            Params {
-                channel: r.channel,
-                data: r.data.into(),
-                b64data: r.b64data,
-                skip_history: r.skip_history,
-                tags: r.tags.into_iter().collect(),
-                idempotency_key: r.idempotency_key,
-                version: r.version,
-                ..Params::default()
-            }
+            let p = publish_params(r.data, r.b64data, r.skip_history, r.tags, r.idempotency_key);
+            Params { channel: r.channel, version: r.version, ..p }
         }
         Method::Broadcast => {
             let r = pb::BroadcastRequest::decode(msg)?;
-            Params {
-                channels: r.channels,
-                data: r.data.into(),
-                b64data: r.b64data,
-                skip_history: r.skip_history,
-                tags: r.tags.into_iter().collect(),
-                idempotency_key: r.idempotency_key,
-                version: r.version,
-                ..Params::default()
-            }
+            let p = publish_params(r.data, r.b64data, r.skip_history, r.tags, r.idempotency_key);
+            Params { channels: r.channels, version: r.version, ..p }
         }
         Method::Subscribe => {
             let r = pb::SubscribeRequest::decode(msg)?;
@@ -288,6 +272,24 @@ fn params(method: Method, msg: Bytes) -> Result<Params, prost::DecodeError> {
         // Not methods of this service (`run` refuses them).
         Method::Batch | Method::PublishToUser => Params::default(),
     })
+}
+
+/// The fields publish and broadcast share.
+fn publish_params(
+    data: Vec<u8>,
+    b64data: String,
+    skip_history: bool,
+    tags: std::collections::HashMap<String, String>,
+    idempotency_key: String,
+) -> Params {
+    Params {
+        data: data.into(),
+        b64data,
+        skip_history,
+        tags: tags.into_iter().collect(),
+        idempotency_key,
+        ..Params::default()
+    }
 }
 
 fn client_info(i: &fanfare_protocol::ClientInfo) -> pb::ClientInfo {
