@@ -2,11 +2,13 @@
 
 mod api;
 mod api_http;
+mod centrifugo;
 mod config;
 mod grpc;
 mod grpc_transport;
 mod heap;
 mod http;
+mod methods;
 mod proxy;
 mod transport;
 

@@ -11,8 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::api::{http_request, metric_with};
 use common::stream::Stream;
-use common::{Client, Server, assert_error, free_port, metric_with, unix_now};
+use common::{Client, Server, assert_error, free_port, unix_now};
 use fanfare_server::proxy_pb as pb;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
@@ -325,6 +326,32 @@ async fn rpc_goes_to_the_backend_and_its_disconnect_closes_the_client() {
     assert_eq!(c.expect_close().await, (4501, "rpc said bye".to_string()));
 }
 
+// Multi-threaded: the API call below blocks its thread while the backend
+// (on this runtime) answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_apis_rpc_is_answered_by_the_rpc_proxy() {
+    let (backend, port) = http_backend().await;
+    let server = node_with(port, "");
+    let call = |body: Value| {
+        let r = http_request(
+            server.port,
+            "POST",
+            "/centrifugo/api/rpc",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(r.status, 200);
+        r.json()
+    };
+    let r = call(json!({"method": "echo", "params": {"n": 3}}));
+    assert_eq!(r["result"]["data"], json!({"echo": {"n": 3}, "user": ""}), "{r}");
+    let seen = &backend.seen("/rpc")[0];
+    assert_eq!(seen.body["transport"], "api");
+    // The backend's error is the API error.
+    let r = call(json!({"method": "nope"}));
+    assert_eq!(r["error"]["code"], 1002, "{r}");
+}
+
 #[tokio::test]
 async fn the_refresh_proxy_extends_a_connection_then_ends_it_with_3005() {
     let (backend, port) = http_backend().await;
@@ -366,7 +393,7 @@ async fn the_sub_refresh_proxy_extends_a_subscription_then_unsubscribes_it() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_or_dead_backend_costs_one_error_reply_and_nothing_else() {
     let (_backend, port) = http_backend().await;
     let server = node_with(port, "");
