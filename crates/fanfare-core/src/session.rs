@@ -175,10 +175,11 @@ pub const MAX_PUBLISHES_IN_FLIGHT: usize = 256;
 /// Something a session waited for happened ([`Session::next_event`]).
 pub struct Event(EventKind);
 
+/// Small on purpose: it sits in every connection task's future (the
+/// driver's select output). A batch is answered while polling; an answer
+/// (some 200 bytes) is boxed.
 enum EventKind {
-    Published(Vec<(u32, bool)>),
-    /// Boxed: the event sits in every connection task's future (the
-    /// driver's select output), and an answer is some 200 bytes.
+    Published(Result<(), DisconnectCode>),
     Answered(Box<Result<crate::proxy::ProxyAnswer, crate::proxy::ProxyFailure>>),
 }
 
@@ -1181,12 +1182,14 @@ impl Session {
     /// the proxy call this session waits for; hand the result to
     /// [`Session::handle_event`] at once. Never resolves when nothing is out.
     /// Cancel-safe: it only polls futures the session keeps.
-    pub async fn next_event(&mut self) -> Event {
-        std::future::poll_fn(|cx| {
+    pub fn next_event(&mut self) -> impl Future<Output = Event> + Send + '_ {
+        std::future::poll_fn(move |cx| {
             if let Some(p) = self.publishing.as_mut()
                 && let Poll::Ready(done) = p.sent.get_mut().as_mut().poll(cx)
             {
-                return Poll::Ready(Event(EventKind::Published(done)));
+                // Replied to at once (no await): nothing is left half done
+                // if the caller drops this future after it returned.
+                return Poll::Ready(Event(EventKind::Published(self.batch_done(done))));
             }
             if let Some(w) = self.waiting_mut()
                 && let Poll::Ready(answer) = w.call.get_mut().as_mut().poll(cx)
@@ -1195,7 +1198,6 @@ impl Session {
             }
             Poll::Pending
         })
-        .await
     }
 
     /// Acts on what [`Session::next_event`] returned: replies to a batch of
@@ -1204,7 +1206,7 @@ impl Session {
     /// behind it.
     pub async fn handle_event(&mut self, event: Event) -> Result<(), DisconnectCode> {
         match event.0 {
-            EventKind::Published(done) => self.batch_done(done),
+            EventKind::Published(result) => result,
             EventKind::Answered(answer) => self.proxy_answered(*answer).await,
         }
     }
