@@ -904,6 +904,9 @@ impl Session {
         let Some(sub) = self.connected_mut().subs.remove(channel) else {
             return false;
         };
+        if sub.presence {
+            self.node.events().presence_leave(channel, &sub.info);
+        }
         self.node.events().unsubscribe(channel, &sub.info);
         self.node.unsubscribe_local(channel, self.id).await;
         self.node.subscription_ended();
@@ -912,9 +915,6 @@ impl Session {
             && let Err(e) = broker.remove_presence(channel, &sub.info.client).await
         {
             tracing::warn!(channel, error = %e, "presence remove failed");
-        }
-        if sub.presence {
-            self.node.events().presence_leave(channel, &sub.info);
         }
         if sub.join_leave
             && let Err(e) = broker.publish_leave(channel, (*sub.info).clone()).await
