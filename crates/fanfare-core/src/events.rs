@@ -437,4 +437,60 @@ mod tests {
         q.occupancy(Event::new(EventKind::ChannelVacated, "n", "a", None), false);
         assert_eq!(q.depth().await, Some(1));
     }
+
+    #[tokio::test]
+    async fn sessions_report_their_lifecycle_and_the_node_its_first_and_last_subscriber() {
+        use crate::auth::{AuthConfig, Authenticator};
+        use crate::channel::{ChannelRules, Namespace};
+        use crate::node::{Node, NodeConfig};
+        use crate::session::Session;
+        use fanfare_protocol::Codec;
+
+        let rules = ChannelRules::new(vec![Namespace { presence: true, ..Default::default() }]);
+        let auth = Authenticator::new(&AuthConfig::default()).unwrap();
+        let node = Node::new(
+            NodeConfig::default(),
+            Arc::new(crate::MemoryBroker::new()),
+            auth,
+            rules.unwrap(),
+        );
+        let mask = EventKind::ALL.into_iter().fold(EventMask::default(), EventMask::with);
+        let queue = Arc::new(MemoryQueue::new(100, mask));
+        node.events().install(mask, queue.clone(), node.uid());
+        let mut a = Session::new(node.clone(), Codec::Json).unwrap();
+        let mut b = Session::new(node.clone(), Codec::Json).unwrap();
+        for s in [&mut a, &mut b] {
+            s.handle_frame(br#"{"id":1,"connect":{}}"#).await.unwrap();
+            s.handle_frame(br#"{"id":2,"subscribe":{"channel":"room"}}"#).await.unwrap();
+        }
+        a.handle_frame(br#"{"id":3,"unsubscribe":{"channel":"room"}}"#).await.unwrap();
+        a.close(DisconnectCode::CONNECTION_CLOSED).await;
+        b.close(DisconnectCode::SHUTDOWN).await;
+        let batch = queue.next(100).await.unwrap();
+        let events: Vec<serde_json::Value> =
+            batch.events.iter().map(|e| serde_json::from_slice(e).unwrap()).collect();
+        let kinds: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "connect",
+                "channel_occupied",
+                "presence_join",
+                "subscribe",
+                "connect",
+                "presence_join",
+                "subscribe",
+                "presence_leave",
+                "unsubscribe",
+                "disconnect",
+                "presence_leave",
+                "unsubscribe",
+                "channel_vacated",
+                "disconnect",
+            ]
+        );
+        assert_eq!(events[13]["code"], 3001);
+        assert_eq!(events[13]["reason"], "shutdown");
+        assert_eq!(events[0]["client"], events[9]["client"]);
+    }
 }
