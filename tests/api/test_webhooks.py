@@ -10,6 +10,7 @@ seen, and can be told to answer 500 for a while.
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -116,6 +117,30 @@ def post(url: str, body: bytes, signature: str) -> int:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
+
+
+def redis_cmd(port: int, *args):
+    """One command over RESP2 to the test's redis-server; the parsed reply."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        out = f"*{len(args)}\r\n".encode()
+        for a in args:
+            a = str(a).encode()
+            out += b"$%d\r\n%s\r\n" % (len(a), a)
+        s.sendall(out)
+        f = s.makefile("rb")
+
+        def read():
+            line = f.readline()[:-2]
+            kind, rest = line[:1], line[1:]
+            if kind in (b"+", b"-"):
+                return rest.decode()
+            if kind == b":":
+                return int(rest)
+            if kind == b"$":
+                return None if rest == b"-1" else f.read(int(rest) + 2)[:-2].decode()
+            return None if rest == b"-1" else [read() for _ in range(int(rest))]
+
+        return read()
 
 
 def hooks_toml(url: str, events, **extra) -> str:
@@ -251,6 +276,10 @@ def test_events_pending_on_a_killed_node_are_delivered_by_the_others(tmp_path, r
         # `a` is delivering (and failing) batch after batch of the outbox.
         receiver.wait_for(lambda: receiver.posts[500] >= 2, what="failed POSTs from a")
         time.sleep(0.3)  # every event written to Redis
+        stream = "{fanfare.webhooks}.stream"
+        pending, _, _, owners = redis_cmd(redis.port, "XPENDING", stream, "delivery")
+        assert pending >= 1 and len(owners) == 1, "a holds the batch it keeps failing to deliver"
+        assert redis_cmd(redis.port, "XLEN", stream) > pending, "and more wait behind it"
         a.kill()
         receiver.failing = False
         # `b` takes the lease once a's expires, claims what a had taken,
@@ -270,6 +299,8 @@ def test_events_pending_on_a_killed_node_are_delivered_by_the_others(tmp_path, r
         assert ("channel_vacated", "") not in room, "b0 is still subscribed on b"
         assert receiver.of(type="connect", user="b0")
         assert len({e["id"] for e in events}) == len(events)
+        receiver.wait_for(lambda: redis_cmd(redis.port, "XLEN", stream) == 0,
+                          what="the outbox emptied")
     finally:
         for n in (a, b):
             if n:
