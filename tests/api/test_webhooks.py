@@ -326,3 +326,43 @@ def test_a_full_memory_queue_drops_events_and_counts_them(tmp_path, receiver):
         assert len(receiver.events) == 4, "what overflowed is gone, the rest arrives"
     finally:
         node.kill()
+
+
+def test_a_node_whose_liveness_lapsed_gets_its_channels_back_as_occupied(tmp_path, receiver):
+    redis = Redis()
+    toml = node_toml(redis) + hooks_toml(receiver.url, ["channel_occupied", "channel_vacated"])
+    a = b = None
+    try:
+        a = Node(tmp_path, toml, "a")  # delivers, and sweeps dead nodes
+        time.sleep(0.3)
+        b = Node(tmp_path, toml, "b")
+        client = b.ws("bee")
+        client.subscribe("plain:kept")
+        receiver.wait_for(lambda: receiver.of(channel="plain:kept"), what="occupied")
+        (uid,) = redis_cmd(redis.port, "SMEMBERS", "{fanfare.webhooks}.nodes")
+        # b's liveness key keeps vanishing (as if b could not reach Redis):
+        # a takes b for dead and vacates its channels.
+        deadline = time.monotonic() + 10
+        while not receiver.of(type="channel_vacated", channel="plain:kept"):
+            assert time.monotonic() < deadline, "a never vacated b's channel"
+            redis_cmd(redis.port, "DEL", "{fanfare.webhooks}.alive." + uid)
+            time.sleep(0.05)
+        # b is back: its next heartbeat finds its key gone and writes its
+        # channels again.
+        receiver.wait_for(
+            lambda: per_channel(receiver.events, "plain:kept")[-1] == ("channel_occupied", ""),
+            what="occupied again")
+        time.sleep(1.5)
+        kinds = [t for t, _ in per_channel(receiver.events, "plain:kept")]
+        assert kinds[-1] == "channel_occupied"
+        assert all(x != y for x, y in zip(kinds, kinds[1:])), f"alternating: {kinds}"
+        assert uid in redis_cmd(redis.port, "SMEMBERS", "{fanfare.webhooks}.nodes")
+        client.command({"unsubscribe": {"channel": "plain:kept"}})
+        receiver.wait_for(
+            lambda: per_channel(receiver.events, "plain:kept")[-1] == ("channel_vacated", ""),
+            what="vacated by b itself")
+    finally:
+        for n in (a, b):
+            if n:
+                n.kill()
+        redis.kill()

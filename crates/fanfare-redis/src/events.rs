@@ -21,6 +21,7 @@
 //! All keys share one hash tag, so in a Redis Cluster they live on one slot
 //! and the scripts may touch them together.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -44,10 +45,13 @@ return 1
 
 /// A node's first local subscriber of a channel came (ARGV[5] = '1') or its
 /// last left ('0'). KEYS: stream, the channel's node set, the node's channel
-/// set, the set of nodes. ARGV: cap, event JSON, node uid, channel,
-/// occupied, deliver ('1' when the event's kind is asked for). Returns 1
-/// (cluster-wide transition, event added), 2 (transition, stream full) or 0.
+/// set, the set of nodes, the node's alive key. ARGV: cap, event JSON, node
+/// uid, channel, occupied, deliver ('1' when the event's kind is asked for),
+/// swept ('1': a sweeper vacates a node it found dead, which it no longer is
+/// if its alive key is back). Returns 1 (cluster-wide transition, event
+/// added), 2 (transition, stream full) or 0.
 const OCCUPANCY: &str = r#"
+if ARGV[7] == '1' and redis.call('exists', KEYS[5]) == 1 then return 0 end
 local transition
 if ARGV[5] == '1' then
   transition = redis.call('sadd', KEYS[2], ARGV[3]) == 1 and redis.call('scard', KEYS[2]) == 1
@@ -74,6 +78,15 @@ end
 if not holder then
   redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
   return 1
+end
+return 0
+"#;
+
+/// Drop a dead node from the set of nodes. KEYS: set of nodes, the node's
+/// channel set, its alive key. ARGV: node uid.
+const FORGET: &str = r#"
+if redis.call('exists', KEYS[2]) == 0 and redis.call('exists', KEYS[3]) == 0 then
+  redis.call('srem', KEYS[1], ARGV[1])
 end
 return 0
 "#;
@@ -120,6 +133,9 @@ impl Keys {
 enum Op {
     Add(Event),
     Occupancy(Event, bool),
+    /// Write this node's occupied channels again (its alive key had lapsed,
+    /// so a sweeper may have vacated them).
+    Reassert,
 }
 
 struct Inner {
@@ -130,6 +146,7 @@ struct Inner {
     add: String,
     occupancy: String,
     lease: String,
+    forget: String,
     /// Pushed but not yet written to Redis.
     unsaved: AtomicUsize,
     /// Dropped since the hand-off last had room (the first is logged).
@@ -160,6 +177,7 @@ impl crate::RedisBroker {
             add: script_text(ADD, self.cluster),
             occupancy: script_text(OCCUPANCY, self.cluster),
             lease: script_text(LEASE, self.cluster),
+            forget: script_text(FORGET, self.cluster),
             cfg,
             unsaved: AtomicUsize::new(0),
             dropping: AtomicU64::new(0),
@@ -170,7 +188,7 @@ impl crate::RedisBroker {
         inner.heartbeat().await?;
         let (tx, rx) = tokio::sync::mpsc::channel(inner.cfg.capacity);
         tokio::spawn(inner.clone().write(rx));
-        tokio::spawn(inner.clone().beat());
+        tokio::spawn(inner.clone().beat(tx.clone()));
         Ok(RedisOutbox { inner, tx })
     }
 }
@@ -180,27 +198,31 @@ impl Inner {
         self.cmd.get()
     }
 
-    /// The script call for one op.
-    fn op_cmd(&self, op: &Op, node: &str) -> redis::Cmd {
+    /// The script call for one op of `node` (this one, or a dead one being
+    /// `swept`).
+    fn op_cmd(&self, op: &Op, node: &str, swept: bool) -> redis::Cmd {
         let mut cmd = redis::cmd("EVAL");
         match op {
+            Op::Reassert => unreachable!("expanded by the writer"),
             Op::Add(e) => {
                 cmd.arg(&self.add).arg(1).arg(&self.keys.stream);
                 cmd.arg(self.cfg.capacity).arg(e.to_json().as_ref());
             }
             Op::Occupancy(e, occupied) => {
                 cmd.arg(&self.occupancy)
-                    .arg(4)
+                    .arg(5)
                     .arg(&self.keys.stream)
                     .arg(self.keys.channel(&e.channel))
                     .arg(self.keys.node(node))
-                    .arg(&self.keys.nodes);
+                    .arg(&self.keys.nodes)
+                    .arg(self.keys.alive(node));
                 cmd.arg(self.cfg.capacity)
                     .arg(e.to_json().as_ref())
                     .arg(node)
                     .arg(&e.channel)
                     .arg(if *occupied { "1" } else { "0" })
-                    .arg(if self.cfg.mask.has(e.kind) { "1" } else { "0" });
+                    .arg(if self.cfg.mask.has(e.kind) { "1" } else { "0" })
+                    .arg(if swept { "1" } else { "0" });
             }
         }
         cmd
@@ -211,12 +233,34 @@ impl Inner {
     /// ADD appends a second copy with the same event id, OCCUPANCY finds no
     /// transition), so order is kept and nothing is lost while Redis is away.
     async fn write(self: Arc<Self>, mut rx: tokio::sync::mpsc::Receiver<Op>) {
-        let mut ops = Vec::with_capacity(256);
-        while rx.recv_many(&mut ops, 256).await > 0 {
+        let mut received = Vec::with_capacity(256);
+        // Channels this node has written as occupied: what `Reassert` writes
+        // again. One string per locally occupied channel.
+        let mut here: HashSet<String> = HashSet::new();
+        while rx.recv_many(&mut received, 256).await > 0 {
+            let taken = received.len();
+            let mut ops = Vec::with_capacity(taken);
+            for op in received.drain(..) {
+                match op {
+                    Op::Reassert => ops.extend(here.iter().map(|ch| {
+                        let e = Event::new(EventKind::ChannelOccupied, &self.node, ch, None);
+                        Op::Occupancy(e, true)
+                    })),
+                    Op::Occupancy(e, occupied) => {
+                        if occupied {
+                            here.insert(e.channel.clone());
+                        } else {
+                            here.remove(&e.channel);
+                        }
+                        ops.push(Op::Occupancy(e, occupied));
+                    }
+                    add => ops.push(add),
+                }
+            }
             let mut pipe = redis::Pipeline::with_capacity(ops.len());
             pipe.ignore_errors();
             for op in &ops {
-                pipe.add_command(self.op_cmd(op, &self.node));
+                pipe.add_command(self.op_cmd(op, &self.node, false));
             }
             let mut backoff = Duration::from_millis(50);
             let replies = loop {
@@ -230,13 +274,11 @@ impl Inner {
                 }
             };
             for (op, reply) in ops.iter().zip(&replies) {
-                let e = match op {
-                    Op::Add(e) | Op::Occupancy(e, _) => e,
-                };
-                self.outcome(e.kind, reply);
+                if let Op::Add(e) | Op::Occupancy(e, _) = op {
+                    self.outcome(e.kind, reply);
+                }
             }
-            self.unsaved.fetch_sub(ops.len(), Ordering::AcqRel);
-            ops.clear();
+            self.unsaved.fetch_sub(taken, Ordering::AcqRel);
         }
     }
 
@@ -253,27 +295,46 @@ impl Inner {
         }
     }
 
-    async fn heartbeat(&self) -> Result<(), BrokerError> {
-        redis::cmd("SET")
+    /// Sets this node's alive key; whether it was still there.
+    async fn heartbeat(&self) -> Result<bool, BrokerError> {
+        let previous: Option<String> = redis::cmd("SET")
             .arg(self.keys.alive(&self.node))
             .arg(1)
             .arg("PX")
             .arg(self.cfg.lease_ttl.as_millis() as u64)
-            .exec_async(&mut self.conn())
+            .arg("GET")
+            .query_async(&mut self.conn())
             .await
-            .map_err(unavailable)
+            .map_err(unavailable)?;
+        Ok(previous.is_some())
     }
 
     /// Keeps this node's `alive` key; the lease holder also vacates the
-    /// channels of nodes whose key expired.
-    async fn beat(self: Arc<Self>) {
+    /// channels of nodes whose key expired. A key found expired (Redis out
+    /// of reach for `lease_ttl`) means the others may have vacated this
+    /// node's channels: they are written again through the writer (in order
+    /// with what it still holds).
+    async fn beat(self: Arc<Self>, tx: tokio::sync::mpsc::Sender<Op>) {
         let mut tick = tokio::time::interval(self.cfg.lease_ttl / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if let Err(e) = self.heartbeat().await {
-                tracing::warn!(error = %e, "webhook heartbeat failed");
-                continue;
+            match self.heartbeat().await {
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhook heartbeat failed");
+                    continue;
+                }
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!(
+                        "this node's webhook liveness key had expired; its channels are written \
+                         as occupied again"
+                    );
+                    self.unsaved.fetch_add(1, Ordering::AcqRel);
+                    if tx.send(Op::Reassert).await.is_err() {
+                        self.unsaved.fetch_sub(1, Ordering::AcqRel);
+                    }
+                }
             }
             if self.lead().await
                 && let Err(e) = self.sweep().await
@@ -325,12 +386,21 @@ impl Inner {
             for ch in channels {
                 let op =
                     Op::Occupancy(Event::new(EventKind::ChannelVacated, &uid, &ch, None), false);
-                let reply: Value =
-                    self.op_cmd(&op, &uid).query_async(&mut conn).await.map_err(unavailable)?;
+                let reply: Value = self
+                    .op_cmd(&op, &uid, true)
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
                 self.outcome(EventKind::ChannelVacated, &reply);
             }
-            redis::cmd("SREM")
+            // Forgotten only while still dead and without channels: a node
+            // back in time (its `Reassert`) stays known.
+            redis::cmd("EVAL")
+                .arg(&self.forget)
+                .arg(3)
                 .arg(&self.keys.nodes)
+                .arg(self.keys.node(&uid))
+                .arg(self.keys.alive(&uid))
                 .arg(&uid)
                 .exec_async(&mut conn)
                 .await
