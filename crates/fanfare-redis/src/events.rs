@@ -11,7 +11,8 @@
 //!   script that changes it appends `channel_occupied` on its 0 -> 1 and
 //!   `channel_vacated` on its 1 -> 0, atomically. Every node refreshes an
 //!   `alive` key; the lease holder vacates the channels of nodes whose key
-//!   expired (SIGKILL, lost network) through the same script.
+//!   expired (SIGKILL, lost network) through the same script. A live node
+//!   that finds its key expired writes its occupied channels again.
 //! - **Delivering.** The lease holder first re-takes every pending entry
 //!   (XAUTOCLAIM from the start: its own unacked batch, or the one a dead
 //!   holder was delivering), then reads new entries (XREADGROUP `>`); it acks
@@ -198,17 +199,16 @@ impl Inner {
         self.cmd.get()
     }
 
-    /// The script call for one op of `node` (this one, or a dead one being
-    /// `swept`).
-    fn op_cmd(&self, op: &Op, node: &str, swept: bool) -> redis::Cmd {
+    /// The script call writing `e` of `node` (this one, or a dead one being
+    /// `swept`): ADD, or OCCUPANCY when `occupancy` says which transition.
+    fn write_cmd(&self, e: &Event, occupancy: Option<bool>, node: &str, swept: bool) -> redis::Cmd {
         let mut cmd = redis::cmd("EVAL");
-        match op {
-            Op::Reassert => unreachable!("expanded by the writer"),
-            Op::Add(e) => {
+        match occupancy {
+            None => {
                 cmd.arg(&self.add).arg(1).arg(&self.keys.stream);
                 cmd.arg(self.cfg.capacity).arg(e.to_json().as_ref());
             }
-            Op::Occupancy(e, occupied) => {
+            Some(occupied) => {
                 cmd.arg(&self.occupancy)
                     .arg(5)
                     .arg(&self.keys.stream)
@@ -220,7 +220,7 @@ impl Inner {
                     .arg(e.to_json().as_ref())
                     .arg(node)
                     .arg(&e.channel)
-                    .arg(if *occupied { "1" } else { "0" })
+                    .arg(if occupied { "1" } else { "0" })
                     .arg(if self.cfg.mask.has(e.kind) { "1" } else { "0" })
                     .arg(if swept { "1" } else { "0" });
             }
@@ -243,8 +243,7 @@ impl Inner {
             for op in received.drain(..) {
                 match op {
                     Op::Reassert => ops.extend(here.iter().map(|ch| {
-                        let e = Event::new(EventKind::ChannelOccupied, &self.node, ch, None);
-                        Op::Occupancy(e, true)
+                        (Event::new(EventKind::ChannelOccupied, &self.node, ch, None), Some(true))
                     })),
                     Op::Occupancy(e, occupied) => {
                         if occupied {
@@ -252,15 +251,15 @@ impl Inner {
                         } else {
                             here.remove(&e.channel);
                         }
-                        ops.push(Op::Occupancy(e, occupied));
+                        ops.push((e, Some(occupied)));
                     }
-                    add => ops.push(add),
+                    Op::Add(e) => ops.push((e, None)),
                 }
             }
             let mut pipe = redis::Pipeline::with_capacity(ops.len());
             pipe.ignore_errors();
-            for op in &ops {
-                pipe.add_command(self.op_cmd(op, &self.node, false));
+            for (e, occupancy) in &ops {
+                pipe.add_command(self.write_cmd(e, *occupancy, &self.node, false));
             }
             let mut backoff = Duration::from_millis(50);
             let replies = loop {
@@ -273,10 +272,8 @@ impl Inner {
                     }
                 }
             };
-            for (op, reply) in ops.iter().zip(&replies) {
-                if let Op::Add(e) | Op::Occupancy(e, _) = op {
-                    self.outcome(e.kind, reply);
-                }
+            for ((e, _), reply) in ops.iter().zip(&replies) {
+                self.outcome(e.kind, reply);
             }
             self.unsaved.fetch_sub(taken, Ordering::AcqRel);
         }
@@ -384,10 +381,9 @@ impl Inner {
                 "vacating a dead node's channels"
             );
             for ch in channels {
-                let op =
-                    Op::Occupancy(Event::new(EventKind::ChannelVacated, &uid, &ch, None), false);
+                let e = Event::new(EventKind::ChannelVacated, &uid, &ch, None);
                 let reply: Value = self
-                    .op_cmd(&op, &uid, true)
+                    .write_cmd(&e, Some(false), &uid, true)
                     .query_async(&mut conn)
                     .await
                     .map_err(unavailable)?;
