@@ -215,6 +215,17 @@ Milliseconds of a duration string as the configuration writes them ("250ms",
 {{- if and .Values.httpRoute.enabled (empty .Values.httpRoute.parentRefs) }}
 {{- fail "httpRoute.enabled needs httpRoute.parentRefs (the Gateway to attach to)" }}
 {{- end }}
+{{- $webhooks := default dict .Values.config.webhooks }}
+{{- if $webhooks.url }}
+{{- if and (not .Values.secrets.webhookSecret) (not .Values.secrets.existingSecret) }}
+{{- fail "config.webhooks.url needs secrets.webhookSecret (or secrets.existingSecret holding secrets.keys.webhookSecret): receivers verify the signature" }}
+{{- end }}
+{{- if empty $webhooks.events }}
+{{- fail "config.webhooks.url needs config.webhooks.events (the events to send)" }}
+{{- end }}
+{{- else if not (empty $webhooks.events) }}
+{{- fail "config.webhooks.events needs config.webhooks.url" }}
+{{- end }}
 {{- $client := default dict .Values.config.client }}
 {{- if and (hasKey $client "ping_interval") (hasKey $client "pong_timeout") }}
 {{- if ge (include "fanfare.durationMillis" $client.pong_timeout | int64) (include "fanfare.durationMillis" $client.ping_interval | int64) }}
