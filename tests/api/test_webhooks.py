@@ -365,3 +365,32 @@ def test_a_node_whose_liveness_lapsed_gets_its_channels_back_as_occupied(tmp_pat
             if n:
                 n.kill()
         redis.kill()
+
+
+def test_a_delivering_node_stopped_with_sigterm_hands_over_without_waiting_for_its_lease(
+        tmp_path, receiver):
+    redis = Redis()
+    receiver.failing = True
+    toml = node_toml(redis) + hooks_toml(receiver.url, ["connect", "disconnect"],
+                                         lease_ttl="20s")
+    a = b = None
+    try:
+        a = Node(tmp_path, toml, "a")  # takes the lease
+        time.sleep(0.3)
+        b = Node(tmp_path, toml, "b")
+        a.ws("on-a")
+        b.ws("on-b")
+        receiver.wait_for(lambda: receiver.posts[500] >= 1, what="a delivering")
+        a.proc.terminate()
+        assert a.proc.wait(timeout=15) == 0
+        stopped = time.monotonic()
+        receiver.failing = False
+        receiver.wait_for(lambda: receiver.of(type="disconnect", user="on-a"), timeout=10,
+                          what="a's disconnect, delivered by b")
+        assert time.monotonic() - stopped < 5, "b did not wait out a's 20 s lease"
+        assert receiver.of(type="connect", user="on-a") and receiver.of(type="connect", user="on-b")
+    finally:
+        for n in (a, b):
+            if n:
+                n.kill()
+        redis.kill()

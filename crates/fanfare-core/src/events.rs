@@ -170,6 +170,9 @@ pub trait EventQueue: Send + Sync + 'static {
     async fn ack(&self, batch: &Batch) -> Result<(), BrokerError>;
     /// Events waiting for delivery (the queue depth gauge), if known.
     async fn depth(&self) -> Option<u64>;
+    /// This node stops delivering (shutdown): another may take over at once
+    /// instead of after the lease expires.
+    async fn resign(&self) {}
     /// Events this node produced that are not yet where another node could
     /// deliver them (memory: all queued; Redis: not yet written). Shutdown
     /// waits for 0, up to its drain timeout.

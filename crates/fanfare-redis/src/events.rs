@@ -83,6 +83,12 @@ end
 return 0
 "#;
 
+/// Give the lease up. KEYS: lease. ARGV: node uid.
+const RESIGN: &str = r#"
+if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('del', KEYS[1]) end
+return 0
+"#;
+
 /// Drop a dead node from the set of nodes. KEYS: set of nodes, the node's
 /// channel set, its alive key. ARGV: node uid.
 const FORGET: &str = r#"
@@ -147,12 +153,15 @@ struct Inner {
     add: String,
     occupancy: String,
     lease: String,
+    resign: String,
     forget: String,
     /// Pushed but not yet written to Redis.
     unsaved: AtomicUsize,
     /// Dropped since the hand-off last had room (the first is logged).
     dropping: AtomicU64,
     group_ready: AtomicBool,
+    /// Shutting down: never take the lease again.
+    resigned: AtomicBool,
 }
 
 /// See the module docs.
@@ -178,11 +187,13 @@ impl crate::RedisBroker {
             add: script_text(ADD, self.cluster),
             occupancy: script_text(OCCUPANCY, self.cluster),
             lease: script_text(LEASE, self.cluster),
+            resign: script_text(RESIGN, self.cluster),
             forget: script_text(FORGET, self.cluster),
             cfg,
             unsaved: AtomicUsize::new(0),
             dropping: AtomicU64::new(0),
             group_ready: AtomicBool::new(false),
+            resigned: AtomicBool::new(false),
         });
         // Alive before the first occupancy is written: a sweeper must never
         // see this node's channels without its key.
@@ -342,6 +353,9 @@ impl Inner {
     }
 
     async fn lead(&self) -> bool {
+        if self.resigned.load(Ordering::Acquire) {
+            return false;
+        }
         let r: Result<i64, _> = redis::cmd("EVAL")
             .arg(&self.lease)
             .arg(1)
@@ -529,6 +543,20 @@ impl EventQueue for RedisOutbox {
         pipe.cmd("XACK").arg(&keys.stream).arg(GROUP).arg(&batch.ids).ignore();
         pipe.cmd("XDEL").arg(&keys.stream).arg(&batch.ids).ignore();
         pipe.exec_async(&mut self.inner.conn()).await.map_err(unavailable)
+    }
+
+    async fn resign(&self) {
+        self.inner.resigned.store(true, Ordering::Release);
+        let r = redis::cmd("EVAL")
+            .arg(&self.inner.resign)
+            .arg(1)
+            .arg(&self.inner.keys.lease)
+            .arg(&self.inner.node)
+            .exec_async(&mut self.inner.conn())
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "giving the webhook lease up failed; it expires");
+        }
     }
 
     async fn depth(&self) -> Option<u64> {

@@ -246,13 +246,8 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     }
     // Events of the closed sessions (and, with the memory queue, everything
     // not yet delivered) get what is left of the drain timeout.
-    if let Some(q) = &webhooks {
-        while q.unsaved() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if q.unsaved() > 0 {
-            tracing::warn!(events = q.unsaved(), "webhook events not saved or delivered at exit");
-        }
+    if let Some(w) = webhooks {
+        w.stop(deadline).await;
     }
     tracing::info!(remaining = node.num_connections(), "stopped");
     Ok(())

@@ -89,14 +89,42 @@ struct Delivery {
     lease_retry: Duration,
 }
 
+/// Running webhooks: the node's event queue and the delivery task.
+pub struct Webhooks {
+    queue: Arc<dyn EventQueue>,
+    delivery: tokio::task::JoinHandle<()>,
+}
+
+impl Webhooks {
+    /// At shutdown, after the sessions closed: waits (until `deadline`) for
+    /// this node's events to be saved (Redis) or delivered (memory queue),
+    /// then stops delivering and gives the lease up, so another node takes
+    /// over now rather than after `webhooks.lease_ttl`. A POST cut short here
+    /// is not acked and goes out again from the next holder.
+    pub async fn stop(self, deadline: tokio::time::Instant) {
+        while self.queue.unsaved() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if self.queue.unsaved() > 0 {
+            tracing::warn!(
+                events = self.queue.unsaved(),
+                "webhook events not saved or delivered at exit"
+            );
+        }
+        self.delivery.abort();
+        let _ = self.delivery.await;
+        self.queue.resign().await;
+    }
+}
+
 /// Turns webhooks on for `node` (when `webhooks.url` is set): installs the
 /// event queue (the Redis outbox with a Redis broker, the memory queue
-/// otherwise) and starts the delivery task. Returns the queue, for shutdown.
+/// otherwise) and starts the delivery task.
 pub async fn start(
     cfg: &WebhooksSection,
     node: &Node,
     redis: Option<&fanfare_redis::RedisBroker>,
-) -> anyhow::Result<Option<Arc<dyn EventQueue>>> {
+) -> anyhow::Result<Option<Webhooks>> {
     if !cfg.enabled() {
         return Ok(None);
     }
@@ -131,11 +159,14 @@ pub async fn start(
         retry_backoff: cfg.retry_backoff,
         retry_backoff_max: cfg.retry_backoff_max,
         max_attempts: cfg.max_attempts,
-        lease_retry: cfg.lease_ttl / 3,
+        // A resigned lease (SIGTERM) is taken within a second; an expired
+        // one within this after `lease_ttl`. One small script a second per
+        // waiting node.
+        lease_retry: (cfg.lease_ttl / 3).min(Duration::from_secs(1)),
     };
     tracing::info!(url = %cfg.url, events = ?cfg.events, outbox = if redis.is_some() { "redis" } else { "memory" }, "webhooks on");
-    tokio::spawn(delivery.run(queue.clone()));
-    Ok(Some(queue))
+    let delivery = tokio::spawn(delivery.run(queue.clone()));
+    Ok(Some(Webhooks { queue, delivery }))
 }
 
 impl Delivery {
