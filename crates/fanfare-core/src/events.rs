@@ -209,11 +209,6 @@ impl Events {
         self.0.get().filter(|i| i.mask.has(kind))
     }
 
-    /// The installed queue (for the delivery task and shutdown).
-    pub fn queue(&self) -> Option<&Arc<dyn EventQueue>> {
-        self.0.get().map(|i| &i.queue)
-    }
-
     #[inline]
     fn client(&self, kind: EventKind, channel: &str, info: &ClientInfo) {
         if let Some(i) = self.on(kind) {
