@@ -830,6 +830,7 @@ impl Session {
             }
         }
         crate::metrics::hot().connects.increment(1);
+        self.node.events().connect(&self.connected().info);
         let encoding = match self.outbox.codec() {
             Codec::Json => "json",
             Codec::Protobuf => "protobuf",
@@ -924,6 +925,7 @@ impl Session {
             if let Err(e) = self.node.broker().add_presence(channel, (*info).clone(), ttl).await {
                 tracing::warn!(channel, error = %e, "presence add failed");
             }
+            self.node.events().presence_join(channel, &info);
             // The entry expires after `ttl` unless written again: from now on
             // this connection refreshes its entries (`on_deadline`).
             if self.presence_refresh.is_none() {
@@ -944,6 +946,7 @@ impl Session {
             }
             result.publications = crate::delta::recovered(pubs, self.outbox.codec());
         }
+        self.node.events().subscribe(channel, &info);
         self.connected_mut().subs.insert(
             channel.into(),
             Subscription {
@@ -1045,6 +1048,10 @@ impl Session {
         let Some(sub) = self.connected_mut().subs.remove(channel) else {
             return false;
         };
+        if sub.presence {
+            self.node.events().presence_leave(channel, &sub.info);
+        }
+        self.node.events().unsubscribe(channel, &sub.info);
         self.node.unsubscribe_local(channel, self.id).await;
         self.node.subscription_ended();
         let broker = self.node.broker();
@@ -1381,7 +1388,7 @@ impl Session {
 
     /// Ends the session: leaves every channel and unregisters from the node.
     pub async fn close(mut self, code: DisconnectCode) {
-        let _ = self.ended(code);
+        let code = self.ended(code);
         if self.transport.is_emulated() {
             self.node.unregister_emulated(self.id);
         }
@@ -1392,6 +1399,9 @@ impl Session {
         // The timer's entry for this outbox is dropped when its bucket is walked.
         self.outbox.set_armed_tick(0);
         self.close_subscriptions().await;
+        if let Some(c) = &self.conn {
+            self.node.events().disconnect(&c.info, code, &self.outbox);
+        }
         self.node.unregister(self.id);
         self.outbox.release();
     }
