@@ -78,6 +78,10 @@ impl SubMap {
         self.0.iter().map(|(c, s)| (c, s))
     }
 
+    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = (&Arc<str>, &mut Subscription)> {
+        self.0.iter_mut().map(|(c, s)| (&*c, s))
+    }
+
     pub(crate) fn keys(&self) -> impl Iterator<Item = &Arc<str>> {
         self.0.iter().map(|(c, _)| c)
     }

@@ -283,8 +283,28 @@ impl Session {
                 let conn = self.connected_mut();
                 // 0: the connection no longer expires.
                 conn.expires_at = unix_expiry(a.expire_at);
-                if !a.info.is_empty() {
-                    conn.info = Arc::new(ClientInfo { conn_info: a.info, ..(*conn.info).clone() });
+                if a.info.is_empty() {
+                    return Ok(());
+                }
+                // The new info is what others see from now on: in this
+                // connection's publications and presence entries of every
+                // channel (each subscription keeps its own copy, with its
+                // channel info).
+                conn.info =
+                    Arc::new(ClientInfo { conn_info: a.info.clone(), ..(*conn.info).clone() });
+                let mut presence = Vec::new();
+                for (channel, sub) in conn.subs.iter_mut() {
+                    sub.info =
+                        Arc::new(ClientInfo { conn_info: a.info.clone(), ..(*sub.info).clone() });
+                    if sub.presence {
+                        presence.push((channel.clone(), (*sub.info).clone()));
+                    }
+                }
+                let ttl = self.node.config().presence_ttl;
+                for (channel, info) in presence {
+                    if let Err(e) = self.node.broker().add_presence(&channel, info, ttl).await {
+                        tracing::warn!(channel = &*channel, error = %e, "presence update failed");
+                    }
                 }
                 Ok(())
             }

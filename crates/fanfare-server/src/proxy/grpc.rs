@@ -93,7 +93,10 @@ fn status(s: tonic::Status) -> ProxyFailure {
 /// Fields every request has.
 macro_rules! common {
     ($ctx:expr, $data:expr) => {{
-        let encoding = match $ctx.protocol == "json" || fanfare_protocol::is_json($data) {
+        // As the HTTP proxy says it: binary only for data that is not JSON.
+        let binary =
+            $ctx.protocol != "json" && !$data.is_empty() && !fanfare_protocol::is_json($data);
+        let encoding = match !binary {
             true => "json",
             false => "binary",
         };
@@ -151,7 +154,7 @@ impl ProxyBackend for GrpcBackend {
                 })
             }
             ProxyRequest::Refresh => {
-                let (client_id, transport, protocol, encoding) = common!(ctx, &[]);
+                let (client_id, transport, protocol, encoding) = common!(ctx, &Bytes::new());
                 let req = self.request(
                     ctx,
                     pb::RefreshRequest {
@@ -175,7 +178,7 @@ impl ProxyBackend for GrpcBackend {
                 })
             }
             ProxyRequest::SubRefresh { channel } => {
-                let (client_id, transport, protocol, encoding) = common!(ctx, &[]);
+                let (client_id, transport, protocol, encoding) = common!(ctx, &Bytes::new());
                 let req = self.request(
                     ctx,
                     pb::SubRefreshRequest {
