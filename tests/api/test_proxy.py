@@ -50,6 +50,9 @@ def node_config(kind: str, backend, dead_port: int) -> str:
 [api]
 key = "{API_KEY}"
 
+[transports]
+uni_sse = true
+
 [auth]
 hmac_secret = "{SECRET}"
 
@@ -335,6 +338,45 @@ def test_connect_disconnect_answer_and_jwt_bypass(env):
     before = env.calls("connect", "connect", "disconnect")
     asyncio.run(run())
     assert env.calls("connect", "connect", "disconnect") == before + 1
+
+
+def test_connect_proxy_on_uni_sse(env):
+    """A plain EventSource-style client (no SDK, no token): the connect
+    proxy sees transport `uni_sse` and the cookie; the stream gets the
+    connect push and the publications of the answer's channels."""
+    import http.client
+    import json
+    import urllib.parse
+
+    conn = http.client.HTTPConnection("127.0.0.1", env.node.port, timeout=WAIT)
+    q = urllib.parse.quote(json.dumps({"data": {"hello": 1}}))
+    conn.request("GET", f"/connection/uni_sse?cf_connect={q}",
+                 headers={"Cookie": COOKIE.format(user="sse-user"), "Accept": "text/event-stream"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+
+    def next_event():
+        while True:
+            line = resp.fp.readline().decode()
+            assert line, "stream ended"
+            if line.startswith("data:"):
+                return json.loads(line[5:])
+
+    first = next_event()
+    assert "connect" in first, first
+    (call,) = env.backend.of("connect")
+    assert call.req["transport"] == "uni_sse", call.req
+    assert call.req["client"] == first["connect"]["client"]
+    assert call.req["data"] == {"hello": 1}
+    assert call.headers.get("cookie") == COOKIE.format(user="sse-user")
+    st, _ = env.node.api("publish", {"channel": "news", "data": {"to": "sse"}})
+    assert st == 200
+    while True:
+        ev = next_event()
+        if ev.get("channel") == "news" and "pub" in ev:
+            assert ev["pub"]["data"] == {"to": "sse"}
+            break
+    conn.close()
 
 
 # ---------------------------------------------------------------- subscribe
