@@ -261,7 +261,8 @@ def test_connect_by_cookie_user_channels_info_meta_headers(env, protobuf):
         assert call.req["client"] == connected.client
         assert call.req["transport"] == "websocket"
         assert call.req["protocol"] == ("protobuf" if protobuf else "json")
-        assert call.req["encoding"] == ("binary" if protobuf else "json")
+        # No data, or JSON data: encoding json (binary only for non-JSON bytes).
+        assert call.req["encoding"] == "json"
         assert call.req.get("name") == "python", call.req
         assert "user" not in call.req or not call.req["user"]
         # The allow-list and the static headers; nothing else of the client's.
@@ -446,9 +447,10 @@ def test_publish_rejected_and_rewritten(env, protobuf):
         assert call.req["data"] == {"text": "hi"}
         assert call.req["meta"] == {"tenant": "t1", "user": "carol"}
         assert call.req["client"] == pub.client_id
+        # JSON data travels as JSON (HTTP: inline `data`), from either protocol.
+        assert call.req["encoding"] == "json"
         if env.kind == "http":
-            # Centrifugo's HTTP shape: JSON clients' data inline, binary as b64data.
-            assert ("b64data" in call.raw) == protobuf, call.raw
+            assert call.raw["data"] == {"text": "hi"} and "b64data" not in call.raw, call.raw
 
         # Binary data from a Protobuf client, rewritten in binary (on a
         # channel without JSON subscribers, who could not take it).
@@ -459,6 +461,7 @@ def test_publish_rejected_and_rewritten(env, protobuf):
             assert got.pub.data == b"rewritten:\x00\xffraw"
             (bc,) = b.of("publish", channel="chat:binroom")
             assert bc.req["data"] == b"\x00\xffraw"
+            assert bc.req["encoding"] == "binary"
             if env.kind == "http":
                 assert bc.raw["b64data"] == "AP9yYXc=", bc.raw
 
