@@ -42,7 +42,9 @@ def toml_value(v):
 
 def main():
     binary, schema_path = sys.argv[1:3]
-    r = check_config(binary, '[[namespaces]]\nname = "x"\n')
+    # One entry of each list section, so its keys show up.
+    r = check_config(binary, '[[namespaces]]\nname = "x"\n\n'
+                             '[[proxies]]\nname = "p"\nendpoint = "http://127.0.0.1:9/p"\n')
     if r.returncode != 0:
         sys.exit(f"schema keys: check-config failed: {r.stderr}")
     effective = tomllib.loads(r.stdout)

@@ -54,6 +54,16 @@ pub struct Namespace {
     /// empty = none. A subscription that gets one receives publications as
     /// deltas against the previous one where it can (`delta.rs`).
     pub allowed_delta_types: Vec<DeltaType>,
+    /// The `[[proxies]]` entry asked about subscribes without a token
+    /// (empty = none): it decides instead of `allow_subscribe` / `private`.
+    pub subscribe_proxy: String,
+    /// The `[[proxies]]` entry asked about every client publish (empty =
+    /// none): it decides instead of the `allow_publish*` options, and may
+    /// rewrite the data.
+    pub publish_proxy: String,
+    /// The `[[proxies]]` entry asked when a subscription the subscribe proxy
+    /// gave an `expire_at` expires (empty = none: the subscription ends then).
+    pub sub_refresh_proxy: String,
 }
 
 impl Default for Namespace {
@@ -79,6 +89,9 @@ impl Default for Namespace {
             allow_presence_for_client: false,
             allow_presence_for_anonymous: true,
             allowed_delta_types: Vec::new(),
+            subscribe_proxy: String::new(),
+            publish_proxy: String::new(),
+            sub_refresh_proxy: String::new(),
         }
     }
 }

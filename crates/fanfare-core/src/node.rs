@@ -44,6 +44,8 @@ pub struct NodeConfig {
     /// Most publications one client `history` reply carries
     /// (`client.history_max_publication_limit`).
     pub history_max_publications: usize,
+    /// The `[[proxies]]` and which events use them (none by default).
+    pub proxies: crate::proxy::Proxies,
 }
 
 impl Default for NodeConfig {
@@ -61,6 +63,7 @@ impl Default for NodeConfig {
             data_rules: crate::ingress::DataRules::default(),
             recovery_max_publications: 300,
             history_max_publications: 300,
+            proxies: crate::proxy::Proxies::default(),
         }
     }
 }

@@ -35,6 +35,8 @@ use crate::node::Node;
 use crate::outbox::{Directive, Outbox};
 use crate::subscriptions::{SubMap, Subscription};
 
+mod proxied;
+
 /// How a command failed: a reply error (connection stays) or a disconnect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fail {
@@ -55,6 +57,27 @@ impl From<ChannelError> for Fail {
             ChannelError::UnknownNamespace => Fail::Error(ErrorCode::UNKNOWN_CHANNEL),
         }
     }
+}
+
+/// Who a connecting client is: from its token, the connect proxy, or nobody
+/// (anonymous).
+#[derive(Debug, Default)]
+struct Identity {
+    user: String,
+    conn_info: Bytes,
+    /// Unix seconds.
+    expires_at: Option<u64>,
+    /// Server-side subscriptions.
+    channels: Vec<String>,
+    /// The connect reply's `data`.
+    data: Bytes,
+    /// Server-side subscriptions with their options (connect proxy `subs`).
+    subs: Vec<(String, crate::proxy::SubOptions)>,
+}
+
+/// A backend's `expire_at` (Unix seconds, 0 = never) as an expiry.
+fn unix_expiry(expire_at: i64) -> Option<u64> {
+    u64::try_from(expire_at).ok().filter(|&e| e > 0)
 }
 
 /// State that exists once `connect` succeeded.
@@ -84,6 +107,9 @@ pub struct Session {
     /// The transport carrying this session (for metrics; a unidirectional
     /// one changes behaviour, see [`Transport::is_unidirectional`]).
     transport: Transport,
+    /// Forwarded headers, connection meta and the proxy call this session
+    /// waits for (allocated only for connections that use proxies).
+    proxy: Option<Box<proxied::ProxyState>>,
 }
 
 /// The transport a session runs over. A unidirectional one: the client only
@@ -145,6 +171,23 @@ type PendingBatch = Pin<Box<dyn Future<Output = Vec<(u32, bool)>> + Send>>;
 /// Publishes one connection may have waiting for the broker; beyond this the
 /// transport stops reading from the client until some are answered.
 pub const MAX_PUBLISHES_IN_FLIGHT: usize = 256;
+
+/// Something a session waited for happened ([`Session::next_event`]).
+pub struct Event(EventKind);
+
+enum EventKind {
+    Published(Vec<(u32, bool)>),
+    Answered(Result<crate::proxy::ProxyAnswer, crate::proxy::ProxyFailure>),
+}
+
+/// The subscriptions of `conn` whose expiry passed.
+fn conn_expired_subs(conn: &Connected, unix: u64) -> Vec<Arc<str>> {
+    conn.subs
+        .iter()
+        .filter(|(_, s)| s.expires_at.is_some_and(|e| unix >= e))
+        .map(|(c, _)| c.clone())
+        .collect()
+}
 
 /// Bytes `pubs` take in a reply, estimated generously (field names, offsets,
 /// escaping of ids); the encoded reply is checked again in `Session::send`.
@@ -251,6 +294,7 @@ impl Session {
             publishing: None,
             end_counted: false,
             transport: Transport::WebSocket,
+            proxy: None,
         })
     }
 
@@ -307,6 +351,11 @@ impl Session {
         for p in [self.pong_deadline, self.presence_refresh].into_iter().flatten() {
             d = d.min(p);
         }
+        if self.waiting().is_some() {
+            // Expiries are looked at again once the call is answered (a
+            // refresh through the proxy may be what is waiting).
+            return d;
+        }
         if let Some(e) = conn.expires_at {
             d = d.min(instant_at(e));
         }
@@ -331,16 +380,27 @@ impl Session {
             return Err(DisconnectCode::NO_PONG);
         }
         let unix = unix_now();
-        if conn.expires_at.is_some_and(|e| unix >= e) {
-            return Err(DisconnectCode::EXPIRED);
+        let waiting = self.waiting().is_some();
+        if !waiting && conn.expires_at.is_some_and(|e| unix >= e) {
+            match self.node.config().proxies.refresh().cloned() {
+                Some(proxy) => self.start_refresh_proxy(&proxy),
+                None => return Err(DisconnectCode::EXPIRED),
+            }
         }
-        let expired: Vec<Arc<str>> = conn
-            .subs
-            .iter()
-            .filter(|(_, s)| s.expires_at.is_some_and(|e| unix >= e))
-            .map(|(c, _)| c.clone())
-            .collect();
+        let expired: Vec<Arc<str>> = match waiting || self.waiting().is_some() {
+            true => Vec::new(),
+            false => conn_expired_subs(self.connected(), unix),
+        };
         for channel in expired {
+            let ns = self.node.rules().namespace(&channel).ok();
+            if let Some(proxy) =
+                ns.and_then(|ns| self.node.config().proxies.named(&ns.sub_refresh_proxy))
+            {
+                // One at a time: the others are looked at once it is answered.
+                let proxy = proxy.clone();
+                self.start_sub_refresh_proxy(&proxy, channel);
+                break;
+            }
             // 2501: the SDK resubscribes with a fresh token.
             self.leave_channel(&channel).await;
             self.send(Reply::push(
@@ -467,8 +527,14 @@ impl Session {
             DisconnectCode::BAD_REQUEST
         })?;
         crate::metrics::hot().messages_received.increment(commands.len() as u64);
-        for cmd in commands {
+        let mut commands = commands.into_iter();
+        while let Some(cmd) = commands.next() {
             self.handle_command(cmd).await?;
+            if let Some(w) = self.waiting_mut() {
+                // A proxy call started: the rest waits for its answer, in order.
+                w.queued.extend(commands);
+                break;
+            }
         }
         Ok(())
     }
@@ -540,8 +606,7 @@ impl Session {
             }
             Request::Empty => Err(Fail::Error(ErrorCode::METHOD_NOT_FOUND)),
             Request::Send { .. } => return Ok(()),
-            // No RPC handler (proxy) is configured: 108, as Centrifugo answers.
-            Request::Rpc { .. } => Err(Fail::Error(ErrorCode::NOT_AVAILABLE)),
+            Request::Rpc { method, data } => self.rpc(id, method, data),
             Request::Ping => Ok(Some(ReplyBody::Ping)),
             Request::Subscribe(req) => self.subscribe(id, req).await,
             Request::Unsubscribe { channel } => self.unsubscribe(&channel).await,
@@ -578,15 +643,30 @@ impl Session {
     }
 
     async fn connect(&mut self, id: u32, req: ConnectRequest) -> Result<Option<ReplyBody>, Fail> {
+        // A version 4 UUID from the thread's ChaCha generator (seeded from the
+        // OS): `Uuid::new_v4` asks the kernel (getrandom) on every connect.
+        let client: Arc<str> =
+            uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string().into();
         let auth = self.node.auth();
-        let (user, conn_info, expires_at, channels) = if req.token.is_empty() {
+        let identity = if req.token.is_empty() {
+            if let Some(proxy) = self.node.config().proxies.connect().cloned() {
+                // Cookie or header auth: the backend says who this is.
+                self.start_connect_proxy(&proxy, id, req, client);
+                return Ok(None);
+            }
             if !auth.allow_anonymous() {
                 return Err(Fail::Disconnect(DisconnectCode::INVALID_TOKEN));
             }
-            (String::new(), Bytes::new(), None, Vec::new())
+            Identity::default()
         } else {
             match auth.verify_connect(&req.token) {
-                Ok(c) => (c.sub, info_bytes(&c.info), c.exp, c.channels),
+                Ok(c) => Identity {
+                    user: c.sub,
+                    conn_info: info_bytes(&c.info),
+                    expires_at: c.exp,
+                    channels: c.channels,
+                    ..Default::default()
+                },
                 Err(AuthError::Expired) => return Err(Fail::Error(ErrorCode::TOKEN_EXPIRED)),
                 Err(e) => {
                     tracing::debug!(session = self.id, error = %e, "connect token refused");
@@ -594,6 +674,18 @@ impl Session {
                 }
             }
         };
+        self.connect_as(id, req, client, identity).await
+    }
+
+    /// Connects as `identity` (from a token, the connect proxy or anonymous).
+    async fn connect_as(
+        &mut self,
+        id: u32,
+        req: ConnectRequest,
+        client: Arc<str>,
+        identity: Identity,
+    ) -> Result<Option<ReplyBody>, Fail> {
+        let Identity { user, conn_info, expires_at, channels, data, subs: granted } = identity;
         // A unidirectional client cannot subscribe by itself: the channels it
         // names in `subs` are joined for it, with the permission a subscribe
         // command without token would need.
@@ -614,10 +706,6 @@ impl Session {
                 requested.push(channel.clone());
             }
         }
-        // A version 4 UUID from the thread's ChaCha generator (seeded from the
-        // OS): `Uuid::new_v4` asks the kernel (getrandom) on every connect.
-        let client: Arc<str> =
-            uuid::Builder::from_random_bytes(rand::random()).into_uuid().to_string().into();
         let info = Arc::new(ClientInfo {
             user: if user.is_empty() { anonymous_user() } else { user.as_str().into() },
             client: client.clone(),
@@ -633,6 +721,11 @@ impl Session {
             server_channels.push(personal_channel(&user));
         }
         server_channels.extend(channels);
+        for (channel, _) in &granted {
+            if !server_channels.contains(channel) {
+                server_channels.push(channel.clone());
+            }
+        }
         for channel in requested {
             if !server_channels.contains(&channel) {
                 server_channels.push(channel);
@@ -662,8 +755,18 @@ impl Session {
                 sub_req.recoverable = true;
                 sub_req.positioned = true;
             }
-            match self.join_channel(&channel, &sub_req, &ns, Bytes::new(), None, true).await {
+            // Options the connect proxy gave this channel.
+            let opts = granted.iter().find(|(c, _)| *c == channel).map(|(_, o)| o.clone());
+            let opts = opts.unwrap_or_default();
+            let sub_expires = unix_expiry(opts.expire_at);
+            match self.join_channel(&channel, &sub_req, &ns, opts.info, sub_expires, true).await {
                 Ok((mut result, subscriber)) => {
+                    result.data = opts.data;
+                    if sub_expires.is_some() && !ns.sub_refresh_proxy.is_empty() {
+                        // The node refreshes it through the proxy, not the client.
+                        result.expires = false;
+                        result.ttl = 0;
+                    }
                     // Recovered lists of all server-side channels share one
                     // connect reply, and so its budget.
                     recovered_size += estimated_size(&result.publications);
@@ -684,12 +787,15 @@ impl Session {
         }
 
         let cfg = self.node.config();
+        // With a refresh proxy the node refreshes expiring connections itself
+        // (asking the backend); the client is not told to.
+        let client_refresh = expires_at.filter(|_| cfg.proxies.refresh().is_none());
         let result = ConnectResult {
             client: client.to_string(),
             version: cfg.version.clone(),
-            expires: expires_at.is_some(),
-            ttl: expires_at.map_or(0, ttl_until),
-            data: Bytes::new(),
+            expires: client_refresh.is_some(),
+            ttl: client_refresh.map_or(0, ttl_until),
+            data,
             subs,
             ping: cfg.ping_interval.as_secs() as u32,
             pong: self.transport.expects_pong(),
@@ -878,11 +984,35 @@ impl Session {
             }
             chan_info = info_bytes(&claims.info);
             expires_at = claims.exp;
+        } else if let Some(proxy) = self.node.config().proxies.named(&ns.subscribe_proxy).cloned() {
+            // The backend decides (instead of allow_subscribe / private).
+            self.start_subscribe_proxy(&proxy, id, req);
+            return Ok(None);
         } else if ns.private || !ns.allow_subscribe {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
-        let (result, subscriber) =
-            self.join_channel(&channel, &req, &ns, chan_info, expires_at, false).await?;
+        self.subscribe_granted(id, &req, &ns, chan_info, expires_at, Bytes::new()).await
+    }
+
+    /// Joins a channel the client may subscribe to and replies.
+    async fn subscribe_granted(
+        &mut self,
+        id: u32,
+        req: &SubscribeRequest,
+        ns: &Namespace,
+        chan_info: Bytes,
+        expires_at: Option<u64>,
+        data: Bytes,
+    ) -> Result<Option<ReplyBody>, Fail> {
+        let channel = req.channel.as_str();
+        let (mut result, subscriber) =
+            self.join_channel(channel, req, ns, chan_info, expires_at, false).await?;
+        result.data = data;
+        if expires_at.is_some() && !ns.sub_refresh_proxy.is_empty() {
+            // The node refreshes it through the proxy, not the client.
+            result.expires = false;
+            result.ttl = 0;
+        }
         let offset = result.offset;
         // A delta subscription's client holds the last recovered publication;
         // with none recovered it holds nothing we can vouch for (an SDK may
@@ -891,7 +1021,7 @@ impl Session {
         self.send(Reply::new(id, ReplyBody::Subscribe(Box::new(result))));
         subscriber.go_live_with_base(offset, delta_base);
         if ns.join_leave {
-            self.announce_join(&channel).await;
+            self.announce_join(channel).await;
         }
         Ok(None)
     }
@@ -936,10 +1066,11 @@ impl Session {
         if data.is_empty() {
             return Err(ErrorCode::BAD_REQUEST.into());
         }
+        let proxy = self.node.config().proxies.named(&ns.publish_proxy).cloned();
         let subscribed = self.connected().subs.contains_key(channel.as_str());
-        if !(ns.allow_publish || (ns.allow_publish_for_subscriber && subscribed))
-            || channel.starts_with('#')
-        {
+        let allowed =
+            proxy.is_some() || ns.allow_publish || (ns.allow_publish_for_subscriber && subscribed);
+        if !allowed || channel.starts_with('#') {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
         // Protobuf clients may publish any bytes (JSON clients cannot receive
@@ -958,18 +1089,32 @@ impl Session {
                 return Err(ErrorCode::BAD_REQUEST.into());
             }
         };
-        let opts = Node::publish_options(ns);
-        let conn = self.connected();
-        let info =
-            conn.subs.get(channel.as_str()).map_or_else(|| conn.info.clone(), |s| s.info.clone());
-        let publication = Publication { data, info: Some(info), ..Default::default() };
-        let item = PublishItem { channel, publication, opts };
-        if let Some(p) = &mut self.publishing {
-            p.queued.push((id, item));
+        if let Some(proxy) = proxy {
+            // Commands after this one wait for the answer, so publications
+            // keep the client's order.
+            self.start_publish_proxy(&proxy, id, channel, data);
             return Ok(None);
         }
-        self.send_batch(vec![(id, item)]);
+        let opts = Node::publish_options(ns);
+        let publication = Publication { data, ..Default::default() };
+        self.enqueue_publish(id, PublishItem { channel, publication, opts });
         Ok(None)
+    }
+
+    /// Sends an accepted publish to the broker (with this client's info), or
+    /// queues it behind the batch the broker has.
+    fn enqueue_publish(&mut self, id: u32, mut item: PublishItem) {
+        let conn = self.connected();
+        let info = conn
+            .subs
+            .get(item.channel.as_str())
+            .map_or_else(|| conn.info.clone(), |s| s.info.clone());
+        item.publication.info = Some(info);
+        if let Some(p) = &mut self.publishing {
+            p.queued.push((id, item));
+            return;
+        }
+        self.send_batch(vec![(id, item)]);
     }
 
     /// Starts `batch` at the broker. Replies at once to what completes at once.
@@ -1012,14 +1157,56 @@ impl Session {
         self.publishing.as_ref().map_or(0, |p| p.sent_len + p.queued.len())
     }
 
+    /// Whether the transport should read the client's next commands: not
+    /// while too many publishes wait for the broker, nor while a proxy call
+    /// waits for the backend (the commands behind it would queue unbounded).
+    pub fn accepts_input(&self) -> bool {
+        self.publishes_in_flight() < MAX_PUBLISHES_IN_FLIGHT && self.waiting().is_none()
+    }
+
+    /// Waits until the broker answers the batch it has or the backend answers
+    /// the proxy call this session waits for; hand the result to
+    /// [`Session::handle_event`] at once. Never resolves when nothing is out.
+    /// Cancel-safe: it only polls futures the session keeps.
+    pub async fn next_event(&mut self) -> Event {
+        std::future::poll_fn(|cx| {
+            if let Some(p) = self.publishing.as_mut()
+                && let Poll::Ready(done) = p.sent.get_mut().as_mut().poll(cx)
+            {
+                return Poll::Ready(Event(EventKind::Published(done)));
+            }
+            if let Some(w) = self.waiting_mut()
+                && let Poll::Ready(answer) = w.call.get_mut().as_mut().poll(cx)
+            {
+                return Poll::Ready(Event(EventKind::Answered(answer)));
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Acts on what [`Session::next_event`] returned: replies to a batch of
+    /// publishes and sends the next one, or goes on with the command (or
+    /// timer) that waited for the backend, then with the commands queued
+    /// behind it.
+    pub async fn handle_event(&mut self, event: Event) -> Result<(), DisconnectCode> {
+        match event.0 {
+            EventKind::Published(done) => self.batch_done(done),
+            EventKind::Answered(answer) => self.proxy_answered(answer).await,
+        }
+    }
+
     /// Waits until the broker answers the batch it has, replies to each of its
     /// publishes and sends the next batch. Never resolves when no batch is out.
-    /// Cancel-safe.
-    pub async fn publish_done(&mut self) -> Result<(), DisconnectCode> {
+    async fn publish_done(&mut self) -> Result<(), DisconnectCode> {
         let Some(p) = self.publishing.as_mut() else {
             return std::future::pending().await;
         };
         let done = p.sent.get_mut().await;
+        self.batch_done(done)
+    }
+
+    fn batch_done(&mut self, done: Vec<(u32, bool)>) -> Result<(), DisconnectCode> {
         let p = self.publishing.take().expect("a batch was out");
         for (id, ok) in done {
             self.finish(id, publish_reply(ok))?;

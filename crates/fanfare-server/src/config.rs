@@ -27,6 +27,35 @@ pub struct Settings {
     pub log: LogSection,
     pub transports: TransportsSection,
     pub namespaces: Vec<Namespace>,
+    /// Backends the node asks about clients (`client.connect_proxy`,
+    /// namespace `subscribe_proxy`, ...), by name.
+    pub proxies: Vec<ProxySection>,
+}
+
+/// One `[[proxies]]` entry: an application backend speaking Centrifugo's
+/// proxy protocol.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySection {
+    /// What `client.*_proxy` and the namespaces' `*_proxy` options name.
+    pub name: String,
+    /// `http://` or `https://` URL (each call is a JSON POST to it), or
+    /// `grpc://host:port` (service `centrifugal.centrifugo.proxy.CentrifugoProxy`).
+    pub endpoint: String,
+    /// A call unanswered after this long fails: the client gets error 100.
+    #[serde(with = "humantime_serde", default = "default_proxy_timeout")]
+    pub timeout: Duration,
+    /// Client request headers forwarded to the backend (as gRPC metadata for
+    /// a gRPC one), e.g. `["Cookie", "Authorization"]`.
+    #[serde(default)]
+    pub http_headers: Vec<String>,
+    /// Headers (metadata) added to every call of this proxy.
+    #[serde(default)]
+    pub static_headers: std::collections::BTreeMap<String, String>,
+}
+
+fn default_proxy_timeout() -> Duration {
+    Duration::from_secs(1)
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -281,6 +310,15 @@ pub struct ClientSection {
     pub recovery_max_publication_limit: usize,
     /// Most publications in one client `history` reply.
     pub history_max_publication_limit: usize,
+    /// The `[[proxies]]` entry asked who a client connecting without a token
+    /// is (cookie or header auth); empty = none.
+    pub connect_proxy: String,
+    /// The `[[proxies]]` entry asked when a connection's `expire_at` passes
+    /// (the node refreshes it; clients are not asked for tokens); empty = none.
+    pub refresh_proxy: String,
+    /// The `[[proxies]]` entry that answers client RPC commands (and the
+    /// Centrifugo-compatible API's `rpc`); empty = none (108).
+    pub rpc_proxy: String,
 }
 
 impl Default for ClientSection {
@@ -298,6 +336,9 @@ impl Default for ClientSection {
             max_channels: n.max_channels,
             presence_ttl: n.presence_ttl,
             write_delay: n.write_delay,
+            connect_proxy: String::new(),
+            refresh_proxy: String::new(),
+            rpc_proxy: String::new(),
         }
     }
 }
@@ -501,6 +542,51 @@ impl Settings {
         }
         self.channel_rules()?;
         fanfare_core::Authenticator::new(&self.auth).map_err(|e| anyhow::anyhow!(e))?;
+        self.validate_proxies()
+    }
+
+    fn validate_proxies(&self) -> anyhow::Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in self.proxies.iter().enumerate() {
+            if p.name.is_empty() {
+                bail!("proxies[{i}].name: must not be empty");
+            }
+            if !names.insert(p.name.as_str()) {
+                bail!("proxies[{i}].name: {:?} is used by another [[proxies]] entry", p.name);
+            }
+            crate::proxy::Endpoint::parse(&p.endpoint)
+                .map_err(|e| anyhow::anyhow!("proxies[{i}].endpoint: {e}"))?;
+            if p.timeout < Duration::from_millis(10) || p.timeout > Duration::from_secs(60) {
+                bail!("proxies[{i}].timeout: must be between 10ms and 60s");
+            }
+            for h in &p.http_headers {
+                if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                    bail!("proxies[{i}].http_headers: {h:?} is not a header name");
+                }
+            }
+            for (k, v) in &p.static_headers {
+                if http::HeaderName::from_bytes(k.as_bytes()).is_err()
+                    || http::HeaderValue::from_str(v).is_err()
+                {
+                    bail!("proxies[{i}].static_headers: {k:?} = {v:?} is not a valid header");
+                }
+            }
+        }
+        let known = |key: String, name: &str| {
+            if name.is_empty() || names.contains(name) {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("{key}: no [[proxies]] entry is named {name:?}"))
+            }
+        };
+        known("client.connect_proxy".into(), &self.client.connect_proxy)?;
+        known("client.refresh_proxy".into(), &self.client.refresh_proxy)?;
+        known("client.rpc_proxy".into(), &self.client.rpc_proxy)?;
+        for (i, ns) in self.namespaces.iter().enumerate() {
+            known(format!("namespaces[{i}].subscribe_proxy"), &ns.subscribe_proxy)?;
+            known(format!("namespaces[{i}].publish_proxy"), &ns.publish_proxy)?;
+            known(format!("namespaces[{i}].sub_refresh_proxy"), &ns.sub_refresh_proxy)?;
+        }
         Ok(())
     }
 
@@ -619,6 +705,31 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("memory.sweep_interval"), "{e}");
+    }
+
+    #[test]
+    fn proxy_names_endpoints_and_headers_are_checked_naming_the_key() {
+        let load = |toml: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("f.toml");
+            std::fs::write(&path, toml).unwrap();
+            Settings::load_with_env(Some(&path), std::collections::HashMap::new())
+                .map_err(|e| e.to_string())
+        };
+        let proxy = "[[proxies]]\nname = \"app\"\nendpoint = \"http://127.0.0.1:1/c\"\n";
+        let s = load(&format!("[client]\nconnect_proxy = \"app\"\n{proxy}")).unwrap();
+        assert_eq!(s.proxies[0].timeout, Duration::from_secs(1));
+        let err = load("[client]\nrpc_proxy = \"nope\"\n").unwrap_err();
+        assert!(err.contains("client.rpc_proxy") && err.contains("nope"), "{err}");
+        let err = load(&format!("{proxy}[[namespaces]]\nname = \"x\"\npublish_proxy = \"b\"\n"))
+            .unwrap_err();
+        assert!(err.contains("namespaces[0].publish_proxy"), "{err}");
+        let err = load("[[proxies]]\nname = \"a\"\nendpoint = \"tcp://x:1\"\n").unwrap_err();
+        assert!(err.contains("proxies[0].endpoint"), "{err}");
+        let err = load(&format!("{proxy}{proxy}")).unwrap_err();
+        assert!(err.contains("proxies[1].name"), "{err}");
+        let err = load(&format!("{proxy}http_headers = [\"bad header\"]\n")).unwrap_err();
+        assert!(err.contains("proxies[0].http_headers"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,12 @@ pub mod pb {
     tonic::include_proto!("fanfare.v1");
 }
 
+/// `centrifugal.centrifugo.proxy` from proto/centrifugo/proxy.proto: the
+/// proxy protocol's client (the node) and server (backends in tests).
+pub mod proxy_pb {
+    tonic::include_proto!("centrifugal.centrifugo.proxy");
+}
+
 /// Encoded descriptors of `fanfare.v1`, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/control_descriptor.bin"));

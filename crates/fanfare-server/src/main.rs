@@ -7,6 +7,7 @@ mod grpc;
 mod grpc_transport;
 mod heap;
 mod http;
+mod proxy;
 mod transport;
 
 use std::path::PathBuf;
@@ -151,7 +152,9 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     if settings.api.key.is_empty() {
         tracing::warn!("api.key is not set: the control API will answer loopback callers only");
     }
-    let node_cfg = settings.node_config();
+    let mut node_cfg = settings.node_config();
+    node_cfg.proxies = proxy::build(&settings)?;
+    fanfare_core::proxy::describe_metrics();
     let broker: Arc<dyn Broker> = match settings.broker.kind {
         BrokerKind::Memory => Arc::new(MemoryBroker::with_config(settings.memory.broker_config())),
         BrokerKind::Redis => Arc::new(

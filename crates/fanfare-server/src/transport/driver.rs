@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fanfare_core::metrics::hot;
-use fanfare_core::{MAX_PUBLISHES_IN_FLIGHT, Outbox, Session};
+use fanfare_core::{Outbox, Session};
 use fanfare_protocol::DisconnectCode;
 
 /// What a wire read from the client. `T` says where (a wire's own token,
@@ -96,14 +96,19 @@ pub(crate) async fn drive<W: Wire>(
                     Err(code) => break End::Gone(code),
                 }
             }
-            r = session.publish_done() => {
-                if let Err(code) = r {
+            // The broker answered a batch of publishes, or the backend a
+            // proxy call (the select only polls the session's own futures,
+            // so dropping this arm loses nothing).
+            event = session.next_event() => {
+                if let Err(code) = Box::pin(session.handle_event(event)).await {
                     break End::Close(code);
                 }
+                session.arm_timer();
             }
-            // While too many publishes wait for the broker, leave the client's
-            // commands unread (backpressure instead of an unbounded queue).
-            input = wire.read(), if session.publishes_in_flight() < MAX_PUBLISHES_IN_FLIGHT => {
+            // While too many publishes wait for the broker, or a proxy call
+            // for the backend, leave the client's commands unread
+            // (backpressure instead of an unbounded queue).
+            input = wire.read(), if session.accepts_input() => {
                 let res = match input {
                     Input::Frame(at) => Box::pin(session.handle_frame(wire.frame(at))).await,
                     Input::Control(at) => match Box::pin(wire.answer(at, *write_timeout)).await {

@@ -34,8 +34,8 @@ use fanfare_core::emulation::Inbox;
 use super::driver::{End, Input, Wire, account_received, drive};
 use super::websocket::WsOptions;
 use super::{
-    AnyBody, BodySender, ReqBody, StreamBody, disconnect_json, read_body, refuse, streamed,
-    url_param,
+    AnyBody, BodySender, ReqBody, StreamBody, disconnect_json, proxy_headers, read_body, refuse,
+    streamed, url_param,
 };
 
 /// Which emulated transport.
@@ -70,6 +70,7 @@ pub async fn connect(
     if node.is_draining() {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, disconnect_json(DisconnectCode::SHUTDOWN));
     }
+    let headers = proxy_headers(&node, req.headers());
     let (codec, commands) = match stream {
         Stream::Sse => {
             let query = req.uri().query().unwrap_or("");
@@ -110,6 +111,7 @@ pub async fn connect(
     let Some((mut session, inbox)) = Session::new_emulated(node, codec, transport) else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, disconnect_json(DisconnectCode::SHUTDOWN));
     };
+    session.set_proxy_headers(headers);
     let (tx, body) = StreamBody::channel();
     let write_timeout = opts.write_timeout;
     tokio::spawn(async move {

@@ -285,6 +285,16 @@ impl Cors {
 
 /// The `{"disconnect": {...}}` body of a refused connect (and the last
 /// message of a unidirectional stream).
+/// The client headers some `[[proxies]]` entry forwards (`http_headers`),
+/// taken from the request that opens a connection. None, and no allocation,
+/// when no proxy forwards headers.
+pub(crate) fn proxy_headers(
+    node: &fanfare_core::Node,
+    headers: &HeaderMap,
+) -> Option<Arc<fanfare_core::proxy::Headers>> {
+    node.config().proxies.capture(|name| headers.get(name).and_then(|v| v.to_str().ok()))
+}
+
 pub(crate) fn disconnect_json(code: fanfare_protocol::DisconnectCode) -> Value {
     json!({"disconnect": {"code": code.0, "reason": code.reason()}})
 }

@@ -35,10 +35,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::driver::{End, Input, Wire, drive};
 use super::websocket::{WsOptions, answer_ping, send_close};
+use std::sync::Arc;
+
 use super::{
-    AnyBody, BodySender, ReqBody, StreamBody, disconnect_json, read_body, refuse, streamed,
-    url_param,
+    AnyBody, BodySender, ReqBody, StreamBody, disconnect_json, proxy_headers, read_body, refuse,
+    streamed, url_param,
 };
+use fanfare_core::proxy::Headers;
 
 /// Which unidirectional transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,6 +86,7 @@ pub async fn handle(
     if node.is_draining() {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, disconnect_json(DisconnectCode::SHUTDOWN));
     }
+    let headers = proxy_headers(&node, req.headers());
     // `Last-Event-ID`, sent by a reconnecting EventSource: recover from there.
     let resume = match (framing, req.headers().get("last-event-id")) {
         (Framing::Sse, Some(id)) => positions_from_event_id(id.to_str().unwrap_or("")),
@@ -113,7 +117,7 @@ pub async fn handle(
             );
         }
     };
-    start(node, connect.take(), framing, opts.write_timeout, resume).await
+    start(node, connect.take(), framing, opts.write_timeout, resume, headers).await
 }
 
 /// Adds `recover` positions for the channels of a `Last-Event-ID` to the
@@ -139,6 +143,7 @@ async fn start(
     framing: Framing,
     write_timeout: Duration,
     resume: Vec<Position>,
+    headers: Option<Arc<Headers>>,
 ) -> Response<AnyBody> {
     add_recovery(&mut connect, &resume);
     let transport = match framing {
@@ -148,8 +153,13 @@ async fn start(
     let Some(mut session) = Session::new_unidirectional(node, Codec::Json, transport) else {
         return refuse(StatusCode::SERVICE_UNAVAILABLE, disconnect_json(DisconnectCode::SHUTDOWN));
     };
+    session.set_proxy_headers(headers);
     let frame = json!({"id": 1, "connect": connect}).to_string();
-    if let Err(code) = session.handle_frame(frame.as_bytes()).await {
+    let connected = match session.handle_frame(frame.as_bytes()).await {
+        Ok(()) => session.settle().await,
+        Err(code) => Err(code),
+    };
+    if let Err(code) = connected {
         let status = match code {
             DisconnectCode::INVALID_TOKEN => StatusCode::UNAUTHORIZED,
             _ => StatusCode::BAD_REQUEST,
@@ -364,8 +374,12 @@ fn refused_close(code: Option<u64>) -> DisconnectCode {
 /// own (a plain client parses one JSON value per message), pings as `{}`.
 /// Messages from the client after the connect request are ignored; its
 /// WebSocket pings are answered and its close ends the connection.
-pub async fn serve_websocket<S>(conn: &mut WsConn<S>, node: Node, opts: &WsOptions)
-where
+pub async fn serve_websocket<S>(
+    conn: &mut WsConn<S>,
+    node: Node,
+    opts: &WsOptions,
+    headers: Option<Arc<Headers>>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let connect_timeout = node.config().connect_timeout;
@@ -385,8 +399,13 @@ where
     else {
         return send_close(conn, DisconnectCode::SHUTDOWN, None, opts.write_timeout).await;
     };
+    session.set_proxy_headers(headers);
     let frame = json!({"id": 1, "connect": connect}).to_string();
-    if let Err(code) = session.handle_frame(frame.as_bytes()).await {
+    let connected = match session.handle_frame(frame.as_bytes()).await {
+        Ok(()) => session.settle().await,
+        Err(code) => Err(code),
+    };
+    if let Err(code) = connected {
         let code = session.ended(code);
         send_close(conn, code, None, opts.write_timeout).await;
         return session.close(code).await;

@@ -16,7 +16,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use super::driver::{End, Input, Wire, account_received, drive};
+use super::proxy_headers;
 use crate::http::{Body, plain};
+use fanfare_core::proxy::Headers;
 
 /// Largest frame the writer builds when batching queued messages.
 const MAX_BATCH_FRAME: usize = 64 * 1024;
@@ -76,6 +78,7 @@ pub fn upgrade(
         return plain(StatusCode::SERVICE_UNAVAILABLE, "node is shutting down\n");
     }
     let (codec, subprotocol) = negotiate(&req);
+    let headers = proxy_headers(&node, req.headers());
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
@@ -98,11 +101,11 @@ pub fn upgrade(
                 // bidirectional connection's task as small as before.
                 if mode == Mode::Unidirectional {
                     tokio::spawn(async move {
-                        super::uni::serve_websocket(&mut conn, node, &opts).await
+                        super::uni::serve_websocket(&mut conn, node, &opts, headers).await
                     });
                     return;
                 }
-                let task = async move { serve(&mut conn, node, codec, opts).await };
+                let task = async move { serve(&mut conn, node, codec, opts, headers).await };
                 tracing::trace!(bytes = std::mem::size_of_val(&task), "connection task future");
                 tokio::spawn(task);
             }
@@ -110,9 +113,9 @@ pub fn upgrade(
                 let mut conn = opts.conn(TokioIo::new(upgraded), &[]);
                 tokio::spawn(async move {
                     match mode {
-                        Mode::Bidirectional => serve(&mut conn, node, codec, opts).await,
+                        Mode::Bidirectional => serve(&mut conn, node, codec, opts, headers).await,
                         Mode::Unidirectional => {
-                            super::uni::serve_websocket(&mut conn, node, &opts).await
+                            super::uni::serve_websocket(&mut conn, node, &opts, headers).await
                         }
                     }
                 });
@@ -250,8 +253,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<'_, S> {
 /// Runs one connection. Takes the connection by reference: an `async fn`
 /// keeps its by-value arguments for its whole life next to the locals they
 /// move into, which would store the connection twice in every task.
-async fn serve<S>(conn: &mut WsConn<S>, node: Node, codec: Codec, opts: Arc<WsOptions>)
-where
+async fn serve<S>(
+    conn: &mut WsConn<S>,
+    node: Node,
+    codec: Codec,
+    opts: Arc<WsOptions>,
+    headers: Option<Arc<Headers>>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let Some(mut session) = Session::new(node, codec) else {
@@ -259,6 +267,7 @@ where
             Box::pin(send_close(conn, DisconnectCode::SHUTDOWN, None, opts.write_timeout)).await;
         return;
     };
+    session.set_proxy_headers(headers);
     let mut wire = WsWire { conn, codec };
     let code = drive(&mut wire, &mut session, &opts.write_timeout).await;
     Box::pin(session.close(code)).await;

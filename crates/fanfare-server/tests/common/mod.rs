@@ -108,6 +108,19 @@ pub fn metric(port: u16, name: &str) -> f64 {
         .sum()
 }
 
+/// The sum of the samples of `name` at `/metrics` whose labels include
+/// every `label="value"` of `labels`.
+pub fn metric_with(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let Ok((200, body)) = http_get(port, "/metrics") else {
+        return 0.0;
+    };
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.trim().parse::<f64>().ok()))
+        .sum()
+}
+
 /// Runs `fanfare <args>` with an optional config and extra environment, waiting
 /// for it to finish: `(status, stdout, stderr)`.
 pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String, String) {
@@ -388,10 +401,26 @@ impl Client {
         origin: Option<&str>,
         rcvbuf: Option<u32>,
     ) -> Result<Client, tungstenite::Error> {
+        let origin: Vec<(&str, &str)> = origin.map(|o| ("Origin", o)).into_iter().collect();
+        Self::try_open_with(port, &origin, rcvbuf).await
+    }
+
+    /// Opens a connection whose handshake request carries `headers` (a
+    /// browser's cookies, say).
+    pub async fn open_with_headers(port: u16, headers: &[(&str, &str)]) -> Client {
+        Self::try_open_with(port, headers, None).await.expect("WebSocket handshake")
+    }
+
+    async fn try_open_with(
+        port: u16,
+        headers: &[(&str, &str)],
+        rcvbuf: Option<u32>,
+    ) -> Result<Client, tungstenite::Error> {
         let url = format!("ws://127.0.0.1:{port}/connection/websocket");
         let mut req = url.into_client_request()?;
-        if let Some(o) = origin {
-            req.headers_mut().insert("Origin", HeaderValue::from_str(o).expect("header value"));
+        for (name, value) in headers {
+            let name = http::HeaderName::from_bytes(name.as_bytes()).expect("header name");
+            req.headers_mut().append(name, HeaderValue::from_str(value).expect("header value"));
         }
         let socket = TcpSocket::new_v4()?;
         if let Some(size) = rcvbuf {
