@@ -300,6 +300,7 @@ def proxy_stubs(out_dir: Path):
     into `out_dir` by grpc_tools.protoc (once per process)."""
     global _stubs
     if _stubs is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}",
             f"--python_out={out_dir}", f"--grpc_python_out={out_dir}",
