@@ -144,6 +144,8 @@ class Backend:
         }
         if user.startswith("expiring"):
             result["expire_at"] = int(time.time()) + 2
+        if user.startswith("vip"):
+            result["subs"] = {"chat:vip": {"info": {"vip": True}, "data": {"hello": "vip"}}}
         return {"result": result}
 
     @staticmethod
@@ -160,6 +162,8 @@ class Backend:
         result = {"info": {"role": "member"}, "data": {"motd": f"welcome to {channel}"}}
         if "expiring" in channel:
             result["expire_at"] = int(time.time()) + 2
+        if "quiet" in channel:
+            result["override"] = {"presence": {"value": False}}
         return {"result": result}
 
     @staticmethod
@@ -352,6 +356,8 @@ def fill_message(msg, d: dict):
                 else:
                     target[mk] = mv
         elif fd.message_type is not None:
+            # Present even when empty: {"result": {}} is a result.
+            getattr(msg, k).SetInParent()
             fill_message(getattr(msg, k), v)
         elif fd.is_repeated:
             getattr(msg, k).extend(v)

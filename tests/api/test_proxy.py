@@ -382,6 +382,28 @@ def test_connect_proxy_on_uni_sse(env):
     conn.close()
 
 
+def test_connect_subs_with_info_and_data(env):
+    """`subs` of the connect answer: a server-side subscription with its own
+    data (in the subscribe push) and info (in presence)."""
+
+    async def run():
+        c, ev = await sdk(env, "vip-1")
+        got = await ev.wait("server_subscribed", lambda x: x.channel == "chat:vip")
+        assert got.data == {"hello": "vip"}, got
+        p = await c.presence("chat:vip")
+        (me,) = p.clients.values()
+        assert (me.user, me.chan_info) == ("vip-1", {"vip": True}), me
+        st, _ = env.node.api("publish", {"channel": "chat:vip", "data": {"for": "vips"}})
+        assert st == 200
+        pub = await ev.wait("server_publication", lambda x: x.channel == "chat:vip")
+        assert pub.pub.data == {"for": "vips"}
+        await c.disconnect()
+
+    asyncio.run(run())
+    # A server-side subscription from the connect answer asks no subscribe proxy.
+    assert not env.backend.of("subscribe", channel="chat:vip")
+
+
 # ---------------------------------------------------------------- subscribe
 
 
@@ -413,6 +435,13 @@ def test_subscribe_allowed_denied_custom(env, protobuf):
     r = w.command({"subscribe": {"channel": "chat:custom-temp"}})
     assert r["error"] == {"code": 1000, "message": "not a member", "temporary": True}, r
     w.subscribe("chat:after")
+    # override: presence off for this one subscription (the namespace has it
+    # on): the client is not in the channel's presence, as it is elsewhere.
+    w.subscribe("chat:quiet")
+    r = w.command({"presence": {"channel": "chat:quiet"}})
+    assert r["presence"].get("presence", {}) == {}, r
+    r = w.command({"presence": {"channel": "chat:after"}})
+    assert list(r["presence"]["presence"]) == [w.client_id], r
     w.close()
 
 
@@ -475,6 +504,20 @@ def test_publish_rejected_and_rewritten(env, protobuf):
         hist = await sub_json.history("chat:room", limit=10)
         assert [p.data for p in hist.publications][0] == want
         assert {"n": "volatile"} not in [p.data for p in hist.publications]
+
+        # tags reach the subscribers; a repeated idempotency_key publishes once.
+        key = f"same-key-{protobuf}"  # the node lives through both variants
+        b.on("publish", lambda req, h: {"result": {
+            "data": req["data"], "tags": {"src": "backend"}, "idempotency_key": key}})
+        n = len(sev.all("publication"))
+        for i in range(2):
+            await pub.publish("chat:room", pyload({"dup": i}, protobuf))
+        got = await sev.wait("publication", lambda x: x.pub.data == {"dup": 0})
+        assert got.pub.tags == {"src": "backend"}, got
+        b.on("publish", lambda req, h: {"result": {}})
+        await pub.publish("chat:room", pyload({"end": True}, protobuf))
+        await sev.wait("publication", lambda x: x.pub.data == {"end": True})
+        assert [p.pub.data for p in sev.all("publication")[n:]] == [{"dup": 0}, {"end": True}]
         for c in (pub, sub_json, sub_pb):
             await c.disconnect()
 
