@@ -1,24 +1,25 @@
 #!/usr/bin/env bash
-# Proxies (issue 15): what a proxied call costs the node. A trivial Go HTTP
-# backend (scripts/bench/proxy-backend, answers at once) and a release
-# `fanfare`, driven by fanfare-loadtest; the two variants of each benchmark
-# alternate within every run, RUNS times:
+# Proxies (issue 15): what a proxied call costs the node. Trivial backends
+# that answer at once -- Go net/http (scripts/bench/proxy-backend) for HTTP,
+# Python grpc.aio (scripts/bench/proxy_grpc_backend.py, tests/api/.venv) for
+# gRPC -- and a release `fanfare`, driven by fanfare-loadtest; the variants
+# of each benchmark alternate within every run, RUNS times:
 #
 #  publish  fanout: PUBS publishers, one channel each, one subscriber each,
 #           client-side `publish` into namespace `px`, (1) at a fixed RATE
-#           both sustain: node CPU per publication; (2) at MAX_RATE: the most
-#           publications/s; variants `plain` (no proxy) and `proxy`
-#           (publish_proxy, the backend answers {"result":{}}: data unchanged).
+#           all sustain: node CPU per publication; (2) at MAX_RATE: the most
+#           publications/s (not for grpc: its Python backend is the limit); variants `plain` (no proxy), `http` and `grpc`
+#           (publish_proxy; the backend answers an empty result: data unchanged).
 #  connect  idle: N clients connect (no subscription) as fast as the
-#           generator can: `jwt` (an HS256 token each) and `proxy` (no token,
-#           connect_proxy names the user).
+#           generator can: `jwt` (an HS256 token each), `http` and `grpc` (no
+#           token, connect_proxy names the user).
 #
 # The node's CPU comes from /proc/PID/stat (utime+stime) through the
 # loadtest's --server-pid; the backend's CPU and call count are read around
 # every run so that it can be seen not to be the limit.
 #
 #   scripts/bench/proxy.sh OUT_DIR
-#   RUNS=3 N=5000 PUBS=20 RATE=2000 MAX_RATE=40000 DURATION=10s scripts/bench/proxy.sh /tmp/proxy-bench
+#   RUNS=3 N=5000 PUBS=20 RATE=2000 MAX_RATE=100000 DURATION=10s scripts/bench/proxy.sh /tmp/proxy-bench
 #
 # Needs `cargo build --release -p fanfare-server -p fanfare-loadtest` and Go.
 # Every process it starts is stopped by PID; every loop is bounded.
@@ -31,7 +32,8 @@ OUT=$(cd "$OUT" && pwd)
 FANFARE=${FANFARE_BIN:-$ROOT/target/release/fanfare}
 LOADTEST=${LOADTEST_BIN:-$ROOT/target/release/fanfare-loadtest}
 RUNS=${RUNS:-3}; N=${N:-5000}; PUBS=${PUBS:-20}
-RATE=${RATE:-2000}; MAX_RATE=${MAX_RATE:-40000}; DURATION=${DURATION:-10s}
+RATE=${RATE:-2000}; MAX_RATE=${MAX_RATE:-100000}; DURATION=${DURATION:-10s}
+PY=${PY:-$ROOT/tests/api/.venv/bin/python}   # has grpcio (tests/api/run.sh makes it)
 export QUIET_WAIT=${QUIET_WAIT:-120}
 SECRET=proxy-bench-secret
 
@@ -39,8 +41,9 @@ SECRET=proxy-bench-secret
 . "$ROOT/loadtest/bench/lib.sh"   # wait_quiet, free_port, wait_port, node_config
 
 (cd scripts/bench/proxy-backend && go build -o "$OUT/proxy-backend" .)
+[ -x "$PY" ] || { echo "no $PY: run tests/api/run.sh once (makes the venv with grpcio)" >&2; exit 2; }
 
-NODE=; BACKEND=
+NODE=; BACKEND=; GBACKEND=
 stop_node() {
   [ -n "$NODE" ] || return 0
   kill -TERM "$NODE" 2>/dev/null || true
@@ -49,24 +52,35 @@ stop_node() {
 }
 stop_all() {
   stop_node
-  if [ -n "$BACKEND" ]; then
-    kill -TERM "$BACKEND" 2>/dev/null || true
-    wait "$BACKEND" 2>/dev/null || true
-    BACKEND=
-  fi
+  local pid
+  for pid in "$BACKEND" "$GBACKEND"; do
+    [ -n "$pid" ] || continue
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  BACKEND=; GBACKEND=
 }
 trap stop_all EXIT
 
 BPORT=$(free_port)
 "$OUT/proxy-backend" "127.0.0.1:$BPORT" >>"$OUT/backend.log" 2>&1 &
 BACKEND=$!
-wait_port "$BPORT" || { echo "backend did not start" >&2; exit 1; }
+wait_port "$BPORT" || { echo "HTTP backend did not start" >&2; exit 1; }
+GPORT=$(free_port)
+"$PY" scripts/bench/proxy_grpc_backend.py "$GPORT" "$OUT/grpc-gen" >>"$OUT/grpc-backend.log" 2>&1 &
+GBACKEND=$!
+wait_port "$GPORT" 150 || { echo "gRPC backend did not start" >&2; exit 1; }
 
-# backend_stat: "<cpu ticks> <calls>" of the backend now.
+# backend_stat KIND: "<cpu ticks> <calls>" of that backend now (none: "0 0").
 backend_stat() {
-  local stat
-  stat=$(cut -d' ' -f14,15 "/proc/$BACKEND/stat")
-  echo "$(( ${stat% *} + ${stat#* } )) $(curl -s "http://127.0.0.1:$BPORT/count")"
+  local stat pid calls
+  case $1 in
+    http) pid=$BACKEND; calls=$(curl -s "http://127.0.0.1:$BPORT/count") ;;
+    grpc) pid=$GBACKEND; sleep 0.5; calls=$(cat "$OUT/grpc-gen/count") ;;
+    *) echo "0 0"; return ;;
+  esac
+  stat=$(cut -d' ' -f14,15 "/proc/$pid/stat")
+  echo "$(( ${stat% *} + ${stat#* } )) $calls"
 }
 
 # node_toml VARIANT PORT
@@ -78,12 +92,16 @@ hmac_secret = "$SECRET"
 allow_anonymous = true
 
 [[proxies]]
-name = "pub"
+name = "pub-http"
 endpoint = "http://127.0.0.1:$BPORT/centrifugo/publish"
 
 [[proxies]]
-name = "conn"
+name = "conn-http"
 endpoint = "http://127.0.0.1:$BPORT/centrifugo/connect"
+
+[[proxies]]
+name = "grpc"
+endpoint = "grpc://127.0.0.1:$GPORT"
 
 [[namespaces]]
 name = ""
@@ -94,8 +112,10 @@ name = "px"
 allow_publish = true
 EOF
   case $1 in
-    pub-proxy) echo 'publish_proxy = "pub"' ;;
-    conn-proxy) printf '\n[client]\nconnect_proxy = "conn"\n' ;;
+    pub-http) echo 'publish_proxy = "pub-http"' ;;
+    pub-grpc) echo 'publish_proxy = "grpc"' ;;
+    conn-http) printf '\n[client]\nconnect_proxy = "conn-http"\n' ;;
+    conn-grpc) printf '\n[client]\nconnect_proxy = "grpc"\n' ;;
   esac
 }
 
@@ -107,34 +127,35 @@ start_node() {
   wait_port "$PORT" || { echo "fanfare ($1) did not start" >&2; tail "$OUT/$1.log" >&2; exit 1; }
 }
 
-# measure NAME loadtest-args...: one loadtest run against the running node,
-# its JSON report and the backend's CPU ticks and calls over it.
+# measure NAME BACKEND loadtest-args...: one loadtest run against the running
+# node, its JSON report and the backend's CPU ticks and calls over it.
 measure() {
-  local name=$1; shift
+  local name=$1 backend=$2; shift 2
   local before after
-  before=$(backend_stat)
+  before=$(backend_stat "$backend")
   "$LOADTEST" "$@" --url "ws://127.0.0.1:$PORT/connection/websocket" --server-pid "$NODE" \
     --max-time 90s --json --quiet >"$OUT/$name.json" 2>"$OUT/$name.txt" || true
-  after=$(backend_stat)
+  after=$(backend_stat "$backend")
   echo "$before $after" >"$OUT/$name.backend"
   python3 "$ROOT/scripts/bench/proxy_summary.py" line "$OUT/$name.json"
 }
 
 for run in $(seq "$RUNS"); do
-  for v in plain proxy; do
+  for v in plain http grpc; do
     wait_quiet
     start_node "pub-$v"
     common=(fanout -n "$PUBS" --channels "$PUBS" --publishers "$PUBS" --channel-prefix "px:"
             -d "$DURATION" --settle 1s --payload-size 128)
-    measure "pub-$v-fixed-$run" "${common[@]}" --rate "$RATE"
-    measure "pub-$v-max-$run" "${common[@]}" --rate "$MAX_RATE"
+    measure "pub-$v-fixed-$run" "$v" "${common[@]}" --rate "$RATE"
+    # The Python gRPC backend is the limit long before the node: no max run.
+    [ "$v" = grpc ] || measure "pub-$v-max-$run" "$v" "${common[@]}" --rate "$MAX_RATE"
     stop_node
   done
-  for v in jwt proxy; do
+  for v in jwt http grpc; do
     wait_quiet
     start_node "conn-$v"
     auth=(); [ "$v" = jwt ] && auth=(--hmac-secret "$SECRET")
-    measure "conn-$v-$run" idle -n "$N" --subs 0 --ramp 0 --hold 1s --settle 1s --workers 2 "${auth[@]}"
+    measure "conn-$v-$run" "$v" idle -n "$N" --subs 0 --ramp 0 --hold 1s --settle 1s --workers 2 "${auth[@]}"
     stop_node
   done
 done
