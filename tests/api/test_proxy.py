@@ -634,6 +634,7 @@ def test_sub_refresh_extends_the_subscription_then_expires(env):
     try:
         p = w.recv_matching(lambda v: "unsubscribe" in v.get("push", {}), timeout=8)
         assert p["push"]["channel"] == "chat:expiring-room", p
+        assert p["push"]["unsubscribe"]["code"] == 2501, p  # resubscribable, as centrifuge's
     except Closed as c:
         assert c.code == 3006, c
 
