@@ -20,6 +20,8 @@ setTimeout(() => process.exit(1), 5000);
 ' "$ROOT" "$port"
 # One control API call so that API metrics exist.
 curl -sf -XPOST "http://127.0.0.1:$port/api/publish" -d '{"channel":"m","data":{"n":1}}' >/dev/null
+# And one of the Centrifugo-compatible API (its own protocol label).
+curl -sf -XPOST "http://127.0.0.1:$port/centrifugo/api/publish" -d '{"channel":"m","data":{"n":2}}' >/dev/null
 sleep 0.2
 body=$(curl -sf "http://127.0.0.1:$port/metrics")
 for m in fanfare_connections fanfare_connects_total fanfare_disconnects_total fanfare_messages_sent_total fanfare_commands_total fanfare_api_requests_total fanfare_api_request_duration_seconds_bucket; do

@@ -40,26 +40,39 @@ def free_port() -> int:
 # ---------------------------------------------------------------- generated code
 
 
-@pytest.fixture(scope="session")
-def pb(tmp_path_factory):
-    """`(control_pb2, control_pb2_grpc)` compiled from proto/ now, by grpc_tools.protoc."""
+def _generate(tmp_path_factory, proto: str):
+    """`(<name>_pb2, <name>_pb2_grpc)` of `proto` (a path below proto/),
+    compiled now by grpc_tools.protoc."""
     out = tmp_path_factory.mktemp("gen")
     cmd = [
         sys.executable, "-m", "grpc_tools.protoc",
         f"-I{PROTO_DIR}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",
-        str(PROTO_DIR / "fanfare" / "v1" / "control.proto"),
+        str(PROTO_DIR / proto),
     ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, f"protoc failed: {r.stderr}"
+    module = proto.removesuffix(".proto").replace("/", ".")
     sys.path.insert(0, str(out))
     try:
-        pb2 = importlib.import_module("fanfare.v1.control_pb2")
-        pb2_grpc = importlib.import_module("fanfare.v1.control_pb2_grpc")
+        return (importlib.import_module(f"{module}_pb2"),
+                importlib.import_module(f"{module}_pb2_grpc"))
     finally:
         sys.path.remove(str(out))
-    return pb2, pb2_grpc
+
+
+@pytest.fixture(scope="session")
+def pb(tmp_path_factory):
+    """`(control_pb2, control_pb2_grpc)` of fanfare's control API."""
+    return _generate(tmp_path_factory, "fanfare/v1/control.proto")
+
+
+@pytest.fixture(scope="session")
+def cpb(tmp_path_factory):
+    """`(api_pb2, api_pb2_grpc)` of Centrifugo's server API, from our
+    proto/centrifugo/api.proto."""
+    return _generate(tmp_path_factory, "centrifugo/api.proto")
 
 
 # ---------------------------------------------------------------- processes

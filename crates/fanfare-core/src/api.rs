@@ -20,6 +20,10 @@ pub enum ApiError {
     /// gRPC INVALID_ARGUMENT, HTTP 400.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The channel's namespace is not configured: gRPC INVALID_ARGUMENT,
+    /// HTTP 400 (the Centrifugo-compatible API tells it apart: code 102).
+    #[error("{0}")]
+    UnknownNamespace(String),
     /// gRPC NOT_FOUND, HTTP 404.
     #[error("{0}")]
     NotFound(String),
@@ -33,6 +37,11 @@ pub enum ApiError {
     /// gRPC UNAVAILABLE, HTTP 503.
     #[error("{0}")]
     Unavailable(String),
+    /// A history `since` position that is not one of the stream (another
+    /// epoch): gRPC INVALID_ARGUMENT, HTTP 400 (the Centrifugo-compatible API:
+    /// code 112).
+    #[error("{0}")]
+    UnrecoverablePosition(String),
 }
 
 impl From<BrokerError> for ApiError {
@@ -86,7 +95,7 @@ impl Node {
             ChannelError::Invalid => ApiError::InvalidArgument(format!(
                 "channel: {channel:?} is not a valid channel name (1-255 bytes, no whitespace)"
             )),
-            ChannelError::UnknownNamespace => ApiError::InvalidArgument(format!(
+            ChannelError::UnknownNamespace => ApiError::UnknownNamespace(format!(
                 "channel: {channel:?} is in an unknown namespace"
             )),
         })
@@ -235,6 +244,34 @@ impl Node {
         Ok(self.send_control(&msg).await?)
     }
 
+    /// Sets the expiry of a user's connections (or one client's) on every
+    /// node (API `refresh`): `expired` closes them with 3005 at once;
+    /// otherwise they expire at `expire_at` (unix seconds; 0 = never) and
+    /// each gets a refresh push.
+    pub async fn api_refresh(
+        &self,
+        user: &str,
+        client: &str,
+        expired: bool,
+        expire_at: i64,
+    ) -> Result<(), ApiError> {
+        self.check_target(user, client)?;
+        if expired {
+            return self.api_disconnect(user, client, DisconnectCode::EXPIRED.0 as u32, "").await;
+        }
+        if expire_at < 0 {
+            return Err(ApiError::InvalidArgument(
+                "expire_at: unix seconds, 0 for no expiry".into(),
+            ));
+        }
+        let msg = ControlMessage::Refresh {
+            user: user.into(),
+            client: client.into(),
+            expire_at: (expire_at > 0).then_some(expire_at as u64),
+        };
+        Ok(self.send_control(&msg).await?)
+    }
+
     fn feature(&self, channel: &str, presence: bool) -> Result<(), ApiError> {
         let ns = self.api_namespace(channel)?;
         let (on, what) =
@@ -280,12 +317,19 @@ impl Node {
         if let Some(since) = since
             && since.epoch != page.position.epoch
         {
-            return Err(ApiError::InvalidArgument(format!(
+            return Err(ApiError::UnrecoverablePosition(format!(
                 "epoch: {:?} is not the channel's current epoch {:?}",
                 since.epoch, page.position.epoch
             )));
         }
         Ok(page)
+    }
+
+    /// API `history_remove`: drops the channel's kept publications; its
+    /// position (offset, epoch) stays.
+    pub async fn api_history_remove(&self, channel: &str) -> Result<(), ApiError> {
+        self.feature(channel, false)?;
+        Ok(self.broker().remove_history(channel).await?)
     }
 
     /// API `Channels`: channel -> subscribers, cluster-wide.

@@ -150,6 +150,12 @@ pub trait Broker: Send + Sync + 'static {
     async fn history(&self, channel: &str, query: HistoryQuery)
     -> Result<HistoryPage, BrokerError>;
 
+    /// Drops a channel's kept publications (API `history_remove`). The stream
+    /// position (top offset and epoch) stays, so a subscriber that recovers
+    /// from an older offset is told the gap is not recoverable rather than
+    /// being handed a reset stream.
+    async fn remove_history(&self, channel: &str) -> Result<(), BrokerError>;
+
     async fn add_presence(
         &self,
         channel: &str,

@@ -26,6 +26,13 @@ pub enum ControlMessage {
         code: u16,
         reason: String,
     },
+    /// Set a user's connections' (or one client's) expiry: unix seconds,
+    /// `None` = never (API `refresh`).
+    Refresh {
+        user: String,
+        client: String,
+        expire_at: Option<u64>,
+    },
     /// Every node answers with its local channels matching `pattern`.
     ChannelsRequest {
         id: String,

@@ -405,6 +405,15 @@ impl Broker for MemoryBroker {
         Ok(HistoryPage { publications, position: stream.position(), complete })
     }
 
+    async fn remove_history(&self, channel: &str) -> Result<(), BrokerError> {
+        let mut shard = self.shard(channel);
+        if let Some(s) = shard.channels.get_mut(channel).and_then(|c| c.stream.as_mut()) {
+            // A new deque, not `clear`: the buffer's memory goes too.
+            s.items = VecDeque::new();
+        }
+        Ok(())
+    }
+
     async fn add_presence(
         &self,
         channel: &str,
@@ -489,6 +498,27 @@ mod tests {
 
     fn publication(n: u8) -> Publication {
         Publication { data: Bytes::from(vec![b'0' + n]), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn removed_history_keeps_the_position_and_recovery_is_incomplete() {
+        let b = MemoryBroker::new();
+        let mut pos = StreamPosition::default();
+        for n in 1..=3 {
+            pos = b.publish("c", publication(n), opts()).await.unwrap();
+        }
+        b.remove_history("c").await.unwrap();
+        b.remove_history("never-published").await.unwrap();
+        let since = |offset| HistoryQuery {
+            since: Some(StreamPosition { offset, epoch: pos.epoch.clone() }),
+            ..Default::default()
+        };
+        let page = b.history("c", since(1)).await.unwrap();
+        assert!(page.publications.is_empty());
+        assert_eq!(page.position, pos);
+        assert!(!page.complete, "offsets 2 and 3 are gone");
+        assert!(b.history("c", since(3)).await.unwrap().complete, "nothing after the top");
+        assert_eq!(b.publish("c", publication(4), opts()).await.unwrap().offset, 4);
     }
 
     #[tokio::test]

@@ -325,6 +325,11 @@ impl Node {
                     });
                 }
             }
+            ControlMessage::Refresh { user, client, expire_at } => {
+                for o in self.local_targets(&user, &client) {
+                    o.push_directive(Directive::Refresh { expires_at: expire_at });
+                }
+            }
             ControlMessage::Disconnect { user, client, code, reason } => {
                 for o in self.local_targets(&user, &client) {
                     o.close_with_reason(DisconnectCode(code), reason.clone());

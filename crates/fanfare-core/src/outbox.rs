@@ -62,6 +62,9 @@ pub enum Directive {
     Unsubscribed { channel: std::sync::Arc<str>, code: u32, reason: &'static str },
     /// Subscribe the session to `channel` server-side and send it a subscribe push.
     Subscribe { channel: std::sync::Arc<str> },
+    /// The connection now expires at this unix second (`None`: never), set by
+    /// the server API's `refresh`; the client gets a refresh push.
+    Refresh { expires_at: Option<u64> },
 }
 
 impl Outbox {

@@ -29,6 +29,7 @@ use crate::ingress::{DataError, DataRules};
 /// What a proxy call is about (also its metric label and the name of the
 /// gRPC method it calls).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
 pub enum ProxyKind {
     Connect,
     Refresh,
@@ -39,6 +40,15 @@ pub enum ProxyKind {
 }
 
 impl ProxyKind {
+    const ALL: [ProxyKind; 6] = [
+        ProxyKind::Connect,
+        ProxyKind::Refresh,
+        ProxyKind::Subscribe,
+        ProxyKind::Publish,
+        ProxyKind::Rpc,
+        ProxyKind::SubRefresh,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             ProxyKind::Connect => "connect",
@@ -191,11 +201,12 @@ pub enum ProxyFailure {
 }
 
 impl ProxyFailure {
-    fn label(&self) -> &'static str {
+    /// Its place in `RESULTS`.
+    fn index(&self) -> usize {
         match self {
-            ProxyFailure::Timeout(_) => "timeout",
-            ProxyFailure::Unavailable(_) => "unavailable",
-            ProxyFailure::BadAnswer(_) => "bad_answer",
+            ProxyFailure::Timeout(_) => 3,
+            ProxyFailure::Unavailable(_) => 4,
+            ProxyFailure::BadAnswer(_) => 5,
         }
     }
 }
@@ -210,11 +221,17 @@ pub trait ProxyBackend: Send + Sync + 'static {
     fn call(&self, ctx: &CallContext, request: &ProxyRequest) -> ProxyFuture;
 }
 
+/// Outcomes of a call, as `fanfare_proxy_calls_total{result}` labels them.
+const RESULTS: [&str; 6] = ["ok", "error", "disconnect", "timeout", "unavailable", "bad_answer"];
+
 /// One `[[proxies]]` entry.
 pub struct Proxy {
     name: Arc<str>,
     timeout: Duration,
     backend: Box<dyn ProxyBackend>,
+    /// Its metric handles by kind (and result), registered up front: every
+    /// series shows (at 0) from the start, and a call costs no lookup.
+    metrics: Arc<[(metrics::Histogram, [metrics::Counter; 6]); 6]>,
 }
 
 impl fmt::Debug for Proxy {
@@ -241,7 +258,17 @@ pub fn describe_metrics() {
 
 impl Proxy {
     pub fn new(name: &str, timeout: Duration, backend: Box<dyn ProxyBackend>) -> Self {
-        Self { name: name.into(), timeout, backend }
+        let metrics = ProxyKind::ALL.map(|kind| {
+            let labels = [("proxy", name.to_string()), ("kind", kind.label().to_string())];
+            let duration = metrics::histogram!(DURATION, &labels);
+            let counters = RESULTS.map(|result| {
+                let mut labels = labels.to_vec();
+                labels.push(("result", result.to_string()));
+                metrics::counter!(CALLS, &labels)
+            });
+            (duration, counters)
+        });
+        Self { name: name.into(), timeout, backend, metrics: Arc::new(metrics) }
     }
 
     pub fn name(&self) -> &str {
@@ -257,6 +284,7 @@ impl Proxy {
         let client = ctx.client.clone();
         let (rules, json) = (ctx.rules, ctx.protocol == "json");
         let fut = self.backend.call(ctx, request);
+        let handles = self.metrics.clone();
         Box::pin(async move {
             let start = Instant::now();
             let out = match tokio::time::timeout(timeout, fut).await {
@@ -264,19 +292,18 @@ impl Proxy {
                 Err(_) => Err(ProxyFailure::Timeout(timeout)),
             };
             let result = match &out {
-                Ok(ProxyAnswer::Result(_)) => "ok",
-                Ok(ProxyAnswer::Error { .. }) => "error",
-                Ok(ProxyAnswer::Disconnect { .. }) => "disconnect",
-                Err(e) => e.label(),
+                Ok(ProxyAnswer::Result(_)) => 0,
+                Ok(ProxyAnswer::Error { .. }) => 1,
+                Ok(ProxyAnswer::Disconnect { .. }) => 2,
+                Err(e) => e.index(),
             };
             if let Err(e) = &out {
                 tracing::warn!(proxy = &*name, kind = kind.label(), client = &*client, error = %e,
                     "proxy call failed; the client gets error 100");
             }
-            let labels = [("proxy", name.to_string()), ("kind", kind.label().to_string())];
-            metrics::histogram!(DURATION, &labels).record(start.elapsed().as_secs_f64());
-            metrics::counter!(CALLS, "proxy" => name.to_string(), "kind" => kind.label(), "result" => result)
-                .increment(1);
+            let (duration, counters) = &handles[kind as usize];
+            duration.record(start.elapsed().as_secs_f64());
+            counters[result].increment(1);
             out
         })
     }
@@ -365,6 +392,30 @@ impl Proxies {
             .filter_map(|n| get(n).map(|v| (n.clone(), v.to_string())))
             .collect();
         (!found.is_empty()).then(|| Arc::new(Headers(found)))
+    }
+}
+
+impl crate::Node {
+    /// An RPC from the server API (the Centrifugo-compatible `rpc` method),
+    /// answered by `client.rpc_proxy` like a client's: no client, no user,
+    /// transport `api`, JSON data. None when no rpc proxy is configured.
+    pub async fn api_rpc(
+        &self,
+        method: &str,
+        data: Bytes,
+    ) -> Option<Result<ProxyAnswer, ProxyFailure>> {
+        let proxy = self.config().proxies.rpc()?.clone();
+        let ctx = CallContext {
+            client: "".into(),
+            transport: "api",
+            protocol: "json",
+            user: "".into(),
+            meta: Bytes::new(),
+            headers: None,
+            rules: self.config().data_rules,
+        };
+        let request = ProxyRequest::Rpc { method: method.to_string(), data };
+        Some(proxy.call(&ctx, &request).await)
     }
 }
 

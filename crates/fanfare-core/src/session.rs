@@ -177,7 +177,9 @@ pub struct Event(EventKind);
 
 enum EventKind {
     Published(Vec<(u32, bool)>),
-    Answered(Result<crate::proxy::ProxyAnswer, crate::proxy::ProxyFailure>),
+    /// Boxed: the event sits in every connection task's future (the
+    /// driver's select output), and an answer is some 200 bytes.
+    Answered(Box<Result<crate::proxy::ProxyAnswer, crate::proxy::ProxyFailure>>),
 }
 
 /// The subscriptions of `conn` whose expiry passed.
@@ -458,6 +460,7 @@ impl Session {
                         self.subscribe_server_side(&channel).await;
                     }
                 }
+                Directive::Refresh { expires_at } => self.refresh_server_side(expires_at),
                 Directive::Unsubscribed { channel, code, reason } => {
                     let server_side = self
                         .conn
@@ -484,6 +487,16 @@ impl Session {
         // A control may have added a deadline (presence refresh of a new
         // server-side subscription): the timer must know before its next tick.
         self.arm_timer();
+    }
+
+    /// A refresh by the server API: the new expiry applies at once (the
+    /// deadline is re-armed after the directives) and the client is told with
+    /// a refresh push, so an SDK moves its own refresh timer.
+    fn refresh_server_side(&mut self, expires_at: Option<u64>) {
+        let Some(conn) = self.conn.as_mut() else { return };
+        conn.expires_at = expires_at;
+        let (expires, ttl) = (expires_at.is_some(), expires_at.map_or(0, ttl_until));
+        self.send(Reply::push("", fanfare_protocol::PushBody::Refresh { expires, ttl }));
     }
 
     /// A subscription made by the control API: joins the channel and tells the
@@ -1178,7 +1191,7 @@ impl Session {
             if let Some(w) = self.waiting_mut()
                 && let Poll::Ready(answer) = w.call.get_mut().as_mut().poll(cx)
             {
-                return Poll::Ready(Event(EventKind::Answered(answer)));
+                return Poll::Ready(Event(EventKind::Answered(Box::new(answer))));
             }
             Poll::Pending
         })
@@ -1192,7 +1205,7 @@ impl Session {
     pub async fn handle_event(&mut self, event: Event) -> Result<(), DisconnectCode> {
         match event.0 {
             EventKind::Published(done) => self.batch_done(done),
-            EventKind::Answered(answer) => self.proxy_answered(answer).await,
+            EventKind::Answered(answer) => self.proxy_answered(*answer).await,
         }
     }
 

@@ -607,6 +607,16 @@ impl Broker for RedisBroker {
         Ok(())
     }
 
+    async fn remove_history(&self, channel: &str) -> Result<(), BrokerError> {
+        // The stream only: the meta hash (top offset, epoch) stays.
+        let mut conn = self.cmd(channel);
+        redis::cmd("DEL")
+            .arg(self.names.stream(channel))
+            .exec_async(&mut conn)
+            .await
+            .map_err(unavailable)
+    }
+
     async fn remove_presence(&self, channel: &str, client: &str) -> Result<(), BrokerError> {
         let mut conn = self.cmd(channel);
         redis::pipe()

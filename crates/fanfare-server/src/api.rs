@@ -71,7 +71,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// The gRPC code name of an error (also the HTTP error `code`).
 pub fn code_name(e: &ApiError) -> &'static str {
     match e {
-        ApiError::InvalidArgument(_) => "INVALID_ARGUMENT",
+        ApiError::InvalidArgument(_)
+        | ApiError::UnknownNamespace(_)
+        | ApiError::UnrecoverablePosition(_) => "INVALID_ARGUMENT",
         ApiError::NotFound(_) => "NOT_FOUND",
         ApiError::ResourceExhausted(_) | ApiError::TooLarge(_) => "RESOURCE_EXHAUSTED",
         ApiError::Unavailable(_) => "UNAVAILABLE",

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fanfare_core::{ApiError, ApiPublish, Node};
+use fanfare_core::{ApiError, ApiPublish, HistoryPage, Node};
 use fanfare_protocol::{ClientInfo, StreamPosition};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -18,12 +18,13 @@ use serde_json::{Value, json};
 
 use crate::api::{ApiContext, AuthFailure, code_name, observe};
 use crate::http::Body;
+use crate::methods::{Api, Method as ApiMethod};
 
 fn reply(status: StatusCode, body: &Value) -> Response<Body> {
     json_response(status, Bytes::from(body.to_string()))
 }
 
-fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, body: Bytes) -> Response<Body> {
     let mut r = Response::new(Full::new(body));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -36,7 +37,9 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
 
 fn api_error(e: &ApiError) -> Response<Body> {
     let status = match e {
-        ApiError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+        ApiError::InvalidArgument(_)
+        | ApiError::UnknownNamespace(_)
+        | ApiError::UnrecoverablePosition(_) => StatusCode::BAD_REQUEST,
         ApiError::NotFound(_) => StatusCode::NOT_FOUND,
         ApiError::ResourceExhausted(_) => StatusCode::TOO_MANY_REQUESTS,
         ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -56,7 +59,7 @@ fn raw_json(b: &[u8]) -> Value {
 /// at 128 levels of nesting and turned deeper data into `null`. Bytes that are
 /// not JSON (written by an older version) become a JSON string of their text
 /// rather than breaking the reply.
-fn raw_data(b: &[u8]) -> Box<RawValue> {
+pub(crate) fn raw_data(b: &[u8]) -> Box<RawValue> {
     let text = String::from_utf8_lossy(b);
     RawValue::from_string(text.to_string()).unwrap_or_else(|_| {
         let quoted = serde_json::to_string(&text).expect("a string serializes");
@@ -81,7 +84,7 @@ struct PublicationOut<'a> {
     tags: Option<&'a BTreeMap<String, String>>,
 }
 
-fn info_json(i: &ClientInfo) -> Value {
+pub(crate) fn info_json(i: &ClientInfo) -> Value {
     let mut o = serde_json::Map::new();
     o.insert("user".into(), Value::from(i.user.as_ref()));
     o.insert("client".into(), Value::from(i.client.as_ref()));
@@ -143,21 +146,78 @@ struct TargetBody {
     pattern: String,
 }
 
-fn method_name(path: &str) -> Option<&'static str> {
-    Some(match path {
-        "publish" => "publish",
-        "broadcast" => "broadcast",
-        "publish_to_user" => "publish_to_user",
-        "subscribe" => "subscribe",
-        "unsubscribe" => "unsubscribe",
-        "disconnect" => "disconnect",
-        "presence" => "presence",
-        "presence_stats" => "presence_stats",
-        "history" => "history",
-        "channels" => "channels",
-        "info" => "info",
-        _ => return None,
-    })
+/// Why a request was refused before its body could be run.
+pub(crate) enum Refused {
+    NotPost,
+    Auth(AuthFailure),
+    /// The body did not arrive within `http.body_read_timeout`.
+    Timeout(Duration),
+    /// The body is larger than `api.max_request_size`.
+    TooLarge(usize),
+}
+
+/// What both HTTP APIs check before running a call: POST, the API key, and
+/// the body within its size and time limits. Returns the body (`{}` when it
+/// is empty).
+pub(crate) async fn read_call(
+    req: Request<Incoming>,
+    ctx: &ApiContext,
+    peer: SocketAddr,
+    body_timeout: Duration,
+) -> Result<Bytes, Refused> {
+    if req.method() != Method::POST {
+        return Err(Refused::NotPost);
+    }
+    let h = req.headers();
+    let authorization = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let x_api_key = h.get("x-api-key").and_then(|v| v.to_str().ok());
+    ctx.authorize(authorization, x_api_key, Some(peer)).map_err(Refused::Auth)?;
+    let collect = Limited::new(req.into_body(), ctx.max_request_size).collect();
+    match tokio::time::timeout(body_timeout, collect).await {
+        Ok(Ok(b)) => {
+            let body = b.to_bytes();
+            Ok(if body.iter().all(u8::is_ascii_whitespace) {
+                Bytes::from_static(b"{}")
+            } else {
+                body
+            })
+        }
+        Err(_) => Err(Refused::Timeout(body_timeout)),
+        Ok(Err(_)) => Err(Refused::TooLarge(ctx.max_request_size)),
+    }
+}
+
+impl Refused {
+    /// The HTTP status, and the message telling the caller what to change.
+    pub(crate) fn status_and_message(&self) -> (StatusCode, String) {
+        match self {
+            Refused::NotPost => (StatusCode::METHOD_NOT_ALLOWED, "use POST".into()),
+            Refused::Auth(f @ AuthFailure::BadKey) => {
+                (StatusCode::UNAUTHORIZED, f.message().into())
+            }
+            Refused::Auth(f @ AuthFailure::NotLoopback) => {
+                (StatusCode::FORBIDDEN, f.message().into())
+            }
+            Refused::Timeout(t) => (
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not received within {t:?} (http.body_read_timeout)"),
+            ),
+            Refused::TooLarge(max) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, format!("request body larger than {max} bytes"))
+            }
+        }
+    }
+
+    /// A refusal as an answer: the rest of a body that timed out may never
+    /// come, so that connection is not kept.
+    pub(crate) fn response(&self, body: &Value) -> Response<Body> {
+        let (status, _) = self.status_and_message();
+        let mut r = reply(status, body);
+        if matches!(self, Refused::Timeout(_)) {
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        r
+    }
 }
 
 /// Handles `/api/<method>`.
@@ -169,56 +229,34 @@ pub async fn handle(
     body_timeout: Duration,
 ) -> Response<Body> {
     let start = Instant::now();
-    let Some(method) = req.uri().path().strip_prefix("/api/").and_then(method_name) else {
+    let name = req.uri().path().strip_prefix("/api/").unwrap_or_default();
+    let Some(method) = ApiMethod::from_snake(Api::Control, name) else {
         return error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such API method");
     };
-    if req.method() != Method::POST {
-        return error(StatusCode::METHOD_NOT_ALLOWED, "INVALID_ARGUMENT", "use POST");
-    }
-    let h = req.headers();
-    let authorization = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let x_api_key = h.get("x-api-key").and_then(|v| v.to_str().ok());
-    if let Err(f) = ctx.authorize(authorization, x_api_key, Some(peer)) {
-        let (status, code) = match f {
-            AuthFailure::BadKey => (StatusCode::UNAUTHORIZED, "UNAUTHENTICATED"),
-            AuthFailure::NotLoopback => (StatusCode::FORBIDDEN, "PERMISSION_DENIED"),
-        };
-        observe(method, "http", code, start);
-        return error(status, code, f.message());
-    }
-    let collect = Limited::new(req.into_body(), ctx.max_request_size).collect();
-    let body = match tokio::time::timeout(body_timeout, collect).await {
-        Ok(Ok(b)) => b.to_bytes(),
-        Err(_) => {
-            observe(method, "http", "DEADLINE_EXCEEDED", start);
-            let mut r = error(
-                StatusCode::REQUEST_TIMEOUT,
-                "DEADLINE_EXCEEDED",
-                &format!(
-                    "request body not received within {body_timeout:?} (http.body_read_timeout)"
-                ),
-            );
-            // The rest of the body may never come: do not wait for it.
-            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return r;
-        }
-        Ok(Err(_)) => {
-            observe(method, "http", "RESOURCE_EXHAUSTED", start);
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "RESOURCE_EXHAUSTED",
-                &format!("request body larger than {} bytes", ctx.max_request_size),
-            );
+    let body = match read_call(req, ctx, peer, body_timeout).await {
+        Ok(body) => body,
+        Err(refused) => {
+            let code = match &refused {
+                Refused::NotPost => "INVALID_ARGUMENT",
+                Refused::Auth(AuthFailure::BadKey) => "UNAUTHENTICATED",
+                Refused::Auth(AuthFailure::NotLoopback) => "PERMISSION_DENIED",
+                Refused::Timeout(_) => "DEADLINE_EXCEEDED",
+                Refused::TooLarge(_) => "RESOURCE_EXHAUSTED",
+            };
+            if !matches!(refused, Refused::NotPost) {
+                observe(method.snake(), "http", code, start);
+            }
+            let (_, message) = refused.status_and_message();
+            return refused.response(&json!({"error": {"code": code, "message": message}}));
         }
     };
-    let body: &[u8] = if body.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &body };
-    let result = call(method, body, node, ctx).await;
+    let result = call(method, &body, node, ctx).await;
     let code = match &result {
         Ok(_) => "OK",
         Err(Fail::Body(_)) => "INVALID_ARGUMENT",
         Err(Fail::Api(e)) => code_name(e),
     };
-    observe(method, "http", code, start);
+    observe(method.snake(), "http", code, start);
     match result {
         Ok(Out::Value(v)) => reply(StatusCode::OK, &v),
         Ok(Out::Raw(b)) => json_response(StatusCode::OK, b),
@@ -249,96 +287,112 @@ enum Out {
     Raw(Bytes),
 }
 
-async fn call(method: &str, body: &[u8], node: &Node, ctx: &ApiContext) -> Result<Out, Fail> {
+async fn call(method: ApiMethod, body: &[u8], node: &Node, ctx: &ApiContext) -> Result<Out, Fail> {
     let limits = &ctx.limits;
+    let publish = |body| -> Result<(PublishBody<'_>, ApiPublish), Fail> {
+        let b: PublishBody<'_> = parse(body)?;
+        let p = b.publish();
+        Ok((b, p))
+    };
     Ok(Out::Value(match method {
-        "publish" | "broadcast" | "publish_to_user" => {
-            let b: PublishBody<'_> = parse(body)?;
-            let p = b.publish();
-            match method {
-                "publish" => position_json(&node.api_publish(&b.channel, &p, limits).await?),
-                "publish_to_user" => {
-                    position_json(&node.api_publish_to_user(&b.user, &p, limits).await?)
-                }
-                _ => {
-                    let results = node.api_broadcast(&b.channels, &p, limits).await?;
-                    let results: Vec<Value> = b
-                        .channels
-                        .iter()
-                        .zip(results)
-                        .map(|(c, r)| match r {
-                            Ok(pos) => json!({"channel": c, "offset": pos.offset, "epoch": pos.epoch}),
-                            Err(e) => json!({"channel": c, "error": {"code": code_name(&e), "message": e.to_string()}}),
-                        })
-                        .collect();
-                    json!({ "results": results })
-                }
-            }
+        ApiMethod::Publish => {
+            let (b, p) = publish(body)?;
+            position_json(&node.api_publish(&b.channel, &p, limits).await?)
         }
-        _ => {
+        ApiMethod::PublishToUser => {
+            let (b, p) = publish(body)?;
+            position_json(&node.api_publish_to_user(&b.user, &p, limits).await?)
+        }
+        ApiMethod::Broadcast => {
+            let (b, p) = publish(body)?;
+            let results = node.api_broadcast(&b.channels, &p, limits).await?;
+            let results: Vec<Value> = b
+                .channels
+                .iter()
+                .zip(results)
+                .map(|(c, r)| match r {
+                    Ok(pos) => json!({"channel": c, "offset": pos.offset, "epoch": pos.epoch}),
+                    Err(e) => json!({"channel": c, "error": {"code": code_name(&e), "message": e.to_string()}}),
+                })
+                .collect();
+            json!({ "results": results })
+        }
+        ApiMethod::Subscribe => {
             let t: TargetBody = parse(body)?;
-            match method {
-                "subscribe" => {
-                    node.api_subscribe(&t.user, &t.client, &t.channel).await?;
-                    json!({})
-                }
-                "unsubscribe" => {
-                    node.api_unsubscribe(&t.user, &t.client, &t.channel).await?;
-                    json!({})
-                }
-                "disconnect" => {
-                    node.api_disconnect(&t.user, &t.client, t.code, &t.reason).await?;
-                    json!({})
-                }
-                "presence" => {
-                    let m = node.api_presence(&t.channel).await?;
-                    let clients: serde_json::Map<String, Value> =
-                        m.iter().map(|(k, v)| (k.clone(), info_json(v))).collect();
-                    json!({ "clients": clients })
-                }
-                "presence_stats" => {
-                    let (c, u) = node.api_presence_stats(&t.channel).await?;
-                    json!({"num_clients": c, "num_users": u})
-                }
-                "history" => {
-                    let since = (!t.epoch.is_empty())
-                        .then(|| StreamPosition { offset: t.since_offset, epoch: t.epoch.clone() });
-                    let page = node.api_history(&t.channel, t.limit, since, t.reverse).await?;
-                    let out = HistoryOut {
-                        publications: page
-                            .publications
-                            .iter()
-                            .map(|p| PublicationOut {
-                                data: raw_data(&p.data),
-                                info: p.info.as_deref().map(info_json),
-                                offset: p.offset,
-                                tags: p.tags.as_deref(),
-                            })
-                            .collect(),
-                        offset: page.position.offset,
-                        epoch: &page.position.epoch,
-                    };
-                    return Ok(Out::Raw(
-                        serde_json::to_vec(&out).expect("history serializes").into(),
-                    ));
-                }
-                "channels" => {
-                    let m = node.api_channels(&t.pattern, limits).await?;
-                    let channels: serde_json::Map<String, Value> =
-                        m.into_iter().map(|(c, n)| (c, json!({"num_clients": n}))).collect();
-                    json!({ "channels": channels })
-                }
-                _ => {
-                    let nodes = node.api_info().await?;
-                    json!({ "nodes": nodes.iter().map(|n| json!({
-                        "uid": n.uid, "name": n.name, "version": n.version,
-                        "num_clients": n.num_clients, "num_subscriptions": n.num_subscriptions,
-                        "num_channels": n.num_channels, "uptime_secs": n.uptime_secs,
-                    })).collect::<Vec<_>>() })
-                }
-            }
+            node.api_subscribe(&t.user, &t.client, &t.channel).await?;
+            json!({})
+        }
+        ApiMethod::Unsubscribe => {
+            let t: TargetBody = parse(body)?;
+            node.api_unsubscribe(&t.user, &t.client, &t.channel).await?;
+            json!({})
+        }
+        ApiMethod::Disconnect => {
+            let t: TargetBody = parse(body)?;
+            node.api_disconnect(&t.user, &t.client, t.code, &t.reason).await?;
+            json!({})
+        }
+        ApiMethod::Presence => {
+            let t: TargetBody = parse(body)?;
+            let m = node.api_presence(&t.channel).await?;
+            let clients: serde_json::Map<String, Value> =
+                m.iter().map(|(k, v)| (k.clone(), info_json(v))).collect();
+            json!({ "clients": clients })
+        }
+        ApiMethod::PresenceStats => {
+            let t: TargetBody = parse(body)?;
+            let (c, u) = node.api_presence_stats(&t.channel).await?;
+            json!({"num_clients": c, "num_users": u})
+        }
+        ApiMethod::History => {
+            let t: TargetBody = parse(body)?;
+            let since = (!t.epoch.is_empty())
+                .then(|| StreamPosition { offset: t.since_offset, epoch: t.epoch.clone() });
+            let page = node.api_history(&t.channel, t.limit, since, t.reverse).await?;
+            return Ok(Out::Raw(history_json(&page).into()));
+        }
+        ApiMethod::Channels => {
+            let t: TargetBody = parse(body)?;
+            let m = node.api_channels(&t.pattern, limits).await?;
+            let channels: serde_json::Map<String, Value> =
+                m.into_iter().map(|(c, n)| (c, json!({"num_clients": n}))).collect();
+            json!({ "channels": channels })
+        }
+        ApiMethod::Info => {
+            parse::<TargetBody>(body)?;
+            let nodes = node.api_info().await?;
+            json!({ "nodes": nodes.iter().map(|n| json!({
+                "uid": n.uid, "name": n.name, "version": n.version,
+                "num_clients": n.num_clients, "num_subscriptions": n.num_subscriptions,
+                "num_channels": n.num_channels, "uptime_secs": n.uptime_secs,
+            })).collect::<Vec<_>>() })
+        }
+        // Only the Centrifugo-compatible API has these (`crate::centrifugo`);
+        // `from_snake(Api::Control, ..)` never returns them.
+        ApiMethod::Refresh | ApiMethod::HistoryRemove | ApiMethod::Rpc | ApiMethod::Batch => {
+            return Err(Fail::Body(format!("{}: not a method of /api", method.snake())));
         }
     }))
+}
+
+/// A history page as JSON (both HTTP APIs): publication data embedded
+/// verbatim (see [`raw_data`]).
+pub(crate) fn history_json(page: &HistoryPage) -> Vec<u8> {
+    let out = HistoryOut {
+        publications: page
+            .publications
+            .iter()
+            .map(|p| PublicationOut {
+                data: raw_data(&p.data),
+                info: p.info.as_deref().map(info_json),
+                offset: p.offset,
+                tags: p.tags.as_deref(),
+            })
+            .collect(),
+        offset: page.position.offset,
+        epoch: &page.position.epoch,
+    };
+    serde_json::to_vec(&out).expect("history serializes")
 }
 
 #[cfg(test)]

@@ -1,5 +1,7 @@
 //! The gRPC control API: `fanfare.v1.ControlService`, the standard health
-//! service and server reflection. The HTTP/2 side is in `grpc_transport`.
+//! service and server reflection. The HTTP/2 side is in `grpc_transport`
+//! (which also serves `centrifugal.centrifugo.api.CentrifugoApi`, see
+//! `crate::centrifugo::grpc`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,6 +13,7 @@ use tonic::{Request, Response, Status};
 
 use crate::api::{ApiContext, code_name, observe};
 use crate::grpc_transport::GrpcService;
+use crate::methods::Method;
 
 pub use fanfare_server::{FILE_DESCRIPTOR_SET, pb};
 
@@ -18,7 +21,9 @@ use pb::control_service_server::{ControlService, ControlServiceServer};
 
 fn status(e: &ApiError) -> Status {
     match e {
-        ApiError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+        ApiError::InvalidArgument(m)
+        | ApiError::UnknownNamespace(m)
+        | ApiError::UnrecoverablePosition(m) => Status::invalid_argument(m.clone()),
         ApiError::NotFound(m) => Status::not_found(m.clone()),
         ApiError::ResourceExhausted(m) | ApiError::TooLarge(m) => {
             Status::resource_exhausted(m.clone())
@@ -35,18 +40,18 @@ pub struct ControlApi {
 }
 
 async fn run<T, R>(
-    method: &'static str,
+    method: Method,
     f: impl std::future::Future<Output = Result<T, ApiError>>,
     into: impl FnOnce(T) -> R,
 ) -> Result<Response<R>, Status> {
     let start = Instant::now();
     match f.await {
         Ok(v) => {
-            observe(method, "grpc", "OK", start);
+            observe(method.snake(), "grpc", "OK", start);
             Ok(Response::new(into(v)))
         }
         Err(e) => {
-            observe(method, "grpc", code_name(&e), start);
+            observe(method.snake(), "grpc", code_name(&e), start);
             Err(status(&e))
         }
     }
@@ -88,7 +93,8 @@ impl ControlService for ControlApi {
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let r = req.into_inner();
         let p = api_publish(r.data, r.idempotency_key, r.tags, r.skip_history);
-        run("publish", self.node.api_publish(&r.channel, &p, &self.ctx.limits), position).await
+        run(Method::Publish, self.node.api_publish(&r.channel, &p, &self.ctx.limits), position)
+            .await
     }
 
     async fn broadcast(
@@ -99,7 +105,7 @@ impl ControlService for ControlApi {
         let p = api_publish(r.data, r.idempotency_key, r.tags, r.skip_history);
         let channels = r.channels;
         let fut = self.node.api_broadcast(&channels, &p, &self.ctx.limits);
-        run("broadcast", fut, |results| pb::BroadcastResponse {
+        run(Method::Broadcast, fut, |results| pb::BroadcastResponse {
             results: channels
                 .iter()
                 .zip(results)
@@ -132,7 +138,7 @@ impl ControlService for ControlApi {
         let r = req.into_inner();
         let p = api_publish(r.data, r.idempotency_key, r.tags, false);
         run(
-            "publish_to_user",
+            Method::PublishToUser,
             self.node.api_publish_to_user(&r.user, &p, &self.ctx.limits),
             position,
         )
@@ -144,7 +150,7 @@ impl ControlService for ControlApi {
         req: Request<pb::SubscribeRequest>,
     ) -> Result<Response<pb::SubscribeResponse>, Status> {
         let r = req.into_inner();
-        run("subscribe", self.node.api_subscribe(&r.user, &r.client, &r.channel), |_| {
+        run(Method::Subscribe, self.node.api_subscribe(&r.user, &r.client, &r.channel), |_| {
             pb::SubscribeResponse {}
         })
         .await
@@ -155,7 +161,7 @@ impl ControlService for ControlApi {
         req: Request<pb::UnsubscribeRequest>,
     ) -> Result<Response<pb::UnsubscribeResponse>, Status> {
         let r = req.into_inner();
-        run("unsubscribe", self.node.api_unsubscribe(&r.user, &r.client, &r.channel), |_| {
+        run(Method::Unsubscribe, self.node.api_unsubscribe(&r.user, &r.client, &r.channel), |_| {
             pb::UnsubscribeResponse {}
         })
         .await
@@ -166,9 +172,11 @@ impl ControlService for ControlApi {
         req: Request<pb::DisconnectRequest>,
     ) -> Result<Response<pb::DisconnectResponse>, Status> {
         let r = req.into_inner();
-        run("disconnect", self.node.api_disconnect(&r.user, &r.client, r.code, &r.reason), |_| {
-            pb::DisconnectResponse {}
-        })
+        run(
+            Method::Disconnect,
+            self.node.api_disconnect(&r.user, &r.client, r.code, &r.reason),
+            |_| pb::DisconnectResponse {},
+        )
         .await
     }
 
@@ -177,7 +185,7 @@ impl ControlService for ControlApi {
         req: Request<pb::PresenceRequest>,
     ) -> Result<Response<pb::PresenceResponse>, Status> {
         let r = req.into_inner();
-        run("presence", self.node.api_presence(&r.channel), |m| pb::PresenceResponse {
+        run(Method::Presence, self.node.api_presence(&r.channel), |m| pb::PresenceResponse {
             clients: m.into_iter().map(|(k, v)| (k, client_info(v))).collect(),
         })
         .await
@@ -188,7 +196,7 @@ impl ControlService for ControlApi {
         req: Request<pb::PresenceStatsRequest>,
     ) -> Result<Response<pb::PresenceStatsResponse>, Status> {
         let r = req.into_inner();
-        run("presence_stats", self.node.api_presence_stats(&r.channel), |(c, u)| {
+        run(Method::PresenceStats, self.node.api_presence_stats(&r.channel), |(c, u)| {
             pb::PresenceStatsResponse { num_clients: c, num_users: u }
         })
         .await
@@ -201,7 +209,7 @@ impl ControlService for ControlApi {
         let r = req.into_inner();
         let since = (!r.epoch.is_empty())
             .then(|| StreamPosition { offset: r.since_offset, epoch: r.epoch.clone() });
-        run("history", self.node.api_history(&r.channel, r.limit, since, r.reverse), |page| {
+        run(Method::History, self.node.api_history(&r.channel, r.limit, since, r.reverse), |page| {
             pb::HistoryResponse {
                 publications: page
                     .publications
@@ -228,7 +236,7 @@ impl ControlService for ControlApi {
         req: Request<pb::ChannelsRequest>,
     ) -> Result<Response<pb::ChannelsResponse>, Status> {
         let r = req.into_inner();
-        run("channels", self.node.api_channels(&r.pattern, &self.ctx.limits), |m| {
+        run(Method::Channels, self.node.api_channels(&r.pattern, &self.ctx.limits), |m| {
             pb::ChannelsResponse {
                 channels: m
                     .into_iter()
@@ -243,7 +251,7 @@ impl ControlService for ControlApi {
         &self,
         _req: Request<pb::InfoRequest>,
     ) -> Result<Response<pb::InfoResponse>, Status> {
-        run("info", self.node.api_info(), |nodes| pb::InfoResponse {
+        run(Method::Info, self.node.api_info(), |nodes| pb::InfoResponse {
             nodes: nodes
                 .into_iter()
                 .map(|n| pb::NodeInfo {
@@ -270,7 +278,7 @@ async fn grpc_service(node: Node, ctx: Arc<ApiContext>) -> anyhow::Result<GrpcSe
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let routes = tonic::service::Routes::new(health).add_service(reflection);
-    Ok(GrpcService::new(ControlApi { node, ctx: ctx.clone() }, ctx, routes))
+    Ok(GrpcService::new(ControlApi { node: node.clone(), ctx: ctx.clone() }, node, ctx, routes))
 }
 
 /// Serves the control API on `listener` until `stop` turns true (see

@@ -1,7 +1,8 @@
 //! The gRPC transport: HTTP/2 connections served with the `h2` crate directly.
 //!
-//! `fanfare.v1.ControlService` calls (all unary) are decoded, authorized and
-//! answered right in the connection's task: every call whose request frames
+//! `fanfare.v1.ControlService` and `centrifugal.centrifugo.api.CentrifugoApi`
+//! calls (all unary) are decoded, authorized and answered right in the
+//! connection's task: every call whose request frames
 //! arrived in one read is started before the connection is polled again, so
 //! their responses leave in one write, and a call costs no task, no router and
 //! no streaming codec. Everything else (the standard health service, server
@@ -28,10 +29,20 @@ use tonic::codegen::Service;
 use tonic::service::Routes;
 
 use crate::api::{ApiContext, AuthFailure};
+use crate::centrifugo::grpc::{self as centrifugo, Target as CentrifugoTarget};
+use crate::methods::{Api, Method};
+use fanfare_core::Node;
 use fanfare_server::pb;
 use pb::control_service_server::ControlService;
 
 const CONTROL_PREFIX: &str = "/fanfare.v1.ControlService/";
+
+/// A call this transport runs itself.
+#[derive(Debug, Clone, Copy)]
+enum Target {
+    Control(Method),
+    Centrifugo(CentrifugoTarget),
+}
 
 /// Streams one connection may have open at once (calls beyond it wait in the
 /// client).
@@ -45,16 +56,18 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every connection of a node's gRPC port shares. `C` implements the
 /// ControlService calls (`grpc::ControlApi`); this module only carries them.
+/// CentrifugoApi calls run on `node` (`crate::centrifugo::grpc`).
 pub struct GrpcService<C> {
     control: C,
+    node: Node,
     ctx: Arc<ApiContext>,
     /// Health, reflection and the UNIMPLEMENTED fallback.
     routes: Routes,
 }
 
 impl<C: ControlService> GrpcService<C> {
-    pub fn new(control: C, ctx: Arc<ApiContext>, routes: Routes) -> GrpcService<C> {
-        GrpcService { control, ctx, routes: routes.prepare() }
+    pub fn new(control: C, node: Node, ctx: Arc<ApiContext>, routes: Routes) -> GrpcService<C> {
+        GrpcService { control, node, ctx, routes: routes.prepare() }
     }
 }
 
@@ -239,16 +252,23 @@ async fn serve_connection<C: ControlService>(
 }
 
 impl<C: ControlService> GrpcService<C> {
-    /// Starts one request: a ControlService call as a future for the
-    /// connection task, anything else in a task of its own.
+    /// Starts one request: a ControlService or CentrifugoApi call as a future
+    /// for the connection task, anything else in a task of its own.
     fn start(
         self: &Arc<Self>,
         req: Request<RecvStream>,
         respond: SendResponse<Bytes>,
         peer: Option<SocketAddr>,
     ) -> Option<Call> {
-        match req.uri().path().strip_prefix(CONTROL_PREFIX).map(Method::from_name) {
-            Some(method) => Some(Box::pin(control_call(self.clone(), method, req, respond, peer))),
+        let path = req.uri().path();
+        let target = if let Some(name) = path.strip_prefix(CONTROL_PREFIX) {
+            Some(Method::from_grpc(Api::Control, name).map(Target::Control))
+        } else {
+            path.strip_prefix(centrifugo::PREFIX)
+                .map(|name| CentrifugoTarget::from_name(name).map(Target::Centrifugo))
+        };
+        match target {
+            Some(target) => Some(Box::pin(api_call(self.clone(), target, req, respond, peer))),
             None => {
                 tokio::spawn(routed_call(self.routes.clone(), req, respond));
                 None
@@ -256,14 +276,14 @@ impl<C: ControlService> GrpcService<C> {
         }
     }
 
-    /// Everything about a ControlService request that is not its message.
+    /// Everything about an API request that is not its message.
     fn check(
         &self,
-        method: Option<Method>,
+        target: Option<Target>,
         path: &str,
         headers: &HeaderMap,
         peer: Option<SocketAddr>,
-    ) -> Result<Method, Reply> {
+    ) -> Result<Target, Reply> {
         let content_type = headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes);
         if !content_type.is_some_and(|t| t.starts_with(b"application/grpc")) {
             return Err(Reply::Refused(
@@ -281,10 +301,8 @@ impl<C: ControlService> GrpcService<C> {
                 return Err(Reply::Status(Status::permission_denied(f.message())));
             }
         }
-        let Some(method) = method else {
-            return Err(Reply::Status(Status::unimplemented(format!(
-                "{path}: fanfare.v1.ControlService has no such method"
-            ))));
+        let Some(target) = target else {
+            return Err(Reply::Status(Status::unimplemented(format!("{path}: no such method"))));
         };
         if let Some(enc) = headers.get("grpc-encoding")
             && enc.as_bytes() != b"identity"
@@ -294,30 +312,29 @@ impl<C: ControlService> GrpcService<C> {
                 String::from_utf8_lossy(enc.as_bytes())
             ))));
         }
-        Ok(method)
+        Ok(target)
     }
 }
 
-/// One ControlService call: read the request message, run it, answer.
-async fn control_call<C: ControlService>(
+/// One API call: read the request message, run it, answer.
+async fn api_call<C: ControlService>(
     service: Arc<GrpcService<C>>,
-    method: Option<Method>,
+    target: Option<Target>,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer: Option<SocketAddr>,
 ) {
     let (parts, body) = req.into_parts();
-    let reply = match service.check(method, parts.uri.path(), &parts.headers, peer) {
+    let reply = match service.check(target, parts.uri.path(), &parts.headers, peer) {
         Err(reply) => reply,
-        Ok(method) => match read_message(body, service.ctx.max_request_size).await {
+        Ok(target) => match read_message(body, service.ctx.max_request_size).await {
             Err(ReadError::Gone) => return,
             Err(ReadError::Status(s)) => Reply::Status(s),
             Ok(msg) => match timeout(&parts.headers) {
-                None => dispatch(&service.control, method, msg).await,
+                None => dispatch(&service, target, msg).await,
                 Some(Err(s)) => Reply::Status(s),
                 Some(Ok(limit)) => {
-                    match tokio::time::timeout(limit, dispatch(&service.control, method, msg)).await
-                    {
+                    match tokio::time::timeout(limit, dispatch(&service, target, msg)).await {
                         Ok(reply) => reply,
                         Err(_) => Reply::Status(Status::deadline_exceeded(
                             "the call did not finish within its grpc-timeout",
@@ -478,50 +495,72 @@ fn encode(m: &impl Message) -> Bytes {
     out.freeze()
 }
 
-macro_rules! methods {
-    ($($variant:ident $name:literal $call:ident $req:ident;)*) => {
-        /// The methods of `fanfare.v1.ControlService`.
-        #[derive(Debug, Clone, Copy)]
-        enum Method { $($variant,)* }
-
-        impl Method {
-            fn from_name(name: &str) -> Option<Method> {
-                match name {
-                    $($name => Some(Method::$variant),)*
-                    _ => None,
-                }
-            }
-        }
-
-        /// Decodes the request message, runs the method, encodes its answer.
-        async fn dispatch<C: ControlService>(control: &C, method: Method, msg: Bytes) -> Reply {
-            match method {
-                $(Method::$variant => match pb::$req::decode(msg) {
-                    Ok(r) => match control.$call(tonic::Request::new(r)).await {
-                        Ok(resp) => Reply::Message(encode(resp.get_ref())),
-                        Err(s) => Reply::Status(s),
-                    },
-                    Err(e) => Reply::Status(Status::invalid_argument(format!(
-                        concat!("not a valid fanfare.v1.", stringify!($req), ": {}"), e
-                    ))),
-                },)*
-            }
-        }
-    };
+/// An encoded response message with its gRPC prefix.
+fn frame(body: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(5 + body.len());
+    out.put_u8(0);
+    out.put_u32(body.len() as u32);
+    out.extend_from_slice(body);
+    out.freeze()
 }
 
-methods! {
-    Publish "Publish" publish PublishRequest;
-    Broadcast "Broadcast" broadcast BroadcastRequest;
-    PublishToUser "PublishToUser" publish_to_user PublishToUserRequest;
-    Subscribe "Subscribe" subscribe SubscribeRequest;
-    Unsubscribe "Unsubscribe" unsubscribe UnsubscribeRequest;
-    Disconnect "Disconnect" disconnect DisconnectRequest;
-    Presence "Presence" presence PresenceRequest;
-    PresenceStats "PresenceStats" presence_stats PresenceStatsRequest;
-    History "History" history HistoryRequest;
-    Channels "Channels" channels ChannelsRequest;
-    Info "Info" info InfoRequest;
+/// Decodes the request message, runs the call, encodes its answer.
+async fn dispatch<C: ControlService>(
+    service: &GrpcService<C>,
+    target: Target,
+    msg: Bytes,
+) -> Reply {
+    let method = match target {
+        Target::Control(m) => m,
+        Target::Centrifugo(t) => {
+            return match centrifugo::call(&service.node, &service.ctx, t, msg).await {
+                Ok(body) => Reply::Message(frame(&body)),
+                Err(s) => Reply::Status(s),
+            };
+        }
+    };
+    let c = &service.control;
+    match method {
+        Method::Publish => unary(msg, |r| c.publish(r)).await,
+        Method::Broadcast => unary(msg, |r| c.broadcast(r)).await,
+        Method::PublishToUser => unary(msg, |r| c.publish_to_user(r)).await,
+        Method::Subscribe => unary(msg, |r| c.subscribe(r)).await,
+        Method::Unsubscribe => unary(msg, |r| c.unsubscribe(r)).await,
+        Method::Disconnect => unary(msg, |r| c.disconnect(r)).await,
+        Method::Presence => unary(msg, |r| c.presence(r)).await,
+        Method::PresenceStats => unary(msg, |r| c.presence_stats(r)).await,
+        Method::History => unary(msg, |r| c.history(r)).await,
+        Method::Channels => unary(msg, |r| c.channels(r)).await,
+        Method::Info => unary(msg, |r| c.info(r)).await,
+        // CentrifugoApi only: `from_grpc(Api::Control, ..)` never returns them.
+        Method::Refresh | Method::HistoryRemove | Method::Rpc | Method::Batch => {
+            Reply::Status(Status::unimplemented(format!(
+                "{} is a method of centrifugal.centrifugo.api.CentrifugoApi",
+                method.grpc_name()
+            )))
+        }
+    }
+}
+
+/// Decodes a ControlService request, runs it through the generated trait,
+/// encodes the response.
+async fn unary<Req, Resp, F>(msg: Bytes, call: impl FnOnce(tonic::Request<Req>) -> F) -> Reply
+where
+    Req: Message + Default,
+    Resp: Message,
+    F: Future<Output = Result<tonic::Response<Resp>, Status>>,
+{
+    match Req::decode(msg) {
+        Ok(r) => match call(tonic::Request::new(r)).await {
+            Ok(resp) => Reply::Message(encode(resp.get_ref())),
+            Err(s) => Reply::Status(s),
+        },
+        Err(e) => {
+            // The generated type's name is the message's name in the .proto.
+            let name = std::any::type_name::<Req>().rsplit("::").next().unwrap_or_default();
+            Reply::Status(Status::invalid_argument(format!("not a valid fanfare.v1.{name}: {e}")))
+        }
+    }
 }
 
 /// A request body for tonic's services: h2's stream, releasing flow-control
@@ -634,13 +673,5 @@ mod tests {
     fn grpc_message_is_percent_encoded() {
         assert_eq!(percent_encode("plain text: ok"), "plain text: ok");
         assert_eq!(percent_encode("50% é\n"), "50%25 %C3%A9%0A");
-    }
-
-    #[test]
-    fn method_names() {
-        assert!(matches!(Method::from_name("Publish"), Some(Method::Publish)));
-        assert!(matches!(Method::from_name("PresenceStats"), Some(Method::PresenceStats)));
-        assert!(Method::from_name("publish").is_none());
-        assert!(Method::from_name("").is_none());
     }
 }

@@ -120,6 +120,10 @@ async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr)
     if req.uri().path().starts_with("/api/") {
         return crate::api_http::handle(req, &st.node, &st.api, peer, st.deadlines.body).await;
     }
+    if req.uri().path().starts_with(crate::centrifugo::http::PREFIX) {
+        return crate::centrifugo::http::handle(req, &st.node, &st.api, peer, st.deadlines.body)
+            .await;
+    }
     match (req.method(), req.uri().path()) {
         (_, "/connection/websocket") => {
             websocket::upgrade(req, st.node.clone(), st.ws.clone(), websocket::Mode::Bidirectional)

@@ -1,6 +1,8 @@
-//! The library part of fanfare-server: the control API's generated protobuf
-//! types, server and client (`fanfare.v1`), shared by the `fanfare` binary,
-//! the integration tests and the API benchmark (`examples/api_bench.rs`).
+//! The library part of fanfare-server: the generated protobuf types, servers
+//! and clients of the control APIs (`fanfare.v1`, `centrifugal.centrifugo.api`)
+//! and of the proxy protocol (`centrifugal.centrifugo.proxy`), shared by the
+//! `fanfare` binary, the integration tests and the API benchmark
+//! (`examples/api_bench.rs`).
 
 /// `fanfare.v1` from proto/fanfare/v1/control.proto (prost + tonic).
 pub mod pb {
@@ -13,7 +15,15 @@ pub mod proxy_pb {
     tonic::include_proto!("centrifugal.centrifugo.proxy");
 }
 
-/// Encoded descriptors of `fanfare.v1`, for server reflection.
+/// `centrifugal.centrifugo.api` from proto/centrifugo/api.proto: Centrifugo's
+/// server API as fanfare serves it (our own file, Centrifugo's public names
+/// and field numbers).
+pub mod centrifugo_pb {
+    tonic::include_proto!("centrifugal.centrifugo.api");
+}
+
+/// Encoded descriptors of `fanfare.v1` and `centrifugal.centrifugo.api`, for
+/// server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/control_descriptor.bin"));
 

@@ -2,11 +2,13 @@
 
 mod api;
 mod api_http;
+mod centrifugo;
 mod config;
 mod grpc;
 mod grpc_transport;
 mod heap;
 mod http;
+mod methods;
 mod proxy;
 mod transport;
 
@@ -153,8 +155,8 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         tracing::warn!("api.key is not set: the control API will answer loopback callers only");
     }
     let mut node_cfg = settings.node_config();
-    node_cfg.proxies = proxy::build(&settings)?;
     fanfare_core::proxy::describe_metrics();
+    node_cfg.proxies = proxy::build(&settings)?;
     let broker: Arc<dyn Broker> = match settings.broker.kind {
         BrokerKind::Memory => Arc::new(MemoryBroker::with_config(settings.memory.broker_config())),
         BrokerKind::Redis => Arc::new(

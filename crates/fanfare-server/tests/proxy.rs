@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{Client, Server, assert_error, free_port, metric_with, unix_now};
+use common::api::{http_request, metric_with};
+use common::stream::Stream;
+use common::{Client, Server, assert_error, free_port, unix_now};
 use fanfare_server::proxy_pb as pb;
 use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
@@ -30,6 +32,7 @@ struct Seen {
 struct Backend {
     seen: Arc<Mutex<Vec<Seen>>>,
     refreshes: Arc<Mutex<u32>>,
+    sub_refreshes: Arc<Mutex<u32>>,
 }
 
 impl Backend {
@@ -61,10 +64,19 @@ impl Backend {
                     _ => json!({"result": {"expired": true}}),
                 }
             }
+            "/sub_refresh" => {
+                let mut n = self.sub_refreshes.lock().unwrap();
+                *n += 1;
+                match *n {
+                    1 => json!({"result": {"expire_at": unix_now() + 2, "info": {"seat": 4}}}),
+                    _ => json!({"result": {"expired": true}}),
+                }
+            }
             "/subscribe" => match body["channel"].as_str().unwrap_or("") {
                 "proxied:deny" => json!({"error": {"code": 103, "message": "permission denied"}}),
                 "proxied:custom" => json!({"error": {"code": 1000, "message": "room is full"}}),
                 "proxied:hidden" => json!({"result": {"override": {"presence": {"value": false}}}}),
+                "proxied:expiring" => json!({"result": {"expire_at": unix_now() + 2}}),
                 _ => json!({"result": {"info": {"seat": 3}, "data": {"topic": "rust"}}}),
             },
             "/publish" => match body["data"]["text"].as_str() {
@@ -158,6 +170,10 @@ endpoint = "{publish}"
 http_headers = ["Cookie"]
 
 [[proxies]]
+name = "sub_refresh"
+endpoint = "{sub_refresh}"
+
+[[proxies]]
 name = "slow"
 endpoint = "{slow}"
 timeout = "1s"
@@ -174,6 +190,7 @@ allow_subscribe = true
 name = "proxied"
 subscribe_proxy = "subscribe"
 publish_proxy = "publish"
+sub_refresh_proxy = "sub_refresh"
 presence = true
 
 [[namespaces]]
@@ -192,6 +209,7 @@ allow_subscribe = true
         subscribe = url("subscribe"),
         publish = url("publish"),
         slow = url("slow"),
+        sub_refresh = url("sub_refresh"),
         down = free_port(),
         secret = common::SECRET,
     ))
@@ -308,6 +326,32 @@ async fn rpc_goes_to_the_backend_and_its_disconnect_closes_the_client() {
     assert_eq!(c.expect_close().await, (4501, "rpc said bye".to_string()));
 }
 
+// Multi-threaded: the API call below blocks its thread while the backend
+// (on this runtime) answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_apis_rpc_is_answered_by_the_rpc_proxy() {
+    let (backend, port) = http_backend().await;
+    let server = node_with(port, "");
+    let call = |body: Value| {
+        let r = http_request(
+            server.port,
+            "POST",
+            "/centrifugo/api/rpc",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(r.status, 200);
+        r.json()
+    };
+    let r = call(json!({"method": "echo", "params": {"n": 3}}));
+    assert_eq!(r["result"]["data"], json!({"echo": {"n": 3}, "user": ""}), "{r}");
+    let seen = &backend.seen("/rpc")[0];
+    assert_eq!(seen.body["transport"], "api");
+    // The backend's error is the API error.
+    let r = call(json!({"method": "nope"}));
+    assert_eq!(r["error"]["code"], 1002, "{r}");
+}
+
 #[tokio::test]
 async fn the_refresh_proxy_extends_a_connection_then_ends_it_with_3005() {
     let (backend, port) = http_backend().await;
@@ -327,6 +371,29 @@ async fn the_refresh_proxy_extends_a_connection_then_ends_it_with_3005() {
 }
 
 #[tokio::test]
+async fn the_sub_refresh_proxy_extends_a_subscription_then_unsubscribes_it() {
+    let (backend, port) = http_backend().await;
+    let server = node_with(port, "");
+    let mut c = as_cookie(&server, "sid=ann").await;
+    c.connect_ok("").await;
+    let s = c.subscribe_ok("proxied:expiring", json!({})).await;
+    assert!(s.get("expires").is_none(), "the node refreshes it, not the client: {s}");
+    c.idle(Duration::from_millis(3200)).await;
+    assert_eq!(backend.seen("/sub_refresh").len(), 1);
+    let p = c.presence("proxied:expiring").await;
+    let me = p["presence"]["presence"].as_object().unwrap().values().next().cloned().unwrap();
+    assert_eq!(me["chan_info"], json!({"seat": 4}), "the refresh answer's info: {p}");
+    let push = c.recv_push().await;
+    assert_eq!(push["push"]["channel"], "proxied:expiring");
+    assert_eq!(push["push"]["unsubscribe"]["code"], 2501, "{push}");
+    let seen = &backend.seen("/sub_refresh")[1];
+    assert_eq!(
+        (seen.body["user"].as_str(), seen.body["channel"].as_str()),
+        (Some("ann"), Some("proxied:expiring"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_or_dead_backend_costs_one_error_reply_and_nothing_else() {
     let (_backend, port) = http_backend().await;
     let server = node_with(port, "");
@@ -366,6 +433,29 @@ async fn a_slow_or_dead_backend_costs_one_error_reply_and_nothing_else() {
     assert_eq!(count("timeout"), 1.0);
     assert_eq!(count("unavailable"), 1.0);
     assert!(server.log().contains("proxy call failed"), "a log line says why");
+}
+
+#[tokio::test]
+async fn http_transports_forward_the_cookie_of_their_request_to_the_connect_proxy() {
+    let (_backend, port) = http_backend().await;
+    let server = node_with(port, "[transports]\nuni_http_stream = true\n");
+    let cookie = [("Cookie", "sid=ann")];
+    // Unidirectional: the connect reply waits for the proxy; channels from it.
+    let mut s =
+        Stream::open(server.port, "POST", "/connection/uni_http_stream", &cookie, "{}").await;
+    assert_eq!(s.status, 200);
+    let connect: Value = serde_json::from_str(&s.next(b"\n").await.expect("connect")).unwrap();
+    assert!(connect["connect"]["subs"]["news"].is_object(), "{connect}");
+    // Bidirectional emulation (the centrifuge-js fallback).
+    let body = json!({"id": 1, "connect": {}}).to_string();
+    let mut s = Stream::open(server.port, "POST", "/connection/http_stream", &cookie, &body).await;
+    let reply: Value = serde_json::from_str(&s.next(b"\n").await.expect("reply")).unwrap();
+    assert!(reply["connect"]["subs"]["#ann"].is_object(), "{reply}");
+    // A refused one gets the backend's answer as the HTTP refusal.
+    let nobody = [("Cookie", "sid=nobody")];
+    let s = Stream::open(server.port, "POST", "/connection/uni_http_stream", &nobody, "{}").await;
+    assert_eq!(s.status, 400);
+    assert!(s.text().await.contains("who are you"));
 }
 
 // --- gRPC -----------------------------------------------------------------

@@ -288,11 +288,20 @@ impl Session {
                     }
                     return Ok(());
                 }
-                if let Some(sub) = self.connected_mut().subs.get_mut(&channel) {
-                    sub.expires_at = unix_expiry(a.expire_at);
-                    if !a.info.is_empty() {
-                        sub.info =
-                            Arc::new(ClientInfo { chan_info: a.info, ..(*sub.info).clone() });
+                let Some(sub) = self.connected_mut().subs.get_mut(&channel) else {
+                    return Ok(());
+                };
+                sub.expires_at = unix_expiry(a.expire_at);
+                if a.info.is_empty() {
+                    return Ok(());
+                }
+                sub.info = Arc::new(ClientInfo { chan_info: a.info, ..(*sub.info).clone() });
+                // Others see the new channel info in presence at once.
+                if sub.presence {
+                    let info = (*sub.info).clone();
+                    let ttl = self.node.config().presence_ttl;
+                    if let Err(e) = self.node.broker().add_presence(&channel, info, ttl).await {
+                        tracing::warn!(channel = &*channel, error = %e, "presence update failed");
                     }
                 }
                 Ok(())

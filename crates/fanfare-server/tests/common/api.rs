@@ -25,7 +25,7 @@ pub const API_KEY_TOML: &str = "[api]\nkey = \"api-test-key\"\n";
 
 /// Adds `authorization: <value>` to every call (nothing when `None`).
 #[derive(Clone)]
-pub struct Authorization(Option<MetadataValue<Ascii>>);
+pub struct Authorization(pub Option<MetadataValue<Ascii>>);
 
 impl Interceptor for Authorization {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {

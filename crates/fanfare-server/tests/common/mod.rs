@@ -108,19 +108,6 @@ pub fn metric(port: u16, name: &str) -> f64 {
         .sum()
 }
 
-/// The sum of the samples of `name` at `/metrics` whose labels include
-/// every `label="value"` of `labels`.
-pub fn metric_with(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let Ok((200, body)) = http_get(port, "/metrics") else {
-        return 0.0;
-    };
-    body.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.trim().parse::<f64>().ok()))
-        .sum()
-}
-
 /// Runs `fanfare <args>` with an optional config and extra environment, waiting
 /// for it to finish: `(status, stdout, stderr)`.
 pub fn run_cli(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String, String) {
