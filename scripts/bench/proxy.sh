@@ -19,6 +19,7 @@
 # every run so that it can be seen not to be the limit.
 #
 #   scripts/bench/proxy.sh OUT_DIR
+#   ONLY=connect RUNS=5 N=10000 scripts/bench/proxy.sh /tmp/proxy-connect
 #   RUNS=3 N=5000 PUBS=20 RATE=2000 MAX_RATE=100000 DURATION=10s scripts/bench/proxy.sh /tmp/proxy-bench
 #
 # Needs `cargo build --release -p fanfare-server -p fanfare-loadtest` and Go.
@@ -32,6 +33,7 @@ OUT=$(cd "$OUT" && pwd)
 FANFARE=${FANFARE_BIN:-$ROOT/target/release/fanfare}
 LOADTEST=${LOADTEST_BIN:-$ROOT/target/release/fanfare-loadtest}
 RUNS=${RUNS:-3}; N=${N:-5000}; PUBS=${PUBS:-20}
+ONLY=${ONLY:-}   # publish | connect: just that benchmark
 RATE=${RATE:-2000}; MAX_RATE=${MAX_RATE:-100000}; DURATION=${DURATION:-10s}
 PY=${PY:-$ROOT/tests/api/.venv/bin/python}   # has grpcio (tests/api/run.sh makes it)
 export QUIET_WAIT=${QUIET_WAIT:-120}
@@ -141,7 +143,7 @@ measure() {
 }
 
 for run in $(seq "$RUNS"); do
-  for v in plain http grpc; do
+  [ "$ONLY" = connect ] || for v in plain http grpc; do
     wait_quiet
     start_node "pub-$v"
     common=(fanout -n "$PUBS" --channels "$PUBS" --publishers "$PUBS" --channel-prefix "px:"
@@ -151,7 +153,7 @@ for run in $(seq "$RUNS"); do
     [ "$v" = grpc ] || measure "pub-$v-max-$run" "$v" "${common[@]}" --rate "$MAX_RATE"
     stop_node
   done
-  for v in jwt http grpc; do
+  [ "$ONLY" = publish ] || for v in jwt http grpc; do
     wait_quiet
     start_node "conn-$v"
     auth=(); [ "$v" = jwt ] && auth=(--hmac-secret "$SECRET")

@@ -57,14 +57,19 @@ async def main(port: int, gen: Path):
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    count = gen / "count"
+    count, tmp = gen / "count", gen / "count.tmp"
+
+    def write_count():  # atomically: the driver may read it at any time
+        tmp.write_text(str(calls))
+        tmp.replace(count)
+
     while not stop.is_set():
-        count.write_text(str(calls))
+        write_count()
         try:
             await asyncio.wait_for(stop.wait(), 0.2)
         except asyncio.TimeoutError:
             pass
-    count.write_text(str(calls))
+    write_count()
     await server.stop(0)
 
 

@@ -28,7 +28,9 @@ def load(path):
 def figures(r):
     """The figures of one run, by name."""
     be = r["_backend"]
-    out = {"ok": r["ok"], "other_cpu": r["machine"].get("other_cpu_seconds_per_second")}
+    # Other processes' CPU over the measured window (connect phase for idle).
+    machine = r["machine"] if r.get("messages") else r["machine_connect"]
+    out = {"ok": r["ok"], "other_cpu": machine.get("other_cpu_seconds_per_second")}
     if r.get("messages"):
         m = r["messages"]
         out.update(
@@ -78,7 +80,7 @@ def line(path):
              if "backend_calls" in f else "")
     print(f"{name:22} {fmt(f['rate'], 0):>8}/s  node {fmt(f['node_us'])} us/op"
           f" ({fmt(f['node_cpu'], 2)} CPU s/s)  p50 {fmt(f['p50_us'])} us p99 {fmt(f['p99_us'])} us"
-          f"{extra}  other {f['other_cpu']}  ok {f['ok']}")
+          f"{extra}  other {fmt(f['other_cpu'], 2)}  ok {f['ok']}")
 
 
 def table(out_dir):
