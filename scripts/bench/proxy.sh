@@ -35,7 +35,7 @@ LOADTEST=${LOADTEST_BIN:-$ROOT/target/release/fanfare-loadtest}
 RUNS=${RUNS:-3}; N=${N:-5000}; PUBS=${PUBS:-20}
 ONLY=${ONLY:-}   # publish | connect: just that benchmark
 RATE=${RATE:-2000}; MAX_RATE=${MAX_RATE:-100000}; DURATION=${DURATION:-10s}
-PY=${PY:-$ROOT/tests/api/.venv/bin/python}   # has grpcio (tests/api/run.sh makes it)
+PY=${PY:-$ROOT/tests/api/.venv/bin/python}   # has grpcio
 export QUIET_WAIT=${QUIET_WAIT:-120}
 SECRET=proxy-bench-secret
 
@@ -43,7 +43,8 @@ SECRET=proxy-bench-secret
 . "$ROOT/loadtest/bench/lib.sh"   # wait_quiet, free_port, wait_port, node_config
 
 (cd scripts/bench/proxy-backend && go build -o "$OUT/proxy-backend" .)
-[ -x "$PY" ] || { echo "no $PY: run tests/api/run.sh once (makes the venv with grpcio)" >&2; exit 2; }
+# The gRPC backend runs on the Python tests' venv (grpcio, grpcio-tools).
+[ -x "$PY" ] || (cd tests/api && . ../venv.sh && PY=python3 ensure_venv)
 
 NODE=; BACKEND=; GBACKEND=
 stop_node() {
