@@ -15,7 +15,8 @@ import sys
 import tempfile
 import tomllib
 
-MANAGED = {"http.listen", "grpc.listen", "broker.kind", "redis.urls", "redis.cluster", "api.key", "auth.hmac_secret"}
+MANAGED = {"http.listen", "grpc.listen", "broker.kind", "redis.urls", "redis.cluster", "api.key", "auth.hmac_secret",
+           "webhooks.secret"}
 SAMPLE = {"boolean": False, "integer": None, "string": "", "array": []}
 
 

@@ -3,7 +3,8 @@
 # proto/fanfare/v1/control.proto at test time (grpcio-tools), plain HTTP
 # (urllib) and a WebSocket client (websockets), against the real binary and
 # real redis-server processes on free loopback ports; and the centrifuge-python
-# SDK over the JSON and the Protobuf protocol (test_sdk_python.py).
+# SDK over the JSON and the Protobuf protocol (test_sdk_python.py); lifecycle
+# webhooks into a receiver in the test's process (test_webhooks.py).
 # Usage: FANFARE_BIN=/abs/path/to/fanfare tests/api/run.sh [pytest args]
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"

@@ -13,6 +13,7 @@ pub mod coalesce;
 pub mod control;
 pub mod delta;
 pub mod emulation;
+pub mod events;
 pub mod hub;
 pub mod ingress;
 pub mod memory;
@@ -33,6 +34,7 @@ pub use broker::{
 pub use channel::{ChannelError, ChannelRules, Namespace};
 pub use coalesce::Coalescer;
 pub use emulation::Emulation;
+pub use events::{Event, EventKind, EventMask, EventQueue, Events, MemoryQueue};
 pub use hub::{FanOut, Hub};
 pub use ingress::{DataError, DataRules};
 pub use memory::{MemoryBroker, MemoryConfig};

@@ -26,6 +26,12 @@ pub const STREAM_GAPS: &str = "fanfare_stream_gaps_total";
 pub const BROKER_RECONNECTS: &str = "fanfare_broker_reconnects_total";
 pub const BROKER_CHANNELS: &str = "fanfare_broker_channels";
 pub const BROKER_CHANNELS_SWEPT: &str = "fanfare_broker_channels_swept_total";
+pub const WEBHOOK_EVENTS: &str = "fanfare_webhook_events_total";
+pub const WEBHOOK_DROPPED: &str = "fanfare_webhook_dropped_total";
+pub const WEBHOOK_DELIVERIES: &str = "fanfare_webhook_deliveries_total";
+pub const WEBHOOK_DELIVERED: &str = "fanfare_webhook_delivered_events_total";
+pub const WEBHOOK_QUEUE_DEPTH: &str = "fanfare_webhook_queue_depth";
+pub const WEBHOOK_DELIVERY: &str = "fanfare_webhook_delivery_duration_seconds";
 
 /// Cached handles for counters touched on every message.
 pub struct Hot {
@@ -115,6 +121,28 @@ pub fn describe() {
     describe_counter!(
         BROKER_CHANNELS_SWEPT,
         "Channels whose state the memory broker freed (expired, nobody subscribed)."
+    );
+    describe_counter!(
+        WEBHOOK_EVENTS,
+        "Lifecycle events queued for webhooks by this node, by event (channel_occupied/vacated counted where the cluster-wide transition was decided)."
+    );
+    describe_counter!(
+        WEBHOOK_DROPPED,
+        "Webhook events dropped: queue_full (webhooks.queue_size reached) or attempts (webhooks.max_attempts failed deliveries)."
+    );
+    describe_counter!(
+        WEBHOOK_DELIVERIES,
+        "Webhook POSTs by result: ok (2xx), status (another answer), error (connection failure or webhooks.timeout)."
+    );
+    describe_counter!(WEBHOOK_DELIVERED, "Webhook events delivered (answered 2xx).");
+    describe_gauge!(
+        WEBHOOK_QUEUE_DEPTH,
+        "Webhook events waiting for delivery (memory queue, or the Redis outbox as the delivering node sees it)."
+    );
+    describe_histogram!(
+        WEBHOOK_DELIVERY,
+        Unit::Seconds,
+        "Time of one webhook POST until its answer."
     );
     describe_gauge!(CLUSTER_NODES, "Nodes that announced themselves recently, this one included.");
     // Counters alerts use exist from the start, so a first increment is a change.

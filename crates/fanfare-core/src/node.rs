@@ -148,6 +148,8 @@ struct Shared {
     uid: String,
     /// Sessions of the emulated transports, by key (`crate::emulation`).
     emulated: crate::emulation::Registry,
+    /// Lifecycle events for webhooks (off unless installed).
+    events: crate::events::Events,
 }
 
 /// A fanfare node. Cheap to clone (a handle around `Arc`); thread-safe.
@@ -186,6 +188,7 @@ impl Node {
                 started: Instant::now(),
                 uid: uuid::Uuid::new_v4().to_string(),
                 emulated: Default::default(),
+                events: Default::default(),
             }),
         };
         node.shared
@@ -201,6 +204,11 @@ impl Node {
     /// This node's id in the cluster (random per process).
     pub fn uid(&self) -> &str {
         &self.shared.uid
+    }
+
+    /// Lifecycle events (webhooks): install a queue at start-up to turn them on.
+    pub fn events(&self) -> &crate::events::Events {
+        &self.shared.events
     }
 
     pub(crate) fn emulated(&self) -> &crate::emulation::Registry {
@@ -453,6 +461,7 @@ impl Node {
     ) -> Result<(), BrokerError> {
         if self.shared.hub.subscribe(channel, session, sub) {
             metrics::hot().channels.increment(1.0);
+            self.shared.events.local_occupancy(&self.shared.hub, channel);
             if let Err(e) = self.shared.broker.subscribe(channel).await {
                 self.unsubscribe_local(channel, session).await;
                 return Err(e);
@@ -466,6 +475,7 @@ impl Node {
         let last = self.shared.hub.unsubscribe(channel, session);
         if last {
             metrics::hot().channels.decrement(1.0);
+            self.shared.events.local_occupancy(&self.shared.hub, channel);
             if let Err(e) = self.shared.broker.unsubscribe(channel).await {
                 tracing::warn!(channel, error = %e, "broker unsubscribe failed");
             }

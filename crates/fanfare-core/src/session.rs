@@ -99,17 +99,13 @@ pub struct Session {
     pong_deadline: Option<Instant>,
     /// When presence entries of this connection must be written again.
     presence_refresh: Option<Instant>,
-    /// Publishes waiting for the broker (allocated on the first one that does
-    /// not complete at once: idle connections carry none).
-    publishing: Option<Box<Publishing>>,
+    /// Publishes waiting for the broker, and the proxy state (see [`Side`]).
+    side: Option<Box<Side>>,
     /// The disconnect was counted ([`Session::ended`]).
     end_counted: bool,
     /// The transport carrying this session (for metrics; a unidirectional
     /// one changes behaviour, see [`Transport::is_unidirectional`]).
     transport: Transport,
-    /// Forwarded headers, connection meta and the proxy call this session
-    /// waits for (allocated only for connections that use proxies).
-    proxy: Option<Box<proxied::ProxyState>>,
 }
 
 /// The transport a session runs over. A unidirectional one: the client only
@@ -157,6 +153,19 @@ impl Transport {
     }
 }
 
+/// What a session has only while it waits for something, or when it uses
+/// proxies: publishes at the broker (allocated on the first one that does not
+/// complete at once, freed when all are answered), forwarded headers,
+/// connection meta and the proxy call it waits for. One allocation and one
+/// pointer for both: a second pointer in `Session` made the WebSocket task
+/// future 16 B larger, past a 128-byte step of tokio's task cell (+100 B per
+/// idle connection, docs/BENCHMARKS.md "Proxies").
+#[derive(Default)]
+struct Side {
+    publishing: Option<Publishing>,
+    proxy: proxied::ProxyState,
+}
+
 /// A connection's publishes: one batch at the broker, the next one forming.
 struct Publishing {
     /// Resolves to (command id, accepted) per publish of the batch. Only ever
@@ -175,11 +184,12 @@ pub const MAX_PUBLISHES_IN_FLIGHT: usize = 256;
 /// Something a session waited for happened ([`Session::next_event`]).
 pub struct Event(EventKind);
 
+/// Small on purpose (4 bytes): it sits in every connection task's future
+/// (the driver's select output). A batch is answered while polling; a proxy
+/// answer waits in the session until [`Session::handle_event`].
 enum EventKind {
-    Published(Vec<(u32, bool)>),
-    /// Boxed: the event sits in every connection task's future (the
-    /// driver's select output), and an answer is some 200 bytes.
-    Answered(Box<Result<crate::proxy::ProxyAnswer, crate::proxy::ProxyFailure>>),
+    Published(Result<(), DisconnectCode>),
+    Answered,
 }
 
 /// The subscriptions of `conn` whose expiry passed.
@@ -293,10 +303,9 @@ impl Session {
             next_ping: now + jitter,
             pong_deadline: None,
             presence_refresh: None,
-            publishing: None,
+            side: None,
             end_counted: false,
             transport: Transport::WebSocket,
-            proxy: None,
         })
     }
 
@@ -829,6 +838,7 @@ impl Session {
             }
         }
         crate::metrics::hot().connects.increment(1);
+        self.node.events().connect(&self.connected().info);
         let encoding = match self.outbox.codec() {
             Codec::Json => "json",
             Codec::Protobuf => "protobuf",
@@ -923,6 +933,7 @@ impl Session {
             if let Err(e) = self.node.broker().add_presence(channel, (*info).clone(), ttl).await {
                 tracing::warn!(channel, error = %e, "presence add failed");
             }
+            self.node.events().presence_join(channel, &info);
             // The entry expires after `ttl` unless written again: from now on
             // this connection refreshes its entries (`on_deadline`).
             if self.presence_refresh.is_none() {
@@ -943,6 +954,7 @@ impl Session {
             }
             result.publications = crate::delta::recovered(pubs, self.outbox.codec());
         }
+        self.node.events().subscribe(channel, &info);
         self.connected_mut().subs.insert(
             channel.into(),
             Subscription {
@@ -1044,6 +1056,10 @@ impl Session {
         let Some(sub) = self.connected_mut().subs.remove(channel) else {
             return false;
         };
+        if sub.presence {
+            self.node.events().presence_leave(channel, &sub.info);
+        }
+        self.node.events().unsubscribe(channel, &sub.info);
         self.node.unsubscribe_local(channel, self.id).await;
         self.node.subscription_ended();
         let broker = self.node.broker();
@@ -1123,7 +1139,7 @@ impl Session {
             .get(item.channel.as_str())
             .map_or_else(|| conn.info.clone(), |s| s.info.clone());
         item.publication.info = Some(info);
-        if let Some(p) = &mut self.publishing {
+        if let Some(p) = self.publishing_mut() {
             p.queued.push((id, item));
             return;
         }
@@ -1156,18 +1172,30 @@ impl Session {
                 }
             }
             Poll::Pending => {
-                self.publishing = Some(Box::new(Publishing {
-                    sent: SyncWrapper::new(fut),
-                    sent_len,
-                    queued: Vec::new(),
-                }));
+                self.side.get_or_insert_default().publishing =
+                    Some(Publishing { sent: SyncWrapper::new(fut), sent_len, queued: Vec::new() });
             }
         }
     }
 
     /// Publishes waiting for the broker or queued behind those.
     pub fn publishes_in_flight(&self) -> usize {
-        self.publishing.as_ref().map_or(0, |p| p.sent_len + p.queued.len())
+        self.publishing().map_or(0, |p| p.sent_len + p.queued.len())
+    }
+
+    fn publishing(&self) -> Option<&Publishing> {
+        self.side.as_ref().and_then(|s| s.publishing.as_ref())
+    }
+
+    fn publishing_mut(&mut self) -> Option<&mut Publishing> {
+        self.side.as_mut().and_then(|s| s.publishing.as_mut())
+    }
+
+    /// Frees the side state once it holds nothing.
+    fn trim_side(&mut self) {
+        if self.side.as_ref().is_some_and(|s| s.publishing.is_none() && s.proxy.is_empty()) {
+            self.side = None;
+        }
     }
 
     /// Whether the transport should read the client's next commands: not
@@ -1181,21 +1209,24 @@ impl Session {
     /// the proxy call this session waits for; hand the result to
     /// [`Session::handle_event`] at once. Never resolves when nothing is out.
     /// Cancel-safe: it only polls futures the session keeps.
-    pub async fn next_event(&mut self) -> Event {
-        std::future::poll_fn(|cx| {
-            if let Some(p) = self.publishing.as_mut()
+    pub fn next_event(&mut self) -> impl Future<Output = Event> + Send + '_ {
+        std::future::poll_fn(move |cx| {
+            if let Some(p) = self.publishing_mut()
                 && let Poll::Ready(done) = p.sent.get_mut().as_mut().poll(cx)
             {
-                return Poll::Ready(Event(EventKind::Published(done)));
+                // Replied to at once (no await): nothing is left half done
+                // if the caller drops this future after it returned.
+                return Poll::Ready(Event(EventKind::Published(self.batch_done(done))));
             }
             if let Some(w) = self.waiting_mut()
+                && w.answer.is_none()
                 && let Poll::Ready(answer) = w.call.get_mut().as_mut().poll(cx)
             {
-                return Poll::Ready(Event(EventKind::Answered(Box::new(answer))));
+                w.answer = Some(answer);
+                return Poll::Ready(Event(EventKind::Answered));
             }
             Poll::Pending
         })
-        .await
     }
 
     /// Acts on what [`Session::next_event`] returned: replies to a batch of
@@ -1204,15 +1235,15 @@ impl Session {
     /// behind it.
     pub async fn handle_event(&mut self, event: Event) -> Result<(), DisconnectCode> {
         match event.0 {
-            EventKind::Published(done) => self.batch_done(done),
-            EventKind::Answered(answer) => self.proxy_answered(*answer).await,
+            EventKind::Published(result) => result,
+            EventKind::Answered => self.proxy_answered().await,
         }
     }
 
     /// Waits until the broker answers the batch it has, replies to each of its
     /// publishes and sends the next batch. Never resolves when no batch is out.
     async fn publish_done(&mut self) -> Result<(), DisconnectCode> {
-        let Some(p) = self.publishing.as_mut() else {
+        let Some(p) = self.publishing_mut() else {
             return std::future::pending().await;
         };
         let done = p.sent.get_mut().await;
@@ -1220,7 +1251,8 @@ impl Session {
     }
 
     fn batch_done(&mut self, done: Vec<(u32, bool)>) -> Result<(), DisconnectCode> {
-        let p = self.publishing.take().expect("a batch was out");
+        let p = self.side.as_mut().and_then(|s| s.publishing.take()).expect("a batch was out");
+        self.trim_side();
         for (id, ok) in done {
             self.finish(id, publish_reply(ok))?;
         }
@@ -1232,7 +1264,7 @@ impl Session {
 
     /// Waits for every waiting publish and replies to each.
     pub async fn finish_publishes(&mut self) -> Result<(), DisconnectCode> {
-        while self.publishing.is_some() {
+        while self.publishing().is_some() {
             self.publish_done().await?;
         }
         Ok(())
@@ -1379,7 +1411,7 @@ impl Session {
 
     /// Ends the session: leaves every channel and unregisters from the node.
     pub async fn close(mut self, code: DisconnectCode) {
-        let _ = self.ended(code);
+        let code = self.ended(code);
         if self.transport.is_emulated() {
             self.node.unregister_emulated(self.id);
         }
@@ -1390,6 +1422,9 @@ impl Session {
         // The timer's entry for this outbox is dropped when its bucket is walked.
         self.outbox.set_armed_tick(0);
         self.close_subscriptions().await;
+        if let Some(c) = &self.conn {
+            self.node.events().disconnect(&c.info, code, &self.outbox);
+        }
         self.node.unregister(self.id);
         self.outbox.release();
     }

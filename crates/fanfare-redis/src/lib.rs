@@ -23,6 +23,7 @@
 //!   agrees on, with the same resubscribe-and-gap handling.
 
 mod conn;
+mod events;
 mod scripts;
 mod subscriptions;
 mod wire;
@@ -42,6 +43,8 @@ use redis::{AsyncCommands, Script, Value};
 
 use crate::conn::{CmdConn, PubSubTarget, SharedCmd};
 use crate::subscriptions::{Manager, SubRequest};
+
+pub use events::{OutboxConfig, RedisOutbox};
 
 /// Redis settings (`redis.*`).
 #[derive(Debug, Clone)]

@@ -26,6 +26,7 @@ pub struct Settings {
     pub shutdown: ShutdownSection,
     pub log: LogSection,
     pub transports: TransportsSection,
+    pub webhooks: WebhooksSection,
     pub namespaces: Vec<Namespace>,
     /// Backends the node asks about clients (`client.connect_proxy`,
     /// namespace `subscribe_proxy`, ...), by name.
@@ -392,6 +393,128 @@ impl Default for TransportsSection {
     }
 }
 
+/// Lifecycle webhooks (decision 26): events POSTed as signed JSON batches.
+/// Off while `url` is empty.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksSection {
+    /// `http://host:port/path` of the receiver; empty = webhooks off.
+    pub url: String,
+    /// HMAC-SHA256 key of the `X-Fanfare-Signature` header.
+    pub secret: String,
+    /// Events to send: connect, disconnect, subscribe, unsubscribe,
+    /// channel_occupied, channel_vacated, presence_join, presence_leave.
+    pub events: Vec<String>,
+    /// How long one POST may take until its answer.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Most events in one POST.
+    pub batch_size: usize,
+    /// Most undelivered events held (memory broker: in this process; Redis:
+    /// in the outbox stream and in each node's hand-off to it); more are
+    /// dropped and counted in `fanfare_webhook_dropped_total`.
+    pub queue_size: usize,
+    /// Wait before the first retry of a failed POST; doubled per failure.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Longest wait between retries.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+    /// Failed POSTs of one batch before it is dropped (counted); 0 = retry
+    /// until delivered (order and completeness over freshness).
+    pub max_attempts: u32,
+    /// Redis broker: lifetime of the delivery lease and of each node's
+    /// liveness key, so how long a crashed node's undelivered batch and
+    /// channels wait before another node takes them over.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
+}
+
+impl Default for WebhooksSection {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            secret: String::new(),
+            events: Vec::new(),
+            timeout: Duration::from_secs(5),
+            batch_size: 100,
+            queue_size: 100_000,
+            retry_backoff: Duration::from_millis(500),
+            retry_backoff_max: Duration::from_secs(30),
+            max_attempts: 0,
+            lease_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+impl WebhooksSection {
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+
+    /// `events` as a set (validated).
+    pub fn mask(&self) -> anyhow::Result<fanfare_core::EventMask> {
+        let mut mask = fanfare_core::EventMask::default();
+        for name in &self.events {
+            let Some(kind) = fanfare_core::EventKind::parse(name) else {
+                let known: Vec<&str> =
+                    fanfare_core::EventKind::ALL.iter().map(|k| k.name()).collect();
+                bail!("webhooks.events: unknown event {name:?} (known: {})", known.join(", "));
+            };
+            mask = mask.with(kind);
+        }
+        Ok(mask)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let mask = self.mask()?;
+        if !self.enabled() {
+            if !mask.is_empty() {
+                bail!("webhooks.url: must be set when webhooks.events names events");
+            }
+            return Ok(());
+        }
+        let uri: http::Uri = self
+            .url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("webhooks.url: {:?} is not a URL: {e}", self.url))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            bail!("webhooks.url: {:?} must be an http(s)://host[:port]/path URL", self.url);
+        }
+        if self.secret.is_empty() {
+            bail!("webhooks.secret: must be set when webhooks.url is set (receivers verify it)");
+        }
+        if mask.is_empty() {
+            bail!("webhooks.events: must name at least one event when webhooks.url is set");
+        }
+        if self.timeout < Duration::from_millis(10) || self.timeout > Duration::from_secs(300) {
+            bail!("webhooks.timeout: must be between 10ms and 5m");
+        }
+        if !(1..=10_000).contains(&self.batch_size) {
+            bail!("webhooks.batch_size: must be between 1 and 10000");
+        }
+        if self.queue_size < self.batch_size {
+            bail!("webhooks.queue_size: must be at least webhooks.batch_size");
+        }
+        if self.retry_backoff < Duration::from_millis(1) {
+            bail!("webhooks.retry_backoff: must be at least 1ms");
+        }
+        if self.retry_backoff_max < self.retry_backoff {
+            bail!("webhooks.retry_backoff_max: must be at least webhooks.retry_backoff");
+        }
+        if self.lease_ttl < Duration::from_millis(300) {
+            bail!("webhooks.lease_ttl: must be at least 300ms");
+        }
+        if self.timeout >= self.lease_ttl {
+            bail!(
+                "webhooks.timeout: must be shorter than webhooks.lease_ttl (a POST must end \
+                 while its node still holds the delivery lease)"
+            );
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSection {
@@ -406,7 +529,7 @@ impl Default for LogSection {
 }
 
 /// Keys the environment may give as comma-separated lists.
-const LIST_KEYS: &[&str] = &["redis.urls", "websocket.allowed_origins"];
+const LIST_KEYS: &[&str] = &["redis.urls", "websocket.allowed_origins", "webhooks.events"];
 
 impl Settings {
     /// Loads defaults, then the file (if any), then the environment.
@@ -540,6 +663,7 @@ impl Settings {
                 bail!("namespaces[{i}].history_ttl: must be set when history_size > 0");
             }
         }
+        self.webhooks.validate()?;
         self.channel_rules()?;
         fanfare_core::Authenticator::new(&self.auth).map_err(|e| anyhow::anyhow!(e))?;
         self.validate_proxies()
@@ -632,7 +756,7 @@ impl Settings {
     /// The effective configuration as TOML, secrets masked.
     pub fn to_masked_toml(&self) -> String {
         let mut s = self.clone();
-        for secret in [&mut s.api.key, &mut s.auth.hmac_secret] {
+        for secret in [&mut s.api.key, &mut s.auth.hmac_secret, &mut s.webhooks.secret] {
             if !secret.is_empty() {
                 *secret = "********".into();
             }
@@ -730,6 +854,46 @@ mod tests {
         assert!(err.contains("proxies[1].name"), "{err}");
         let err = load(&format!("{proxy}http_headers = [\"bad header\"]\n")).unwrap_err();
         assert!(err.contains("proxies[0].http_headers"), "{err}");
+    }
+
+    #[test]
+    fn webhooks_are_off_by_default_and_validated_with_the_key_named() {
+        let d = Settings::load_with_env(None, env(&[])).unwrap();
+        assert!(!d.webhooks.enabled());
+        let on = Settings::load_with_env(
+            None,
+            env(&[
+                ("FANFARE__WEBHOOKS__URL", "http://127.0.0.1:9/hook"),
+                ("FANFARE__WEBHOOKS__SECRET", "s"),
+                ("FANFARE__WEBHOOKS__EVENTS", "connect, channel_vacated"),
+            ]),
+        )
+        .unwrap();
+        let mask = on.webhooks.mask().unwrap();
+        assert!(mask.has(fanfare_core::EventKind::ChannelVacated));
+        assert!(!mask.has(fanfare_core::EventKind::Subscribe));
+        for (pairs, key) in [
+            (vec![("FANFARE__WEBHOOKS__EVENTS", "connect")], "webhooks.url"),
+            (vec![("FANFARE__WEBHOOKS__URL", "ftp://h/x")], "webhooks.url"),
+            (vec![("FANFARE__WEBHOOKS__URL", "http://h/x")], "webhooks.secret"),
+            (
+                vec![("FANFARE__WEBHOOKS__URL", "http://h/x"), ("FANFARE__WEBHOOKS__SECRET", "s")],
+                "webhooks.events",
+            ),
+            (vec![("FANFARE__WEBHOOKS__EVENTS", "join")], "webhooks.events"),
+            (
+                vec![
+                    ("FANFARE__WEBHOOKS__URL", "http://h/x"),
+                    ("FANFARE__WEBHOOKS__SECRET", "s"),
+                    ("FANFARE__WEBHOOKS__EVENTS", "connect"),
+                    ("FANFARE__WEBHOOKS__TIMEOUT", "20s"),
+                ],
+                "webhooks.timeout",
+            ),
+        ] {
+            let e = Settings::load_with_env(None, env(&pairs)).unwrap_err().to_string();
+            assert!(e.contains(key), "{pairs:?}: {e}");
+        }
     }
 
     #[test]

@@ -9,8 +9,10 @@ mod grpc_transport;
 mod heap;
 mod http;
 mod methods;
+mod outbound;
 mod proxy;
 mod transport;
+mod webhooks;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -157,19 +159,25 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     let mut node_cfg = settings.node_config();
     fanfare_core::proxy::describe_metrics();
     node_cfg.proxies = proxy::build(&settings)?;
-    let broker: Arc<dyn Broker> = match settings.broker.kind {
-        BrokerKind::Memory => Arc::new(MemoryBroker::with_config(settings.memory.broker_config())),
-        BrokerKind::Redis => Arc::new(
-            RedisBroker::connect(settings.redis.broker_config())
-                .await
-                .context("broker.kind = \"redis\"")?,
-        ),
+    let (broker, redis): (Arc<dyn Broker>, _) = match settings.broker.kind {
+        BrokerKind::Memory => {
+            (Arc::new(MemoryBroker::with_config(settings.memory.broker_config())), None)
+        }
+        BrokerKind::Redis => {
+            let redis = Arc::new(
+                RedisBroker::connect(settings.redis.broker_config())
+                    .await
+                    .context("broker.kind = \"redis\"")?,
+            );
+            (redis.clone(), Some(redis))
+        }
     };
     let broker_kind = match settings.broker.kind {
         BrokerKind::Memory => "memory",
         BrokerKind::Redis => "redis",
     };
     let node = Node::new(node_cfg.clone(), broker, auth, settings.channel_rules()?);
+    let webhooks = webhooks::start(&settings.webhooks, &node, redis.as_deref()).await?;
     tokio::spawn(node.clone().announce_forever(Duration::from_secs(5)));
     tokio::spawn(
         node.clone().sweep_forever(settings.memory.sweep_interval, heap::trim_after_sweeps()),
@@ -241,6 +249,11 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     }
     while node.num_connections() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Events of the closed sessions (and, with the memory queue, everything
+    // not yet delivered) get what is left of the drain timeout.
+    if let Some(w) = webhooks {
+        w.stop(deadline).await;
     }
     tracing::info!(remaining = node.num_connections(), "stopped");
     Ok(())

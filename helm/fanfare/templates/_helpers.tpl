@@ -83,7 +83,7 @@ app.kubernetes.io/part-of: fanfare
 
 {{/* True when the chart creates a Secret (it has something to put in it). */}}
 {{- define "fanfare.createSecret" -}}
-{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.apiKey .Values.secrets.hmacSecret .Values.secrets.publicKeyPem) }}true{{- end }}
+{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.apiKey .Values.secrets.hmacSecret .Values.secrets.publicKeyPem .Values.secrets.webhookSecret) }}true{{- end }}
 {{- end }}
 
 {{/*
@@ -214,6 +214,17 @@ Milliseconds of a duration string as the configuration writes them ("250ms",
 {{- end }}
 {{- if and .Values.httpRoute.enabled (empty .Values.httpRoute.parentRefs) }}
 {{- fail "httpRoute.enabled needs httpRoute.parentRefs (the Gateway to attach to)" }}
+{{- end }}
+{{- $webhooks := default dict .Values.config.webhooks }}
+{{- if $webhooks.url }}
+{{- if and (not .Values.secrets.webhookSecret) (not .Values.secrets.existingSecret) }}
+{{- fail "config.webhooks.url needs secrets.webhookSecret (or secrets.existingSecret holding secrets.keys.webhookSecret): receivers verify the signature" }}
+{{- end }}
+{{- if empty $webhooks.events }}
+{{- fail "config.webhooks.url needs config.webhooks.events (the events to send)" }}
+{{- end }}
+{{- else if not (empty $webhooks.events) }}
+{{- fail "config.webhooks.events needs config.webhooks.url" }}
 {{- end }}
 {{- $client := default dict .Values.config.client }}
 {{- if and (hasKey $client "ping_interval") (hasKey $client "pong_timeout") }}

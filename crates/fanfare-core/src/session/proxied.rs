@@ -23,7 +23,14 @@ pub(super) struct ProxyState {
     headers: Option<Arc<Headers>>,
     /// What the connect answer attached to the connection; sent with later calls.
     meta: Bytes,
-    waiting: Option<Waiting>,
+    /// Boxed: the state stays small for connections that only keep headers.
+    waiting: Option<Box<Waiting>>,
+}
+
+impl ProxyState {
+    pub(super) fn is_empty(&self) -> bool {
+        self.headers.is_none() && self.meta.is_empty() && self.waiting.is_none()
+    }
 }
 
 /// A proxy call the session waits for.
@@ -33,6 +40,8 @@ pub(super) struct Waiting {
     then: Then,
     /// Commands that arrived behind the call, handled once it is answered.
     pub(super) queued: VecDeque<Command>,
+    /// The answer, once the call completed (`Session::next_event`).
+    pub(super) answer: Option<Result<ProxyAnswer, ProxyFailure>>,
 }
 
 /// What to do with the answer.
@@ -63,7 +72,7 @@ impl Session {
     /// opened the connection ([`crate::proxy::Proxies::capture`]).
     pub fn set_proxy_headers(&mut self, headers: Option<Arc<Headers>>) {
         if headers.is_some() {
-            self.proxy.get_or_insert_default().headers = headers;
+            self.proxy_state_mut().headers = headers;
         }
     }
 
@@ -80,11 +89,15 @@ impl Session {
     }
 
     pub(super) fn waiting(&self) -> Option<&Waiting> {
-        self.proxy.as_ref().and_then(|p| p.waiting.as_ref())
+        self.side.as_ref().and_then(|s| s.proxy.waiting.as_deref())
     }
 
     pub(super) fn waiting_mut(&mut self) -> Option<&mut Waiting> {
-        self.proxy.as_mut().and_then(|p| p.waiting.as_mut())
+        self.side.as_mut().and_then(|s| s.proxy.waiting.as_deref_mut())
+    }
+
+    fn proxy_state_mut(&mut self) -> &mut ProxyState {
+        &mut self.side.get_or_insert_default().proxy
     }
 
     /// Who asks. `client` is for connect, before the session has one.
@@ -94,7 +107,7 @@ impl Session {
             (None, Some(client)) => (client, anonymous_user()),
             (None, None) => unreachable!("calls before connect are connect calls"),
         };
-        let state = self.proxy.as_deref();
+        let state = self.side.as_deref().map(|s| &s.proxy);
         CallContext {
             client,
             transport: self.transport.label(),
@@ -111,8 +124,12 @@ impl Session {
 
     fn start(&mut self, proxy: &Proxy, ctx: CallContext, request: ProxyRequest, then: Then) {
         let call = proxy.call(&ctx, &request);
-        self.proxy.get_or_insert_default().waiting =
-            Some(Waiting { call: SyncWrapper::new(call), then, queued: VecDeque::new() });
+        self.proxy_state_mut().waiting = Some(Box::new(Waiting {
+            call: SyncWrapper::new(call),
+            then,
+            queued: VecDeque::new(),
+            answer: None,
+        }));
     }
 
     pub(super) fn start_connect_proxy(
@@ -179,12 +196,11 @@ impl Session {
 
     /// Goes on with what waited for the backend, then with the commands
     /// queued behind it, in order, until one starts another call.
-    pub(super) async fn proxy_answered(
-        &mut self,
-        answer: Result<ProxyAnswer, ProxyFailure>,
-    ) -> Result<(), DisconnectCode> {
-        let Waiting { then, mut queued, .. } =
-            self.proxy.as_mut().and_then(|p| p.waiting.take()).expect("a call was waiting");
+    pub(super) async fn proxy_answered(&mut self) -> Result<(), DisconnectCode> {
+        let waiting = self.side.as_mut().and_then(|s| s.proxy.waiting.take());
+        let Waiting { then, mut queued, answer, .. } = *waiting.expect("a call was waiting");
+        let answer = answer.expect("handled after next_event stored the answer");
+        self.trim_side();
         self.resume(then, answer).await?;
         while let Some(cmd) = queued.pop_front() {
             self.handle_command(cmd).await?;
@@ -236,7 +252,7 @@ impl Session {
         match (then, result) {
             (Then::Connect { id, req, client }, ProxyResult::Connect(a)) => {
                 if !a.meta.is_empty() {
-                    self.proxy.get_or_insert_default().meta = a.meta;
+                    self.proxy_state_mut().meta = a.meta;
                 }
                 let identity = Identity {
                     user: a.user,

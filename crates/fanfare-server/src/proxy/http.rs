@@ -1,6 +1,5 @@
 //! Proxy calls as JSON POSTs, in the shapes Centrifugo's HTTP proxy sends and
-//! reads, on one pooled keep-alive client (hyper-util's, HTTP/1.1, TLS by
-//! rustls for `https://`).
+//! reads, on the node's pooled outbound client (`crate::outbound`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -13,33 +12,13 @@ use fanfare_core::proxy::{
 };
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
-pub type HttpClient = Client<Connector, Full<Bytes>>;
+pub use crate::outbound::HttpClient;
 
 /// Largest answer read from a backend; a larger one is a failure.
 const MAX_ANSWER: usize = 4 << 20;
-
-/// The client every HTTP proxy shares. Idle connections are kept 90 s, so a
-/// busy node calls over warm connections.
-pub fn client() -> HttpClient {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    let tls = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_webpki_roots()
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(http);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(std::time::Duration::from_secs(90))
-        .build(tls)
-}
 
 pub struct HttpBackend {
     client: Arc<HttpClient>,

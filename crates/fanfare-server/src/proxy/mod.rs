@@ -58,7 +58,7 @@ fn forwarded<'a>(
 /// ones share one pooled keep-alive client. Must run inside the runtime
 /// (gRPC channels start their connection task lazily there).
 pub fn build(settings: &Settings) -> anyhow::Result<Proxies> {
-    let client = Arc::new(http::client());
+    let client = Arc::new(crate::outbound::client(None));
     let mut proxies = Vec::new();
     let mut header_names = Vec::new();
     for p in &settings.proxies {

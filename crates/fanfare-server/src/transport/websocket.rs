@@ -105,7 +105,8 @@ pub fn upgrade(
                     });
                     return;
                 }
-                let task = async move { serve(&mut conn, node, codec, opts, headers).await };
+                let mut session = new_session(node, codec, headers);
+                let task = async move { serve(&mut conn, &mut session, &opts).await };
                 tracing::trace!(bytes = std::mem::size_of_val(&task), "connection task future");
                 tokio::spawn(task);
             }
@@ -113,7 +114,10 @@ pub fn upgrade(
                 let mut conn = opts.conn(TokioIo::new(upgraded), &[]);
                 tokio::spawn(async move {
                     match mode {
-                        Mode::Bidirectional => serve(&mut conn, node, codec, opts, headers).await,
+                        Mode::Bidirectional => {
+                            let mut session = new_session(node, codec, headers);
+                            serve(&mut conn, &mut session, &opts).await
+                        }
                         Mode::Unidirectional => {
                             super::uni::serve_websocket(&mut conn, node, &opts, headers).await
                         }
@@ -250,27 +254,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<'_, S> {
     }
 }
 
-/// Runs one connection. Takes the connection by reference: an `async fn`
-/// keeps its by-value arguments for its whole life next to the locals they
-/// move into, which would store the connection twice in every task.
-async fn serve<S>(
-    conn: &mut WsConn<S>,
-    node: Node,
-    codec: Codec,
-    opts: Arc<WsOptions>,
-    headers: Option<Arc<Headers>>,
-) where
+/// A new connection's session with the headers proxies forward; None when
+/// the node is draining. Made before the connection's task is spawned, so the
+/// task keeps the session and not also what went into it (node, codec,
+/// headers: an `async` block or fn keeps what it captured or was given for
+/// its whole life).
+fn new_session(node: Node, codec: Codec, headers: Option<Arc<Headers>>) -> Option<Session> {
+    let mut session = Session::new(node, codec)?;
+    session.set_proxy_headers(headers);
+    Some(session)
+}
+
+/// Runs one connection to its end (closed with 3001 when there is no
+/// session: the node is draining). Takes everything by reference for the
+/// same reason as [`new_session`]: by-value arguments would be stored again
+/// next to the locals they move into.
+async fn serve<S>(conn: &mut WsConn<S>, session: &mut Option<Session>, opts: &WsOptions)
+where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let Some(mut session) = Session::new(node, codec) else {
+    let Some(s) = session.as_mut() else {
         let _ =
             Box::pin(send_close(conn, DisconnectCode::SHUTDOWN, None, opts.write_timeout)).await;
         return;
     };
-    session.set_proxy_headers(headers);
+    let codec = s.outbox().codec();
     let mut wire = WsWire { conn, codec };
-    let code = drive(&mut wire, &mut session, &opts.write_timeout).await;
-    Box::pin(session.close(code)).await;
+    let code = drive(&mut wire, s, &opts.write_timeout).await;
+    if let Some(s) = session.take() {
+        Box::pin(s.close(code)).await;
+    }
 }
 
 /// Sends the pong for a ping (same payload, at most 125 bytes).
