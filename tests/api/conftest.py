@@ -268,9 +268,10 @@ class WsClient:
     """The Centrifugo JSON protocol over `websockets`' sync client: commands,
     replies, pushes; server pings (`{}`) are answered and hidden."""
 
-    def __init__(self, port: int):
+    def __init__(self, port: int, headers: dict | None = None):
         self.ws = ws_connect(f"ws://127.0.0.1:{port}/connection/websocket",
-                             open_timeout=TIMEOUT, close_timeout=2, legacy=True)
+                             open_timeout=TIMEOUT, close_timeout=2, legacy=True,
+                             additional_headers=headers)
         self.buf = []
         self.next_id = 1
         self.client_id = ""

@@ -2,7 +2,8 @@
 # End-to-end tests of fanfare with the real centrifuge-js SDK (Node >= 20):
 # e2e.mjs (JSON build), protobuf.mjs (Protobuf build, mixed with JSON),
 # emulation.mjs (HTTP streaming and SSE), uni-sse.mjs (EventSource, no SDK),
-# delta.mjs (fossil delta compression, both builds).
+# delta.mjs (fossil delta compression, both builds), proxy.mjs (proxies to a
+# Node HTTP backend: cookie connect, subscribe denied, publish rewritten, rpc).
 # Usage: FANFARE_BIN=/abs/path/to/fanfare tests/sdk/run.sh
 # Exit code is the test result. FANFARE_E2E_VERBOSE=1 prints all ws frames.
 set -euo pipefail
@@ -27,4 +28,4 @@ fi
 
 # One file at a time: run together they compete for the 2 cores and I4 (a 2 MB
 # message closed with 1009) then sometimes sees the close lost to a TCP reset.
-exec node --test --test-concurrency=1 e2e.mjs protobuf.mjs emulation.mjs uni-sse.mjs delta.mjs
+exec node --test --test-concurrency=1 e2e.mjs protobuf.mjs emulation.mjs uni-sse.mjs delta.mjs proxy.mjs

@@ -219,11 +219,13 @@ function truncate(s, n = 2000) {
 }
 
 /** A `ws` WebSocket subclass that records every frame in `log` (and, when
- * given, reports the payload size of every received frame to `onBytes`). */
-export function loggingWebSocket(label, log, onBytes = () => {}) {
+ * given, reports the payload size of every received frame to `onBytes`);
+ * `wsOptions` go to the `ws` constructor (e.g. `{ headers }` of the upgrade
+ * request, which a browser would send as its cookies). */
+export function loggingWebSocket(label, log, onBytes = () => {}, wsOptions = undefined) {
   return class LoggingWebSocket extends WebSocket {
     constructor(url, protocols) {
-      super(url, protocols);
+      super(url, protocols, wsOptions);
       allSockets.add(this);
       log.push(`${stamp()} ${label} ~ dial ${url}`);
       this.on('open', () => log.push(`${stamp()} ${label} ~ open`));
@@ -279,11 +281,13 @@ class Env {
    * A client built with the suite's Centrifuge class, or with `Centrifuge`
    * when given; over the WebSocket, or only over `transport` ('http_stream'
    * or 'sse', the bidirectional emulation centrifuge-js falls back to).
+   * `headers`: extra headers of the WebSocket upgrade request (a browser's
+   * cookies); `options`: more SDK options.
    */
-  client(label, { Centrifuge = this.suite.Centrifuge, transport = 'websocket' } = {}) {
+  client(label, { Centrifuge = this.suite.Centrifuge, transport = 'websocket', headers, options: extra } = {}) {
     const counter = { bytes: 0 };
     const options = {
-      websocket: loggingWebSocket(label, this.log, (n) => (counter.bytes += n)),
+      websocket: loggingWebSocket(label, this.log, (n) => (counter.bytes += n), headers ? { headers } : undefined),
       minReconnectDelay: 100,
       maxReconnectDelay: 500,
       timeout: 5000,
@@ -299,7 +303,7 @@ class Env {
         eventsource: EventSource,
       });
     }
-    const c = new Centrifuge(endpoint, options);
+    const c = new Centrifuge(endpoint, { ...options, ...extra });
     c.label = label;
     // WebSocket payload bytes received over all of the client's connections
     // (emulated transports are not counted).

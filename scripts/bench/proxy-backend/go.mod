@@ -1,0 +1,3 @@
+module fanfare.local/proxybackend
+
+go 1.22
