@@ -261,10 +261,9 @@ def test_connect_by_cookie_user_channels_info_meta_headers(env, protobuf):
         assert call.req["client"] == connected.client
         assert call.req["transport"] == "websocket"
         assert call.req["protocol"] == ("protobuf" if protobuf else "json")
-        # JSON data: encoding json (binary only for non-JSON bytes). With no
-        # data at all a Protobuf client's connect says json over HTTP and
-        # binary over gRPC; either is taken.
-        assert call.req["encoding"] == "json" or (protobuf and "data" not in call.raw), call.req
+        # JSON data, or none: encoding json (binary only for non-JSON bytes),
+        # over HTTP and gRPC alike.
+        assert call.req["encoding"] == "json", call.req
         assert call.req.get("name") == "python", call.req
         assert "user" not in call.req or not call.req["user"]
         # The allow-list and the static headers; nothing else of the client's.
@@ -626,13 +625,6 @@ def test_refresh_extends_the_session_then_expires(env):
     assert not w.reply.get("expires"), w.reply
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "implementation bug: the refresh answer's info replaces the connection's "
-    "info (publications into channels the client is not subscribed to carry "
-    "it) but not the copies held by its existing subscriptions, so its "
-    "publications into a subscribed channel (and its presence entries) keep "
-    "the connect-time conn_info; Centrifugo builds ClientInfo from the "
-    "current connection info"))
 def test_refresh_info_reaches_publications_in_subscribed_channels(env):
     watcher = env.jwt_ws("refresh-watcher-2")
     watcher.subscribe("news")
