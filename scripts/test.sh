@@ -52,7 +52,7 @@ FANFARE_BIN="$ROOT/target/debug/fanfare" tests/go/run.sh
 step "Redis chaos (npm centrifuge: Redis killed and restarted, a node SIGKILLed, Redis Cluster master failovers)"
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run-redis.sh
 
-step "control API and centrifuge-python SDK from Python (grpcio stubs generated from proto/ at test time, HTTP, WebSocket, JSON and Protobuf SDK clients; 3 nodes on Redis)"
+step "Python: control API and the Centrifugo-compatible API (grpcio stubs generated from proto/ at test time, HTTP, cent), proxies to aiohttp and grpcio backends, webhooks into a verifying receiver, centrifuge-python SDK (JSON and Protobuf); nodes on Redis"
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/api/run.sh
 
 step "metrics lint (promtool check metrics on a live node)"
