@@ -9,7 +9,11 @@
 //! the next batch, sent (in order, as one Redis pipeline) when the first is
 //! answered. Any other command first waits for the publishes before it, so it
 //! sees their effects. Without this a client publishing through Redis would be
-//! held to one publication per round trip.
+//! held to one publication per round trip. A command the application
+//! backend decides (a proxy, `session/proxied.rs`) starts its call and the
+//! commands behind it wait, in order, until the answer
+//! ([`Session::next_event`]); the transport reads no input meanwhile
+//! ([`Session::accepts_input`]).
 
 use std::future::Future;
 use std::num::NonZeroU64;
