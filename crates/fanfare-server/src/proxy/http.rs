@@ -280,9 +280,6 @@ struct BoolValue {
 #[serde(default)]
 struct PublishJson<'a> {
     #[serde(borrow)]
-    info: Option<&'a RawValue>,
-    b64info: String,
-    #[serde(borrow)]
     data: Option<&'a RawValue>,
     b64data: String,
     skip_history: bool,
@@ -298,9 +295,6 @@ struct RefreshJson<'a> {
     #[serde(borrow)]
     info: Option<&'a RawValue>,
     b64info: String,
-    #[serde(borrow)]
-    data: Option<&'a RawValue>,
-    b64data: String,
 }
 
 fn bad(e: serde_json::Error) -> ProxyFailure {
