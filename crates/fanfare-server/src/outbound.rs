@@ -26,3 +26,16 @@ pub fn client(connect_timeout: Option<Duration>) -> HttpClient {
         .wrap_connector(http);
     Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(tls)
 }
+
+/// An error with its causes ("client error (Connect): tcp connect error:
+/// Connection refused"): hyper's top-level message alone says little.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -241,10 +241,7 @@ impl Delivery {
     }
 
     async fn post(&self, body: Bytes) -> Result<(), Failure> {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let t = fanfare_core::auth::unix_now();
         let req = http::Request::post(self.uri.clone())
             .header(http::header::CONTENT_TYPE, "application/json")
             .header(http::header::USER_AGENT, concat!("fanfare/", env!("CARGO_PKG_VERSION")))
@@ -252,7 +249,11 @@ impl Delivery {
             .body(Full::new(body))
             .map_err(|e| Failure::Error(e.to_string()))?;
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| Failure::Error(e.to_string()))?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| Failure::Error(crate::outbound::error_chain(&e)))?;
             let status = resp.status();
             // Read the answer so the connection goes back to the pool.
             let _ = Limited::new(resp.into_body(), MAX_ANSWER).collect().await;

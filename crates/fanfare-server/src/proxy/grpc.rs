@@ -90,23 +90,12 @@ fn status(s: tonic::Status) -> ProxyFailure {
     ProxyFailure::Unavailable(format!("gRPC {:?}: {}", s.code(), s.message()))
 }
 
-/// Fields every request has.
-macro_rules! common {
-    ($ctx:expr, $data:expr) => {{
-        // As the HTTP proxy says it: binary only for data that is not JSON.
-        let binary =
-            $ctx.protocol != "json" && !$data.is_empty() && !fanfare_protocol::is_json($data);
-        let encoding = match !binary {
-            true => "json",
-            false => "binary",
-        };
-        (
-            $ctx.client.to_string(),
-            $ctx.transport.to_string(),
-            $ctx.protocol.to_string(),
-            encoding.to_string(),
-        )
-    }};
+/// Fields every request has: client, transport, protocol, encoding. As the
+/// HTTP proxy says it: encoding `binary` only for data that is not JSON.
+fn common(ctx: &CallContext, data: &[u8]) -> (String, String, String, String) {
+    let binary = ctx.protocol != "json" && !data.is_empty() && !fanfare_protocol::is_json(data);
+    let encoding = if binary { "binary" } else { "json" };
+    (ctx.client.to_string(), ctx.transport.to_string(), ctx.protocol.to_string(), encoding.into())
 }
 
 impl ProxyBackend for GrpcBackend {
@@ -116,7 +105,7 @@ impl ProxyBackend for GrpcBackend {
         let meta = ctx.meta.clone();
         match request {
             ProxyRequest::Connect { data, name, version } => {
-                let (client_id, transport, protocol, encoding) = common!(ctx, data);
+                let (client_id, transport, protocol, encoding) = common(ctx, data);
                 let req = self.request(
                     ctx,
                     pb::ConnectRequest {
@@ -154,7 +143,7 @@ impl ProxyBackend for GrpcBackend {
                 })
             }
             ProxyRequest::Refresh => {
-                let (client_id, transport, protocol, encoding) = common!(ctx, &Bytes::new());
+                let (client_id, transport, protocol, encoding) = common(ctx, &[]);
                 let req = self.request(
                     ctx,
                     pb::RefreshRequest {
@@ -178,7 +167,7 @@ impl ProxyBackend for GrpcBackend {
                 })
             }
             ProxyRequest::SubRefresh { channel } => {
-                let (client_id, transport, protocol, encoding) = common!(ctx, &Bytes::new());
+                let (client_id, transport, protocol, encoding) = common(ctx, &[]);
                 let req = self.request(
                     ctx,
                     pb::SubRefreshRequest {
@@ -203,7 +192,7 @@ impl ProxyBackend for GrpcBackend {
                 })
             }
             ProxyRequest::Subscribe { channel, data } => {
-                let (client_id, transport, protocol, encoding) = common!(ctx, data);
+                let (client_id, transport, protocol, encoding) = common(ctx, data);
                 let req = self.request(
                     ctx,
                     pb::SubscribeRequest {
@@ -233,7 +222,7 @@ impl ProxyBackend for GrpcBackend {
                 })
             }
             ProxyRequest::Publish { channel, data } => {
-                let (client_id, transport, protocol, encoding) = common!(ctx, data);
+                let (client_id, transport, protocol, encoding) = common(ctx, data);
                 let req = self.request(
                     ctx,
                     pb::PublishRequest {
@@ -260,7 +249,7 @@ impl ProxyBackend for GrpcBackend {
                 })
             }
             ProxyRequest::Rpc { method, data } => {
-                let (client_id, transport, protocol, encoding) = common!(ctx, data);
+                let (client_id, transport, protocol, encoding) = common(ctx, data);
                 let req = self.request(
                     ctx,
                     pb::RpcRequest {

@@ -66,7 +66,9 @@ impl ProxyBackend for HttpBackend {
         }
         let sent = self.client.request(req);
         Box::pin(async move {
-            let resp = sent.await.map_err(|e| ProxyFailure::Unavailable(error_chain(&e)))?;
+            let resp = sent
+                .await
+                .map_err(|e| ProxyFailure::Unavailable(crate::outbound::error_chain(&e)))?;
             if resp.status() != hyper::StatusCode::OK {
                 return Err(ProxyFailure::Unavailable(format!("HTTP status {}", resp.status())));
             }
@@ -78,19 +80,6 @@ impl ProxyBackend for HttpBackend {
             parse_answer(kind, &body)
         })
     }
-}
-
-/// An error with its causes ("client error (Connect): tcp connect error:
-/// Connection refused"): hyper's top-level message alone says little.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
 
 #[derive(Serialize, Default)]
