@@ -6,13 +6,101 @@ use redis::aio::{
 };
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{AsyncConnectionConfig, Cmd, Pipeline, PushInfo, RedisFuture, RedisResult, Value};
+use redis::{
+    AsyncConnectionConfig, ClientTlsConfig, Cmd, Pipeline, PushInfo, RedisFuture, RedisResult,
+    TlsCertificates, Value,
+};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::sentinel::Sentinel;
+
 /// How long one Redis command may take before the caller gets an error.
 const COMMAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// TLS material for `rediss://` connections (`redis.tls_ca`, `redis.tls_cert`,
+/// `redis.tls_key`), read once at start-up. Without a CA file the server
+/// certificate is checked against the webpki roots (public CAs, as managed
+/// Redis offerings use); the name checked is the URL's host (an IP host
+/// needs an IP SAN). Applies to every connection to a `rediss://` URL: data
+/// nodes, cluster nodes learnt from MOVED/CLUSTER SLOTS, sentinels.
+#[derive(Clone, Default)]
+pub struct Tls(Option<TlsCertificates>);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (ca, cert) = match &self.0 {
+            Some(c) => (c.root_cert.is_some(), c.client_tls.is_some()),
+            None => (false, false),
+        };
+        f.debug_struct("Tls").field("ca_file", &ca).field("client_cert", &cert).finish()
+    }
+}
+
+impl Tls {
+    /// Reads and checks the PEM files; errors name the setting. Empty paths
+    /// are unset; a certificate needs its key and the other way round.
+    pub fn load(ca: &str, cert: &str, key: &str) -> Result<Tls, String> {
+        use rustls_pki_types::pem::PemObject;
+        use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+        if ca.is_empty() && cert.is_empty() && key.is_empty() {
+            return Ok(Tls(None));
+        }
+        if cert.is_empty() != key.is_empty() {
+            let missing = if cert.is_empty() { "redis.tls_cert" } else { "redis.tls_key" };
+            return Err(format!(
+                "{missing}: needed with the other (a client certificate and its key)"
+            ));
+        }
+        let read = |what: &str, path: &str| {
+            std::fs::read(path).map_err(|e| format!("{what}: cannot read {path:?}: {e}"))
+        };
+        let certs = |what: &str, path: &str| -> Result<Vec<u8>, String> {
+            let pem = read(what, path)?;
+            let n = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| format!("{what}: {path:?} is not PEM certificates: {e}"))?
+                .len();
+            if n == 0 {
+                return Err(format!("{what}: {path:?} holds no PEM certificate"));
+            }
+            Ok(pem)
+        };
+        let root_cert = if ca.is_empty() { None } else { Some(certs("redis.tls_ca", ca)?) };
+        let client_tls = if cert.is_empty() {
+            None
+        } else {
+            let client_cert = certs("redis.tls_cert", cert)?;
+            let client_key = read("redis.tls_key", key)?;
+            PrivateKeyDer::from_pem_slice(&client_key)
+                .map_err(|e| format!("redis.tls_key: {key:?} is not a PEM private key: {e}"))?;
+            Some(ClientTlsConfig { client_cert, client_key })
+        };
+        Ok(Tls(Some(TlsCertificates { client_tls, root_cert })))
+    }
+
+    /// A client for `url`, with the TLS material when it is `rediss://`.
+    pub fn client(&self, url: &str) -> RedisResult<redis::Client> {
+        match &self.0 {
+            Some(certs) if url.starts_with("rediss://") => {
+                redis::Client::build_with_tls(url, certs.clone())
+            }
+            _ => redis::Client::open(url),
+        }
+    }
+
+    /// A cluster client for `urls` (TLS when they are `rediss://`: redis-rs
+    /// then uses TLS for every node it learns of, MOVED/ASK included).
+    fn cluster(&self, urls: Vec<String>) -> ClusterClientBuilder {
+        let tls = urls.first().is_some_and(|u| u.starts_with("rediss://"));
+        let b = cluster_builder(urls);
+        match &self.0 {
+            Some(certs) if tls => b.certs(certs.clone()),
+            _ => b,
+        }
+    }
+}
 
 /// A cluster client with our timeouts and retry pacing. redis-rs retries a
 /// request that hit a dead node, MOVED, TRYAGAIN or CLUSTERDOWN, refreshing
@@ -93,23 +181,26 @@ impl SharedCmd {
 
 /// A new cluster command connection seeded with `nodes` (`host:port`), with
 /// the credentials and options of `template`.
-pub async fn open_cluster_cmd(template: &str, nodes: &[String]) -> RedisResult<CmdConn> {
-    let client = cluster_builder(nodes.iter().map(|a| node_url(template, a)).collect()).build()?;
+pub async fn open_cluster_cmd(tls: &Tls, template: &str, nodes: &[String]) -> RedisResult<CmdConn> {
+    let client = tls.cluster(nodes.iter().map(|a| node_url(template, a)).collect()).build()?;
     Ok(CmdConn::Cluster(client.get_async_connection().await?))
 }
 
 /// Where pub/sub connections come from (kept to reconnect).
 pub enum PubSubTarget {
+    /// `url`: the server connected to. With Sentinel it is the primary the
+    /// sentinels named last (`template` with its `host:port`), and changes
+    /// on failover ([`PubSubTarget::follow_sentinel`]).
     Single {
         url: String,
         client: redis::Client,
+        tls: Tls,
+        sentinel: Option<Arc<Sentinel>>,
+        template: String,
     },
     /// `urls` are the configured seeds; `generation` counts the cluster pub/sub
     /// connections made, and only the newest one's pushes reach the node.
-    Cluster {
-        urls: Vec<String>,
-        generation: Arc<AtomicU64>,
-    },
+    Cluster { urls: Vec<String>, generation: Arc<AtomicU64>, tls: Tls },
 }
 
 /// A push with the generation of the connection it came from (always 0 for a
@@ -132,29 +223,51 @@ fn with_resp3(url: &str) -> String {
     }
 }
 
-/// Opens the command connection and describes the pub/sub target.
-pub async fn open(urls: &[String], cluster: bool) -> RedisResult<(CmdConn, PubSubTarget)> {
+/// Opens the command connection and describes the pub/sub target. With
+/// `sentinel` the server is the primary the sentinels name, reached with the
+/// scheme, credentials and database of `urls[0]`.
+pub async fn open(
+    urls: &[String],
+    cluster: bool,
+    tls: &Tls,
+    sentinel: Option<Arc<Sentinel>>,
+) -> RedisResult<(CmdConn, PubSubTarget)> {
     if cluster {
-        let client = cluster_builder(urls.to_vec()).build()?;
+        let client = tls.cluster(urls.to_vec()).build()?;
         let cmd = client.get_async_connection().await?;
-        let target =
-            PubSubTarget::Cluster { urls: urls.to_vec(), generation: Arc::new(AtomicU64::new(0)) };
+        let target = PubSubTarget::Cluster {
+            urls: urls.to_vec(),
+            generation: Arc::new(AtomicU64::new(0)),
+            tls: tls.clone(),
+        };
         Ok((CmdConn::Cluster(cmd), target))
     } else {
-        let url = urls[0].clone();
-        let client = redis::Client::open(url.as_str())?;
-        // The default 500 ms response timeout fails commands spuriously on a busy
-        // machine. One quick retry per reconnect: while Redis is down every command
-        // waits for the reconnect in progress, and the default (6 retries with
-        // exponential backoff, ~9 s) would hold each API call that long.
-        let cfg = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
-            .set_number_of_retries(1);
-        let cmd = client.get_connection_manager_with_config(cfg).await?;
-        let sub_client = redis::Client::open(with_resp3(&url).as_str())?;
-        Ok((CmdConn::Single(cmd), PubSubTarget::Single { url, client: sub_client }))
+        let template = urls[0].clone();
+        let url = match &sentinel {
+            Some(s) => node_url(&template, &s.primary(&template, tls).await?),
+            None => template.clone(),
+        };
+        let cmd = open_single_cmd(tls, &url).await?;
+        let client = tls.client(&with_resp3(&url))?;
+        let target = PubSubTarget::Single { url, client, tls: tls.clone(), sentinel, template };
+        Ok((cmd, target))
     }
+}
+
+/// The command connection to one server. Made afresh on every pub/sub
+/// reconnect (and swapped in): the one it replaces may be mid-way through its
+/// own retries against the dead server, or (Sentinel) point at a demoted one.
+pub async fn open_single_cmd(tls: &Tls, url: &str) -> RedisResult<CmdConn> {
+    // The default 500 ms response timeout fails commands spuriously on a busy
+    // machine. One quick retry per reconnect: while Redis is down every command
+    // waits for the reconnect in progress, and the default (6 retries with
+    // exponential backoff, ~9 s) would hold each API call that long.
+    let cfg = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(COMMAND_TIMEOUT))
+        .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+        .set_min_delay(std::time::Duration::from_millis(10))
+        .set_number_of_retries(1);
+    Ok(CmdConn::Single(tls.client(url)?.get_connection_manager_with_config(cfg).await?))
 }
 
 impl PubSubTarget {
@@ -164,6 +277,31 @@ impl PubSubTarget {
             PubSubTarget::Single { url, .. } => std::slice::from_ref(url),
             PubSubTarget::Cluster { urls, .. } => urls,
         }
+    }
+
+    pub fn tls(&self) -> &Tls {
+        match self {
+            PubSubTarget::Single { tls, .. } | PubSubTarget::Cluster { tls, .. } => tls,
+        }
+    }
+
+    pub fn is_sentinel(&self) -> bool {
+        matches!(self, PubSubTarget::Single { sentinel: Some(_), .. })
+    }
+
+    /// Sentinel: asks for the current primary; when it moved, later
+    /// connections go to the new one. True when it moved.
+    pub async fn follow_sentinel(&mut self) -> RedisResult<bool> {
+        let PubSubTarget::Single { url, client, tls, sentinel: Some(s), template } = self else {
+            return Ok(false);
+        };
+        let now = node_url(template, &s.primary(template, tls).await?);
+        if now == *url {
+            return Ok(false);
+        }
+        *client = tls.client(&with_resp3(&now))?;
+        *url = now;
+        Ok(true)
     }
 
     /// The generation of the newest connection (see [`Push`]).
@@ -176,6 +314,9 @@ impl PubSubTarget {
 
     pub fn describe(&self) -> String {
         match self {
+            PubSubTarget::Single { sentinel: Some(s), .. } => {
+                format!("sentinel master {}", s.master)
+            }
             PubSubTarget::Single { url, .. } => url.clone(),
             PubSubTarget::Cluster { urls, .. } => format!("cluster {}", urls.join(",")),
         }
@@ -204,7 +345,7 @@ impl PubSubTarget {
                     client.get_multiplexed_async_connection_with_config(&cfg).await?,
                 ))
             }
-            PubSubTarget::Cluster { urls, generation } => {
+            PubSubTarget::Cluster { urls, generation, tls } => {
                 // The nodes the cluster reports rather than the configured
                 // seeds when known: the client waits for every seed's
                 // connection attempt, and a dead seed that drops packets
@@ -222,7 +363,8 @@ impl PubSubTarget {
                     }
                     push.send((current, info))
                 };
-                let client = cluster_builder(seeds)
+                let client = tls
+                    .cluster(seeds)
                     .use_protocol(redis::ProtocolVersion::RESP3)
                     .push_sender(sender)
                     .build()?;
@@ -268,14 +410,12 @@ pub fn url_addr(url: &str) -> String {
 }
 
 /// The view of the node at `addr`, over a connection of its own.
-async fn node_view(template: &str, addr: &str) -> RedisResult<ClusterView> {
+async fn node_view(tls: &Tls, template: &str, addr: &str) -> RedisResult<ClusterView> {
     let cfg = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(std::time::Duration::from_millis(500)))
         .set_response_timeout(Some(std::time::Duration::from_millis(500)));
     let url = node_url(template, addr);
-    let mut c = redis::Client::open(url.as_str())?
-        .get_multiplexed_async_connection_with_config(&cfg)
-        .await?;
+    let mut c = tls.client(&url)?.get_multiplexed_async_connection_with_config(&cfg).await?;
     let ranges: Vec<Value> = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c).await?;
     Ok(parse_cluster_slots(ranges))
 }
@@ -299,6 +439,7 @@ async fn node_view(template: &str, addr: &str) -> RedisResult<ClusterView> {
 /// connection and CLUSTER SLOTS per node per try, only while reconnecting or
 /// confirming a change.
 pub async fn agreed_view(
+    tls: &Tls,
     template: &str,
     known: &[String],
     patience: std::time::Duration,
@@ -307,7 +448,7 @@ pub async fn agreed_view(
     let mut ask: Vec<String> = known.to_vec();
     loop {
         let views =
-            futures_util::future::join_all(ask.iter().map(|a| node_view(template, a))).await;
+            futures_util::future::join_all(ask.iter().map(|a| node_view(tls, template, a))).await;
         let answered: Vec<(&String, ClusterView)> =
             ask.iter().zip(views).filter_map(|(a, v)| Some((a, v.ok()?))).collect();
         let reported: Vec<String> = answered

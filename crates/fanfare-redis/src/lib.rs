@@ -25,6 +25,7 @@
 mod conn;
 mod events;
 mod scripts;
+mod sentinel;
 mod subscriptions;
 mod wire;
 
@@ -41,7 +42,7 @@ use fanfare_core::broker::{
 use fanfare_protocol::{ClientInfo, Publication, StreamPosition};
 use redis::{AsyncCommands, Script, Value};
 
-use crate::conn::{CmdConn, PubSubTarget, SharedCmd};
+use crate::conn::{CmdConn, PubSubTarget, SharedCmd, Tls};
 use crate::subscriptions::{Manager, SubRequest};
 
 pub use events::{OutboxConfig, RedisOutbox};
@@ -61,6 +62,16 @@ pub struct RedisConfig {
     pub history_meta_ttl: Duration,
     /// How long to keep trying to reach Redis at start-up.
     pub startup_timeout: Duration,
+    /// PEM files for `rediss://` (empty = unset): the CA to check servers
+    /// against (else the webpki roots), and a client certificate and key.
+    pub tls_ca: String,
+    pub tls_cert: String,
+    pub tls_key: String,
+    /// Sentinels (`redis://host:port`) to ask for the primary of
+    /// `sentinel_master`; empty = no Sentinel. `urls[0]` then only gives the
+    /// scheme, credentials and database of the primary's URL.
+    pub sentinel_urls: Vec<String>,
+    pub sentinel_master: String,
 }
 
 impl Default for RedisConfig {
@@ -72,14 +83,26 @@ impl Default for RedisConfig {
             unsubscribe_delay: Duration::from_secs(1),
             history_meta_ttl: Duration::from_secs(24 * 3600),
             startup_timeout: Duration::from_secs(30),
+            tls_ca: String::new(),
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            sentinel_urls: Vec::new(),
+            sentinel_master: String::new(),
         }
     }
+}
+
+/// Checks the TLS settings (`redis.tls_*`) as the broker will read them:
+/// readable PEM files, a certificate with its key. The error names the key.
+pub fn check_tls(ca: &str, cert: &str, key: &str) -> Result<(), String> {
+    Tls::load(ca, cert, key).map(|_| ())
 }
 
 /// Why the broker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("redis.urls: {0}")]
+    /// The message names the setting.
+    #[error("{0}")]
     Config(String),
     #[error("redis: cannot reach {url}: {source}")]
     Unreachable { url: String, source: redis::RedisError },
@@ -200,8 +223,30 @@ impl RedisBroker {
     /// pub/sub tasks.
     pub async fn connect(cfg: RedisConfig) -> Result<Self, StartError> {
         if cfg.urls.is_empty() {
-            return Err(StartError::Config("at least one URL is needed".into()));
+            return Err(StartError::Config("redis.urls: at least one URL is needed".into()));
         }
+        // rustls needs a process-wide crypto provider when more than one is
+        // compiled in; ring is the one this crate asks for (the same as the
+        // server's other TLS users). Ignored if the process installed one
+        // already. Deprecated upstream for lacking post-quantum key exchange,
+        // which Redis servers do not offer anyway.
+        #[allow(deprecated)]
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let tls =
+            Tls::load(&cfg.tls_ca, &cfg.tls_cert, &cfg.tls_key).map_err(StartError::Config)?;
+        let sentinel = if cfg.sentinel_urls.is_empty() {
+            None
+        } else {
+            if cfg.cluster || cfg.urls.len() != 1 || cfg.sentinel_master.is_empty() {
+                return Err(StartError::Config(
+                    "redis.sentinel_urls: needs redis.sentinel_master, one redis.urls entry and no cluster".into(),
+                ));
+            }
+            Some(Arc::new(sentinel::Sentinel {
+                urls: cfg.sentinel_urls.clone(),
+                master: cfg.sentinel_master.clone(),
+            }))
+        };
         let names = Names { prefix: cfg.prefix.clone() };
         let handler: HandlerCell = Arc::new(OnceLock::new());
         let groups: Vec<Vec<String>> = if cfg.cluster {
@@ -213,14 +258,20 @@ impl RedisBroker {
         for (index, urls) in groups.into_iter().enumerate() {
             let deadline = tokio::time::Instant::now() + cfg.startup_timeout;
             let (cmd, target) = loop {
-                match conn::open(&urls, cfg.cluster).await {
+                match conn::open(&urls, cfg.cluster, &tls, sentinel.clone()).await {
                     Ok(x) => break x,
                     Err(e) if tokio::time::Instant::now() < deadline => {
                         tracing::warn!(urls = ?urls, error = %e, "redis not reachable yet; retrying");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                     Err(source) => {
-                        return Err(StartError::Unreachable { url: urls.join(","), source });
+                        let url = match &sentinel {
+                            Some(s) => {
+                                format!("sentinel master {} via {}", s.master, s.urls.join(","))
+                            }
+                            None => urls.join(","),
+                        };
+                        return Err(StartError::Unreachable { url, source });
                     }
                 }
             };

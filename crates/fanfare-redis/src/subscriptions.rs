@@ -14,7 +14,7 @@ use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, WeakUnboundedSender}
 use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
-use crate::conn::{self, ClusterView, PubSubConn, PubSubTarget, Push, SharedCmd};
+use crate::conn::{self, ClusterView, CmdConn, PubSubConn, PubSubTarget, Push, SharedCmd};
 use crate::wire::{self, Event};
 use crate::{HandlerCell, Names};
 
@@ -143,6 +143,13 @@ pub struct Manager {
 /// stays open and silent. Cost: one CLUSTER SLOTS per second per node.
 const TOPOLOGY_CHECK: Duration = Duration::from_secs(1);
 
+/// Reconnect backoff: from 10 ms, doubling, at most 250 ms; see
+/// [`Manager::pause`] for the probe that cuts a wait short.
+const MIN_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_millis(250);
+const PROBE_EVERY: Duration = Duration::from_millis(10);
+const PROBE_TIMEOUT: Duration = Duration::from_millis(100);
+
 impl Manager {
     pub async fn run(mut self, mut rx: UnboundedReceiver<SubRequest>) {
         let mut tick = tokio::time::interval(
@@ -152,6 +159,7 @@ impl Manager {
         let cluster = matches!(self.target, PubSubTarget::Cluster { .. });
         let mut topology_tick = tokio::time::interval(TOPOLOGY_CHECK);
         topology_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let sentinel = self.target.is_sentinel();
         loop {
             tokio::select! {
                 req = rx.recv() => {
@@ -167,7 +175,13 @@ impl Manager {
                     self.apply(batch).await;
                 }
                 _ = tick.tick() => self.flush_leaving().await,
-                _ = topology_tick.tick(), if cluster => self.check_topology().await,
+                _ = topology_tick.tick(), if cluster || sentinel => {
+                    if cluster {
+                        self.check_topology().await
+                    } else {
+                        self.check_sentinel().await
+                    }
+                }
                 _ = self.health.lost.notified() => self.reconnect().await,
             }
         }
@@ -291,8 +305,9 @@ impl Manager {
         if self.owners.as_ref() == Some(&view.masters) {
             return;
         }
+        let tls = self.target.tls();
         let confirm =
-            conn::agreed_view(&self.target.urls()[0], &self.known, Duration::from_secs(1));
+            conn::agreed_view(tls, &self.target.urls()[0], &self.known, Duration::from_secs(1));
         let Ok(Ok(agreed)) = tokio::time::timeout(Duration::from_secs(2), confirm).await else {
             return;
         };
@@ -302,53 +317,101 @@ impl Manager {
         }
     }
 
+    /// Sentinel: reconnects when the sentinels name another primary (a
+    /// failover the old primary survived as a replica, e.g. `SENTINEL
+    /// FAILOVER`: our connections to it would stay open while publishes fail
+    /// with READONLY). Cost: one SENTINEL and one ROLE per second per node.
+    async fn check_sentinel(&mut self) {
+        if !self.health.is_up() {
+            return;
+        }
+        let follow = self.target.follow_sentinel();
+        if let Ok(Ok(true)) = tokio::time::timeout(Duration::from_secs(2), follow).await {
+            tracing::warn!(redis = %self.health.target, to = %self.target.urls()[0], "redis sentinel names a new primary");
+            self.reconnect().await;
+        }
+    }
+
+    /// One reconnect attempt: the new pub/sub connection, the new command
+    /// connection and (cluster) the view they were made on.
+    async fn attempt(&mut self) -> redis::RedisResult<(PubSubConn, CmdConn, ClusterView)> {
+        // Sentinel: the primary may have changed while we were away.
+        self.target.follow_sentinel().await?;
+        // Cluster: a new connection, not the old one's own recovery: it
+        // learns the slot map afresh, seeded with every node the cluster
+        // still knows, once the reachable nodes agree on the slot owners, so
+        // subscriptions lost with a dead master or a moved slot are made on
+        // the current owners.
+        let tls = self.target.tls().clone();
+        let view = match &self.target {
+            PubSubTarget::Cluster { .. } => {
+                let template = &self.target.urls()[0];
+                conn::agreed_view(&tls, template, &self.known, Duration::from_secs(1)).await?
+            }
+            PubSubTarget::Single { .. } => ClusterView::default(),
+        };
+        let mut conn = self.target.connect(self.push.clone(), &view.nodes).await?;
+        conn.ping().await?;
+        // Publishes, history and presence use the command connection: a new
+        // one replaces it (cluster: on the same topology; standalone: the old
+        // one may be waiting out its own retries against the dead server, or
+        // point at a demoted primary). Ready only once it answers, so the
+        // first client command after `/ready` turns 200 does not fail.
+        let mut cmd = match &self.target {
+            PubSubTarget::Cluster { urls, .. } => {
+                conn::open_cluster_cmd(&tls, &urls[0], &view.nodes).await?
+            }
+            PubSubTarget::Single { url, .. } => conn::open_single_cmd(&tls, url).await?,
+        };
+        redis::cmd("PING").exec_async(&mut cmd).await?;
+        let mut names: Vec<String> = self.live.iter().map(|c| self.names.pubsub(c)).collect();
+        names.extend(self.always.iter().cloned());
+        conn.subscribe(&names).await?;
+        Ok((conn, cmd, view))
+    }
+
+    /// Waits `backoff` before the next attempt, or less: a standalone Redis
+    /// we could not connect to is probed (a bare TCP connect) every
+    /// [`PROBE_EVERY`], and the wait ends as soon as a probe connects after
+    /// one that did not, so publishing resumes within a probe interval of
+    /// Redis answering again rather than after whatever the backoff had grown
+    /// to. Only a change from refusing to accepting ends the wait: a server
+    /// that accepts and then fails us (maxclients, TLS) gets the full backoff.
+    /// Cost while Redis is down: one TCP connect per probe interval per node
+    /// (refused at once by a host whose Redis is down; else bounded by the
+    /// probe's timeout).
+    async fn pause(&self, backoff: Duration, unreachable: bool) {
+        let addr = match &self.target {
+            PubSubTarget::Single { sentinel: None, url, .. } if unreachable => conn::url_addr(url),
+            _ => return tokio::time::sleep(backoff).await,
+        };
+        let deadline = Instant::now() + backoff;
+        let mut was_down = false;
+        while Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let probe = tokio::net::TcpStream::connect(addr.as_str());
+            let started = Instant::now();
+            match tokio::time::timeout(left.min(PROBE_TIMEOUT), probe).await {
+                Ok(Ok(_)) if was_down => return,
+                Ok(Ok(_)) => {}
+                _ => was_down = true,
+            }
+            let next = (started + PROBE_EVERY).min(deadline);
+            tokio::time::sleep_until(next).await;
+        }
+    }
+
     /// Re-establishes the pub/sub connection and resubscribes every live channel,
     /// then tells the node that each of them may have missed publications.
     async fn reconnect(&mut self) {
         self.health.up.store(false, Ordering::Release);
         tracing::warn!(redis = %self.health.target, channels = self.live.len(), "redis pub/sub connection lost; reconnecting");
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = MIN_BACKOFF;
         loop {
-            let attempt = async {
-                // Cluster: a new connection, not the old one's own recovery: it
-                // learns the slot map afresh, seeded with every node the
-                // cluster still knows, once the reachable nodes agree on the
-                // slot owners, so subscriptions lost with a dead master or a
-                // moved slot are made on the current owners.
-                let view = match &self.target {
-                    PubSubTarget::Cluster { .. } => {
-                        let template = &self.target.urls()[0];
-                        conn::agreed_view(template, &self.known, Duration::from_secs(1)).await?
-                    }
-                    PubSubTarget::Single { .. } => ClusterView::default(),
-                };
-                let mut conn = self.target.connect(self.push.clone(), &view.nodes).await?;
-                conn.ping().await?;
-                // Publishes, history and presence use the command connection.
-                // Standalone: it reconnects lazily (a command failing on the
-                // dead socket starts its reconnect); cluster: a new one on the
-                // same topology replaces it. Ready only once it answers, so the
-                // first client command after `/ready` turns 200 does not fail.
-                let cmd = match &self.target {
-                    PubSubTarget::Cluster { urls, .. } => {
-                        Some(conn::open_cluster_cmd(&urls[0], &view.nodes).await?)
-                    }
-                    PubSubTarget::Single { .. } => None,
-                };
-                let mut ping = cmd.clone().unwrap_or_else(|| self.cmd.get());
-                redis::cmd("PING").exec_async(&mut ping).await?;
-                let mut names: Vec<String> =
-                    self.live.iter().map(|c| self.names.pubsub(c)).collect();
-                names.extend(self.always.iter().cloned());
-                conn.subscribe(&names).await?;
-                Ok::<_, redis::RedisError>((conn, cmd, view))
-            };
-            match attempt.await {
+            match self.attempt().await {
                 Ok((conn, cmd, view)) => {
                     self.conn = conn;
-                    if let Some(cmd) = cmd {
-                        self.cmd.replace(cmd);
-                    }
+                    self.cmd.replace(cmd);
                     self.owners = Some(view.masters);
                     for n in view.nodes {
                         if !self.known.contains(&n) {
@@ -359,10 +422,12 @@ impl Manager {
                 }
                 Err(e) => {
                     tracing::debug!(redis = %self.health.target, error = %e, "reconnect attempt failed");
-                    tokio::time::sleep(backoff).await;
+                    let unreachable =
+                        e.is_connection_refusal() || e.is_timeout() || e.is_connection_dropped();
+                    self.pause(backoff, unreachable).await;
                     // Capped low: a Redis Cluster failover completes while we
                     // wait, and publishing resumes only once we are back.
-                    backoff = (backoff * 2).min(Duration::from_millis(250));
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }

@@ -181,6 +181,18 @@ pub struct RedisSection {
     /// How long to keep trying to reach Redis at start-up.
     #[serde(with = "humantime_serde")]
     pub startup_timeout: Duration,
+    /// `rediss://` only: PEM file of the CA that signed the Redis servers'
+    /// certificates (empty: the public webpki roots).
+    pub tls_ca: String,
+    /// `rediss://` only: PEM client certificate (chain) and its private key,
+    /// for a Redis with `tls-auth-clients yes` (empty: none).
+    pub tls_cert: String,
+    pub tls_key: String,
+    /// Redis Sentinel: the sentinels (`redis://host:port`) to ask for the
+    /// primary of `sentinel_master`. `urls` (one) then gives only the scheme,
+    /// credentials and database of the primary's URL.
+    pub sentinel_urls: Vec<String>,
+    pub sentinel_master: String,
 }
 
 impl Default for RedisSection {
@@ -193,6 +205,11 @@ impl Default for RedisSection {
             unsubscribe_delay: d.unsubscribe_delay,
             history_meta_ttl: d.history_meta_ttl,
             startup_timeout: d.startup_timeout,
+            tls_ca: d.tls_ca,
+            tls_cert: d.tls_cert,
+            tls_key: d.tls_key,
+            sentinel_urls: d.sentinel_urls,
+            sentinel_master: d.sentinel_master,
         }
     }
 }
@@ -206,6 +223,11 @@ impl RedisSection {
             unsubscribe_delay: self.unsubscribe_delay,
             history_meta_ttl: self.history_meta_ttl,
             startup_timeout: self.startup_timeout,
+            tls_ca: self.tls_ca.clone(),
+            tls_cert: self.tls_cert.clone(),
+            tls_key: self.tls_key.clone(),
+            sentinel_urls: self.sentinel_urls.clone(),
+            sentinel_master: self.sentinel_master.clone(),
         }
     }
 }
@@ -529,7 +551,8 @@ impl Default for LogSection {
 }
 
 /// Keys the environment may give as comma-separated lists.
-const LIST_KEYS: &[&str] = &["redis.urls", "websocket.allowed_origins", "webhooks.events"];
+const LIST_KEYS: &[&str] =
+    &["redis.urls", "redis.sentinel_urls", "websocket.allowed_origins", "webhooks.events"];
 
 impl Settings {
     /// Loads defaults, then the file (if any), then the environment.
@@ -580,6 +603,44 @@ impl Settings {
         Ok(settings)
     }
 
+    fn validate_redis_tls_and_sentinel(&self) -> anyhow::Result<()> {
+        let r = &self.redis;
+        let tls_set = [&r.tls_ca, &r.tls_cert, &r.tls_key].iter().any(|p| !p.is_empty());
+        if tls_set && self.broker.kind == BrokerKind::Redis {
+            let any_tls = r.urls.iter().chain(&r.sentinel_urls).any(|u| u.starts_with("rediss://"));
+            if !any_tls {
+                bail!(
+                    "redis.tls_ca: TLS files are set but no redis.urls/redis.sentinel_urls entry is rediss://"
+                );
+            }
+            fanfare_redis::check_tls(&r.tls_ca, &r.tls_cert, &r.tls_key)
+                .map_err(|e| anyhow::anyhow!(e))?;
+        }
+        for u in &r.sentinel_urls {
+            if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
+                bail!("redis.sentinel_urls: {u:?} must start with redis:// or rediss://");
+            }
+        }
+        if !r.sentinel_urls.is_empty() {
+            if r.sentinel_master.is_empty() {
+                bail!(
+                    "redis.sentinel_master: needed with redis.sentinel_urls (the monitored master's name)"
+                );
+            }
+            if r.cluster {
+                bail!("redis.sentinel_urls: Sentinel and redis.cluster = true exclude each other");
+            }
+            if r.urls.len() != 1 {
+                bail!(
+                    "redis.urls: with redis.sentinel_urls give one URL (scheme, credentials and database of the primary)"
+                );
+            }
+        } else if !r.sentinel_master.is_empty() {
+            bail!("redis.sentinel_urls: needed with redis.sentinel_master");
+        }
+        Ok(())
+    }
+
     fn validate(&self) -> anyhow::Result<()> {
         self.http_addr()?;
         self.grpc.listen.parse::<SocketAddr>().with_context(|| {
@@ -596,6 +657,7 @@ impl Settings {
                 bail!("redis.urls: {u:?} must start with redis:// or rediss://");
             }
         }
+        self.validate_redis_tls_and_sentinel()?;
         if self.memory.sweep_interval < Duration::from_millis(10)
             || self.memory.sweep_interval > Duration::from_secs(60)
         {
