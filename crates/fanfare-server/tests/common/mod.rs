@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod redis;
+pub mod redis_tls;
 pub mod stream;
 
 use std::collections::VecDeque;
