@@ -153,6 +153,15 @@ Milliseconds of a duration string as the configuration writes them ("250ms",
 {{- $_ := set $redis "urls" (include "fanfare.redisUrls" . | fromJsonArray) }}
 {{- end }}
 {{- $_ := set $redis "cluster" (and (eq .Values.redis.mode "external") .Values.redis.external.cluster) }}
+{{- with (and (eq .Values.redis.mode "external") .Values.redis.external.tls) }}
+{{- if .secretName }}
+{{- range $setting, $file := dict "tls_ca" .ca "tls_cert" .cert "tls_key" .key }}
+{{- if and $file (not (get $redis $setting)) }}
+{{- $_ := set $redis $setting (printf "/etc/fanfare-redis-tls/%s" $file) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- $_ := set $cfg "redis" $redis }}
 {{- toJson $cfg }}
