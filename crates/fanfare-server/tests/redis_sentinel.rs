@@ -48,9 +48,10 @@ fn wait_until(what: &str, within: Duration, mut ok: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_follow_a_sentinel_failover_and_no_acknowledged_publication_is_lost() {
-    let mut primary = RedisServer::start();
+/// A primary, its replica (in sync) and three sentinels (quorum 2) ready
+/// to fail over; the `[redis]` lines for fanfare nodes using them.
+fn sentinel_setup() -> (RedisServer, RedisServer, Vec<Sentinel>, String) {
+    let primary = RedisServer::start();
     let replica_of = primary.port.to_string();
     let replica = RedisServer::start_with(&["--replicaof", "127.0.0.1", &replica_of]);
     wait_until(
@@ -74,6 +75,12 @@ async fn nodes_follow_a_sentinel_failover_and_no_acknowledged_publication_is_los
     // redis.urls gives only scheme, credentials and database here.
     let redis_extra =
         format!("sentinel_urls = [{}]\nsentinel_master = {MASTER:?}\n", quoted.join(", "));
+    (primary, replica, sentinels, redis_extra)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_follow_a_sentinel_failover_and_no_acknowledged_publication_is_lost() {
+    let (mut primary, replica, sentinels, redis_extra) = sentinel_setup();
     let nodes =
         start_nodes_with(2, &["redis://primary".to_string()], false, &redis_extra, &namespaces());
     let (a, b) = (&nodes[0], &nodes[1]);
@@ -157,6 +164,61 @@ async fn nodes_follow_a_sentinel_failover_and_no_acknowledged_publication_is_los
         .recv_matching("the next publication", |v| v["push"]["pub"]["data"]["n"] == "after")
         .await;
     assert_eq!(next["push"]["channel"], ch, "{next}");
+    for n in &nodes {
+        assert_healthy(n).await;
+    }
+}
+
+/// `SENTINEL FAILOVER`: the old primary lives on as a replica, so nothing
+/// breaks our connections to it; the once-a-second check of the sentinels'
+/// answer notices the new primary, and publishing moves there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_follow_a_manual_sentinel_failover_whose_old_primary_survives() {
+    let (primary, replica, sentinels, redis_extra) = sentinel_setup();
+    let nodes =
+        start_nodes_with(2, &["redis://primary".to_string()], false, &redis_extra, &namespaces());
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let ch = "handover";
+    let mut sub = b.client().await;
+    sub.connect_ok("").await;
+    sub.subscribe_ok(ch, json!({"recoverable": true})).await;
+    let mut publisher = a.client().await;
+    publisher.connect_ok("").await;
+    let r = publisher.publish(ch, json!({"n": 0})).await;
+    assert_eq!(r["publish"], json!({}), "{r}");
+    collect_pubs(&mut sub, 1).await;
+
+    let r = redis_cmd(sentinels[0].port, &["SENTINEL", "FAILOVER", MASTER]);
+    assert!(matches!(r, Ok(Resp::Simple(ref ok)) if ok == "OK"), "{r:?}");
+    wait_until("the replica's promotion", Duration::from_secs(20), || {
+        replica.role() == "master" && sentinels[0].primary_port(MASTER) == Some(replica.port)
+    });
+    wait_until("the old primary to follow", Duration::from_secs(20), || primary.role() == "slave");
+    // Publishing works again, and lands on the new primary.
+    let started = Instant::now();
+    let mut acked = 0;
+    let mut n = 1;
+    while acked < 5 {
+        assert!(started.elapsed() < Duration::from_secs(20), "publishing did not resume");
+        let r = publisher.publish(ch, json!({"n": n})).await;
+        n += 1;
+        if r["publish"] == json!({}) {
+            acked += 1;
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let on_new = redis_cmd(replica.port, &["EXISTS", "fanfare.s.{handover}"]).map(|r| r.int());
+    assert_eq!(on_new.ok(), Some(1), "the stream is on the new primary");
+    // The subscriber is told of the possible gap and resubscribes; the last
+    // acknowledged publication reaches it live afterwards.
+    let push =
+        sub.recv_matching("unsubscribe push", |v| v["push"].get("unsubscribe").is_some()).await;
+    assert_eq!(push["push"]["unsubscribe"]["code"], 2500, "{push}");
+    sub.subscribe_ok(ch, json!({"recoverable": true})).await;
+    let r = publisher.publish(ch, json!({"n": "last"})).await;
+    assert_eq!(r["publish"], json!({}), "{r}");
+    sub.recv_matching("the last publication", |v| v["push"]["pub"]["data"]["n"] == "last").await;
     for n in &nodes {
         assert_healthy(n).await;
     }
