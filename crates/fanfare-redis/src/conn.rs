@@ -186,7 +186,10 @@ pub async fn open_cluster_cmd(tls: &Tls, template: &str, nodes: &[String]) -> Re
     Ok(CmdConn::Cluster(client.get_async_connection().await?))
 }
 
-/// Where pub/sub connections come from (kept to reconnect).
+/// Where pub/sub connections come from (kept to reconnect). One per shard,
+/// owned by its manager and never moved on a hot path: the size difference
+/// between the variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum PubSubTarget {
     /// `url`: the server connected to. With Sentinel it is the primary the
     /// sentinels named last (`template` with its `host:port`), and changes
