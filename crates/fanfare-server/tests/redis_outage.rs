@@ -45,6 +45,8 @@ struct Sent {
     seq: u64,
     node: usize,
     acked: bool,
+    /// When the request was sent.
+    sent: Instant,
     /// When the answer arrived.
     answered: Instant,
 }
@@ -143,11 +145,18 @@ async fn one_run(print: bool) -> Outcome {
                 let node = (seq % 3) as usize;
                 let body = json!({"channel": CHANNEL, "data": {"seq": seq}}).to_string();
                 let h = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
+                let sent_at = Instant::now();
                 let r = http_request(ports[node], "POST", "/api/publish", &h, body.as_bytes());
                 let acked = r.status == 200
                     && serde_json::from_slice::<Value>(&r.body)
                         .is_ok_and(|v| v.get("error").is_none());
-                sent.lock().unwrap().push(Sent { seq, node, acked, answered: Instant::now() });
+                sent.lock().unwrap().push(Sent {
+                    seq,
+                    node,
+                    acked,
+                    sent: sent_at,
+                    answered: Instant::now(),
+                });
                 let next = start + Duration::from_millis(5) * seq as u32;
                 if let Some(wait) = next.checked_duration_since(Instant::now()) {
                     std::thread::sleep(wait);
@@ -159,7 +168,8 @@ async fn one_run(print: bool) -> Outcome {
 
     redis.kill();
     let killed = Instant::now();
-    let last_seq_before_kill = sent.lock().unwrap().last().map_or(0, |s| s.seq);
+    // The publish in flight at the kill (one at a time) counts as before it.
+    let last_seq_before_kill = sent.lock().unwrap().last().map_or(0, |s| s.seq) + 1;
     tokio::time::sleep(Duration::from_secs(3)).await;
     // Restart on the same port; a thread of ours notes when PING first
     // answers (polled every 2 ms; the helper's own wait polls every 20 ms).
@@ -212,7 +222,7 @@ async fn one_run(print: bool) -> Outcome {
     let sent = sent.lock().unwrap();
     let first_ack = sent
         .iter()
-        .filter(|s| s.acked && s.answered > killed)
+        .filter(|s| s.acked && s.sent > killed)
         .map(|s| ms_since(up, s.answered))
         .min_by(f64::total_cmp);
     let mut lost_silently = 0;
