@@ -233,21 +233,24 @@ async fn one_run(print: bool) -> Outcome {
             if s.got.contains_key(&p.seq) {
                 continue;
             }
+            // The last publication published before the kill this
+            // subscriber got (pre-kill publications come in publish order).
+            let last_got_before_kill =
+                s.got.keys().copied().filter(|q| *q <= last_seq_before_kill).max().unwrap_or(0);
             // Within the gap the node reported (unsubscribe 2500: "you may
             // have missed publications since the node lost Redis; subscribe
             // again"): answered after the kill and before the subscriber was
-            // subscribed again, or answered just before the kill and after
-            // the last publication the subscriber got before it was told (a
+            // subscribed again, or answered before the kill and after the
+            // last pre-kill publication the subscriber got (a
             // publication Redis acknowledged just before its SIGKILL can be
             // lost to every subscriber: Redis writes the publisher's reply
             // before the subscribers' messages). Publications delivered
             // between the node's return and its gap report do not narrow the
             // gap: without history (this channel) there are no offsets to
             // tell; with history the hub notices the jump.
-            let in_gap = s.gaps.first().is_some_and(|(told, back)| {
-                let last_before = s.got.iter().filter(|(_, t)| *t < told).map(|(q, _)| *q).max();
+            let in_gap = s.gaps.first().is_some_and(|(_, back)| {
                 let before_back = back.is_none_or(|b| p.answered <= b + Duration::from_millis(5));
-                before_back && (p.answered >= killed || p.seq > last_before.unwrap_or(0))
+                before_back && (p.answered >= killed || p.seq > last_got_before_kill)
             });
             if in_gap {
                 missed_in_reported_gap += 1;
