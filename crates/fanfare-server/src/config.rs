@@ -866,6 +866,35 @@ mod tests {
     }
 
     #[test]
+    fn sentinel_settings_come_from_the_environment_as_a_list() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("FANFARE__BROKER__KIND", "redis"),
+                ("FANFARE__REDIS__URLS", "rediss://:pw@primary/0"),
+                ("FANFARE__REDIS__SENTINEL_URLS", "redis://s1:26379, redis://s2:26379"),
+                ("FANFARE__REDIS__SENTINEL_MASTER", "mymaster"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.redis.sentinel_urls, vec!["redis://s1:26379", "redis://s2:26379"]);
+        let b = s.redis.broker_config();
+        assert_eq!(b.sentinel_master, "mymaster");
+        assert_eq!(b.urls, vec!["rediss://:pw@primary/0"]);
+        let two = Settings::load_with_env(
+            None,
+            env(&[
+                ("FANFARE__BROKER__KIND", "redis"),
+                ("FANFARE__REDIS__URLS", "redis://a:1, redis://b:2"),
+                ("FANFARE__REDIS__SENTINEL_URLS", "redis://s1:26379"),
+                ("FANFARE__REDIS__SENTINEL_MASTER", "mymaster"),
+            ]),
+        );
+        let e = two.expect_err("two URLs with Sentinel").to_string();
+        assert!(e.starts_with("redis.urls: with redis.sentinel_urls give one URL"), "{e}");
+    }
+
+    #[test]
     fn bad_environment_value_names_the_key() {
         let e = Settings::load_with_env(None, env(&[("FANFARE__CLIENT__MAX_CHANNELS", "many")]))
             .unwrap_err()
