@@ -221,5 +221,10 @@ async fn nodes_follow_a_manual_sentinel_failover_whose_old_primary_survives() {
     sub.recv_matching("the last publication", |v| v["push"]["pub"]["data"]["n"] == "last").await;
     for n in &nodes {
         assert_healthy(n).await;
+        // How the node noticed (for whoever reads the output): the sentinel
+        // check, or the demoted primary closing our connections.
+        for l in n.log().lines().filter(|l| l.contains("sentinel names") || l.contains("lost;")) {
+            eprintln!("node :{}: {l}", n.port);
+        }
     }
 }
