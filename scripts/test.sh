@@ -12,11 +12,13 @@ ROOT=$PWD
 
 step() { printf '\n==> %s\n' "$*"; }
 
-# Debian packages the tests use: redis-server (broker tests), promtool (metrics
+# Debian packages the tests use: redis-server (broker tests), openssl (test CA
+# of the Redis TLS tests), promtool (metrics
 # lint), chromium (tests/browser; Playwright drives it, never downloads one).
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v redis-cli >/dev/null || need_apt+=(redis-tools) # redis-cli --cluster create
+command -v openssl >/dev/null || need_apt+=(openssl) # the Redis TLS tests' test CA
 command -v promtool >/dev/null || need_apt+=(prometheus)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
