@@ -17,6 +17,12 @@
 //!   unhealthy (`/ready` 503), reconnects with backoff, resubscribes every live
 //!   channel and tells the node each channel may have a gap, so subscribers are
 //!   asked to resubscribe with recovery.
+//! - **Fast return.** The reconnect backoff starts at 10 ms; while a
+//!   standalone Redis refuses connections a TCP probe every 10 ms ends the
+//!   wait as soon as it accepts again (docs/ARCHITECTURE.md decision 31).
+//! - **TLS and Sentinel.** `rediss://` with `redis.tls_*` for every
+//!   connection; with Sentinel the primary is asked of the sentinels (and
+//!   confirmed with ROLE) on every reconnect and once a second.
 //! - **Redis Cluster failovers.** A dead master, a moved slot (sunsubscribe
 //!   push) or changed slot owners (checked every second) make the broker
 //!   rebuild its pub/sub connection on the topology every reachable node
