@@ -27,9 +27,12 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             user_connections: 1_000,
-            client_commands: 1_000,
-            client_command_burst: 2_000,
-            user_commands: 5_000,
+            // Generous: a backend publishing over one client connection
+            // (tests, SDK suites, firehose publishers) sends thousands a
+            // second; a flood of 50 000/s is still closed within a second.
+            client_commands: 10_000,
+            client_command_burst: 20_000,
+            user_commands: 20_000,
         }
     }
 }
