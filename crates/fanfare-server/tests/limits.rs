@@ -278,3 +278,45 @@ async fn every_limit_has_its_refusal_counter_from_the_start() {
         assert!(body.contains(&line), "{line} missing");
     }
 }
+
+/// Sends `head` and `body` (a body shorter than the head's Content-Length
+/// leaves the request unfinished) and returns the status line the node
+/// answers with, and how long it took.
+async fn answer_to(port: u16, head: String, body: &[u8]) -> (String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let start = std::time::Instant::now();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    s.write_all(head.as_bytes()).await.expect("head");
+    let _ = s.write_all(body).await;
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+    assert!(read.is_ok(), "no answer within 10 s to {head:?}");
+    let text = String::from_utf8_lossy(&got);
+    (text.lines().next().unwrap_or("").to_string(), start.elapsed())
+}
+
+#[tokio::test]
+async fn every_http_transport_answers_a_late_body_with_408_and_a_large_one_with_413() {
+    let server = Server::start_with_env(
+        "[transports]\nuni_http_stream = true\n",
+        &[
+            ("FANFARE__HTTP__BODY_READ_TIMEOUT", "1s"),
+            ("FANFARE__WEBSOCKET__MAX_MESSAGE_SIZE", "1024"),
+        ],
+    );
+    let mut bystander = Bystander::join(&server).await;
+    for path in ["/connection/http_stream", "/connection/uni_http_stream", "/emulation"] {
+        let head = |len: usize| {
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\
+                 Content-Length: {len}\r\n\r\n"
+            )
+        };
+        let (status, took) = answer_to(server.port, head(100), b"{").await;
+        assert!(status.starts_with("HTTP/1.1 408"), "{path}: {status}");
+        assert!(took >= Duration::from_millis(900), "{path}: answered after {took:?}");
+        let (status, _) = answer_to(server.port, head(4096), &[b' '; 4096]).await;
+        assert!(status.starts_with("HTTP/1.1 413"), "{path}: {status}");
+    }
+    bystander.check().await;
+}
