@@ -37,7 +37,7 @@ wait_port() {
 }
 
 # node_config PORT: the TOML of a benchmark node on 127.0.0.1:PORT (gRPC on
-# PORT+1, log level warn); callers append their own sections.
+# PORT+1, log level warn, [limits] off); callers append their own sections.
 node_config() {
   cat <<EOF
 [http]
@@ -46,5 +46,14 @@ listen = "127.0.0.1:$1"
 listen = "127.0.0.1:$(($1 + 1))"
 [log]
 level = "warn"
+[limits]
+# Benchmarks open tens of thousands of connections from a few loopback
+# addresses and publish thousands a second over one connection: off here.
+connect_rate = 0
+ip_connect_rate = 0
+node_connections = 0
+user_connections = 0
+client_commands = 0
+user_commands = 0
 EOF
 }

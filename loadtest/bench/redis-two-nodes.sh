@@ -41,6 +41,15 @@ urls = ["redis://127.0.0.1:$rport"]
 level = "warn"
 [client]
 write_delay = "$WRITE_DELAY"
+[limits]
+# Benchmarks open tens of thousands of connections from a few loopback
+# addresses and publish thousands a second over one connection: off here.
+connect_rate = 0
+ip_connect_rate = 0
+node_connections = 0
+user_connections = 0
+client_commands = 0
+user_commands = 0
 [[namespaces]]
 name = ""
 allow_publish = true

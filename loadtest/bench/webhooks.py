@@ -103,7 +103,10 @@ def main():
             f'[http]\nlisten = "127.0.0.1:{port}"\n[grpc]\nlisten = "127.0.0.1:{gport}"\n{broker}'
             f'[webhooks]\nurl = "http://127.0.0.1:{srv.server_address[1]}/h"\nsecret = "s"\n'
             f'events = {json.dumps(events)}\nbatch_size = {a.batch}\nqueue_size = 1000000\n'
-            f'retry_backoff = "10ms"\nretry_backoff_max = "20ms"\n')
+            f'retry_backoff = "10ms"\nretry_backoff_max = "20ms"\n'
+            # Thousands of connects a second from loopback: limits off, as in every bench.
+            '[limits]\nconnect_rate = 0\nip_connect_rate = 0\nnode_connections = 0\n'
+            'user_connections = 0\nclient_commands = 0\nuser_commands = 0\n')
         env = {k: v for k, v in os.environ.items() if not k.startswith("FANFARE_")}
         node = subprocess.Popen([a.bin, "--config", cfg], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=env)

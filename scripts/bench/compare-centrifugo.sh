@@ -177,6 +177,9 @@ write_fanfare_config() { # write_fanfare_config BROKER FILE
     if [ "$1" = redis ]; then
       echo "[redis]"; echo "urls = [\"redis://127.0.0.1:$RPORT\"]"
     fi
+    # Centrifugo's open-source edition has no such limits: off, as in every bench.
+    echo "[limits]"; echo "connect_rate = 0"; echo "ip_connect_rate = 0"; echo "node_connections = 0"
+    echo "user_connections = 0"; echo "client_commands = 0"; echo "user_commands = 0"
     echo "[[namespaces]]"; echo 'name = ""'; echo "allow_publish = true"
   } >"$2"
 }

@@ -31,6 +31,7 @@ pub const WEBHOOK_DROPPED: &str = "fanfare_webhook_dropped_total";
 pub const WEBHOOK_DELIVERIES: &str = "fanfare_webhook_deliveries_total";
 pub const WEBHOOK_DELIVERED: &str = "fanfare_webhook_delivered_events_total";
 pub const WEBHOOK_QUEUE_DEPTH: &str = "fanfare_webhook_queue_depth";
+pub const LIMIT_REFUSALS: &str = "fanfare_limit_refusals_total";
 pub const WEBHOOK_DELIVERY: &str = "fanfare_webhook_delivery_duration_seconds";
 
 /// Cached handles for counters touched on every message.
@@ -144,6 +145,13 @@ pub fn describe() {
         Unit::Seconds,
         "Time of one webhook POST until its answer."
     );
+    describe_counter!(
+        LIMIT_REFUSALS,
+        "Requests refused by a [limits] setting, by limit: node_connections, user_connections, connect_rate, ip_connect_rate, client_commands, user_commands, channels."
+    );
+    for limit in crate::limits::LIMIT_NAMES {
+        metrics::counter!(LIMIT_REFUSALS, "limit" => *limit).absolute(0);
+    }
     describe_gauge!(CLUSTER_NODES, "Nodes that announced themselves recently, this one included.");
     // Counters alerts use exist from the start, so a first increment is a change.
     for c in [BROKER_RECONNECTS, STREAM_GAPS, SLOW_CONSUMERS, PUBLICATIONS] {

@@ -46,6 +46,8 @@ pub struct NodeConfig {
     pub history_max_publications: usize,
     /// The `[[proxies]]` and which events use them (none by default).
     pub proxies: crate::proxy::Proxies,
+    /// Connections per user, commands per connection and per user.
+    pub limits: crate::limits::Limits,
 }
 
 impl Default for NodeConfig {
@@ -64,6 +66,7 @@ impl Default for NodeConfig {
             recovery_max_publications: 300,
             history_max_publications: 300,
             proxies: crate::proxy::Proxies::default(),
+            limits: crate::limits::Limits::default(),
         }
     }
 }
@@ -127,9 +130,22 @@ struct SessionEntry {
 #[derive(Default)]
 pub(crate) struct Registry {
     sessions: HashMap<u64, SessionEntry, ahash::RandomState>,
-    by_user: HashMap<Arc<str>, Vec<u64>, ahash::RandomState>,
+    by_user: HashMap<Arc<str>, UserEntry, ahash::RandomState>,
     by_client: HashMap<Arc<str>, u64, ahash::RandomState>,
 }
+
+/// A connected user's sessions on this node, and the commands budget they
+/// share (`limits.user_commands`): kept while the user has a connection here,
+/// so the map is bounded by connected users.
+#[derive(Debug)]
+struct UserEntry {
+    ids: Vec<u64>,
+    commands: crate::limits::Bucket,
+}
+
+/// Why [`Node::bind`] refused a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct UserConnectionLimit;
 
 struct Shared {
     config: NodeConfig,
@@ -250,27 +266,69 @@ impl Node {
         Some(id)
     }
 
-    /// Records who a connected session is, for the control API.
-    pub(crate) fn bind(&self, id: u64, info: Arc<ClientInfo>) {
+    /// Records who a connected session is, for the control API. Refused
+    /// when the user already holds `limits.user_connections` connections here
+    /// (counted and checked under one lock, so racing connects cannot pass
+    /// the limit together).
+    pub(crate) fn bind(&self, id: u64, info: Arc<ClientInfo>) -> Result<(), UserConnectionLimit> {
+        let max = self.shared.config.limits.user_connections;
+        let now = self.ms();
+        let burst = self.shared.config.limits.user_commands;
         let mut reg = self.registry();
-        let Some(entry) = reg.sessions.get_mut(&id) else { return };
+        if !info.user.is_empty()
+            && max > 0
+            && reg.by_user.get(&info.user).is_some_and(|u| u.ids.len() >= max)
+        {
+            return Err(UserConnectionLimit);
+        }
+        let Some(entry) = reg.sessions.get_mut(&id) else { return Ok(()) };
         entry.info = Some(info.clone());
         // Anonymous connections are reachable by client id only (the API
         // needs a user or a client): one list of every anonymous connection
         // would cost memory and a linear search at each disconnect.
         if !info.user.is_empty() {
-            reg.by_user.entry(info.user.clone()).or_default().push(id);
+            reg.by_user
+                .entry(info.user.clone())
+                .or_insert_with(|| UserEntry {
+                    ids: Vec::new(),
+                    commands: crate::limits::Bucket::full(burst, now),
+                })
+                .ids
+                .push(id);
         }
         reg.by_client.insert(info.client.clone(), id);
+        Ok(())
+    }
+
+    /// Milliseconds since the node started (the time base of its shared
+    /// token buckets).
+    fn ms(&self) -> u32 {
+        crate::limits::ms_since(self.shared.started)
+    }
+
+    /// Takes one command from `user`'s shared budget (`limits.user_commands`,
+    /// one second of it as burst); false when it is spent. Costs a lock of
+    /// the registry per command of a named user while the limit is on.
+    pub(crate) fn take_user_command(&self, user: &str) -> bool {
+        let rate = self.shared.config.limits.user_commands;
+        if rate == 0 || user.is_empty() {
+            return true;
+        }
+        let now = self.ms();
+        let mut reg = self.registry();
+        match reg.by_user.get_mut(user) {
+            Some(u) => u.commands.try_take(rate, rate, now),
+            None => true,
+        }
     }
 
     pub(crate) fn unregister(&self, id: u64) {
         let mut reg = self.registry();
         let Some(entry) = reg.sessions.remove(&id) else { return };
         if let Some(info) = entry.info {
-            if let Some(ids) = reg.by_user.get_mut(&info.user) {
-                ids.retain(|i| *i != id);
-                if ids.is_empty() {
+            if let Some(u) = reg.by_user.get_mut(&info.user) {
+                u.ids.retain(|i| *i != id);
+                if u.ids.is_empty() {
                     reg.by_user.remove(&info.user);
                 }
             }
@@ -301,8 +359,8 @@ impl Node {
         }
         reg.by_user
             .get(user)
-            .map(|ids| {
-                ids.iter().filter_map(|i| reg.sessions.get(i)).map(|e| e.outbox.clone()).collect()
+            .map(|u| {
+                u.ids.iter().filter_map(|i| reg.sessions.get(i)).map(|e| e.outbox.clone()).collect()
             })
             .unwrap_or_default()
     }

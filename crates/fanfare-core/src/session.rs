@@ -90,6 +90,9 @@ struct Connected {
     info: Arc<ClientInfo>,
     expires_at: Option<u64>,
     subs: SubMap,
+    /// Commands budget (`limits.client_commands`): 8 bytes in this boxed
+    /// part, so the connection's task does not grow.
+    commands: crate::limits::Bucket,
 }
 
 /// The protocol state of one client connection. See the module docs.
@@ -617,6 +620,13 @@ impl Session {
                 _ => Err(DisconnectCode::BAD_REQUEST),
             };
         }
+        let pong = id == 0 && matches!(cmd.request, Request::Empty);
+        if !pong && self.over_rate()? {
+            if id != 0 {
+                self.send(Reply::error(id, ErrorCode::TOO_MANY_REQUESTS));
+            }
+            return Ok(());
+        }
         if !matches!(cmd.request, Request::Publish { .. }) {
             // Everything but a publish sees the effects of the publishes before it.
             self.finish_publishes().await?;
@@ -644,6 +654,37 @@ impl Session {
             Request::SubRefresh { channel, token } => self.sub_refresh(&channel, &token),
         };
         self.finish(id, result)
+    }
+
+    /// Whether this command is over the connection's or its user's rate
+    /// (`limits.client_commands`, `limits.user_commands`): it is then
+    /// answered with 111. A connection that keeps sending through another
+    /// burst of refusals is closed with 3013. Pongs are free (they answer
+    /// the node's pings).
+    fn over_rate(&mut self) -> Result<bool, DisconnectCode> {
+        use crate::limits::{Take, refused};
+        let limits = self.node.config().limits;
+        if limits.client_commands > 0 {
+            let now = Instant::now().millis() as u32;
+            let bucket = &mut self.connected_mut().commands;
+            match bucket.take(limits.client_commands, limits.client_command_burst, now) {
+                Take::Ok => {}
+                Take::Refused => {
+                    refused("client_commands");
+                    return Ok(true);
+                }
+                Take::Exhausted => {
+                    refused("client_commands");
+                    tracing::debug!(session = self.id, "command flood; closing with 3013");
+                    return Err(DisconnectCode::TOO_MANY_REQUESTS);
+                }
+            }
+        }
+        if !self.node.take_user_command(&self.connected().info.user) {
+            refused("user_commands");
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     fn finish(
@@ -738,25 +779,52 @@ impl Session {
             conn_info,
             chan_info: Bytes::new(),
         });
-        self.node.bind(self.id, info.clone());
-        self.conn = Some(Box::new(Connected { info, expires_at, subs: SubMap::default() }));
-
-        // Server-side subscriptions: the personal channel and the token's channels.
+        // Server-side subscriptions: the personal channel and the token's
+        // channels (a claim far over the limit is refused before the
+        // duplicate checks below, which are quadratic).
+        let max_channels = self.node.config().max_channels;
         let mut server_channels = Vec::new();
-        if !user.is_empty() {
-            server_channels.push(personal_channel(&user));
-        }
-        server_channels.extend(channels);
-        for (channel, _) in &granted {
-            if !server_channels.contains(channel) {
-                server_channels.push(channel.clone());
+        if channels.len() > max_channels {
+            server_channels = channels;
+        } else {
+            if !user.is_empty() {
+                server_channels.push(personal_channel(&user));
+            }
+            server_channels.extend(channels);
+            for (channel, _) in &granted {
+                if !server_channels.contains(channel) {
+                    server_channels.push(channel.clone());
+                }
+            }
+            for channel in requested {
+                if !server_channels.contains(&channel) {
+                    server_channels.push(channel);
+                }
             }
         }
-        for channel in requested {
-            if !server_channels.contains(&channel) {
-                server_channels.push(channel);
-            }
+        // The channel limit holds for channels a token or the connect proxy
+        // grants too (Centrifugo: DisconnectChannelLimit); the personal
+        // channel counts, as it is a subscription like any other.
+        if server_channels.len() > max_channels {
+            crate::limits::refused("channels");
+            tracing::debug!(
+                session = self.id,
+                channels = server_channels.len(),
+                max_channels,
+                "connect grants more channels than client.max_channels; closing with 3505"
+            );
+            return Err(Fail::Disconnect(DisconnectCode::CHANNEL_LIMIT));
         }
+        if self.node.bind(self.id, info.clone()).is_err() {
+            crate::limits::refused("user_connections");
+            return Err(Fail::Disconnect(DisconnectCode::CONNECTION_LIMIT));
+        }
+        let commands = crate::limits::Bucket::full(
+            self.node.config().limits.client_command_burst,
+            Instant::now().millis() as u32,
+        );
+        self.conn =
+            Some(Box::new(Connected { info, expires_at, subs: SubMap::default(), commands }));
         let mut subs = Vec::new();
         let mut live = Vec::new();
         let mut recovered_size = 0;

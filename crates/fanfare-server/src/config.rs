@@ -27,6 +27,7 @@ pub struct Settings {
     pub log: LogSection,
     pub transports: TransportsSection,
     pub webhooks: WebhooksSection,
+    pub limits: LimitsSection,
     pub namespaces: Vec<Namespace>,
     /// Backends the node asks about clients (`client.connect_proxy`,
     /// namespace `subscribe_proxy`, ...), by name.
@@ -415,6 +416,90 @@ impl Default for TransportsSection {
     }
 }
 
+/// Abuse limits (decision 29, docs/SECURITY.md "Limits"). Each has a finite
+/// default; 0 turns one off. Refusals are counted in
+/// `fanfare_limit_refusals_total{limit}`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    /// Most client connections open on this node; past it a new one is
+    /// answered 503 before the upgrade.
+    pub node_connections: usize,
+    /// Most connections of one user on this node; one more is closed with
+    /// 3504 after its connect (anonymous connections are not counted).
+    pub user_connections: usize,
+    /// New connections per second on this node (a second of it as burst);
+    /// past it 503 before the upgrade.
+    pub connect_rate: u32,
+    /// New connections per second from one client IP (IPv6: one /64), a
+    /// second of it as burst; past it 429 before the upgrade.
+    pub ip_connect_rate: u32,
+    /// Commands per second one connection may send; past it error 111.
+    pub client_commands: u32,
+    /// Commands a connection may send at once; past another burst of 111s
+    /// it is closed with 3013.
+    pub client_command_burst: u32,
+    /// Commands per second of all connections of one user on this node; past
+    /// it error 111.
+    pub user_commands: u32,
+    /// Reverse proxies (CIDRs, e.g. `10.0.0.0/8`, `127.0.0.1/32`) whose
+    /// `X-Forwarded-For` / `X-Real-IP` name the client for `ip_connect_rate`;
+    /// other peers are counted by their own address.
+    pub trusted_proxies: Vec<String>,
+}
+
+impl Default for LimitsSection {
+    fn default() -> Self {
+        let core = fanfare_core::Limits::default();
+        Self {
+            node_connections: 100_000,
+            user_connections: core.user_connections,
+            connect_rate: 10_000,
+            // A reconnect storm of thousands of users behind one NAT (and the
+            // test suites, connecting thousands from 127.0.0.1) passes; one
+            // host still gets at most half of `connect_rate`.
+            ip_connect_rate: 5_000,
+            client_commands: core.client_commands,
+            client_command_burst: core.client_command_burst,
+            user_commands: core.user_commands,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+impl LimitsSection {
+    /// The limits the sessions enforce.
+    pub fn core(&self) -> fanfare_core::Limits {
+        fanfare_core::Limits {
+            user_connections: self.user_connections,
+            client_commands: self.client_commands,
+            client_command_burst: self.client_command_burst,
+            user_commands: self.user_commands,
+        }
+    }
+
+    /// `trusted_proxies` parsed (validated at load).
+    pub fn trusted(&self) -> anyhow::Result<Vec<crate::limits::Cidr>> {
+        self.trusted_proxies
+            .iter()
+            .map(|c| c.parse().map_err(|e| anyhow::anyhow!("limits.trusted_proxies: {c:?}: {e}")))
+            .collect()
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.client_commands > 0 && self.client_command_burst == 0 {
+            bail!(
+                "limits.client_command_burst: must be at least 1 while limits.client_commands is on"
+            );
+        }
+        if self.client_command_burst > 1_000_000 {
+            bail!("limits.client_command_burst: must be at most 1000000");
+        }
+        self.trusted()?;
+        Ok(())
+    }
+}
+
 /// Lifecycle webhooks (decision 26): events POSTed as signed JSON batches.
 /// Off while `url` is empty.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -552,7 +637,7 @@ impl Default for LogSection {
 
 /// Keys the environment may give as comma-separated lists.
 const LIST_KEYS: &[&str] =
-    &["redis.urls", "redis.sentinel_urls", "websocket.allowed_origins", "webhooks.events"];
+    &["redis.urls", "redis.sentinel_urls", "websocket.allowed_origins", "webhooks.events", "limits.trusted_proxies"];
 
 impl Settings {
     /// Loads defaults, then the file (if any), then the environment.
@@ -726,6 +811,7 @@ impl Settings {
             }
         }
         self.webhooks.validate()?;
+        self.limits.validate()?;
         self.channel_rules()?;
         fanfare_core::Authenticator::new(&self.auth).map_err(|e| anyhow::anyhow!(e))?;
         self.validate_proxies()
@@ -803,6 +889,7 @@ impl Settings {
             },
             recovery_max_publications: self.client.recovery_max_publication_limit,
             history_max_publications: self.client.history_max_publication_limit,
+            limits: self.limits.core(),
             ..NodeConfig::default()
         }
     }

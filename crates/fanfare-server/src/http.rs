@@ -41,6 +41,8 @@ pub struct HttpState {
     pub metrics: PrometheusHandle,
     pub api: Arc<ApiContext>,
     pub deadlines: Deadlines,
+    /// `[limits]` checked before a connection opens.
+    pub admission: Arc<crate::limits::Admission>,
     /// `transports.*`: which optional transports answer.
     pub http_stream: bool,
     pub sse: bool,
@@ -89,12 +91,18 @@ async fn serve_http_transport(
     t: HttpTransport,
     req: Request<impl ReqBody>,
     st: &HttpState,
+    peer: SocketAddr,
 ) -> Response<AnyBody> {
     // The browser fallbacks are fetched cross-origin: preflights and CORS
     // headers for the HTTP transports.
     let cors = Cors::of(req.headers());
+    let opens = !matches!(t, HttpTransport::Emulation) && req.method() != Method::OPTIONS;
+    let refusal =
+        if opens { st.admission.admit(&st.node, peer, req.headers()).err() } else { None };
     let mut r = if req.method() == Method::OPTIONS {
         preflight()
+    } else if let Some(refusal) = refusal {
+        refused(refusal).map(http_body_util::Either::Left)
     } else {
         let (node, body) = (st.node.clone(), st.deadlines.body);
         match t {
@@ -111,7 +119,7 @@ async fn serve_http_transport(
 
 async fn route(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<AnyBody> {
     match http_transport(req.uri().path(), &st) {
-        Some(t) => serve_http_transport(t, req, &st).await,
+        Some(t) => serve_http_transport(t, req, &st, peer).await,
         None => route_complete(req, st, peer).await.map(http_body_util::Either::Left),
     }
 }
@@ -123,6 +131,12 @@ async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr)
     if req.uri().path().starts_with(crate::centrifugo::http::PREFIX) {
         return crate::centrifugo::http::handle(req, &st.node, &st.api, peer, st.deadlines.body)
             .await;
+    }
+    let path = req.uri().path();
+    let websocket = path == "/connection/websocket"
+        || (path == "/connection/uni_websocket" && st.uni_websocket);
+    if websocket && let Err(refusal) = st.admission.admit(&st.node, peer, req.headers()) {
+        return refused(refusal);
     }
     match (req.method(), req.uri().path()) {
         (_, "/connection/websocket") => {
@@ -153,6 +167,14 @@ async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr)
         }
         _ => plain(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// The answer to a connection refused by `[limits]`, before its upgrade:
+/// 503 or 429, with `Retry-After` (a second refills the rate limits).
+fn refused(refusal: crate::limits::Refusal) -> Response<Body> {
+    let mut r = plain(refusal.status(), refusal.text());
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    r
 }
 
 /// Accepts connections until `stop` turns true.
@@ -186,7 +208,7 @@ pub async fn serve(listener: TcpListener, st: HttpState, mut stop: watch::Receiv
                             let st2 = st.clone();
                             let handle = |req: Request<_>| async move {
                                 match http_transport(req.uri().path(), &st2) {
-                                    Some(t) => serve_http_transport(t, req, &st2).await,
+                                    Some(t) => serve_http_transport(t, req, &st2, peer).await,
                                     None => crate::transport::refuse(
                                         StatusCode::NOT_FOUND,
                                         serde_json::json!({"error": "not found"}),

@@ -8,6 +8,7 @@ mod grpc;
 mod grpc_transport;
 mod heap;
 mod http;
+mod limits;
 mod methods;
 mod outbound;
 mod proxy;
@@ -207,6 +208,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
             header: settings.http.header_read_timeout,
             body: settings.http.body_read_timeout,
         },
+        admission: Arc::new(limits::Admission::new(&settings.limits)?),
         http_stream: settings.transports.http_stream,
         sse: settings.transports.sse,
         uni_sse: settings.transports.uni_sse,

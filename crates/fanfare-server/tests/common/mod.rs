@@ -393,6 +393,27 @@ impl Client {
         Self::try_open_with(port, &origin, rcvbuf).await
     }
 
+    /// Opens a connection from the loopback address `source` (127.0.0.2 to
+    /// 127.0.0.254 work without setup on Linux) with `headers`; a refused
+    /// handshake comes back as `Err(status)`.
+    pub async fn open_from(
+        port: u16,
+        source: std::net::Ipv4Addr,
+        headers: &[(&str, &str)],
+    ) -> Result<Client, u16> {
+        match Self::open_inner(port, headers, None, Some(source)).await {
+            Ok(c) => Ok(c),
+            Err(tungstenite::Error::Http(resp)) => Err(resp.status().as_u16()),
+            Err(e) => panic!("WebSocket handshake from {source}: {e}"),
+        }
+    }
+
+    /// The status a WebSocket handshake is answered with when it is refused
+    /// (`Ok` when it is accepted).
+    pub async fn try_open_status(port: u16) -> Result<Client, u16> {
+        Self::open_from(port, std::net::Ipv4Addr::LOCALHOST, &[]).await
+    }
+
     /// Opens a connection whose handshake request carries `headers` (a
     /// browser's cookies, say).
     pub async fn open_with_headers(port: u16, headers: &[(&str, &str)]) -> Client {
@@ -404,6 +425,15 @@ impl Client {
         headers: &[(&str, &str)],
         rcvbuf: Option<u32>,
     ) -> Result<Client, tungstenite::Error> {
+        Self::open_inner(port, headers, rcvbuf, None).await
+    }
+
+    async fn open_inner(
+        port: u16,
+        headers: &[(&str, &str)],
+        rcvbuf: Option<u32>,
+        source: Option<std::net::Ipv4Addr>,
+    ) -> Result<Client, tungstenite::Error> {
         let url = format!("ws://127.0.0.1:{port}/connection/websocket");
         let mut req = url.into_client_request()?;
         for (name, value) in headers {
@@ -413,6 +443,9 @@ impl Client {
         let socket = TcpSocket::new_v4()?;
         if let Some(size) = rcvbuf {
             socket.set_recv_buffer_size(size)?;
+        }
+        if let Some(ip) = source {
+            socket.bind((ip, 0).into())?;
         }
         let stream = socket.connect(([127, 0, 0, 1], port).into()).await?;
         stream.set_nodelay(true)?;
