@@ -739,6 +739,9 @@ impl Session {
             chan_info: Bytes::new(),
         });
         self.node.bind(self.id, info.clone());
+        // `session` (this node's number for the connection, in every line
+        // about it) meets `client` (the id clients and the API see) here.
+        tracing::debug!(session = self.id, client = &*info.client, user = &*info.user, "connected");
         self.conn = Some(Box::new(Connected { info, expires_at, subs: SubMap::default() }));
 
         // Server-side subscriptions: the personal channel and the token's channels.
@@ -762,7 +765,11 @@ impl Session {
         let mut recovered_size = 0;
         for channel in server_channels {
             let Ok(ns) = self.node.rules().namespace(&channel).cloned() else {
-                tracing::warn!(channel, "token names an invalid channel; skipped");
+                tracing::warn!(
+                    session = self.id,
+                    channel,
+                    "token names an invalid channel; skipped"
+                );
                 continue;
             };
             if self.connected().subs.contains_key(channel.as_str()) {
@@ -1426,6 +1433,7 @@ impl Session {
         // The timer's entry for this outbox is dropped when its bucket is walked.
         self.outbox.set_armed_tick(0);
         self.close_subscriptions().await;
+        tracing::debug!(session = self.id, client = self.client_id(), code = code.0, "closed");
         if let Some(c) = &self.conn {
             self.node.events().disconnect(&c.info, code, &self.outbox);
         }

@@ -216,11 +216,11 @@ impl RedisBroker {
                 match conn::open(&urls, cfg.cluster).await {
                     Ok(x) => break x,
                     Err(e) if tokio::time::Instant::now() < deadline => {
-                        tracing::warn!(urls = ?urls, error = %e, "redis not reachable yet; retrying");
+                        tracing::warn!(redis = %conn::addrs(&urls), error = %e, "redis not reachable yet; retrying");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                     Err(source) => {
-                        return Err(StartError::Unreachable { url: urls.join(","), source });
+                        return Err(StartError::Unreachable { url: conn::addrs(&urls), source });
                     }
                 }
             };

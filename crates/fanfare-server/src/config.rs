@@ -492,12 +492,20 @@ impl WebhooksSection {
             }
             return Ok(());
         }
+        // Messages show the URL masked: it may hold a password.
+        let shown = mask_userinfo(&self.url);
         let uri: http::Uri = self
             .url
             .parse()
-            .map_err(|e| anyhow::anyhow!("webhooks.url: {:?} is not a URL: {e}", self.url))?;
+            .map_err(|e| anyhow::anyhow!("webhooks.url: {shown:?} is not a URL: {e}"))?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            bail!("webhooks.url: {:?} must be an http(s)://host[:port]/path URL", self.url);
+            bail!("webhooks.url: {shown:?} must be an http(s)://host[:port]/path URL");
+        }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            bail!(
+                "webhooks.url: user:password@ is not sent by the HTTP client (and would reach \
+                 its logs); receivers authenticate calls by the webhooks.secret signature"
+            );
         }
         if self.secret.is_empty() {
             bail!("webhooks.secret: must be set when webhooks.url is set (receivers verify it)");
@@ -724,8 +732,16 @@ impl Settings {
             if !names.insert(p.name.as_str()) {
                 bail!("proxies[{i}].name: {:?} is used by another [[proxies]] entry", p.name);
             }
-            crate::proxy::Endpoint::parse(&p.endpoint)
-                .map_err(|e| anyhow::anyhow!("proxies[{i}].endpoint: {e}"))?;
+            crate::proxy::Endpoint::parse(&p.endpoint).map_err(|e| {
+                let e = e.replace(&p.endpoint, &mask_userinfo(&p.endpoint));
+                anyhow::anyhow!("proxies[{i}].endpoint: {e}")
+            })?;
+            if mask_userinfo(&p.endpoint) != p.endpoint {
+                bail!(
+                    "proxies[{i}].endpoint: user:password@ is not sent (and would reach the \
+                     HTTP client's logs); put credentials in static_headers (e.g. Authorization)"
+                );
+            }
             if p.timeout < Duration::from_millis(10) || p.timeout > Duration::from_secs(60) {
                 bail!("proxies[{i}].timeout: must be between 10ms and 60s");
             }
@@ -934,6 +950,17 @@ mod tests {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
         assert!(shown.contains("redis://********@h:6379/0"), "{shown}");
+        let e = Settings::load_with_env(
+            None,
+            env(&[
+                ("FANFARE__WEBHOOKS__URL", "http://u:hook-sekrit@h/x"),
+                ("FANFARE__WEBHOOKS__SECRET", "s"),
+                ("FANFARE__WEBHOOKS__EVENTS", "connect"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("webhooks.url") && !e.contains("hook-sekrit"), "{e}");
         assert_eq!(mask_userinfo("https://h/p?a=b@c"), "https://h/p?a=b@c");
     }
 

@@ -314,7 +314,7 @@ impl<C: ControlService> GrpcService<C> {
                 use tracing::Instrument;
                 let id = crate::api::request_id(req.headers().get(crate::api::REQUEST_ID));
                 let span =
-                    tracing::info_span!("request", request_id = id.to_str().unwrap_or_default());
+                    tracing::info_span!("request", request_id = %id.to_str().unwrap_or_default());
                 let call = api_call(self.clone(), target, req, respond, peer, id);
                 Some(Box::pin(call.instrument(span)))
             }

@@ -159,7 +159,7 @@ async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr)
 async fn api_request(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<Body> {
     use tracing::Instrument;
     let id = crate::api::request_id(req.headers().get(crate::api::REQUEST_ID));
-    let span = tracing::info_span!("request", request_id = id.to_str().unwrap_or_default());
+    let span = tracing::info_span!("request", request_id = %id.to_str().unwrap_or_default());
     let call = async {
         // The path names the method; query, headers and body stay out of logs.
         let path = req.uri().path().to_owned();

@@ -129,14 +129,19 @@ fn init_logging(log: &config::LogSection) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    // Colours only for a terminal: escape codes in a log file or collector
+    // split `key=value` pairs apart.
+    use std::io::IsTerminal;
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal());
     match log.format {
         LogFormat::Text => fmt.init(),
-        // One object per line; the fields of the spans an event is in
-        // (`client`, `request_id`) are flattened into it, the span list left
-        // out (it would repeat them).
+        // One object per line, the event's fields at the top level and the
+        // innermost span's (a request's `request_id`) under `span`.
         LogFormat::Json => {
-            fmt.json().flatten_event(true).with_current_span(false).with_span_list(true).init()
+            fmt.json().flatten_event(true).with_current_span(true).with_span_list(false).init()
         }
     }
 }

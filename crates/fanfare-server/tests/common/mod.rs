@@ -337,6 +337,14 @@ impl Server {
         }
     }
 
+    /// A fresh connection that sent `connect` with `token` and got a
+    /// successful reply.
+    pub async fn connected_with_token(&self, token: &str) -> Client {
+        let mut c = self.client().await;
+        c.connect_ok(token).await;
+        c
+    }
+
     /// Sends SIGHUP to the process (by PID): reload the TLS certificates.
     pub fn send_sighup(&self) {
         let status = Command::new("kill")
