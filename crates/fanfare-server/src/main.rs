@@ -193,6 +193,7 @@ fn reload_on_sighup(certs: Vec<Arc<tls::Certificate>>) -> anyhow::Result<()> {
 
 async fn run_node(settings: Settings) -> anyhow::Result<()> {
     init_logging(&settings.log);
+    let shutdown = shutdown_signal()?;
     let (http_cert, grpc_cert) = load_certificates(&settings)?;
     reload_on_sighup(http_cert.iter().chain(grpc_cert.iter()).cloned().collect())?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -304,7 +305,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         })
     };
 
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!("shutting down: closing clients with 3001");
     let deadline = tokio::time::Instant::now() + settings.shutdown.drain_timeout;
     let _ = stop_tx.send(true);
@@ -327,14 +328,19 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when it is first polled: before the ports answer, a signal
+/// must already start a drain rather than kill the process.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 /// Listen backlog. `TcpListener::bind` uses 128 (the standard library's
