@@ -455,7 +455,7 @@ impl Session {
         }
         for (channel, info) in entries {
             if let Err(e) = self.node.broker().add_presence(&channel, info, ttl).await {
-                tracing::warn!(channel = &*channel, error = %e, "presence refresh failed");
+                tracing::warn!(session = self.id, channel = &*channel, error = %e, "presence refresh failed");
             }
         }
     }
@@ -542,7 +542,7 @@ impl Session {
                     self.announce_join(channel).await;
                 }
             }
-            Err(_) => tracing::warn!(channel, "server-side subscribe failed"),
+            Err(_) => tracing::warn!(session = self.id, channel, "server-side subscribe failed"),
         }
     }
 
@@ -927,7 +927,7 @@ impl Session {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(channel, error = %e, "history read failed at subscribe");
+                    tracing::warn!(session = self.id, channel, error = %e, "history read failed at subscribe");
                     self.node.unsubscribe_local(channel, self.id).await;
                     return Err(Fail::Error(ErrorCode::INTERNAL));
                 }
@@ -942,7 +942,7 @@ impl Session {
         if ns.presence {
             let ttl = self.node.config().presence_ttl;
             if let Err(e) = self.node.broker().add_presence(channel, (*info).clone(), ttl).await {
-                tracing::warn!(channel, error = %e, "presence add failed");
+                tracing::warn!(session = self.id, channel, error = %e, "presence add failed");
             }
             self.node.events().presence_join(channel, &info);
             // The entry expires after `ttl` unless written again: from now on
@@ -985,7 +985,7 @@ impl Session {
         };
         let info = (*sub.info).clone();
         if let Err(e) = self.node.broker().publish_join(channel, info).await {
-            tracing::warn!(channel, error = %e, "join push failed");
+            tracing::warn!(session = self.id, channel, error = %e, "join push failed");
         }
     }
 
@@ -1077,12 +1077,12 @@ impl Session {
         if sub.presence
             && let Err(e) = broker.remove_presence(channel, &sub.info.client).await
         {
-            tracing::warn!(channel, error = %e, "presence remove failed");
+            tracing::warn!(session = self.id, channel, error = %e, "presence remove failed");
         }
         if sub.join_leave
             && let Err(e) = broker.publish_leave(channel, (*sub.info).clone()).await
         {
-            tracing::warn!(channel, error = %e, "leave push failed");
+            tracing::warn!(session = self.id, channel, error = %e, "leave push failed");
         }
         true
     }
