@@ -82,7 +82,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
             // The certificate files are checked too: a node would refuse them.
-            load_certificates(&settings)?;
+            tls::Certificates::load(&settings)?;
             use std::io::Write;
             // A closed pipe (`check-config | head`) is not an error worth a panic.
             let _ = writeln!(
@@ -146,26 +146,6 @@ fn init_logging(log: &config::LogSection) {
     }
 }
 
-/// The TLS certificates of the HTTP and gRPC ports (`http.tls_*`,
-/// `grpc.tls_*`), when configured; errors name the key.
-fn load_certificates(
-    settings: &Settings,
-) -> anyhow::Result<(Option<Arc<tls::Certificate>>, Option<Arc<tls::Certificate>>)> {
-    let http = match settings.http_tls()? {
-        Some((cert, key)) => {
-            Some(tls::Certificate::load(("http.tls_cert", "http.tls_key"), cert, key)?)
-        }
-        None => None,
-    };
-    let grpc = match settings.grpc_tls()? {
-        Some((cert, key)) => {
-            Some(tls::Certificate::load(("grpc.tls_cert", "grpc.tls_key"), cert, key)?)
-        }
-        None => None,
-    };
-    Ok((http, grpc))
-}
-
 /// Reloads the certificates on every SIGHUP. A failed reload keeps the
 /// certificate in use and logs why; connections are never touched.
 fn reload_on_sighup(certs: Vec<Arc<tls::Certificate>>) -> anyhow::Result<()> {
@@ -194,7 +174,8 @@ fn reload_on_sighup(certs: Vec<Arc<tls::Certificate>>) -> anyhow::Result<()> {
 async fn run_node(settings: Settings) -> anyhow::Result<()> {
     init_logging(&settings.log);
     let shutdown = shutdown_signal()?;
-    let (http_cert, grpc_cert) = load_certificates(&settings)?;
+    let tls::Certificates { http: http_cert, grpc: grpc_cert } =
+        tls::Certificates::load(&settings)?;
     reload_on_sighup(http_cert.iter().chain(grpc_cert.iter()).cloned().collect())?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[

@@ -72,6 +72,32 @@ impl Certificate {
     }
 }
 
+/// The certificates of the HTTP and gRPC ports (`http.tls_*`, `grpc.tls_*`),
+/// each when configured.
+pub struct Certificates {
+    pub http: Option<Arc<Certificate>>,
+    pub grpc: Option<Arc<Certificate>>,
+}
+
+impl Certificates {
+    /// Loads what the settings name; errors name the key.
+    pub fn load(settings: &crate::config::Settings) -> anyhow::Result<Certificates> {
+        let http = match settings.http_tls()? {
+            Some((cert, key)) => {
+                Some(Certificate::load(("http.tls_cert", "http.tls_key"), cert, key)?)
+            }
+            None => None,
+        };
+        let grpc = match settings.grpc_tls()? {
+            Some((cert, key)) => {
+                Some(Certificate::load(("grpc.tls_cert", "grpc.tls_key"), cert, key)?)
+            }
+            None => None,
+        };
+        Ok(Certificates { http, grpc })
+    }
+}
+
 #[derive(Debug)]
 struct Resolver(Arc<Certificate>);
 
