@@ -458,7 +458,7 @@ impl Session {
         }
         for (channel, info) in entries {
             if let Err(e) = self.node.broker().add_presence(&channel, info, ttl).await {
-                tracing::warn!(channel = &*channel, error = %e, "presence refresh failed");
+                tracing::warn!(session = self.id, channel = &*channel, error = %e, "presence refresh failed");
             }
         }
     }
@@ -545,7 +545,7 @@ impl Session {
                     self.announce_join(channel).await;
                 }
             }
-            Err(_) => tracing::warn!(channel, "server-side subscribe failed"),
+            Err(_) => tracing::warn!(session = self.id, channel, "server-side subscribe failed"),
         }
     }
 
@@ -823,6 +823,9 @@ impl Session {
             self.node.config().limits.client_command_burst,
             Instant::now().millis() as u32,
         );
+        // `session` (this node's number for the connection, in every line
+        // about it) meets `client` (the id clients and the API see) here.
+        tracing::debug!(session = self.id, client = &*info.client, user = &*info.user, "connected");
         self.conn =
             Some(Box::new(Connected { info, expires_at, subs: SubMap::default(), commands }));
         let mut subs = Vec::new();
@@ -830,7 +833,11 @@ impl Session {
         let mut recovered_size = 0;
         for channel in server_channels {
             let Ok(ns) = self.node.rules().namespace(&channel).cloned() else {
-                tracing::warn!(channel, "token names an invalid channel; skipped");
+                tracing::warn!(
+                    session = self.id,
+                    channel,
+                    "token names an invalid channel; skipped"
+                );
                 continue;
             };
             if self.connected().subs.contains_key(channel.as_str()) {
@@ -988,7 +995,7 @@ impl Session {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(channel, error = %e, "history read failed at subscribe");
+                    tracing::warn!(session = self.id, channel, error = %e, "history read failed at subscribe");
                     self.node.unsubscribe_local(channel, self.id).await;
                     return Err(Fail::Error(ErrorCode::INTERNAL));
                 }
@@ -1003,7 +1010,7 @@ impl Session {
         if ns.presence {
             let ttl = self.node.config().presence_ttl;
             if let Err(e) = self.node.broker().add_presence(channel, (*info).clone(), ttl).await {
-                tracing::warn!(channel, error = %e, "presence add failed");
+                tracing::warn!(session = self.id, channel, error = %e, "presence add failed");
             }
             self.node.events().presence_join(channel, &info);
             // The entry expires after `ttl` unless written again: from now on
@@ -1046,7 +1053,7 @@ impl Session {
         };
         let info = (*sub.info).clone();
         if let Err(e) = self.node.broker().publish_join(channel, info).await {
-            tracing::warn!(channel, error = %e, "join push failed");
+            tracing::warn!(session = self.id, channel, error = %e, "join push failed");
         }
     }
 
@@ -1138,12 +1145,12 @@ impl Session {
         if sub.presence
             && let Err(e) = broker.remove_presence(channel, &sub.info.client).await
         {
-            tracing::warn!(channel, error = %e, "presence remove failed");
+            tracing::warn!(session = self.id, channel, error = %e, "presence remove failed");
         }
         if sub.join_leave
             && let Err(e) = broker.publish_leave(channel, (*sub.info).clone()).await
         {
-            tracing::warn!(channel, error = %e, "leave push failed");
+            tracing::warn!(session = self.id, channel, error = %e, "leave push failed");
         }
         true
     }
@@ -1494,6 +1501,7 @@ impl Session {
         // The timer's entry for this outbox is dropped when its bucket is walked.
         self.outbox.set_armed_tick(0);
         self.close_subscriptions().await;
+        tracing::debug!(session = self.id, client = self.client_id(), code = code.0, "closed");
         if let Some(c) = &self.conn {
             self.node.events().disconnect(&c.info, code, &self.outbox);
         }

@@ -253,11 +253,23 @@ fn into_command(w: WireCommand<'_>) -> Command {
     Command { id: w.id, request }
 }
 
+/// What went wrong where, without serde's quote of the input (`invalid type:
+/// string "..."`): the message is logged, and frames carry tokens and data.
+fn position(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data => "unexpected field type or value",
+        serde_json::error::Category::Eof => "unexpected end",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
+
 /// Decodes every JSON command in a frame (objects separated by whitespace, usually `\n`).
 pub(crate) fn decode_commands(frame: &[u8]) -> Result<Vec<Command>, DecodeError> {
     let mut out = Vec::new();
     for item in serde_json::Deserializer::from_slice(frame).into_iter::<WireCommand<'_>>() {
-        let cmd = into_command(item.map_err(|e| DecodeError::Malformed(e.to_string()))?);
+        let cmd = into_command(item.map_err(|e| DecodeError::Malformed(position(&e)))?);
         // Only `send` and the empty pong may go without an id.
         let id_optional = matches!(cmd.request, Request::Send { .. } | Request::Empty);
         if cmd.id == 0 && !id_optional {

@@ -315,13 +315,14 @@ impl PubSubTarget {
         }
     }
 
+    /// For logs and errors: `host:port`s only (a URL may hold a password).
     pub fn describe(&self) -> String {
         match self {
             PubSubTarget::Single { sentinel: Some(s), .. } => {
                 format!("sentinel master {}", s.master)
             }
-            PubSubTarget::Single { url, .. } => url.clone(),
-            PubSubTarget::Cluster { urls, .. } => format!("cluster {}", urls.join(",")),
+            PubSubTarget::Single { url, .. } => url_addr(url),
+            PubSubTarget::Cluster { urls, .. } => format!("cluster {}", addrs(urls)),
         }
     }
 
@@ -406,6 +407,11 @@ pub fn node_url(template: &str, addr: &str) -> String {
 }
 
 /// `host:port` of a configured URL.
+/// `host:port` of each URL, comma-separated: URLs as logs may show them.
+pub fn addrs(urls: &[String]) -> String {
+    urls.iter().map(|u| url_addr(u)).collect::<Vec<_>>().join(",")
+}
+
 pub fn url_addr(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);

@@ -267,15 +267,15 @@ impl RedisBroker {
                 match conn::open(&urls, cfg.cluster, &tls, sentinel.clone()).await {
                     Ok(x) => break x,
                     Err(e) if tokio::time::Instant::now() < deadline => {
-                        tracing::warn!(urls = ?urls, error = %e, "redis not reachable yet; retrying");
+                        tracing::warn!(redis = %conn::addrs(&urls), error = %e, "redis not reachable yet; retrying");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                     Err(source) => {
                         let url = match &sentinel {
                             Some(s) => {
-                                format!("sentinel master {} via {}", s.master, s.urls.join(","))
+                                format!("sentinel master {} via {}", s.master, conn::addrs(&s.urls))
                             }
-                            None => urls.join(","),
+                            None => conn::addrs(&urls),
                         };
                         return Err(StartError::Unreachable { url, source });
                     }

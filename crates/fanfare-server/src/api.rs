@@ -8,6 +8,37 @@ use std::time::Instant;
 
 use fanfare_core::{ApiError, ApiLimits};
 
+/// The `X-Request-Id` of an API request (HTTP header or gRPC metadata): the
+/// caller's when it is a plain token (1 to 128 bytes of `A-Z a-z 0-9 . _ : -`),
+/// else a fresh one. Only such tokens are logged and echoed, so the header
+/// cannot forge log lines or carry arbitrary data into them. A fresh id is a
+/// per-process random prefix and a counter: unique without a syscall per
+/// request.
+pub fn request_id(incoming: Option<&http::HeaderValue>) -> http::HeaderValue {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    if let Some(v) = incoming {
+        let b = v.as_bytes();
+        if (1..=128).contains(&b.len())
+            && b.iter().all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(c))
+        {
+            return v.clone();
+        }
+    }
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        use std::hash::{BuildHasher, RandomState};
+        RandomState::new().hash_one(std::process::id())
+    });
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    http::HeaderValue::try_from(format!("{prefix:016x}-{n}"))
+        .expect("hex digits, a dash and digits make a header value")
+}
+
+/// The name of the request id header (lowercase, as HTTP/2 needs it).
+pub const REQUEST_ID: &str = "x-request-id";
+
 /// API settings every transport needs.
 #[derive(Debug, Clone)]
 pub struct ApiContext {

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use fanfare_core::{AuthConfig, ChannelRules, Namespace, NodeConfig};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     pub node: NodeSection,
@@ -81,6 +81,12 @@ pub struct HttpSection {
     /// its head is in.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
+    /// PEM certificate chain (leaf first) for TLS on this listener; with
+    /// `tls_key`, the port speaks only TLS (WebSocket `wss://`, `https://`).
+    /// Both files are read again on SIGHUP.
+    pub tls_cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `tls_cert`.
+    pub tls_key: String,
 }
 
 impl Default for HttpSection {
@@ -89,6 +95,8 @@ impl Default for HttpSection {
             listen: "0.0.0.0:8000".into(),
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(10),
+            tls_cert: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -102,11 +110,21 @@ pub struct GrpcSection {
     /// least 1. Unary calls cost about half as much CPU there as on the shared
     /// runtime (docs/BENCHMARKS.md).
     pub threads: usize,
+    /// PEM certificate chain for TLS on the gRPC port (ALPN `h2`); with
+    /// `tls_key`, the port speaks only TLS. Read again on SIGHUP.
+    pub tls_cert: String,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: String,
 }
 
 impl Default for GrpcSection {
     fn default() -> Self {
-        Self { listen: "0.0.0.0:9000".into(), threads: 0 }
+        Self {
+            listen: "0.0.0.0:9000".into(),
+            threads: 0,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+        }
     }
 }
 
@@ -581,12 +599,20 @@ impl WebhooksSection {
             }
             return Ok(());
         }
+        // Messages show the URL masked: it may hold a password.
+        let shown = mask_userinfo(&self.url);
         let uri: http::Uri = self
             .url
             .parse()
-            .map_err(|e| anyhow::anyhow!("webhooks.url: {:?} is not a URL: {e}", self.url))?;
+            .map_err(|e| anyhow::anyhow!("webhooks.url: {shown:?} is not a URL: {e}"))?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            bail!("webhooks.url: {:?} must be an http(s)://host[:port]/path URL", self.url);
+            bail!("webhooks.url: {shown:?} must be an http(s)://host[:port]/path URL");
+        }
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            bail!(
+                "webhooks.url: user:password@ is not sent by the HTTP client (and would reach \
+                 its logs); receivers authenticate calls by the webhooks.secret signature"
+            );
         }
         if self.secret.is_empty() {
             bail!("webhooks.secret: must be set when webhooks.url is set (receivers verify it)");
@@ -627,11 +653,37 @@ impl WebhooksSection {
 pub struct LogSection {
     /// `tracing` filter, e.g. `info` or `fanfare=debug`; `RUST_LOG` overrides it.
     pub level: String,
+    /// `text` (human-readable lines) or `json` (one object per line, span
+    /// fields such as `client` and `request_id` included).
+    pub format: LogFormat,
 }
 
 impl Default for LogSection {
     fn default() -> Self {
-        Self { level: "info".into() }
+        Self { level: "info".into(), format: LogFormat::Text }
+    }
+}
+
+/// `log.format`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The certificate and key files of a listener's TLS, when both are set.
+fn tls_files<'a>(
+    listener: &str,
+    cert: &'a str,
+    key: &'a str,
+) -> anyhow::Result<Option<(&'a Path, &'a Path)>> {
+    match (cert.is_empty(), key.is_empty()) {
+        (true, true) => Ok(None),
+        (false, false) => Ok(Some((Path::new(cert), Path::new(key)))),
+        (false, true) => bail!("{listener}.tls_key: must be set when {listener}.tls_cert is"),
+        (true, false) => bail!("{listener}.tls_cert: must be set when {listener}.tls_key is"),
     }
 }
 
@@ -728,6 +780,8 @@ impl Settings {
 
     fn validate(&self) -> anyhow::Result<()> {
         self.http_addr()?;
+        self.http_tls()?;
+        self.grpc_tls()?;
         self.grpc.listen.parse::<SocketAddr>().with_context(|| {
             format!("grpc.listen: {:?} is not an address like 0.0.0.0:9000", self.grpc.listen)
         })?;
@@ -826,8 +880,16 @@ impl Settings {
             if !names.insert(p.name.as_str()) {
                 bail!("proxies[{i}].name: {:?} is used by another [[proxies]] entry", p.name);
             }
-            crate::proxy::Endpoint::parse(&p.endpoint)
-                .map_err(|e| anyhow::anyhow!("proxies[{i}].endpoint: {e}"))?;
+            crate::proxy::Endpoint::parse(&p.endpoint).map_err(|e| {
+                let e = e.replace(&p.endpoint, &mask_userinfo(&p.endpoint));
+                anyhow::anyhow!("proxies[{i}].endpoint: {e}")
+            })?;
+            if mask_userinfo(&p.endpoint) != p.endpoint {
+                bail!(
+                    "proxies[{i}].endpoint: user:password@ is not sent (and would reach the \
+                     HTTP client's logs); put credentials in static_headers (e.g. Authorization)"
+                );
+            }
             if p.timeout < Duration::from_millis(10) || p.timeout > Duration::from_secs(60) {
                 bail!("proxies[{i}].timeout: must be between 10ms and 60s");
             }
@@ -902,15 +964,57 @@ impl Settings {
         }
     }
 
+    /// `http.tls_cert` and `http.tls_key`, when TLS is on for the HTTP port.
+    pub fn http_tls(&self) -> anyhow::Result<Option<(&Path, &Path)>> {
+        tls_files("http", &self.http.tls_cert, &self.http.tls_key)
+    }
+
+    /// `grpc.tls_cert` and `grpc.tls_key`, when TLS is on for the gRPC port.
+    pub fn grpc_tls(&self) -> anyhow::Result<Option<(&Path, &Path)>> {
+        tls_files("grpc", &self.grpc.tls_cert, &self.grpc.tls_key)
+    }
+
     /// The effective configuration as TOML, secrets masked.
     pub fn to_masked_toml(&self) -> String {
         let mut s = self.clone();
         for secret in [&mut s.api.key, &mut s.auth.hmac_secret, &mut s.webhooks.secret] {
             if !secret.is_empty() {
-                *secret = "********".into();
+                *secret = MASK.into();
+            }
+        }
+        // Passwords in URLs (redis://:pw@host) and static proxy headers
+        // (often `Authorization`) are secrets too.
+        for url in s.redis.urls.iter_mut().chain([&mut s.webhooks.url]) {
+            *url = mask_userinfo(url);
+        }
+        for p in &mut s.proxies {
+            p.endpoint = mask_userinfo(&p.endpoint);
+            for v in p.static_headers.values_mut() {
+                *v = MASK.into();
             }
         }
         toml::to_string_pretty(&s).unwrap_or_else(|e| format!("# cannot render: {e}"))
+    }
+}
+
+/// What a masked secret reads as.
+const MASK: &str = "********";
+
+/// `scheme://user:password@host/...` with the user and password masked.
+pub fn mask_userinfo(url: &str) -> String {
+    let Some(start) = url.find("://").map(|i| i + 3) else { return url.to_string() };
+    let authority_end = url[start..].find(['/', '?', '#']).map_or(url.len(), |i| start + i);
+    match url[start..authority_end].rfind('@') {
+        Some(at) => format!("{}{MASK}{}", &url[..start], &url[start + at..]),
+        None => url.to_string(),
+    }
+}
+
+/// The configuration as `check-config` prints it: secrets masked, so that a
+/// `{:?}` in a log line cannot leak them either.
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_masked_toml())
     }
 }
 
@@ -979,6 +1083,63 @@ mod tests {
         );
         let e = two.expect_err("two URLs with Sentinel").to_string();
         assert!(e.starts_with("redis.urls: with redis.sentinel_urls give one URL"), "{e}");
+    }
+
+    #[test]
+    fn tls_needs_both_files_and_log_format_is_text_or_json() {
+        let half = Settings::load_with_env(None, env(&[("FANFARE__HTTP__TLS_CERT", "/c.pem")]))
+            .unwrap_err()
+            .to_string();
+        assert!(half.contains("http.tls_key"), "{half}");
+        let half = Settings::load_with_env(None, env(&[("FANFARE__GRPC__TLS_KEY", "/k.pem")]))
+            .unwrap_err()
+            .to_string();
+        assert!(half.contains("grpc.tls_cert"), "{half}");
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("FANFARE__GRPC__TLS_CERT", "/c.pem"),
+                ("FANFARE__GRPC__TLS_KEY", "/k.pem"),
+                ("FANFARE__LOG__FORMAT", "json"),
+            ]),
+        )
+        .unwrap();
+        assert!(s.grpc_tls().unwrap().is_some() && s.http_tls().unwrap().is_none());
+        assert_eq!(s.log.format, LogFormat::Json);
+        let e = Settings::load_with_env(None, env(&[("FANFARE__LOG__FORMAT", "xml")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("log.format"), "{e}");
+    }
+
+    #[test]
+    fn secrets_are_masked_in_debug_output_and_check_config() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("FANFARE__API__KEY", "api-key-sekrit"),
+                ("FANFARE__AUTH__HMAC_SECRET", "hmac-sekrit"),
+                ("FANFARE__REDIS__URLS", "redis://:redis-sekrit@h:6379/0,redis://h2:1"),
+            ]),
+        )
+        .unwrap();
+        let shown = format!("{s:?}");
+        for secret in ["api-key-sekrit", "hmac-sekrit", "redis-sekrit"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("redis://********@h:6379/0"), "{shown}");
+        let e = Settings::load_with_env(
+            None,
+            env(&[
+                ("FANFARE__WEBHOOKS__URL", "http://u:hook-sekrit@h/x"),
+                ("FANFARE__WEBHOOKS__SECRET", "s"),
+                ("FANFARE__WEBHOOKS__EVENTS", "connect"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("webhooks.url") && !e.contains("hook-sekrit"), "{e}");
+        assert_eq!(mask_userinfo("https://h/p?a=b@c"), "https://h/p?a=b@c");
     }
 
     #[test]

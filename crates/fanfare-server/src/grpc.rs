@@ -269,8 +269,11 @@ impl ControlService for ControlApi {
     }
 }
 
-/// The control service, the standard health service and server reflection.
-async fn grpc_service(node: Node, ctx: Arc<ApiContext>) -> anyhow::Result<GrpcService<ControlApi>> {
+/// The control service, the standard health service and server reflection,
+/// for [`grpc_transport::serve`](crate::grpc_transport::serve) (the
+/// dependency points one way: this module implements the calls, the
+/// transport carries them).
+pub async fn service(node: Node, ctx: Arc<ApiContext>) -> anyhow::Result<GrpcService<ControlApi>> {
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ControlServiceServer<ControlApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -279,17 +282,4 @@ async fn grpc_service(node: Node, ctx: Arc<ApiContext>) -> anyhow::Result<GrpcSe
         .build_v1()?;
     let routes = tonic::service::Routes::new(health).add_service(reflection);
     Ok(GrpcService::new(ControlApi { node: node.clone(), ctx: ctx.clone() }, node, ctx, routes))
-}
-
-/// Serves the control API on `listener` until `stop` turns true (see
-/// [`grpc_transport::serve`](crate::grpc_transport::serve)).
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    threads: usize,
-    node: Node,
-    ctx: Arc<ApiContext>,
-    stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    let service = grpc_service(node, ctx).await?;
-    crate::grpc_transport::serve(listener, threads, service, stop).await
 }

@@ -23,7 +23,9 @@ use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use prost::Message;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 use tonic::Status;
 use tonic::codegen::Service;
 use tonic::service::Routes;
@@ -55,7 +57,7 @@ const WINDOW: u32 = 1 << 20;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every connection of a node's gRPC port shares. `C` implements the
-/// ControlService calls (`grpc::ControlApi`); this module only carries them.
+/// ControlService calls; this module only carries them.
 /// CentrifugoApi calls run on `node` (`crate::centrifugo::grpc`).
 pub struct GrpcService<C> {
     control: C,
@@ -78,10 +80,14 @@ impl<C: ControlService> GrpcService<C> {
 /// current-thread runtime the responses that calls finish while the connection
 /// waits are written together, one syscall for many (docs/BENCHMARKS.md); the
 /// HTTP/2 side is [`serve_connection`].
+///
+/// With `tls` (`grpc.tls_cert`), every connection is a TLS one; its handshake
+/// runs on the worker thread, bounded like the HTTP/2 preface.
 pub async fn serve<C: ControlService>(
     listener: tokio::net::TcpListener,
     threads: usize,
     service: GrpcService<C>,
+    tls: Option<TlsAcceptor>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let service = Arc::new(service);
@@ -91,13 +97,13 @@ pub async fn serve<C: ControlService>(
     for i in 0..threads {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<std::net::TcpStream>();
         let (done_tx, done_rx) = tokio::sync::oneshot::channel::<anyhow::Result<()>>();
-        let (service, stop) = (service.clone(), stop.clone());
+        let (service, stop, tls) = (service.clone(), stop.clone(), tls.clone());
         std::thread::Builder::new().name(format!("fanfare-grpc-{i}")).spawn(move || {
             let served = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(serve_worker(rx, service, stop)));
+                .and_then(|rt| rt.block_on(serve_worker(rx, service, tls, stop)));
             let _ = done_tx.send(served);
         })?;
         done.push(done_rx);
@@ -145,6 +151,7 @@ pub async fn serve<C: ControlService>(
 async fn serve_worker<C: ControlService>(
     mut incoming: tokio::sync::mpsc::UnboundedReceiver<std::net::TcpStream>,
     service: Arc<GrpcService<C>>,
+    tls: Option<TlsAcceptor>,
     stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut conns = tokio::task::JoinSet::new();
@@ -157,7 +164,14 @@ async fn serve_worker<C: ControlService>(
                 // cannot be registered is dropped; the worker goes on serving.
                 match tokio::net::TcpStream::from_std(s) {
                     Ok(io) => {
-                        conns.spawn(serve_connection(io, service.clone(), stopped(stop.clone())));
+                        let (service, stop) = (service.clone(), stopped(stop.clone()));
+                        let peer = io.peer_addr().ok();
+                        match &tls {
+                            None => conns.spawn(serve_connection(io, peer, service, stop)),
+                            Some(tls) => {
+                                conns.spawn(serve_tls_connection(io, peer, tls.clone(), service, stop))
+                            }
+                        };
                     }
                     Err(e) => tracing::warn!(error = %e, "gRPC connection dropped: cannot register it"),
                 }
@@ -177,14 +191,42 @@ async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
 
 type Call = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Serves one accepted connection until the peer closes it, or, once `stop`
-/// resolves, until its open calls are answered (graceful GOAWAY).
-async fn serve_connection<C: ControlService>(
+/// The TLS handshake (ALPN `h2`), then [`serve_connection`].
+async fn serve_tls_connection<C: ControlService>(
     io: TcpStream,
+    peer: Option<SocketAddr>,
+    tls: TlsAcceptor,
     service: Arc<GrpcService<C>>,
     stop: impl Future<Output = ()>,
 ) {
-    let peer = io.peer_addr().ok();
+    let mut stop = pin!(stop);
+    let io = tokio::select! {
+        r = tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(io)) => match r {
+            Ok(Ok(io)) => io,
+            Ok(Err(e)) => {
+                tracing::debug!(?peer, error = %e, "gRPC TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(?peer, "gRPC TLS handshake not completed in time");
+                return;
+            }
+        },
+        _ = stop.as_mut() => return,
+    };
+    serve_connection(io, peer, service, stop).await
+}
+
+/// Serves one accepted connection until the peer closes it, or, once `stop`
+/// resolves, until its open calls are answered (graceful GOAWAY).
+async fn serve_connection<C: ControlService, IO>(
+    io: IO,
+    peer: Option<SocketAddr>,
+    service: Arc<GrpcService<C>>,
+    stop: impl Future<Output = ()>,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
     let mut builder = h2::server::Builder::new();
     builder
         .initial_window_size(WINDOW)
@@ -268,7 +310,14 @@ impl<C: ControlService> GrpcService<C> {
                 .map(|name| CentrifugoTarget::from_name(name).map(Target::Centrifugo))
         };
         match target {
-            Some(target) => Some(Box::pin(api_call(self.clone(), target, req, respond, peer))),
+            Some(target) => {
+                use tracing::Instrument;
+                let id = crate::api::request_id(req.headers().get(crate::api::REQUEST_ID));
+                let span =
+                    tracing::info_span!("request", request_id = %id.to_str().unwrap_or_default());
+                let call = api_call(self.clone(), target, req, respond, peer, id);
+                Some(Box::pin(call.instrument(span)))
+            }
             None => {
                 tokio::spawn(routed_call(self.routes.clone(), req, respond));
                 None
@@ -323,6 +372,7 @@ async fn api_call<C: ControlService>(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer: Option<SocketAddr>,
+    request_id: HeaderValue,
 ) {
     let (parts, body) = req.into_parts();
     let reply = match service.check(target, parts.uri.path(), &parts.headers, peer) {
@@ -344,7 +394,12 @@ async fn api_call<C: ControlService>(
             },
         },
     };
-    send_reply(&mut respond, reply);
+    let status = match &reply {
+        Reply::Message(_) => 0,
+        Reply::Status(s) | Reply::Unsupported(s) | Reply::Refused(_, s) => s.code() as i32,
+    };
+    tracing::debug!(?peer, path = parts.uri.path(), status, "grpc request");
+    send_reply(&mut respond, reply, request_id);
 }
 
 /// An answer to a ControlService call.
@@ -359,11 +414,12 @@ enum Reply {
     Refused(StatusCode, Status),
 }
 
-fn send_reply(respond: &mut SendResponse<Bytes>, reply: Reply) {
+fn send_reply(respond: &mut SendResponse<Bytes>, reply: Reply, request_id: HeaderValue) {
     let (http_status, status, accept_encoding) = match reply {
         Reply::Message(body) => {
             let mut resp = Response::new(());
             resp.headers_mut().insert(header::CONTENT_TYPE, GRPC_CONTENT_TYPE);
+            resp.headers_mut().insert(crate::api::REQUEST_ID, request_id);
             if let Ok(mut stream) = respond.send_response(resp, false) {
                 let mut trailers = HeaderMap::with_capacity(1);
                 trailers.insert("grpc-status", HeaderValue::from_static("0"));
@@ -380,6 +436,7 @@ fn send_reply(respond: &mut SendResponse<Bytes>, reply: Reply) {
     *resp.status_mut() = http_status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, GRPC_CONTENT_TYPE);
+    h.insert(crate::api::REQUEST_ID, request_id);
     h.insert("grpc-status", HeaderValue::from(status.code() as i32));
     if !status.message().is_empty() {
         h.insert("grpc-message", percent_encode(status.message()));

@@ -14,8 +14,10 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::PrometheusHandle;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
 
 use crate::api::ApiContext;
 use crate::transport::emulation::{self, Stream};
@@ -125,12 +127,9 @@ async fn route(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Respo
 }
 
 async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<Body> {
-    if req.uri().path().starts_with("/api/") {
-        return crate::api_http::handle(req, &st.node, &st.api, peer, st.deadlines.body).await;
-    }
-    if req.uri().path().starts_with(crate::centrifugo::http::PREFIX) {
-        return crate::centrifugo::http::handle(req, &st.node, &st.api, peer, st.deadlines.body)
-            .await;
+    let path = req.uri().path();
+    if path.starts_with("/api/") || path.starts_with(crate::centrifugo::http::PREFIX) {
+        return api_request(req, st, peer).await;
     }
     let path = req.uri().path();
     let websocket = path == "/connection/websocket"
@@ -177,8 +176,37 @@ fn refused(refusal: crate::limits::Refusal) -> Response<Body> {
     r
 }
 
-/// Accepts connections until `stop` turns true.
-pub async fn serve(listener: TcpListener, st: HttpState, mut stop: watch::Receiver<bool>) {
+/// An API call (`/api/*`, Centrifugo's `/api/*` names), in a span carrying
+/// its request id, which the answer echoes in `X-Request-Id`.
+async fn api_request(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<Body> {
+    use tracing::Instrument;
+    let id = crate::api::request_id(req.headers().get(crate::api::REQUEST_ID));
+    let span = tracing::info_span!("request", request_id = %id.to_str().unwrap_or_default());
+    let call = async {
+        // The path names the method; query, headers and body stay out of logs.
+        let path = req.uri().path().to_owned();
+        let (node, api, body) = (&st.node, &*st.api, st.deadlines.body);
+        let r = if path.starts_with("/api/") {
+            crate::api_http::handle(req, node, api, peer, body).await
+        } else {
+            crate::centrifugo::http::handle(req, node, api, peer, body).await
+        };
+        tracing::debug!(%peer, path, status = r.status().as_u16(), "api request");
+        r
+    };
+    let mut r = call.instrument(span).await;
+    r.headers_mut().insert(crate::api::REQUEST_ID, id);
+    r
+}
+
+/// Accepts connections until `stop` turns true; with `tls`, every connection
+/// is a TLS one (`http.tls_cert`).
+pub async fn serve(
+    listener: TcpListener,
+    st: HttpState,
+    tls: Option<TlsAcceptor>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let (stream, peer): (_, SocketAddr) = tokio::select! {
             r = listener.accept() => match r {
@@ -194,49 +222,85 @@ pub async fn serve(listener: TcpListener, st: HttpState, mut stop: watch::Receiv
         };
         let _ = stream.set_nodelay(true);
         let st = st.clone();
-        let header_timeout = st.deadlines.header;
-        tokio::spawn(async move {
-            // A long-lived stream as the connection's first request is served
-            // on the bare socket, without hyper's buffers (`transport::bare`).
-            let streams = [st.sse, st.http_stream, st.uni_sse, st.uni_http_stream];
-            if streams.contains(&true) {
-                let mut first = [0u8; 40];
-                match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
-                    Ok(Ok(n)) if n > 0 => {
-                        if bare::wants(&first[..n], &streams) {
-                            let (body, max) = (st.deadlines.body, st.ws.max_message_size);
-                            let st2 = st.clone();
-                            let handle = |req: Request<_>| async move {
-                                match http_transport(req.uri().path(), &st2) {
-                                    Some(t) => serve_http_transport(t, req, &st2, peer).await,
-                                    None => crate::transport::refuse(
-                                        StatusCode::NOT_FOUND,
-                                        serde_json::json!({"error": "not found"}),
-                                    ),
-                                }
-                            };
-                            // Boxed: the accept task of every other connection
-                            // (WebSocket upgrades) stays as small as before.
-                            Box::pin(bare::serve(stream, header_timeout, body, max, handle)).await;
-                            return;
+        // Two task types: a plain connection's task is what it was before
+        // TLS existed.
+        match &tls {
+            None => tokio::spawn(serve_plain(stream, peer, st)),
+            Some(tls) => tokio::spawn(serve_tls(stream, peer, st, tls.clone())),
+        };
+    }
+}
+
+/// One plain connection: `transport::bare` for a long-lived stream as the
+/// first request, else hyper.
+async fn serve_plain(stream: TcpStream, peer: SocketAddr, st: HttpState) {
+    let header_timeout = st.deadlines.header;
+    // A long-lived stream as the connection's first request is served
+    // on the bare socket, without hyper's buffers (`transport::bare`).
+    let streams = [st.sse, st.http_stream, st.uni_sse, st.uni_http_stream];
+    if streams.contains(&true) {
+        let mut first = [0u8; 40];
+        match tokio::time::timeout(header_timeout, stream.peek(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => {
+                if bare::wants(&first[..n], &streams) {
+                    let (body, max) = (st.deadlines.body, st.ws.max_message_size);
+                    let st2 = st.clone();
+                    let handle = |req: Request<_>| async move {
+                        match http_transport(req.uri().path(), &st2) {
+                            Some(t) => serve_http_transport(t, req, &st2, peer).await,
+                            None => crate::transport::refuse(
+                                StatusCode::NOT_FOUND,
+                                serde_json::json!({"error": "not found"}),
+                            ),
                         }
-                    }
-                    // Closed, failed, or silent past the header deadline.
-                    _ => return,
+                    };
+                    // Boxed: the accept task of every other connection
+                    // (WebSocket upgrades) stays as small as before.
+                    Box::pin(bare::serve(stream, header_timeout, body, max, handle)).await;
+                    return;
                 }
             }
-            let svc = service_fn(move |req| {
-                let st = st.clone();
-                async move { Ok::<_, Infallible>(route(req, st, peer).await) }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "http connection error");
-            }
-        });
+            // Closed, failed, or silent past the header deadline.
+            _ => return,
+        }
+    }
+    serve_hyper(TokioIo::new(stream), peer, st).await
+}
+
+/// One TLS connection: the handshake, then hyper. The handshake counts
+/// against `http.header_read_timeout` (a client stalling in it holds a socket
+/// like one stalling in its request head). The long-lived HTTP streams are
+/// served by hyper here (`transport::bare` reads a bare socket).
+async fn serve_tls(stream: TcpStream, peer: SocketAddr, st: HttpState, tls: TlsAcceptor) {
+    let stream = match tokio::time::timeout(st.deadlines.header, tls.accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake not completed within http.header_read_timeout");
+            return;
+        }
+    };
+    serve_hyper(TokioIo::new(stream), peer, st).await
+}
+
+async fn serve_hyper<I>(io: TokioIo<I>, peer: SocketAddr, st: HttpState)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let header_timeout = st.deadlines.header;
+    let svc = service_fn(move |req| {
+        let st = st.clone();
+        async move { Ok::<_, Infallible>(route(req, st, peer).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, error = %e, "http connection error");
     }
 }

@@ -12,6 +12,7 @@ mod limits;
 mod methods;
 mod outbound;
 mod proxy;
+mod tls;
 mod transport;
 mod webhooks;
 
@@ -27,7 +28,7 @@ use fanfare_protocol::DisconnectCode;
 use fanfare_redis::RedisBroker;
 use tokio::sync::watch;
 
-use crate::config::{BrokerKind, Settings};
+use crate::config::{BrokerKind, LogFormat, Settings};
 
 /// fanfare: a horizontally scalable WebSocket gateway and pub/sub broker
 /// speaking the Centrifugo client protocol v2.
@@ -81,6 +82,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let settings = Settings::load(cli.config.as_deref())?;
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
+            // The certificate files are checked too: a node would refuse them.
+            tls::Certificates::load(&settings)?;
             use std::io::Write;
             // A closed pipe (`check-config | head`) is not an error worth a panic.
             let _ = writeln!(
@@ -123,15 +126,58 @@ pub fn refresh_gauges(node: &Node) {
     metrics::gauge!("fanfare_node_ready").set(if node.is_ready() { 1.0 } else { 0.0 });
 }
 
-fn init_logging(level: &str) {
+fn init_logging(log: &config::LogSection) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    // Colours only for a terminal: escape codes in a log file or collector
+    // split `key=value` pairs apart.
+    use std::io::IsTerminal;
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stdout().is_terminal());
+    match log.format {
+        LogFormat::Text => fmt.init(),
+        // One object per line, the event's fields at the top level and the
+        // innermost span's (a request's `request_id`) under `span`.
+        LogFormat::Json => {
+            fmt.json().flatten_event(true).with_current_span(true).with_span_list(false).init()
+        }
+    }
+}
+
+/// Reloads the certificates on every SIGHUP. A failed reload keeps the
+/// certificate in use and logs why; connections are never touched.
+fn reload_on_sighup(certs: Vec<Arc<tls::Certificate>>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Installed even without TLS: SIGHUP's default action would end the node.
+    let mut hup = signal(SignalKind::hangup()).context("installing a SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            if certs.is_empty() {
+                tracing::info!("SIGHUP: no TLS certificate to reload");
+            }
+            for c in &certs {
+                match c.reload() {
+                    Ok(()) => tracing::info!(key = c.cert_key(), "TLS certificate reloaded"),
+                    Err(e) => tracing::error!(
+                        error = %format!("{e:#}"),
+                        "TLS certificate reload failed; the previous certificate stays in use"
+                    ),
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 async fn run_node(settings: Settings) -> anyhow::Result<()> {
-    init_logging(&settings.log.level);
+    init_logging(&settings.log);
+    let shutdown = shutdown_signal()?;
+    let tls::Certificates { http: http_cert, grpc: grpc_cert } =
+        tls::Certificates::load(&settings)?;
+    reload_on_sighup(http_cert.iter().chain(grpc_cert.iter()).cloned().collect())?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(&[
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -186,12 +232,12 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
 
     let addr = settings.http_addr()?;
     let listener = listen(addr).with_context(|| format!("http.listen: cannot listen on {addr}"))?;
-    tracing::info!(node = %node_cfg.name, http = %listener.local_addr()?, broker = broker_kind, "fanfare node started");
+    tracing::info!(node = %node_cfg.name, http = %listener.local_addr()?, tls = http_cert.is_some(), broker = broker_kind, "fanfare node started");
 
     let grpc_addr: std::net::SocketAddr = settings.grpc.listen.parse().context("grpc.listen")?;
     let grpc_listener =
         listen(grpc_addr).with_context(|| format!("grpc.listen: cannot listen on {grpc_addr}"))?;
-    tracing::info!(grpc = %grpc_listener.local_addr()?, "control API listening");
+    tracing::info!(grpc = %grpc_listener.local_addr()?, tls = grpc_cert.is_some(), "control API listening");
     let api_ctx = Arc::new(settings.api.context());
     let (stop_tx, stop_rx) = watch::channel(false);
     let state = http::HttpState {
@@ -226,19 +272,23 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
             upkeep.run_upkeep();
         }
     });
-    let server = tokio::spawn(http::serve(listener, state, stop_rx.clone()));
+    // HTTP/1.1 only: hyper serves no HTTP/2 on this port.
+    let http_tls = http_cert.map(|c| c.acceptor(&[b"http/1.1"]));
+    let server = tokio::spawn(http::serve(listener, state, http_tls, stop_rx.clone()));
     let grpc = {
         let stop = stop_rx.clone();
-        let node = node.clone();
         let threads = settings.grpc.worker_threads();
+        let service = grpc::service(node.clone(), api_ctx).await?;
+        let tls = grpc_cert.map(|c| c.acceptor(&[b"h2"]));
         tokio::spawn(async move {
-            if let Err(e) = grpc::serve(grpc_listener, threads, node, api_ctx, stop).await {
+            if let Err(e) = grpc_transport::serve(grpc_listener, threads, service, tls, stop).await
+            {
                 tracing::error!(error = %e, "gRPC server failed");
             }
         })
     };
 
-    shutdown_signal().await;
+    shutdown.await;
     tracing::info!("shutting down: closing clients with 3001");
     let deadline = tokio::time::Instant::now() + settings.shutdown.drain_timeout;
     let _ = stop_tx.send(true);
@@ -261,14 +311,19 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when it is first polled: before the ports answer, a signal
+/// must already start a drain rather than kill the process.
+fn shutdown_signal() -> anyhow::Result<impl Future<Output = ()>> {
     use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
 }
 
 /// Listen backlog. `TcpListener::bind` uses 128 (the standard library's

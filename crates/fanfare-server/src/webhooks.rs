@@ -156,7 +156,7 @@ pub async fn start(
         // waiting node.
         lease_retry: (cfg.lease_ttl / 3).min(Duration::from_secs(1)),
     };
-    tracing::info!(url = %cfg.url, events = ?cfg.events, outbox = if redis.is_some() { "redis" } else { "memory" }, "webhooks on");
+    tracing::info!(url = %crate::config::mask_userinfo(&cfg.url), events = ?cfg.events, outbox = if redis.is_some() { "redis" } else { "memory" }, "webhooks on");
     let delivery = tokio::spawn(delivery.run(queue.clone()));
     Ok(Some(Webhooks { queue, delivery }))
 }

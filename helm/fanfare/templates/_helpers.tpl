@@ -140,9 +140,18 @@ Milliseconds of a duration string as the configuration writes them ("250ms",
 {{- $cfg := deepCopy (default dict .Values.config) }}
 {{- $http := default dict (get $cfg "http") }}
 {{- $_ := set $http "listen" (printf "%s:%d" .Values.bindAddress (int .Values.ports.http)) }}
+{{- $tls := default dict .Values.tls }}
+{{- if (default dict $tls.http).secretName }}
+{{- $_ := set $http "tls_cert" "/etc/fanfare-tls/http/tls.crt" }}
+{{- $_ := set $http "tls_key" "/etc/fanfare-tls/http/tls.key" }}
+{{- end }}
 {{- $_ := set $cfg "http" $http }}
 {{- $grpc := default dict (get $cfg "grpc") }}
 {{- $_ := set $grpc "listen" (printf "%s:%d" .Values.bindAddress (int .Values.ports.grpc)) }}
+{{- if (default dict $tls.grpc).secretName }}
+{{- $_ := set $grpc "tls_cert" "/etc/fanfare-tls/grpc/tls.crt" }}
+{{- $_ := set $grpc "tls_key" "/etc/fanfare-tls/grpc/tls.key" }}
+{{- end }}
 {{- $_ := set $cfg "grpc" $grpc }}
 {{- $redis := default dict (get $cfg "redis") }}
 {{- if eq .Values.redis.mode "none" }}

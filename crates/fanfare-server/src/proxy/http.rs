@@ -286,8 +286,15 @@ struct RefreshJson<'a> {
     b64info: String,
 }
 
+/// Where the answer went wrong, without serde's quote of it (`invalid type:
+/// string "..."`): the message is logged, and answers carry tokens and data.
 fn bad(e: serde_json::Error) -> ProxyFailure {
-    ProxyFailure::BadAnswer(e.to_string())
+    let what = match e.classify() {
+        serde_json::error::Category::Data => "a field of an unexpected type or value",
+        serde_json::error::Category::Eof => "unexpected end",
+        serde_json::error::Category::Syntax | serde_json::error::Category::Io => "not JSON",
+    };
+    ProxyFailure::BadAnswer(format!("{what} at line {} column {}", e.line(), e.column()))
 }
 
 /// Reads a backend's answer to a call of `kind`. Fields the protocol has

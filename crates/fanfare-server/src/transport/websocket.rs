@@ -14,6 +14,7 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 
 use super::driver::{End, Input, Wire, account_received, drive};
 use super::proxy_headers;
@@ -88,27 +89,20 @@ pub fn upgrade(
                 return;
             }
         };
-        // Run on the bare TcpStream: hyper's `Upgraded` boxes the socket and
-        // keeps what it read ahead (usually nothing) in its 8 KiB read buffer,
-        // which is released here.
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
+        // Run on the bare socket (TCP or TLS): hyper's `Upgraded` boxes it
+        // and keeps what it read ahead (usually nothing) in its 8 KiB read
+        // buffer, which is released here.
+        let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
-                let mut conn = opts.conn(parts.io.into_inner(), &parts.read_buf);
-                drop(parts.read_buf);
-                // A task of its own: the long-lived future is just `serve` and
-                // the connection, not also the upgrade's state.
-                // Spawned apart: a task of one future type each keeps the
-                // bidirectional connection's task as small as before.
-                if mode == Mode::Unidirectional {
-                    tokio::spawn(async move {
-                        super::uni::serve_websocket(&mut conn, node, &opts, headers).await
-                    });
-                    return;
-                }
-                let mut session = new_session(node, codec, headers);
-                let task = async move { serve(&mut conn, &mut session, &opts).await };
-                tracing::trace!(bytes = std::mem::size_of_val(&task), "connection task future");
-                tokio::spawn(task);
+                let io = parts.io.into_inner();
+                return start(io, &parts.read_buf, node, opts, codec, headers, mode);
+            }
+            Err(upgraded) => upgraded,
+        };
+        match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+            Ok(parts) => {
+                let io = parts.io.into_inner();
+                start(io, &parts.read_buf, node, opts, codec, headers, mode)
             }
             Err(upgraded) => {
                 let mut conn = opts.conn(TokioIo::new(upgraded), &[]);
@@ -131,6 +125,41 @@ pub fn upgrade(
         resp.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(p));
     }
     resp
+}
+
+/// Spawns the task of an upgraded connection on its socket `io` (a
+/// `TcpStream`, or a TLS stream over one: a task type each, so a plain
+/// connection's task does not grow by what TLS needs).
+fn start<S>(
+    io: S,
+    read_ahead: &[u8],
+    node: Node,
+    opts: Arc<WsOptions>,
+    codec: Codec,
+    headers: Option<Arc<Headers>>,
+    mode: Mode,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut conn = opts.conn(io, read_ahead);
+    // A task of its own: the long-lived future is just `serve` and the
+    // connection, not also the upgrade's state. Spawned apart: a task of one
+    // future type each keeps the bidirectional connection's task as small
+    // as before.
+    if mode == Mode::Unidirectional {
+        tokio::spawn(
+            async move { super::uni::serve_websocket(&mut conn, node, &opts, headers).await },
+        );
+        return;
+    }
+    let mut session = new_session(node, codec, headers);
+    let task = async move { serve(&mut conn, &mut session, &opts).await };
+    tracing::trace!(
+        bytes = std::mem::size_of_val(&task),
+        tls = std::any::type_name::<S>().contains("Tls"),
+        "connection task future"
+    );
+    tokio::spawn(task);
 }
 
 /// The codec a client asked for, and the subprotocol to answer with, as

@@ -7,6 +7,7 @@ pub mod api;
 pub mod redis;
 pub mod redis_tls;
 pub mod stream;
+pub mod tls;
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -136,6 +137,9 @@ pub struct Server {
     /// `auth.hmac_secret` when the config sets one (tokens are then needed
     /// unless anonymous access is allowed).
     pub secret: Option<String>,
+    /// Set when the HTTP port speaks TLS ([`Server::start_tls`]): the client
+    /// configuration [`Server::client`] connects with.
+    pub tls: Option<std::sync::Arc<tokio_rustls::rustls::ClientConfig>>,
     dir: tempfile::TempDir,
 }
 
@@ -163,15 +167,38 @@ impl Server {
         Self::start_with_env(toml_extra, &[])
     }
 
+    /// Like [`Server::start`] with TLS on the HTTP port: `http_toml` goes into
+    /// the `[http]` section (`tls_cert`, `tls_key`), `grpc_toml` into
+    /// `[grpc]`, and clients made with [`Server::client`] connect over TLS
+    /// with `client`.
+    pub fn start_tls(
+        http_toml: &str,
+        grpc_toml: &str,
+        toml_extra: &str,
+        client: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+    ) -> Server {
+        let mut s = Self::start_with((http_toml, grpc_toml), toml_extra, &[]);
+        s.tls = Some(client);
+        s
+    }
+
     /// Like [`Server::start`] with extra environment variables for the process.
     pub fn start_with_env(toml_extra: &str, env: &[(&str, &str)]) -> Server {
+        Self::start_with(("", ""), toml_extra, env)
+    }
+
+    fn start_with(
+        (http_toml, grpc_toml): (&str, &str),
+        toml_extra: &str,
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut last_log = String::new();
         // A port picked free can be taken before the node binds it: retry.
         for _ in 0..3 {
             let port = free_port();
             let grpc = free_port();
             let mut config = format!(
-                "[http]\nlisten = \"127.0.0.1:{port}\"\n\n[grpc]\nlisten = \"127.0.0.1:{grpc}\"\n\n{toml_extra}\n"
+                "[http]\nlisten = \"127.0.0.1:{port}\"\n{http_toml}\n\n[grpc]\nlisten = \"127.0.0.1:{grpc}\"\n{grpc_toml}\n\n{toml_extra}\n"
             );
             if !toml_extra.contains("name = \"health\"") {
                 config.push_str(
@@ -211,11 +238,25 @@ impl Server {
         }
         let child = cmd.spawn().expect("spawning fanfare");
         let grpc_port = grpc_port_of(config);
-        let mut server =
-            Server { child: Some(child), port, grpc_port, config_path, secret: None, dir };
+        let mut server = Server {
+            child: Some(child),
+            port,
+            grpc_port,
+            config_path,
+            secret: None,
+            tls: None,
+            dir,
+        };
+        // A TLS port cannot answer the cleartext probe: its log line says
+        // when it listens.
+        let tls = config.split("[grpc]").next().is_some_and(|http| http.contains("tls_cert"));
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            if let Ok((200, _)) = http_get(port, "/health") {
+            let ready = match tls {
+                false => matches!(http_get(port, "/health"), Ok((200, _))),
+                true => server.log().contains("control API listening"),
+            };
+            if ready {
                 return Ok(server);
             }
             let child = server.child.as_mut().expect("child present");
@@ -288,9 +329,31 @@ impl Server {
         }
     }
 
-    /// A fresh WebSocket connection, not yet `connect`ed.
+    /// A fresh WebSocket connection (over TLS when the node's HTTP port
+    /// speaks it), not yet `connect`ed.
     pub async fn client(&self) -> Client {
-        Client::open(self.port).await
+        match &self.tls {
+            None => Client::open(self.port).await,
+            Some(config) => Client::open_tls(config.clone(), self.port).await,
+        }
+    }
+
+    /// A fresh connection that sent `connect` with `token` and got a
+    /// successful reply.
+    pub async fn connected_with_token(&self, token: &str) -> Client {
+        let mut c = self.client().await;
+        c.connect_ok(token).await;
+        c
+    }
+
+    /// Sends SIGHUP to the process (by PID): reload the TLS certificates.
+    pub fn send_sighup(&self) {
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.pid().to_string())
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -HUP failed: {status}");
     }
 
     /// A fresh connection that sent `connect` as `user` (anonymous when the
@@ -344,6 +407,58 @@ pub async fn assert_healthy(server: &Server) {
     publisher.close().await;
 }
 
+/// The socket under a test [`Client`]: plain TCP, or TLS over it.
+pub enum ClientStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for ClientStream {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            ClientStream::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for ClientStream {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            ClientStream::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            ClientStream::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            ClientStream::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            ClientStream::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// How reading from the server ended, when it did not yield a message.
 #[derive(Debug)]
 pub enum ReadEnd {
@@ -357,7 +472,7 @@ pub enum ReadEnd {
 /// counted and, when `auto_pong` is set (the default), answered with `{}`;
 /// they never show up in [`Client::recv_json`].
 pub struct Client {
-    ws: WebSocketStream<TcpStream>,
+    ws: WebSocketStream<ClientStream>,
     buf: VecDeque<Value>,
     next_id: u32,
     pub auto_pong: bool,
@@ -449,6 +564,26 @@ impl Client {
         }
         let stream = socket.connect(([127, 0, 0, 1], port).into()).await?;
         stream.set_nodelay(true)?;
+        Self::handshake(req, ClientStream::Plain(stream)).await
+    }
+
+    /// Opens a connection over TLS (`wss://`), verifying the node's
+    /// certificate with `config`.
+    pub async fn open_tls(
+        config: std::sync::Arc<tokio_rustls::rustls::ClientConfig>,
+        port: u16,
+    ) -> Client {
+        let tls = tls::connect(config, port).await.expect("TLS handshake");
+        let req = format!("wss://localhost:{port}/connection/websocket")
+            .into_client_request()
+            .expect("a request");
+        Self::handshake(req, ClientStream::Tls(Box::new(tls))).await.expect("WebSocket handshake")
+    }
+
+    async fn handshake(
+        req: tungstenite::handshake::client::Request,
+        stream: ClientStream,
+    ) -> Result<Client, tungstenite::Error> {
         let (ws, _resp) = tokio_tungstenite::client_async(req, stream).await?;
         Ok(Client {
             ws,
