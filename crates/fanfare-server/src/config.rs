@@ -666,6 +666,7 @@ impl Settings {
         self.webhooks.validate()?;
         self.channel_rules()?;
         fanfare_core::Authenticator::new(&self.auth).map_err(|e| anyhow::anyhow!(e))?;
+        crate::jwks::validate(&self.auth)?;
         self.validate_proxies()
     }
 
