@@ -16,6 +16,7 @@ import tempfile
 import tomllib
 
 MANAGED = {"http.listen", "grpc.listen", "broker.kind", "redis.urls", "redis.cluster", "api.key", "auth.hmac_secret",
+           "auth.hmac_previous_secret",
            "webhooks.secret"}
 SAMPLE = {"boolean": False, "integer": None, "string": "", "array": []}
 

@@ -599,9 +599,125 @@ mod tests {
         let other =
             Authenticator::new(&AuthConfig { hmac_secret: "x".into(), ..Default::default() })
                 .unwrap();
-        assert!(matches!(other.verify_connect(&t), Err(AuthError::Invalid(_))));
+        assert_eq!(other.verify_connect(&t), Err(AuthError::Invalid("signature")));
         let none = Authenticator::new(&AuthConfig::default()).unwrap();
         assert!(none.allow_anonymous());
         assert_eq!(none.verify_connect(&t), Err(AuthError::NoKey));
+    }
+
+    fn hmac(secret: &str, previous: &str) -> Authenticator {
+        Authenticator::new(&AuthConfig {
+            hmac_secret: secret.into(),
+            hmac_previous_secret: previous.into(),
+            ..Default::default()
+        })
+        .unwrap()
+    }
+
+    fn hs256(secret: &str, claims: &serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn the_previous_secret_verifies_until_removed() {
+        let claims = serde_json::json!({"sub": "u", "exp": unix_now() + 60});
+        let a = hmac("new", "old");
+        assert_eq!(a.verify_connect(&hs256("old", &claims)).unwrap().sub, "u");
+        assert_eq!(a.verify_connect(&hs256("new", &claims)).unwrap().sub, "u");
+        assert_eq!(a.verify_connect(&hs256("other", &claims)), Err(AuthError::Invalid("signature")));
+        let rotated = hmac("new", "");
+        assert_eq!(rotated.verify_connect(&hs256("old", &claims)), Err(AuthError::Invalid("signature")));
+        assert!(
+            Authenticator::new(&AuthConfig { hmac_previous_secret: "x".into(), ..Default::default() })
+                .unwrap_err()
+                .contains("auth.hmac_previous_secret")
+        );
+    }
+
+    #[test]
+    fn alg_none_and_kind_swaps_are_invalid() {
+        let a = hmac("s", "");
+        let enc = |v: serde_json::Value| data_encoding::BASE64URL_NOPAD.encode(v.to_string().as_bytes());
+        let none = format!("{}.{}.", enc(serde_json::json!({"alg": "none"})), enc(serde_json::json!({"sub": "u"})));
+        assert_eq!(a.verify_connect(&none), Err(AuthError::Invalid("malformed")));
+        let sub = hs256("s", &serde_json::json!({"sub": "u", "channel": "c"}));
+        assert_eq!(a.verify_connect(&sub), Err(AuthError::Invalid("token kind")));
+        assert_eq!(a.verify_subscribe(&sub).unwrap().channel, "c");
+        let conn = hs256("s", &serde_json::json!({"sub": "u"}));
+        assert_eq!(a.verify_subscribe(&conn), Err(AuthError::Invalid("token kind")));
+        // A public-key algorithm on a node with only a secret.
+        let forged = format!("{}.{}.c2ln", enc(serde_json::json!({"alg": "RS256"})), enc(serde_json::json!({"sub": "u"})));
+        assert_eq!(a.verify_connect(&forged), Err(AuthError::Invalid("algorithm")));
+    }
+
+    #[test]
+    fn numeric_dates_may_be_fractional_and_nbf_is_honoured() {
+        let a = hmac("s", "");
+        let now = unix_now() as f64;
+        let t = hs256("s", &serde_json::json!({"sub": "u", "exp": now + 60.5}));
+        assert_eq!(a.verify_connect(&t).unwrap().exp, Some(unix_now() + 60));
+        let t = hs256("s", &serde_json::json!({"sub": "u", "exp": now - 1.5}));
+        assert_eq!(a.verify_connect(&t), Err(AuthError::Expired));
+        let t = hs256("s", &serde_json::json!({"sub": "u", "nbf": now + 60.0}));
+        assert_eq!(a.verify_connect(&t), Err(AuthError::Invalid("not yet valid")));
+        let t = hs256("s", &serde_json::json!({"sub": "u", "nbf": now + 1.0}));
+        assert!(a.verify_connect(&t).is_ok(), "within the nbf leeway");
+        let t = hs256("s", &serde_json::json!({"sub": "u", "exp": "tomorrow"}));
+        assert_eq!(a.verify_connect(&t), Err(AuthError::Invalid("malformed")));
+        let t = hs256("s", &serde_json::json!({"sub": "u", "exp": -5}));
+        assert_eq!(a.verify_connect(&t), Err(AuthError::Invalid("malformed")));
+    }
+
+    #[test]
+    fn audience_and_issuer_when_configured() {
+        let a = Authenticator::new(&AuthConfig {
+            hmac_secret: "s".into(),
+            audience: "app".into(),
+            issuer: "me".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let t = |c: serde_json::Value| hs256("s", &c);
+        assert!(a.verify_connect(&t(serde_json::json!({"aud": "app", "iss": "me"}))).is_ok());
+        assert!(a.verify_connect(&t(serde_json::json!({"aud": ["x", "app"], "iss": "me"}))).is_ok());
+        assert_eq!(a.verify_connect(&t(serde_json::json!({"iss": "me"}))), Err(AuthError::Invalid("missing claim")));
+        assert_eq!(a.verify_connect(&t(serde_json::json!({"aud": "x", "iss": "me"}))), Err(AuthError::Invalid("audience")));
+        assert_eq!(a.verify_connect(&t(serde_json::json!({"aud": "app", "iss": "you"}))), Err(AuthError::Invalid("issuer")));
+        // Not configured: aud and iss are not looked at.
+        assert!(hmac("s", "").verify_connect(&t(serde_json::json!({"aud": "x", "iss": "y"}))).is_ok());
+    }
+
+    #[test]
+    fn jwks_documents_keep_usable_signing_keys_only() {
+        let a = Authenticator::new(&AuthConfig { jwks_url: "https://x/jwks".into(), ..Default::default() })
+            .unwrap();
+        assert!(a.has_key() && !a.allow_anonymous());
+        let jwks = a.jwks().unwrap();
+        let doc = serde_json::json!({"keys": [
+            {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "kid": "ok", "alg": "EdDSA"},
+            {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo", "kid": "enc", "use": "enc"},
+            {"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"},
+            {"kty": "oct", "k": "c2VjcmV0", "kid": "sym"},
+            {"kty": "XYZ", "kid": "strange"}
+        ]});
+        assert_eq!(jwks.load(doc.to_string().as_bytes()), Ok(1));
+        assert_eq!(jwks.kids(), vec!["ok".to_string()]);
+        assert!(jwks.load(b"[]").is_err());
+        // An unknown kid asks for a fetch; an HS token with a kid never does.
+        let enc = |v: serde_json::Value| data_encoding::BASE64URL_NOPAD.encode(v.to_string().as_bytes());
+        let body = enc(serde_json::json!({"sub": "u"}));
+        let t = format!("{}.{body}.c2ln", enc(serde_json::json!({"alg": "EdDSA", "kid": "new"})));
+        assert_eq!(a.verify_connect(&t), Err(AuthError::UnknownKey));
+        let t = format!("{}.{body}.c2ln", enc(serde_json::json!({"alg": "EdDSA", "kid": "ok"})));
+        assert_eq!(a.verify_connect(&t), Err(AuthError::Invalid("signature")));
+        let t = format!("{}.{body}.c2ln", enc(serde_json::json!({"alg": "HS256", "kid": "new"})));
+        assert_eq!(a.verify_connect(&t), Err(AuthError::Invalid("algorithm")));
+        let t = format!("{}.{body}.c2ln", enc(serde_json::json!({"alg": "RS256", "kid": "ok"})));
+        assert_eq!(a.verify_connect(&t), Err(AuthError::Invalid("algorithm")));
     }
 }

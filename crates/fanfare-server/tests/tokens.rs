@@ -474,22 +474,27 @@ fn jwks(keys: &[(u8, &str)]) -> Value {
     json!({"keys": keys.iter().map(|(n, kid)| ed_jwk(*n, kid)).collect::<Vec<_>>()})
 }
 
-fn jwks_node(url: &str, extra: &str) -> Server {
+/// A node with an HMAC secret (for the bystander) and a JWKS whose quiet
+/// interval is `quiet_secs`.
+fn jwks_node(url: &str, quiet_secs: u64, extra: &str) -> Server {
     Server::start(&format!(
-        "[auth]\nhmac_secret = \"{SECRET}\"\njwks_url = \"{url}\"\njwks_refetch_interval = \"2s\"\n{extra}\n\
+        "[auth]\nhmac_secret = \"{SECRET}\"\njwks_url = \"{url}\"\njwks_refetch_interval = \"{quiet_secs}s\"\n{extra}\n\
          [[namespaces]]\nname = \"priv\"\nprivate = true\n"
     ))
 }
 
-/// Waits until the quiet interval after the last fetch has passed.
-async fn quiet_passes() {
-    tokio::time::sleep(Duration::from_millis(2300)).await;
+/// Waits until a quiet interval of `secs` after the last fetch has passed.
+async fn quiet_passes(secs: u64) {
+    tokio::time::sleep(Duration::from_millis(secs * 1000 + 300)).await;
 }
 
 #[tokio::test]
 async fn jwks_keys_rotate_without_downtime_and_unknown_kids_cannot_drive_fetches() {
     let jwks_server = JwksServer::start(jwks(&[(1, "k1")]), None).await;
-    let server = jwks_node(&format!("http://127.0.0.1:{}/jwks.json", jwks_server.port), "");
+    // A long quiet interval, so the steps that must fall inside it do on a
+    // busy machine too.
+    let quiet = 5;
+    let server = jwks_node(&format!("http://127.0.0.1:{}/jwks.json", jwks_server.port), quiet, "");
     let mut bystander = Bystander::join(&server).await;
     assert_eq!(jwks_server.fetches(), 1, "fetched once at start");
 
@@ -502,16 +507,25 @@ async fn jwks_keys_rotate_without_downtime_and_unknown_kids_cannot_drive_fetches
     // The issuer publishes k2 next to k1 and starts signing with it: the
     // first token with k2 fetches the set, the connect waits for it.
     jwks_server.set(jwks(&[(1, "k1"), (2, "k2")]));
-    quiet_passes().await;
+    quiet_passes(quiet).await;
     let mut c = server.client().await;
     assert_eq!(outcome(&mut c, json!({"connect": {"token": conn(2, "k2")}})).await, Outcome::Ok);
     assert_eq!(jwks_server.fetches(), 2, "k2 fetched on first sight");
+
+    // Made-up kids within the quiet interval: refused at once, no fetch.
+    for i in 0..10 {
+        let mut c = server.client().await;
+        let t = sign_ed(3, &format!("made-up-{i}"), &conn_claims("u"));
+        assert_eq!(outcome(&mut c, json!({"connect": {"token": t}})).await, Outcome::Closed(3500));
+    }
+    assert_eq!(jwks_server.fetches(), 2, "unknown kids within the quiet interval fetch nothing");
+
     assert_refused_everywhere(&server, &mut bystander, "k2", &conn(2, "k2"), &sub(2, "k2"), Outcome::Ok)
         .await;
     // k1 stays good while it is listed.
     assert_refused_everywhere(&server, &mut bystander, "k1 still", &conn(1, "k1"), &sub(1, "k1"), Outcome::Ok)
         .await;
-    // k2 under k1's kid: the signature does not match the listed key.
+    // Signed by ed2 under k1's kid: the listed key does not verify it.
     assert_refused_everywhere(
         &server,
         &mut bystander,
@@ -521,20 +535,12 @@ async fn jwks_keys_rotate_without_downtime_and_unknown_kids_cannot_drive_fetches
         Outcome::Closed(3500),
     )
     .await;
-    assert_eq!(jwks_server.fetches(), 2);
+    assert_eq!(jwks_server.fetches(), 2, "known kids, good or bad signature, fetch nothing");
 
-    // Made-up kids within the quiet interval: refused at once, no fetch.
-    for i in 0..20 {
-        let mut c = server.client().await;
-        let t = sign_ed(3, &format!("made-up-{i}"), &conn_claims("u"));
-        assert_eq!(outcome(&mut c, json!({"connect": {"token": t}})).await, Outcome::Closed(3500));
-    }
-    assert_eq!(jwks_server.fetches(), 2, "unknown kids within the quiet interval fetch nothing");
-
-    // k1 is withdrawn. After the quiet interval, an unknown kid asks once
-    // (fetch 3), is still unknown and refused; then k1 is unknown too.
+    // k1 is withdrawn. After the quiet interval a burst of unknown kids asks
+    // once (fetch 3): they wait for it, are still unknown and refused.
     jwks_server.set(jwks(&[(2, "k2")]));
-    quiet_passes().await;
+    quiet_passes(quiet).await;
     let mut tasks = Vec::new();
     for i in 0..10 {
         let port = server.port;
@@ -548,14 +554,10 @@ async fn jwks_keys_rotate_without_downtime_and_unknown_kids_cannot_drive_fetches
         assert_eq!(t.await.unwrap(), Outcome::Closed(3500));
     }
     let after_burst = jwks_server.fetches();
-    assert!(
-        (3..=4).contains(&after_burst),
-        "a burst of 10 unknown kids fetched {} times",
-        after_burst - 2
-    );
+    assert_eq!(after_burst, 3, "a burst of 10 unknown kids fetched {} times", after_burst - 2);
+    // That fetch dropped k1.
     let mut c = server.client().await;
     assert_eq!(outcome(&mut c, json!({"connect": {"token": conn(1, "k1")}})).await, Outcome::Closed(3500));
-    assert_eq!(jwks_server.fetches(), after_burst);
     assert_survived(&server, &mut bystander).await;
     assert_eq!(common::metric(server.port, "fanfare_jwks_keys"), 1.0);
 }
@@ -563,13 +565,10 @@ async fn jwks_keys_rotate_without_downtime_and_unknown_kids_cannot_drive_fetches
 #[tokio::test]
 async fn a_jwks_server_that_never_answers_costs_a_connect_at_most_the_fetch_wait() {
     let jwks_server = JwksServer::start(jwks(&[(1, "k1")]), None).await;
-    let server = jwks_node(
-        &format!("http://127.0.0.1:{}/jwks.json", jwks_server.port),
-        "",
-    );
+    let server = jwks_node(&format!("http://127.0.0.1:{}/jwks.json", jwks_server.port), 1, "");
     let mut bystander = Bystander::join(&server).await;
     jwks_server.stall.store(true, Ordering::SeqCst);
-    quiet_passes().await;
+    quiet_passes(1).await;
     let started = std::time::Instant::now();
     let mut c = server.client().await;
     let t = sign_ed(2, "k2", &conn_claims("u"));
@@ -624,7 +623,7 @@ async fn a_jwks_served_over_https_by_a_private_ca_is_trusted_through_jwks_ca() {
     let (ca, cert, key) = test_pki(pki.path());
     let jwks_server = JwksServer::start(jwks(&[(1, "k1")]), Some(tls_config(&cert, &key))).await;
     let url = format!("https://127.0.0.1:{}/jwks.json", jwks_server.port);
-    let server = jwks_node(&url, &format!("jwks_ca = \"{}\"\n", ca.display()));
+    let server = jwks_node(&url, 2, &format!("jwks_ca = \"{}\"\n", ca.display()));
     let mut bystander = Bystander::join(&server).await;
     assert_eq!(jwks_server.fetches(), 1);
     let conn = sign_ed(1, "k1", &conn_claims("u"));
@@ -633,7 +632,7 @@ async fn a_jwks_served_over_https_by_a_private_ca_is_trusted_through_jwks_ca() {
 
     // Without the CA the certificate is not trusted: nothing is fetched and
     // JWKS tokens are refused, HMAC ones still work.
-    let untrusting = jwks_node(&url, "");
+    let untrusting = jwks_node(&url, 2, "");
     let mut by2 = Bystander::join(&untrusting).await;
     assert_eq!(jwks_server.fetches(), 1, "the TLS handshake failed before any request");
     let mut c = untrusting.client().await;
