@@ -453,6 +453,7 @@ impl Authenticator {
         v.validate_aud = false;
         if let Some(aud) = &self.audience {
             v.set_audience(&[aud]);
+            v.validate_aud = true;
             v.required_spec_claims.insert("aud".into());
         }
         if let Some(iss) = &self.issuer {
