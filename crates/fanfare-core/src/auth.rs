@@ -396,7 +396,10 @@ impl Authenticator {
             }
             for (i, block) in blocks.iter().enumerate() {
                 public.push(public_pem(block.as_bytes()).ok_or_else(|| {
-                    format!("auth.public_key_pem: block {} is not a PEM RSA, EC or Ed25519 public key", i + 1)
+                    format!(
+                        "auth.public_key_pem: block {} is not a PEM RSA, EC or Ed25519 public key",
+                        i + 1
+                    )
                 })?);
             }
         }
@@ -469,7 +472,8 @@ impl Authenticator {
         }
         // `alg: none` and unknown algorithms fail here: jsonwebtoken's
         // `Algorithm` has no `none`.
-        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid("malformed"))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid("malformed"))?;
         let alg = header.alg;
         let validation = self.validation(alg);
         let snapshot;
@@ -487,8 +491,12 @@ impl Authenticator {
                 Some(k) if k.algs.contains(&alg) => vec![&k.key],
                 Some(_) => return Err(AuthError::Invalid("algorithm")),
                 None => {
-                    let keys: Vec<_> =
-                        self.public.iter().filter(|k| k.algs.contains(&alg)).map(|k| &k.key).collect();
+                    let keys: Vec<_> = self
+                        .public
+                        .iter()
+                        .filter(|k| k.algs.contains(&alg))
+                        .map(|k| &k.key)
+                        .collect();
                     if keys.is_empty() && self.jwks.is_some() && header.kid.is_some() {
                         return Err(AuthError::UnknownKey);
                     }
@@ -506,10 +514,10 @@ impl Authenticator {
                 Err(e) => {
                     last = match e.kind() {
                         // The next key (previous secret, another PEM key) may fit.
-                        ErrorKind::InvalidSignature | ErrorKind::InvalidEcdsaKey
-                        | ErrorKind::InvalidRsaKey(_) | ErrorKind::InvalidKeyFormat => {
-                            AuthError::Invalid("signature")
-                        }
+                        ErrorKind::InvalidSignature
+                        | ErrorKind::InvalidEcdsaKey
+                        | ErrorKind::InvalidRsaKey(_)
+                        | ErrorKind::InvalidKeyFormat => AuthError::Invalid("signature"),
                         ErrorKind::InvalidAudience => return Err(AuthError::Invalid("audience")),
                         ErrorKind::InvalidIssuer => return Err(AuthError::Invalid("issuer")),
                         ErrorKind::MissingRequiredClaim(_) => {
@@ -630,21 +638,35 @@ mod tests {
         let a = hmac("new", "old");
         assert_eq!(a.verify_connect(&hs256("old", &claims)).unwrap().sub, "u");
         assert_eq!(a.verify_connect(&hs256("new", &claims)).unwrap().sub, "u");
-        assert_eq!(a.verify_connect(&hs256("other", &claims)), Err(AuthError::Invalid("signature")));
+        assert_eq!(
+            a.verify_connect(&hs256("other", &claims)),
+            Err(AuthError::Invalid("signature"))
+        );
         let rotated = hmac("new", "");
-        assert_eq!(rotated.verify_connect(&hs256("old", &claims)), Err(AuthError::Invalid("signature")));
+        assert_eq!(
+            rotated.verify_connect(&hs256("old", &claims)),
+            Err(AuthError::Invalid("signature"))
+        );
         assert!(
-            Authenticator::new(&AuthConfig { hmac_previous_secret: "x".into(), ..Default::default() })
-                .unwrap_err()
-                .contains("auth.hmac_previous_secret")
+            Authenticator::new(&AuthConfig {
+                hmac_previous_secret: "x".into(),
+                ..Default::default()
+            })
+            .unwrap_err()
+            .contains("auth.hmac_previous_secret")
         );
     }
 
     #[test]
     fn alg_none_and_kind_swaps_are_invalid() {
         let a = hmac("s", "");
-        let enc = |v: serde_json::Value| data_encoding::BASE64URL_NOPAD.encode(v.to_string().as_bytes());
-        let none = format!("{}.{}.", enc(serde_json::json!({"alg": "none"})), enc(serde_json::json!({"sub": "u"})));
+        let enc =
+            |v: serde_json::Value| data_encoding::BASE64URL_NOPAD.encode(v.to_string().as_bytes());
+        let none = format!(
+            "{}.{}.",
+            enc(serde_json::json!({"alg": "none"})),
+            enc(serde_json::json!({"sub": "u"}))
+        );
         assert_eq!(a.verify_connect(&none), Err(AuthError::Invalid("malformed")));
         let sub = hs256("s", &serde_json::json!({"sub": "u", "channel": "c"}));
         assert_eq!(a.verify_connect(&sub), Err(AuthError::Invalid("token kind")));
@@ -652,7 +674,11 @@ mod tests {
         let conn = hs256("s", &serde_json::json!({"sub": "u"}));
         assert_eq!(a.verify_subscribe(&conn), Err(AuthError::Invalid("token kind")));
         // A public-key algorithm on a node with only a secret.
-        let forged = format!("{}.{}.c2ln", enc(serde_json::json!({"alg": "RS256"})), enc(serde_json::json!({"sub": "u"})));
+        let forged = format!(
+            "{}.{}.c2ln",
+            enc(serde_json::json!({"alg": "RS256"})),
+            enc(serde_json::json!({"sub": "u"}))
+        );
         assert_eq!(a.verify_connect(&forged), Err(AuthError::Invalid("algorithm")));
     }
 
@@ -685,18 +711,34 @@ mod tests {
         .unwrap();
         let t = |c: serde_json::Value| hs256("s", &c);
         assert!(a.verify_connect(&t(serde_json::json!({"aud": "app", "iss": "me"}))).is_ok());
-        assert!(a.verify_connect(&t(serde_json::json!({"aud": ["x", "app"], "iss": "me"}))).is_ok());
-        assert_eq!(a.verify_connect(&t(serde_json::json!({"iss": "me"}))), Err(AuthError::Invalid("missing claim")));
-        assert_eq!(a.verify_connect(&t(serde_json::json!({"aud": "x", "iss": "me"}))), Err(AuthError::Invalid("audience")));
-        assert_eq!(a.verify_connect(&t(serde_json::json!({"aud": "app", "iss": "you"}))), Err(AuthError::Invalid("issuer")));
+        assert!(
+            a.verify_connect(&t(serde_json::json!({"aud": ["x", "app"], "iss": "me"}))).is_ok()
+        );
+        assert_eq!(
+            a.verify_connect(&t(serde_json::json!({"iss": "me"}))),
+            Err(AuthError::Invalid("missing claim"))
+        );
+        assert_eq!(
+            a.verify_connect(&t(serde_json::json!({"aud": "x", "iss": "me"}))),
+            Err(AuthError::Invalid("audience"))
+        );
+        assert_eq!(
+            a.verify_connect(&t(serde_json::json!({"aud": "app", "iss": "you"}))),
+            Err(AuthError::Invalid("issuer"))
+        );
         // Not configured: aud and iss are not looked at.
-        assert!(hmac("s", "").verify_connect(&t(serde_json::json!({"aud": "x", "iss": "y"}))).is_ok());
+        assert!(
+            hmac("s", "").verify_connect(&t(serde_json::json!({"aud": "x", "iss": "y"}))).is_ok()
+        );
     }
 
     #[test]
     fn jwks_documents_keep_usable_signing_keys_only() {
-        let a = Authenticator::new(&AuthConfig { jwks_url: "https://x/jwks".into(), ..Default::default() })
-            .unwrap();
+        let a = Authenticator::new(&AuthConfig {
+            jwks_url: "https://x/jwks".into(),
+            ..Default::default()
+        })
+        .unwrap();
         assert!(a.has_key() && !a.allow_anonymous());
         let jwks = a.jwks().unwrap();
         let doc = serde_json::json!({"keys": [
@@ -710,7 +752,8 @@ mod tests {
         assert_eq!(jwks.kids(), vec!["ok".to_string()]);
         assert!(jwks.load(b"[]").is_err());
         // An unknown kid asks for a fetch; an HS token with a kid never does.
-        let enc = |v: serde_json::Value| data_encoding::BASE64URL_NOPAD.encode(v.to_string().as_bytes());
+        let enc =
+            |v: serde_json::Value| data_encoding::BASE64URL_NOPAD.encode(v.to_string().as_bytes());
         let body = enc(serde_json::json!({"sub": "u"}));
         let t = format!("{}.{body}.c2ln", enc(serde_json::json!({"alg": "EdDSA", "kid": "new"})));
         assert_eq!(a.verify_connect(&t), Err(AuthError::UnknownKey));
@@ -721,4 +764,53 @@ mod tests {
         let t = format!("{}.{body}.c2ln", enc(serde_json::json!({"alg": "RS256", "kid": "ok"})));
         assert_eq!(a.verify_connect(&t), Err(AuthError::Invalid("algorithm")));
     }
+
+    /// Prints the median time of one verification per key kind (for
+    /// docs/BENCHMARKS.md; no assertion). Run in release:
+    /// `cargo test --release -p fanfare-core verify_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn verify_cost() {
+        let keys = concat!(env!("CARGO_MANIFEST_DIR"), "/../fanfare-server/tests/keys/");
+        let read = |f: &str| std::fs::read(format!("{keys}{f}")).unwrap();
+        let claims = serde_json::json!({"sub": "u", "exp": unix_now() + 600});
+        let sign = |alg: Algorithm, key: &EncodingKey, kid: Option<&str>| {
+            let mut h = Header::new(alg);
+            h.kid = kid.map(str::to_string);
+            jsonwebtoken::encode(&h, &claims, key).unwrap()
+        };
+        let rsa = EncodingKey::from_rsa_pem(&read("rsa.pem")).unwrap();
+        let ed = EncodingKey::from_ed_pem(&read("ed1.pem")).unwrap();
+        let pem = format!(
+            "{}{}",
+            String::from_utf8(read("rsa.pub.pem")).unwrap(),
+            String::from_utf8(read("ed1.pub.pem")).unwrap()
+        );
+        let a = Authenticator::new(&AuthConfig {
+            hmac_secret: "current".into(),
+            hmac_previous_secret: "previous".into(),
+            public_key_pem: pem,
+            ..Default::default()
+        })
+        .unwrap();
+        let cases = [
+            ("HS256, current secret", hs256("current", &claims)),
+            ("HS256, previous secret (second try)", hs256("previous", &claims)),
+            ("HS256, bad signature (both tried)", hs256("nope", &claims)),
+            ("RS256 (2048-bit), PEM", sign(Algorithm::RS256, &rsa, None)),
+            ("EdDSA, PEM (RSA key skipped by family)", sign(Algorithm::EdDSA, &ed, None)),
+        ];
+        for (what, token) in cases {
+            let mut times: Vec<std::time::Duration> = (0..2001)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    let _ = std::hint::black_box(a.verify_connect(std::hint::black_box(&token)));
+                    t.elapsed()
+                })
+                .collect();
+            times.sort();
+            println!("{what}: median {:?}", times[times.len() / 2]);
+        }
+    }
 }
+

@@ -687,8 +687,8 @@ impl Session {
         } else {
             // A connect waits for an unknown kid's JWKS fetch no longer than
             // the connect itself may take.
-            let deadline = (Instant::now() + JWKS_WAIT)
-                .min(self.created + self.node.config().connect_timeout);
+            let deadline =
+                (Instant::now() + JWKS_WAIT).min(self.created + self.node.config().connect_timeout);
             match self.verify_token(|a| a.verify_connect(&req.token), deadline).await {
                 Ok(c) => Identity {
                     user: c.sub,
@@ -1009,7 +1009,8 @@ impl Session {
         }
         if !req.token.is_empty() {
             let deadline = Instant::now() + JWKS_WAIT;
-            let claims = match self.verify_token(|a| a.verify_subscribe(&req.token), deadline).await {
+            let claims = match self.verify_token(|a| a.verify_subscribe(&req.token), deadline).await
+            {
                 Ok(c) => c,
                 Err(AuthError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
                 Err(e) => {
@@ -1365,7 +1366,9 @@ impl Session {
     ) -> Result<T, AuthError> {
         let auth = self.node.auth();
         match verify(auth) {
-            Err(AuthError::UnknownKey) if auth.await_jwks(deadline.std().into()).await => verify(auth),
+            Err(AuthError::UnknownKey) if auth.await_jwks(deadline.std().into()).await => {
+                verify(auth)
+            }
             r => r,
         }
     }

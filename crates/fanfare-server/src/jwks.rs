@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use fanfare_core::auth::{AuthConfig, JWKS_WAIT, JwksKeys};
 use fanfare_core::Authenticator;
+use fanfare_core::auth::{AuthConfig, JWKS_WAIT, JwksKeys};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -32,7 +32,8 @@ pub fn validate(cfg: &AuthConfig) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let uri: http::Uri = cfg.jwks_url.parse().map_err(|_| anyhow::anyhow!("auth.jwks_url: not a URL"))?;
+    let uri: http::Uri =
+        cfg.jwks_url.parse().map_err(|_| anyhow::anyhow!("auth.jwks_url: not a URL"))?;
     let host = uri.host().unwrap_or("");
     match uri.scheme_str() {
         Some("https") if !host.is_empty() => {}
@@ -52,7 +53,9 @@ pub fn validate(cfg: &AuthConfig) -> anyhow::Result<()> {
     if cfg.jwks_refetch_interval < Duration::from_secs(1)
         || cfg.jwks_refetch_interval > cfg.jwks_refresh_interval
     {
-        bail!("auth.jwks_refetch_interval: must be at least 1s and at most auth.jwks_refresh_interval");
+        bail!(
+            "auth.jwks_refetch_interval: must be at least 1s and at most auth.jwks_refresh_interval"
+        );
     }
     Ok(())
 }
@@ -63,11 +66,12 @@ fn roots(cfg: &AuthConfig) -> anyhow::Result<rustls::RootCertStore> {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
     if !cfg.jwks_ca.is_empty() {
-        let pem = std::fs::read(&cfg.jwks_ca)
-            .with_context(|| format!("cannot read {}", cfg.jwks_ca))?;
+        let pem =
+            std::fs::read(&cfg.jwks_ca).with_context(|| format!("cannot read {}", cfg.jwks_ca))?;
         let mut n = 0;
         for cert in CertificateDer::pem_slice_iter(&pem) {
-            let cert = cert.map_err(|e| anyhow::anyhow!("{}: not PEM certificates: {e}", cfg.jwks_ca))?;
+            let cert =
+                cert.map_err(|e| anyhow::anyhow!("{}: not PEM certificates: {e}", cfg.jwks_ca))?;
             roots.add(cert).map_err(|e| anyhow::anyhow!("{}: {e}", cfg.jwks_ca))?;
             n += 1;
         }
@@ -104,10 +108,7 @@ fn client(cfg: &AuthConfig) -> anyhow::Result<HttpClient> {
 /// starts anyway and the first token asks again.
 pub async fn start(cfg: &AuthConfig, auth: &Authenticator) -> anyhow::Result<()> {
     let Some(keys) = auth.jwks().cloned() else { return Ok(()) };
-    metrics::describe_counter!(
-        "fanfare_jwks_fetches_total",
-        "JWKS fetches by result (ok, error)."
-    );
+    metrics::describe_counter!("fanfare_jwks_fetches_total", "JWKS fetches by result (ok, error).");
     metrics::describe_gauge!("fanfare_jwks_keys", "Signing keys in the last JWKS fetched.");
     let fetcher = Fetcher {
         client: client(cfg)?,
@@ -150,9 +151,9 @@ impl Fetcher {
 
     /// One fetch; the key set is replaced only by a good document.
     async fn fetch(&self) -> bool {
-        let result = tokio::time::timeout(JWKS_WAIT, self.get()).await.unwrap_or_else(|_| {
-            Err(anyhow::anyhow!("no answer within {}s", JWKS_WAIT.as_secs()))
-        });
+        let result = tokio::time::timeout(JWKS_WAIT, self.get())
+            .await
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {}s", JWKS_WAIT.as_secs())));
         let ok = match result.and_then(|body| self.keys.load(&body).map_err(anyhow::Error::msg)) {
             Ok(n) => {
                 tracing::info!(url = %self.url, keys = n, "JWKS fetched");

@@ -180,8 +180,15 @@ async fn an_unsigned_alg_none_token_is_refused_with_3500_on_every_path() {
     let mut bystander = Bystander::join(&server).await;
     let conn = unsigned(&conn_claims("u"));
     let sub = unsigned(&sub_claims("u", CHANNEL));
-    assert_refused_everywhere(&server, &mut bystander, "alg none", &conn, &sub, Outcome::Closed(3500))
-        .await;
+    assert_refused_everywhere(
+        &server,
+        &mut bystander,
+        "alg none",
+        &conn,
+        &sub,
+        Outcome::Closed(3500),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -225,8 +232,8 @@ async fn a_token_with_a_bad_signature_is_refused_with_3500_on_every_path() {
     let tampered = format!("{}.{}.{}", parts[0], other, parts[2]);
     let rs_sub = sign_pem(Algorithm::RS256, None, "rsa.pem", &sub_claims("u", CHANNEL));
     let parts: Vec<&str> = rs_sub.split('.').collect();
-    let other = data_encoding::BASE64URL_NOPAD
-        .encode(sub_claims("admin", CHANNEL).to_string().as_bytes());
+    let other =
+        data_encoding::BASE64URL_NOPAD.encode(sub_claims("admin", CHANNEL).to_string().as_bytes());
     let tampered_sub = format!("{}.{}.{}", parts[0], other, parts[2]);
     assert_refused_everywhere(
         &server,
@@ -256,8 +263,15 @@ async fn an_expired_token_gets_error_109_on_every_path() {
         "ed1.pem",
         &json!({"sub": "u", "channel": CHANNEL, "exp": past}),
     );
-    assert_refused_everywhere(&server, &mut bystander, "expired EdDSA", &conn, &sub, Outcome::Error(109))
-        .await;
+    assert_refused_everywhere(
+        &server,
+        &mut bystander,
+        "expired EdDSA",
+        &conn,
+        &sub,
+        Outcome::Error(109),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -295,7 +309,8 @@ async fn a_token_not_valid_before_a_future_time_is_refused_with_3500_on_every_pa
     // nbf in the past is fine, fractional too.
     let past = unix_now() as f64 - 30.5;
     let conn = sign(SECRET, &json!({"sub": "u", "exp": in_5_min(), "nbf": past}));
-    let sub = sign(SECRET, &json!({"sub": "u", "channel": CHANNEL, "exp": in_5_min(), "nbf": past}));
+    let sub =
+        sign(SECRET, &json!({"sub": "u", "channel": CHANNEL, "exp": in_5_min(), "nbf": past}));
     assert_refused_everywhere(&server, &mut bystander, "nbf past", &conn, &sub, Outcome::Ok).await;
 }
 
@@ -320,7 +335,11 @@ async fn tokens_of_the_previous_secret_and_of_every_listed_public_key_are_accept
     let server = static_keys_node();
     let mut bystander = Bystander::join(&server).await;
     for (what, conn, sub) in [
-        ("previous secret", sign(PREVIOUS, &conn_claims("u")), sign(PREVIOUS, &sub_claims("u", CHANNEL))),
+        (
+            "previous secret",
+            sign(PREVIOUS, &conn_claims("u")),
+            sign(PREVIOUS, &sub_claims("u", CHANNEL)),
+        ),
         (
             "RS256 key",
             sign_pem(Algorithm::RS256, None, "rsa.pem", &conn_claims("u")),
@@ -342,8 +361,15 @@ async fn tokens_of_the_previous_secret_and_of_every_listed_public_key_are_accept
     // A key that is not listed is not.
     let conn = sign_pem(Algorithm::EdDSA, None, "ed2.pem", &conn_claims("u"));
     let sub = sign_pem(Algorithm::EdDSA, None, "ed2.pem", &sub_claims("u", CHANNEL));
-    assert_refused_everywhere(&server, &mut bystander, "unlisted", &conn, &sub, Outcome::Closed(3500))
-        .await;
+    assert_refused_everywhere(
+        &server,
+        &mut bystander,
+        "unlisted",
+        &conn,
+        &sub,
+        Outcome::Closed(3500),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -373,11 +399,19 @@ async fn audience_and_issuer_are_required_when_configured() {
     let good_sub = sub_with(ok_claims.clone());
     for (what, extra, want) in [
         ("right aud and iss", ok_claims.clone(), Outcome::Ok),
-        ("aud among several", json!({"aud": ["other", "fanfare"], "iss": "https://id.example"}), Outcome::Ok),
+        (
+            "aud among several",
+            json!({"aud": ["other", "fanfare"], "iss": "https://id.example"}),
+            Outcome::Ok,
+        ),
         ("no aud", json!({"iss": "https://id.example"}), Outcome::Closed(3500)),
         ("other aud", json!({"aud": "other", "iss": "https://id.example"}), Outcome::Closed(3500)),
         ("no iss", json!({"aud": "fanfare"}), Outcome::Closed(3500)),
-        ("other iss", json!({"aud": "fanfare", "iss": "https://evil.example"}), Outcome::Closed(3500)),
+        (
+            "other iss",
+            json!({"aud": "fanfare", "iss": "https://evil.example"}),
+            Outcome::Closed(3500),
+        ),
     ] {
         let conn = sign(SECRET, &good(extra.clone()));
         let (connect, refresh) = as_connection_token(&server, &good_conn, &conn).await;
@@ -503,8 +537,15 @@ async fn jwks_keys_rotate_without_downtime_and_unknown_kids_cannot_drive_fetches
 
     let conn = |n: u8, kid: &str| sign_ed(n, kid, &conn_claims("u"));
     let sub = |n: u8, kid: &str| sign_ed(n, kid, &sub_claims("u", CHANNEL));
-    assert_refused_everywhere(&server, &mut bystander, "k1", &conn(1, "k1"), &sub(1, "k1"), Outcome::Ok)
-        .await;
+    assert_refused_everywhere(
+        &server,
+        &mut bystander,
+        "k1",
+        &conn(1, "k1"),
+        &sub(1, "k1"),
+        Outcome::Ok,
+    )
+    .await;
     assert_eq!(jwks_server.fetches(), 1, "a known kid needs no fetch");
 
     // The issuer publishes k2 next to k1 and starts signing with it: the
@@ -523,11 +564,25 @@ async fn jwks_keys_rotate_without_downtime_and_unknown_kids_cannot_drive_fetches
     }
     assert_eq!(jwks_server.fetches(), 2, "unknown kids within the quiet interval fetch nothing");
 
-    assert_refused_everywhere(&server, &mut bystander, "k2", &conn(2, "k2"), &sub(2, "k2"), Outcome::Ok)
-        .await;
+    assert_refused_everywhere(
+        &server,
+        &mut bystander,
+        "k2",
+        &conn(2, "k2"),
+        &sub(2, "k2"),
+        Outcome::Ok,
+    )
+    .await;
     // k1 stays good while it is listed.
-    assert_refused_everywhere(&server, &mut bystander, "k1 still", &conn(1, "k1"), &sub(1, "k1"), Outcome::Ok)
-        .await;
+    assert_refused_everywhere(
+        &server,
+        &mut bystander,
+        "k1 still",
+        &conn(1, "k1"),
+        &sub(1, "k1"),
+        Outcome::Ok,
+    )
+    .await;
     // Signed by ed2 under k1's kid: the listed key does not verify it.
     assert_refused_everywhere(
         &server,
@@ -560,7 +615,10 @@ async fn jwks_keys_rotate_without_downtime_and_unknown_kids_cannot_drive_fetches
     assert_eq!(after_burst, 3, "a burst of 10 unknown kids fetched {} times", after_burst - 2);
     // That fetch dropped k1.
     let mut c = server.client().await;
-    assert_eq!(outcome(&mut c, json!({"connect": {"token": conn(1, "k1")}})).await, Outcome::Closed(3500));
+    assert_eq!(
+        outcome(&mut c, json!({"connect": {"token": conn(1, "k1")}})).await,
+        Outcome::Closed(3500)
+    );
     assert_survived(&server, &mut bystander).await;
     assert_eq!(common::metric(server.port, "fanfare_jwks_keys"), 1.0);
 }
@@ -594,13 +652,55 @@ fn test_pki(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
         let out = out.expect("openssl CLI");
         assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
-    run(&["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=fanfare test CA"]);
-    run(&["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-        "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1"]);
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=fanfare test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
     std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(&["x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-        "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "ext.cnf"]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
     (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
 }
 
@@ -702,11 +802,11 @@ async fn an_http_1_0_upgrade_or_a_key_that_is_not_16_base64_bytes_gets_400() {
     assert_eq!(raw_upgrade(server.port, &upgrade_request("HTTP/1.1", good_key)), 101);
     assert_eq!(raw_upgrade(server.port, &upgrade_request("HTTP/1.0", good_key)), 400);
     for key in [
-        "dGhlIHNhbXBsZSBub25jZQ",        // no padding
-        "dGhlIHNhbXBsZSBub25j",          // 15 bytes
-        "dGhlIHNhbXBsZSBub25jZSE=",      // 17 bytes
-        "dGhlIHNhbXBsZSBub25jZR==",      // non-zero trailing bits
-        "!!!!!!!!!!!!!!!!!!!!!!==",      // not base64
+        "dGhlIHNhbXBsZSBub25jZQ",   // no padding
+        "dGhlIHNhbXBsZSBub25j",     // 15 bytes
+        "dGhlIHNhbXBsZSBub25jZSE=", // 17 bytes
+        "dGhlIHNhbXBsZSBub25jZR==", // non-zero trailing bits
+        "!!!!!!!!!!!!!!!!!!!!!!==", // not base64
         "a-key-of-no-particular-form",
     ] {
         assert_eq!(raw_upgrade(server.port, &upgrade_request("HTTP/1.1", key)), 400, "{key}");
@@ -748,7 +848,10 @@ async fn a_client_cannot_refresh_its_personal_channel_or_other_server_side_subsc
     let connect = c
         .connect_ok(&sign(SECRET, &json!({"sub": "u", "exp": in_5_min(), "channels": ["news:u"]})))
         .await;
-    assert!(connect["subs"].get("#u").is_some() || connect["subs"].get("news:u").is_some(), "{connect}");
+    assert!(
+        connect["subs"].get("#u").is_some() || connect["subs"].get("news:u").is_some(),
+        "{connect}"
+    );
     for channel in ["#u", "news:u"] {
         // Even a token the application signed for that channel.
         let t = sign(SECRET, &json!({"sub": "u", "channel": channel, "exp": unix_now() + 5}));

@@ -779,7 +779,10 @@ pub fn check_upgrade<B>(
     // RFC 6455 4.2.1 item 5: the key is a base64-encoded 16-byte value, so
     // exactly 24 characters of canonical padded base64.
     if !is_websocket_key(key.as_bytes()) {
-        return Err((hyper::StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is not 16 base64-encoded bytes\n"));
+        return Err((
+            hyper::StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key is not 16 base64-encoded bytes\n",
+        ));
     }
     Ok(key.clone())
 }
