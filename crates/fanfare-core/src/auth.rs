@@ -477,6 +477,9 @@ impl Authenticator {
         let alg = header.alg;
         let validation = self.validation(alg);
         let snapshot;
+        // A `kid` the JWKS lacks: if no PEM key verifies the token either,
+        // the caller may have the set fetched again.
+        let mut unknown_kid = false;
         let candidates: Vec<&DecodingKey> = if is_hmac(alg) {
             self.hmac.iter().collect()
         } else {
@@ -491,21 +494,17 @@ impl Authenticator {
                 Some(k) if k.algs.contains(&alg) => vec![&k.key],
                 Some(_) => return Err(AuthError::Invalid("algorithm")),
                 None => {
-                    let keys: Vec<_> = self
-                        .public
-                        .iter()
-                        .filter(|k| k.algs.contains(&alg))
-                        .map(|k| &k.key)
-                        .collect();
-                    if keys.is_empty() && self.jwks.is_some() && header.kid.is_some() {
-                        return Err(AuthError::UnknownKey);
-                    }
-                    keys
+                    unknown_kid = self.jwks.is_some() && header.kid.is_some();
+                    self.public.iter().filter(|k| k.algs.contains(&alg)).map(|k| &k.key).collect()
                 }
             }
         };
         if candidates.is_empty() {
-            return Err(AuthError::Invalid("algorithm"));
+            return Err(if unknown_kid {
+                AuthError::UnknownKey
+            } else {
+                AuthError::Invalid("algorithm")
+            });
         }
         let mut last = AuthError::Invalid("signature");
         for key in candidates {
@@ -532,7 +531,11 @@ impl Authenticator {
                 }
             }
         }
-        Err(last)
+        Err(if unknown_kid && last == AuthError::Invalid("signature") {
+            AuthError::UnknownKey
+        } else {
+            last
+        })
     }
 
     pub fn verify_connect(&self, token: &str) -> Result<ConnectClaims, AuthError> {
@@ -763,6 +766,21 @@ mod tests {
         assert_eq!(a.verify_connect(&t), Err(AuthError::Invalid("algorithm")));
         let t = format!("{}.{body}.c2ln", enc(serde_json::json!({"alg": "RS256", "kid": "ok"})));
         assert_eq!(a.verify_connect(&t), Err(AuthError::Invalid("algorithm")));
+        // PEM keys of the family next to the JWKS: an unlisted kid they do not
+        // verify still asks for a fetch.
+        let pem = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../fanfare-server/tests/keys/ed2.pub.pem"
+        ))
+        .unwrap();
+        let both = Authenticator::new(&AuthConfig {
+            jwks_url: "https://x/jwks".into(),
+            public_key_pem: pem,
+            ..Default::default()
+        })
+        .unwrap();
+        let t = format!("{}.{body}.c2ln", enc(serde_json::json!({"alg": "EdDSA", "kid": "new"})));
+        assert_eq!(both.verify_connect(&t), Err(AuthError::UnknownKey));
     }
 
     /// Prints the median time of one verification per key kind (for
