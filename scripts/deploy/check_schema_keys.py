@@ -16,7 +16,7 @@ import tempfile
 import tomllib
 
 MANAGED = {"http.listen", "grpc.listen", "broker.kind", "redis.urls", "redis.cluster", "api.key", "auth.hmac_secret",
-           "webhooks.secret", "http.tls_cert", "http.tls_key", "grpc.tls_cert", "grpc.tls_key"}
+           "auth.hmac_previous_secret", "webhooks.secret", "http.tls_cert", "http.tls_key", "grpc.tls_cert", "grpc.tls_key"}
 SAMPLE = {"boolean": False, "integer": None, "string": "", "array": []}
 
 

@@ -25,7 +25,9 @@ pub struct Namespace {
     /// How long publications stay in history.
     #[serde(with = "humantime_serde")]
     pub history_ttl: Duration,
-    /// Subscribing always needs a subscription token.
+    /// Subscribing always needs a subscription token (or the subscribe
+    /// proxy's yes), and only subscribers may publish, whatever
+    /// `allow_publish` or a publish proxy says.
     pub private: bool,
     /// Every subscription is recoverable (the reply says so and carries the
     /// stream position), whether or not the client asked: a centrifuge-js

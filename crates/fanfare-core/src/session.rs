@@ -30,7 +30,7 @@ use fanfare_protocol::{
 };
 use sync_wrapper::SyncWrapper;
 
-use crate::auth::{AuthError, info_bytes, unix_now};
+use crate::auth::{AuthError, Authenticator, JWKS_WAIT, info_bytes, unix_now};
 use crate::broker::{HistoryQuery, PublishItem};
 use crate::channel::{ChannelError, Namespace, personal_channel};
 use crate::hub::Subscriber;
@@ -650,8 +650,8 @@ impl Session {
             Request::Presence { channel } => self.presence(&channel).await,
             Request::PresenceStats { channel } => self.presence_stats(&channel).await,
             Request::History(req) => self.history(req).await,
-            Request::Refresh { token } => self.refresh(&token),
-            Request::SubRefresh { channel, token } => self.sub_refresh(&channel, &token),
+            Request::Refresh { token } => self.refresh(&token).await,
+            Request::SubRefresh { channel, token } => self.sub_refresh(&channel, &token).await,
         };
         self.finish(id, result)
     }
@@ -726,7 +726,11 @@ impl Session {
             }
             Identity::default()
         } else {
-            match auth.verify_connect(&req.token) {
+            // A connect waits for an unknown kid's JWKS fetch no longer than
+            // the connect itself may take.
+            let deadline =
+                (Instant::now() + JWKS_WAIT).min(self.created + self.node.config().connect_timeout);
+            match self.verify_token(|a| a.verify_connect(&req.token), deadline).await {
                 Ok(c) => Identity {
                     user: c.sub,
                     conn_info: info_bytes(&c.info),
@@ -736,6 +740,7 @@ impl Session {
                 },
                 Err(AuthError::Expired) => return Err(Fail::Error(ErrorCode::TOKEN_EXPIRED)),
                 Err(e) => {
+                    // `e` is a short kind ("signature", "token kind"), never the token.
                     tracing::debug!(session = self.id, error = %e, "connect token refused");
                     return Err(Fail::Disconnect(DisconnectCode::INVALID_TOKEN));
                 }
@@ -1078,11 +1083,17 @@ impl Session {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
         if !req.token.is_empty() {
-            let claims = match self.node.auth().verify_subscribe(&req.token) {
+            let deadline = Instant::now() + JWKS_WAIT;
+            let claims = match self.verify_token(|a| a.verify_subscribe(&req.token), deadline).await
+            {
                 Ok(c) => c,
                 Err(AuthError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
-                Err(_) => return Err(Fail::Disconnect(DisconnectCode::INVALID_TOKEN)),
+                Err(e) => {
+                    tracing::debug!(session = self.id, error = %e, "subscription token refused");
+                    return Err(Fail::Disconnect(DisconnectCode::INVALID_TOKEN));
+                }
             };
+            let conn = self.connected();
             if claims.channel != channel || claims.sub != *conn.info.user {
                 return Err(ErrorCode::PERMISSION_DENIED.into());
             }
@@ -1178,7 +1189,9 @@ impl Session {
         let subscribed = self.connected().subs.contains_key(channel.as_str());
         let allowed =
             proxy.is_some() || ns.allow_publish || (ns.allow_publish_for_subscriber && subscribed);
-        if !allowed || channel.starts_with('#') {
+        // A private channel is for those who were let in: `allow_publish`
+        // (or a publish proxy) does not open it to outsiders.
+        if !allowed || channel.starts_with('#') || (ns.private && !subscribed) {
             return Err(ErrorCode::PERMISSION_DENIED.into());
         }
         // Protobuf clients may publish any bytes (JSON clients cannot receive
@@ -1418,11 +1431,32 @@ impl Session {
         })))
     }
 
-    fn refresh(&mut self, token: &str) -> Result<Option<ReplyBody>, Fail> {
-        let claims = match self.node.auth().verify_connect(token) {
+    /// Verifies a token with `verify`. One signed with a `kid` the JWKS does
+    /// not list yet waits, until `deadline`, for a fetch (unless one ran
+    /// within `auth.jwks_refetch_interval`) and is verified once more.
+    async fn verify_token<T>(
+        &self,
+        verify: impl Fn(&Authenticator) -> Result<T, AuthError>,
+        deadline: Instant,
+    ) -> Result<T, AuthError> {
+        let auth = self.node.auth();
+        match verify(auth) {
+            Err(AuthError::UnknownKey) if auth.await_jwks(deadline.std().into()).await => {
+                verify(auth)
+            }
+            r => r,
+        }
+    }
+
+    async fn refresh(&mut self, token: &str) -> Result<Option<ReplyBody>, Fail> {
+        let deadline = Instant::now() + JWKS_WAIT;
+        let claims = match self.verify_token(|a| a.verify_connect(token), deadline).await {
             Ok(c) => c,
             Err(AuthError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
-            Err(_) => return Err(Fail::Disconnect(DisconnectCode::INVALID_TOKEN)),
+            Err(e) => {
+                tracing::debug!(session = self.id, error = %e, "refresh token refused");
+                return Err(Fail::Disconnect(DisconnectCode::INVALID_TOKEN));
+            }
         };
         let version = self.node.config().version.clone();
         let conn = self.connected_mut();
@@ -1438,14 +1472,25 @@ impl Session {
         }))
     }
 
-    fn sub_refresh(&mut self, channel: &str, token: &str) -> Result<Option<ReplyBody>, Fail> {
-        if !self.connected().subs.contains_key(channel) {
-            return Err(ErrorCode::PERMISSION_DENIED.into());
+    async fn sub_refresh(&mut self, channel: &str, token: &str) -> Result<Option<ReplyBody>, Fail> {
+        match self.connected().subs.get(channel) {
+            None => return Err(ErrorCode::PERMISSION_DENIED.into()),
+            // A server-side subscription (the personal channel `#user`, a
+            // token's `channels`) lives as long as the connection: the server
+            // made it, so a client's token may not set its expiry.
+            Some(sub) if sub.server_side || channel.starts_with('#') => {
+                return Err(ErrorCode::PERMISSION_DENIED.into());
+            }
+            Some(_) => {}
         }
-        let claims = match self.node.auth().verify_subscribe(token) {
+        let deadline = Instant::now() + JWKS_WAIT;
+        let claims = match self.verify_token(|a| a.verify_subscribe(token), deadline).await {
             Ok(c) => c,
             Err(AuthError::Expired) => return Err(ErrorCode::TOKEN_EXPIRED.into()),
-            Err(_) => return Err(Fail::Disconnect(DisconnectCode::INVALID_TOKEN)),
+            Err(e) => {
+                tracing::debug!(session = self.id, error = %e, "subscription token refused");
+                return Err(Fail::Disconnect(DisconnectCode::INVALID_TOKEN));
+            }
         };
         let conn = self.connected_mut();
         if claims.channel != channel || claims.sub != *conn.info.user {

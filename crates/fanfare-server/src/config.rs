@@ -868,6 +868,7 @@ impl Settings {
         self.limits.validate()?;
         self.channel_rules()?;
         fanfare_core::Authenticator::new(&self.auth).map_err(|e| anyhow::anyhow!(e))?;
+        crate::jwks::validate(&self.auth)?;
         self.validate_proxies()
     }
 
@@ -977,7 +978,12 @@ impl Settings {
     /// The effective configuration as TOML, secrets masked.
     pub fn to_masked_toml(&self) -> String {
         let mut s = self.clone();
-        for secret in [&mut s.api.key, &mut s.auth.hmac_secret, &mut s.webhooks.secret] {
+        for secret in [
+            &mut s.api.key,
+            &mut s.auth.hmac_secret,
+            &mut s.auth.hmac_previous_secret,
+            &mut s.webhooks.secret,
+        ] {
             if !secret.is_empty() {
                 *secret = MASK.into();
             }

@@ -8,6 +8,7 @@ mod grpc;
 mod grpc_transport;
 mod heap;
 mod http;
+mod jwks;
 mod limits;
 mod methods;
 mod outbound;
@@ -195,6 +196,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     metrics::describe_gauge!("fanfare_node_ready", "1 while /ready answers 200, else 0.");
 
     let auth = Authenticator::new(&settings.auth).map_err(|e| anyhow::anyhow!(e))?;
+    jwks::start(&settings.auth, &auth).await?;
     if auth.allow_anonymous() {
         tracing::warn!(
             "anonymous connections are allowed (no auth key set or auth.allow_anonymous = true)"

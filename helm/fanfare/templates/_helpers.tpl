@@ -83,7 +83,7 @@ app.kubernetes.io/part-of: fanfare
 
 {{/* True when the chart creates a Secret (it has something to put in it). */}}
 {{- define "fanfare.createSecret" -}}
-{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.apiKey .Values.secrets.hmacSecret .Values.secrets.publicKeyPem .Values.secrets.webhookSecret) }}true{{- end }}
+{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.apiKey .Values.secrets.hmacSecret .Values.secrets.hmacPreviousSecret .Values.secrets.publicKeyPem .Values.secrets.webhookSecret) }}true{{- end }}
 {{- end }}
 
 {{/*

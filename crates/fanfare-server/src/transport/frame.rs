@@ -758,6 +758,11 @@ pub fn check_upgrade<B>(
                 .unwrap_or(false)
         })
     };
+    // RFC 6455 4.1: "HTTP/1.1 or higher". An HTTP/1.0 peer (or a proxy that
+    // downgraded the request) has no Upgrade mechanism to rely on.
+    if req.version() < hyper::Version::HTTP_11 {
+        return Err((hyper::StatusCode::BAD_REQUEST, "WebSocket needs HTTP/1.1\n"));
+    }
     if req.method() != hyper::Method::GET
         || !has_token(header::CONNECTION, "upgrade")
         || !has_token(header::UPGRADE, "websocket")
@@ -767,10 +772,25 @@ pub fn check_upgrade<B>(
     if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
         return Err((hyper::StatusCode::UPGRADE_REQUIRED, "unsupported WebSocket version\n"));
     }
-    req.headers()
+    let key = req
+        .headers()
         .get(header::SEC_WEBSOCKET_KEY)
-        .cloned()
-        .ok_or((hyper::StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n"))
+        .ok_or((hyper::StatusCode::BAD_REQUEST, "missing Sec-WebSocket-Key\n"))?;
+    // RFC 6455 4.2.1 item 5: the key is a base64-encoded 16-byte value, so
+    // exactly 24 characters of canonical padded base64.
+    if !is_websocket_key(key.as_bytes()) {
+        return Err((
+            hyper::StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key is not 16 base64-encoded bytes\n",
+        ));
+    }
+    Ok(key.clone())
+}
+
+/// A `Sec-WebSocket-Key`: 16 bytes in standard padded base64 (24 characters).
+fn is_websocket_key(key: &[u8]) -> bool {
+    // BASE64 checks padding and trailing bits: one canonical spelling per key.
+    key.len() == 24 && data_encoding::BASE64.decode(key).is_ok_and(|k| k.len() == 16)
 }
 
 /// The 101 answer to an upgrade request with `key`.
@@ -792,6 +812,17 @@ pub fn switching_protocols(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn websocket_key_must_be_sixteen_base64_bytes() {
+        use super::is_websocket_key;
+        assert!(is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(!is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ")); // unpadded
+        assert!(!is_websocket_key(b"dGhlIHNhbXBsZSBub25jZR==")); // trailing bits
+        assert!(!is_websocket_key(b"dGhlIHNhbXBsZSBub25j")); // 15 bytes
+        assert!(!is_websocket_key(b"dGhlIHNhbXBsZSBub25jZQ==dGhl"));
+        assert!(!is_websocket_key(b"not base64 at all!!!!!!!"));
+        assert!(!is_websocket_key(b""));
+    }
     use super::*;
     use futures_util::FutureExt;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
