@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -47,6 +48,33 @@ pub struct HttpState {
     pub uni_sse: bool,
     pub uni_http_stream: bool,
     pub uni_websocket: bool,
+    /// HTTP API calls being answered: shutdown waits for them.
+    pub api_calls: Arc<InFlight>,
+}
+
+/// A count of requests being answered, for a shutdown that lets them finish.
+#[derive(Debug, Default)]
+pub struct InFlight(AtomicUsize);
+
+impl InFlight {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Counts one request until the guard is dropped (also when the
+    /// request's future is dropped half-way).
+    fn enter(&self) -> InFlightGuard<'_> {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self)
+    }
+}
+
+struct InFlightGuard<'a>(&'a InFlight);
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How long a client may take to send a request (`http.*_timeout`). Without
@@ -118,9 +146,11 @@ async fn route(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Respo
 
 async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<Body> {
     if req.uri().path().starts_with("/api/") {
+        let _call = st.api_calls.enter();
         return crate::api_http::handle(req, &st.node, &st.api, peer, st.deadlines.body).await;
     }
     if req.uri().path().starts_with(crate::centrifugo::http::PREFIX) {
+        let _call = st.api_calls.enter();
         return crate::centrifugo::http::handle(req, &st.node, &st.api, peer, st.deadlines.body)
             .await;
     }
@@ -140,7 +170,7 @@ async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr)
             }
         }
         (&Method::GET, "/metrics") => {
-            crate::refresh_gauges(&st.node);
+            refresh_gauges(&st.node);
             let mut r = Response::new(Full::new(Bytes::from(st.metrics.render())));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -217,4 +247,10 @@ pub async fn serve(listener: TcpListener, st: HttpState, mut stop: watch::Receiv
             }
         });
     }
+}
+
+/// Refreshes gauges that are cheaper to read on scrape than to track per event.
+fn refresh_gauges(node: &Node) {
+    metrics::gauge!("fanfare_node_uptime_seconds").set(node.uptime().as_secs_f64());
+    metrics::gauge!("fanfare_node_ready").set(if node.is_ready() { 1.0 } else { 0.0 });
 }
