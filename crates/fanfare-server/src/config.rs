@@ -848,6 +848,25 @@ mod tests {
     }
 
     #[test]
+    fn drain_settings_default_to_kubernetes_and_are_bounded_naming_the_key() {
+        let s = Settings::load_with_env(None, env(&[])).unwrap();
+        let d = &s.shutdown;
+        assert_eq!(
+            (d.drain_delay, d.drain_period, d.drain_timeout),
+            (Duration::from_secs(5), Duration::from_secs(10), Duration::from_secs(5))
+        );
+        let s = Settings::load_with_env(None, env(&[("FANFARE__SHUTDOWN__DRAIN_PERIOD", "0s")]));
+        assert_eq!(s.unwrap().shutdown.drain_period, Duration::ZERO, "0 = close all at once");
+        for key in ["drain_delay", "drain_period", "drain_timeout"] {
+            let var = format!("FANFARE__SHUTDOWN__{}", key.to_uppercase());
+            let e = Settings::load_with_env(None, env(&[(&var, "2h")])).unwrap_err().to_string();
+            assert!(e.contains(&format!("shutdown.{key}")), "{e}");
+            let e = Settings::load_with_env(None, env(&[(&var, "soon")])).unwrap_err().to_string();
+            assert!(e.contains(&format!("shutdown.{key}")), "{e}");
+        }
+    }
+
+    #[test]
     fn bad_environment_value_names_the_key() {
         let e = Settings::load_with_env(None, env(&[("FANFARE__CLIENT__MAX_CHANNELS", "many")]))
             .unwrap_err()

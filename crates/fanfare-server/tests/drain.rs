@@ -174,6 +174,7 @@ async fn sigterm_closes_1000_clients_with_3001_spread_over_the_period_and_recove
         let slice = ((after - DELAY).as_secs_f64() / PERIOD.as_secs_f64() * 8.0) as usize;
         slices[slice.min(7)] += 1;
     }
+    eprintln!("closes per eighth of the drain period: {slices:?}");
     let used = slices.iter().filter(|&&n| n > 0).count();
     assert!(used >= 6, "closes not spread over the period: {slices:?}");
     assert!(
