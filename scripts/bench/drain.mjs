@@ -4,13 +4,17 @@
 // connects N WebSocket clients (anonymous, JSON), sends SIGTERM and reports
 // when the first and last 3001 arrived and when the process exited.
 //
-//   NODE_PATH=tests/sdk/node_modules node scripts/bench/drain.mjs target/debug/fanfare 1000 10000
+//   node scripts/bench/drain.mjs target/release/fanfare 1000 10000
+// (`ws` from tests/sdk/node_modules: run tests/sdk/run.sh once, or set WS_FROM
+// to a directory whose node_modules has it)
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import WebSocket from 'ws';
+import { createRequire } from 'node:module';
+
+const WebSocket = createRequire(path.resolve(process.env.WS_FROM ?? 'tests/sdk') + '/')('ws');
 
 const [bin, ...sizes] = process.argv.slice(2);
 if (!bin || sizes.length === 0) throw new Error('usage: drain.mjs <fanfare binary> <clients>...');
