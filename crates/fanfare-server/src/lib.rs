@@ -50,6 +50,10 @@ mod centrifugo;
 #[cfg(feature = "fuzzing")]
 #[allow(dead_code, unused_imports)]
 mod config;
+/// Entry points of the fuzz targets (`fuzz/fuzz_targets/`).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 #[cfg(feature = "fuzzing")]
 #[allow(dead_code, unused_imports)]
 mod grpc;
@@ -77,7 +81,3 @@ mod transport;
 #[cfg(feature = "fuzzing")]
 #[allow(dead_code, unused_imports)]
 mod webhooks;
-/// Entry points of the fuzz targets (`fuzz/fuzz_targets/`).
-#[cfg(feature = "fuzzing")]
-#[doc(hidden)]
-pub mod fuzzing;

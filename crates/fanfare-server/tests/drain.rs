@@ -65,7 +65,12 @@ async fn until_closed(mut client: Client, mut offsets: Vec<u64>) -> Drained {
                 }
             }
             Err(ReadEnd::Closed(code, reason)) => {
-                return Drained { client, offsets, close: (code, reason), closed_at: Instant::now() };
+                return Drained {
+                    client,
+                    offsets,
+                    close: (code, reason),
+                    closed_at: Instant::now(),
+                };
             }
             Err(e) => panic!("expected publications then a close, got {e:?}"),
         }
@@ -116,10 +121,8 @@ async fn sigterm_closes_1000_clients_with_3001_spread_over_the_period_and_recove
         let r = publisher.publish(ch, json!({"n": published})).await;
         assert_eq!(r["publish"], json!({}), "{r}");
     }
-    let watchers: Vec<_> = subs
-        .into_iter()
-        .map(|(c, _)| tokio::spawn(until_closed(c, Vec::new())))
-        .collect();
+    let watchers: Vec<_> =
+        subs.into_iter().map(|(c, _)| tokio::spawn(until_closed(c, Vec::new()))).collect();
 
     let sigterm = Instant::now();
     a.send_sigterm();
