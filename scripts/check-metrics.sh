@@ -5,6 +5,7 @@ BIN=${1:?usage: check-metrics.sh <fanfare binary>}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 gport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+FANFARE__SHUTDOWN__DRAIN_DELAY=0s FANFARE__SHUTDOWN__DRAIN_PERIOD=0s \
 FANFARE__HTTP__LISTEN=127.0.0.1:$port FANFARE__GRPC__LISTEN=127.0.0.1:$gport "$BIN" >/tmp/fanfare-metrics.$$.log 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -f /tmp/fanfare-metrics.$$.log' EXIT

@@ -195,6 +195,7 @@ rpid=$!; PIDS+=("$rpid")
 for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
 FANFARE__BROKER__KIND=redis FANFARE__REDIS__URLS="redis://127.0.0.1:$rport" \
 FANFARE__HTTP__LISTEN="127.0.0.1:$hport" FANFARE__GRPC__LISTEN="127.0.0.1:$gport" \
+FANFARE__SHUTDOWN__DRAIN_DELAY=0s FANFARE__SHUTDOWN__DRAIN_PERIOD=0s \
   "$FANFARE_BIN" >"$TMP/node.log" 2>&1 &
 PIDS+=("$!")
 wait_ready() { for _ in $(seq 150); do curl -sf "http://127.0.0.1:$hport/ready" >/dev/null && return 0; sleep 0.1; done; cat "$TMP/node.log"; die "node not ready"; }

@@ -57,6 +57,9 @@ FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run-redis.sh
 step "Python: control API and the Centrifugo-compatible API (grpcio stubs generated from proto/ at test time, HTTP, cent), proxies to aiohttp and grpcio backends, webhooks into a verifying receiver, centrifuge-python SDK (JSON and Protobuf); nodes on Redis"
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/api/run.sh
 
+step "fuzzing (cargo-fuzz: frames, JSON/Protobuf commands, HTTP bodies, JWT, Redis wire, config; FUZZ_SECONDS each)"
+scripts/fuzz.sh
+
 step "metrics lint (promtool check metrics on a live node)"
 scripts/check-metrics.sh "$ROOT/target/debug/fanfare"
 

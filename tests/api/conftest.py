@@ -143,6 +143,8 @@ class Node:
             self.log_path = tmp / f"{name}-{self.port}.log"
             env = {k: v for k, v in os.environ.items()
                    if not k.startswith("FANFARE_") and k != "RUST_LOG"}
+            # Stopped with SIGTERM and expected gone at once: no drain delay or period.
+            env.update(FANFARE__SHUTDOWN__DRAIN_DELAY="0s", FANFARE__SHUTDOWN__DRAIN_PERIOD="0s")
             with open(self.log_path, "wb") as log:
                 self.proc = subprocess.Popen(
                     [binary, "--config", str(cfg)], stdin=subprocess.DEVNULL,

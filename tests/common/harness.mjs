@@ -54,7 +54,10 @@ process.on('exit', () => {
  */
 export function spawnLogged(label, cmd, args, log) {
   // NO_COLOR: fanfare's log lines without ANSI colours, readable in a failure dump.
-  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, NO_COLOR: '1' } });
+  // No drain delay or period for a fanfare stopped with SIGTERM (other
+  // programs ignore the variables).
+  const env = { FANFARE__SHUTDOWN__DRAIN_DELAY: '0s', FANFARE__SHUTDOWN__DRAIN_PERIOD: '0s', ...process.env, NO_COLOR: '1' };
+  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
   children.add(child);
   child.exitInfo = null;
   child.exited = new Promise((resolve) => {

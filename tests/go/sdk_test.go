@@ -84,6 +84,8 @@ allowed_delta_types = ["fossil"]
 	}
 	cmd := exec.Command(bin, "--config", configPath)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
+	// Stopped with SIGTERM and expected gone at once: no drain delay or period.
+	cmd.Env = append(os.Environ(), "FANFARE__SHUTDOWN__DRAIN_DELAY=0s", "FANFARE__SHUTDOWN__DRAIN_PERIOD=0s")
 	if err := cmd.Start(); err != nil {
 		panic(err)
 	}

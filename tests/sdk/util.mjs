@@ -120,6 +120,9 @@ export class Server {
     const gen = this.generation;
     const env = { ...process.env };
     if (!env.RUST_LOG) env.RUST_LOG = 'info';
+    // Stopped with SIGTERM and expected gone at once: no drain delay or period.
+    env.FANFARE__SHUTDOWN__DRAIN_DELAY ??= '0s';
+    env.FANFARE__SHUTDOWN__DRAIN_PERIOD ??= '0s';
     const child = spawn(this.bin, ['--config', this.configPath], {
       stdio: ['ignore', 'pipe', 'pipe'],
       env,

@@ -168,6 +168,11 @@ struct Shared {
     events: crate::events::Events,
 }
 
+/// How often [`Node::close_spread`] closes its next batch: fine enough that
+/// a period of seconds is spread over dozens of batches, coarse enough that
+/// the timer costs nothing.
+pub const DRAIN_TICK: Duration = Duration::from_millis(50);
+
 /// A fanfare node. Cheap to clone (a handle around `Arc`); thread-safe.
 #[derive(Clone)]
 pub struct Node {
@@ -661,14 +666,55 @@ impl Node {
         !self.is_draining() && self.shared.broker.is_healthy()
     }
 
-    /// Starts a drain: refuse new connections and close every open one with
-    /// `code` (3001 shutdown makes SDKs reconnect to another node).
-    pub fn drain(&self, code: DisconnectCode) {
+    /// Starts a drain: [`Node::is_ready`] turns false (`/ready` answers 503)
+    /// and new connections are refused; open ones keep working until
+    /// [`Node::close_spread`] closes them.
+    pub fn start_drain(&self) {
         self.shared.draining.store(true, Ordering::Release);
-        let outboxes: Vec<Arc<Outbox>> =
-            self.registry().sessions.values().map(|e| e.outbox.clone()).collect();
-        for o in outboxes {
+    }
+
+    /// Starts a drain and closes every open connection with `code` at once.
+    pub fn drain(&self, code: DisconnectCode) {
+        self.start_drain();
+        for o in self.open_outboxes() {
             o.close(code);
         }
+    }
+
+    /// Starts a drain and closes every open connection with `code` (3001
+    /// shutdown makes SDKs reconnect, to another node since this one refuses
+    /// them), spread evenly over `period`: by `t` after the start,
+    /// `total * t / period` are closed. So the other nodes see the
+    /// reconnects arrive at a steady rate instead of all at once. One timer
+    /// closes a batch per [`DRAIN_TICK`], however many connections there are;
+    /// the cost is a snapshot of the connections (8 bytes each) for the
+    /// period. Returns how many were closed.
+    pub async fn close_spread(&self, code: DisconnectCode, period: Duration) -> usize {
+        self.start_drain();
+        let outboxes = self.open_outboxes();
+        let total = outboxes.len();
+        let start = tokio::time::Instant::now();
+        let mut tick = tokio::time::interval(DRAIN_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut closed = 0;
+        while closed < total {
+            tick.tick().await;
+            let elapsed = start.elapsed();
+            let due = if elapsed >= period {
+                total
+            } else {
+                // Rounded up, so the last batch goes out at `period`, not after.
+                (total as u128 * elapsed.as_nanos()).div_ceil(period.as_nanos()) as usize
+            };
+            for o in &outboxes[closed..due.max(closed)] {
+                o.close(code);
+            }
+            closed = due.max(closed);
+        }
+        total
+    }
+
+    fn open_outboxes(&self) -> Vec<Arc<Outbox>> {
+        self.registry().sessions.values().map(|e| e.outbox.clone()).collect()
     }
 }

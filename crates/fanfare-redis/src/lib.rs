@@ -53,6 +53,18 @@ use crate::subscriptions::{Manager, SubRequest};
 
 pub use events::{OutboxConfig, RedisOutbox};
 
+/// Fuzz entry (`fuzz/`): decodes `msg` as a pub/sub message and, from every
+/// offset, as a history stream entry's publication body; both read bytes
+/// any Redis client could have written. Not part of the API.
+#[doc(hidden)]
+pub fn fuzz_decode(msg: &[u8]) {
+    let msg = Bytes::copy_from_slice(msg);
+    let _ = wire::decode_message(&msg);
+    for from in 0..msg.len().min(16) {
+        let _ = wire::decode_publication(&msg, from, 1);
+    }
+}
+
 /// Redis settings (`redis.*`).
 #[derive(Debug, Clone)]
 pub struct RedisConfig {

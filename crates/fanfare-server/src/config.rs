@@ -388,14 +388,29 @@ impl Default for ClientSection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownSection {
-    /// How long to wait for clients to receive their 3001 close before exiting.
+    /// After SIGTERM, how long `/ready` answers 503 while clients keep
+    /// working, so load balancers stop sending new ones before any is closed.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// Over how long the clients are then closed with 3001, evenly, so their
+    /// reconnects reach the other nodes at a steady rate.
+    #[serde(with = "humantime_serde")]
+    pub drain_period: Duration,
+    /// After the period: how long closes may take to reach the clients, and
+    /// in-flight API calls and webhooks to finish, before the node exits.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
 }
 
 impl Default for ShutdownSection {
+    /// 5 s + 10 s + 5 s: within Kubernetes' default 30 s grace period even
+    /// after a 5 s preStop sleep.
     fn default() -> Self {
-        Self { drain_timeout: Duration::from_secs(5) }
+        Self {
+            drain_delay: Duration::from_secs(5),
+            drain_period: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+        }
     }
 }
 
@@ -711,6 +726,26 @@ impl Settings {
             }
             b = b.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
+        Self::build(b, env)
+    }
+
+    /// [`Settings::load_with_env`] with the file given as TOML text (for the
+    /// config fuzz target).
+    #[cfg(feature = "fuzzing")]
+    #[allow(dead_code)] // compiled into the binary too, used by the library
+    pub fn from_toml_with_env(
+        toml: &str,
+        env: std::collections::HashMap<String, String>,
+    ) -> anyhow::Result<Self> {
+        let b = config::Config::builder()
+            .add_source(config::File::from_str(toml, config::FileFormat::Toml));
+        Self::build(b, env)
+    }
+
+    fn build(
+        mut b: config::ConfigBuilder<config::builder::DefaultState>,
+        env: std::collections::HashMap<String, String>,
+    ) -> anyhow::Result<Self> {
         // Values stay strings here (serde converts them to the field's type), so a
         // secret such as "00123" is not turned into the number 123.
         let mut lists = Vec::new();
@@ -857,6 +892,15 @@ impl Settings {
         ] {
             if d < Duration::from_millis(100) || d > Duration::from_secs(3600) {
                 bail!("{key}: must be between 100ms and 1h");
+            }
+        }
+        for (key, d) in [
+            ("shutdown.drain_delay", self.shutdown.drain_delay),
+            ("shutdown.drain_period", self.shutdown.drain_period),
+            ("shutdown.drain_timeout", self.shutdown.drain_timeout),
+        ] {
+            if d > Duration::from_secs(3600) {
+                bail!("{key}: must be at most 1h");
             }
         }
         for (i, ns) in self.namespaces.iter().enumerate() {
@@ -1146,6 +1190,25 @@ mod tests {
         .to_string();
         assert!(e.contains("webhooks.url") && !e.contains("hook-sekrit"), "{e}");
         assert_eq!(mask_userinfo("https://h/p?a=b@c"), "https://h/p?a=b@c");
+    }
+
+    #[test]
+    fn drain_settings_default_to_kubernetes_and_are_bounded_naming_the_key() {
+        let s = Settings::load_with_env(None, env(&[])).unwrap();
+        let d = &s.shutdown;
+        assert_eq!(
+            (d.drain_delay, d.drain_period, d.drain_timeout),
+            (Duration::from_secs(5), Duration::from_secs(10), Duration::from_secs(5))
+        );
+        let s = Settings::load_with_env(None, env(&[("FANFARE__SHUTDOWN__DRAIN_PERIOD", "0s")]));
+        assert_eq!(s.unwrap().shutdown.drain_period, Duration::ZERO, "0 = close all at once");
+        for key in ["drain_delay", "drain_period", "drain_timeout"] {
+            let var = format!("FANFARE__SHUTDOWN__{}", key.to_uppercase());
+            let e = Settings::load_with_env(None, env(&[(&var, "2h")])).unwrap_err().to_string();
+            assert!(e.contains(&format!("shutdown.{key}")), "{e}");
+            let e = Settings::load_with_env(None, env(&[(&var, "soon")])).unwrap_err().to_string();
+            assert!(e.contains(&format!("shutdown.{key}")), "{e}");
+        }
     }
 
     #[test]

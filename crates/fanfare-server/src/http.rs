@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -51,6 +52,33 @@ pub struct HttpState {
     pub uni_sse: bool,
     pub uni_http_stream: bool,
     pub uni_websocket: bool,
+    /// HTTP API calls being answered: shutdown waits for them.
+    pub api_calls: Arc<InFlight>,
+}
+
+/// A count of requests being answered, for a shutdown that lets them finish.
+#[derive(Debug, Default)]
+pub struct InFlight(AtomicUsize);
+
+impl InFlight {
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Counts one request until the guard is dropped (also when the
+    /// request's future is dropped half-way).
+    fn enter(&self) -> InFlightGuard<'_> {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InFlightGuard(self)
+    }
+}
+
+struct InFlightGuard<'a>(&'a InFlight);
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How long a client may take to send a request (`http.*_timeout`). Without
@@ -129,6 +157,7 @@ async fn route(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Respo
 async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<Body> {
     let path = req.uri().path();
     if path.starts_with("/api/") || path.starts_with(crate::centrifugo::http::PREFIX) {
+        let _call = st.api_calls.enter();
         return api_request(req, st, peer).await;
     }
     let path = req.uri().path();
@@ -153,7 +182,7 @@ async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr)
             }
         }
         (&Method::GET, "/metrics") => {
-            crate::refresh_gauges(&st.node);
+            refresh_gauges(&st.node);
             let mut r = Response::new(Full::new(Bytes::from(st.metrics.render())));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -303,4 +332,10 @@ where
     if let Err(e) = conn.await {
         tracing::debug!(%peer, error = %e, "http connection error");
     }
+}
+
+/// Refreshes gauges that are cheaper to read on scrape than to track per event.
+fn refresh_gauges(node: &Node) {
+    metrics::gauge!("fanfare_node_uptime_seconds").set(node.uptime().as_secs_f64());
+    metrics::gauge!("fanfare_node_ready").set(if node.is_ready() { 1.0 } else { 0.0 });
 }

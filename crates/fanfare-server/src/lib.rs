@@ -32,3 +32,52 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
 /// binary's.
 #[path = "transport/frame.rs"]
 pub mod ws;
+
+// The binary's modules, compiled into the library only for the fuzz targets
+// (`fuzz/`), which need parsers that live there: configuration and the HTTP
+// transports' request bodies. Off by default: the library stays small.
+#[cfg(feature = "fuzzing")]
+extern crate self as fanfare_server;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod api;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod api_http;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod centrifugo;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod config;
+/// Entry points of the fuzz targets (`fuzz/fuzz_targets/`).
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod grpc;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod grpc_transport;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod heap;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod http;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod methods;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod outbound;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod proxy;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod transport;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod webhooks;

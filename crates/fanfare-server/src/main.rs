@@ -121,12 +121,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Refreshes gauges that are cheaper to read on scrape than to track per event.
-pub fn refresh_gauges(node: &Node) {
-    metrics::gauge!("fanfare_node_uptime_seconds").set(node.uptime().as_secs_f64());
-    metrics::gauge!("fanfare_node_ready").set(if node.is_ready() { 1.0 } else { 0.0 });
-}
-
 fn init_logging(log: &config::LogSection) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&log.level))
@@ -242,6 +236,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     tracing::info!(grpc = %grpc_listener.local_addr()?, tls = grpc_cert.is_some(), "control API listening");
     let api_ctx = Arc::new(settings.api.context());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let api_calls = Arc::new(http::InFlight::default());
     let state = http::HttpState {
         node: node.clone(),
         ws: Arc::new(transport::WsOptions {
@@ -262,6 +257,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         uni_sse: settings.transports.uni_sse,
         uni_http_stream: settings.transports.uni_http_stream,
         uni_websocket: settings.transports.uni_websocket,
+        api_calls: api_calls.clone(),
     };
     // Histogram samples are kept raw until the recorder's upkeep folds them into
     // buckets; `install_recorder` runs no upkeep, so without this they would
@@ -291,25 +287,59 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     };
 
     shutdown.await;
-    tracing::info!("shutting down: closing clients with 3001");
-    let deadline = tokio::time::Instant::now() + settings.shutdown.drain_timeout;
-    let _ = stop_tx.send(true);
-    node.drain(DisconnectCode::SHUTDOWN);
-    let _ = server.await;
-    // gRPC drains gracefully (GOAWAY, in-flight calls finish), but a client
-    // that never answers would hold it up forever: bounded by drain_timeout.
-    if tokio::time::timeout_at(deadline, grpc).await.is_err() {
-        tracing::warn!("gRPC connections still open after shutdown.drain_timeout; exiting");
-    }
+    let drain = settings.shutdown.clone();
+    tracing::info!(
+        delay = ?drain.drain_delay,
+        period = ?drain.drain_period,
+        clients = node.num_connections(),
+        "draining: /ready answers 503, clients are closed with 3001 after the delay"
+    );
+    node.start_drain();
+    let started = tokio::time::Instant::now();
+    let spread = async {
+        tokio::time::sleep(drain.drain_delay).await;
+        node.close_spread(DisconnectCode::SHUTDOWN, drain.drain_period).await
+    };
+    // A second SIGTERM or SIGINT (an impatient operator) cuts the drain short.
+    let second = shutdown_signal()?;
+    let closed = tokio::select! {
+        closed = spread => closed,
+        () = second => {
+            tracing::warn!("second signal: closing every client now");
+            let open = node.num_connections();
+            node.drain(DisconnectCode::SHUTDOWN);
+            open
+        }
+    };
+    // The listeners stay open until here: API calls (HTTP and gRPC) are
+    // served during the whole drain; clients are refused with 3001.
+    let deadline = tokio::time::Instant::now() + drain.drain_timeout;
     while node.num_connections() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    // In-flight HTTP API calls finish (bounded by drain_timeout); gRPC
+    // drains gracefully (GOAWAY, in-flight calls finish), but a client that
+    // never answers would hold it up forever: bounded too.
+    while api_calls.count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if tokio::time::timeout_at(deadline, grpc).await.is_err() {
+        tracing::warn!("gRPC connections still open after shutdown.drain_timeout; exiting");
     }
     // Events of the closed sessions (and, with the memory queue, everything
     // not yet delivered) get what is left of the drain timeout.
     if let Some(w) = webhooks {
         w.stop(deadline).await;
     }
-    tracing::info!(remaining = node.num_connections(), "stopped");
+    tracing::info!(
+        closed,
+        remaining = node.num_connections(),
+        api_calls = api_calls.count(),
+        took = ?started.elapsed(),
+        "stopped"
+    );
     Ok(())
 }
 

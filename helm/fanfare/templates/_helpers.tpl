@@ -110,9 +110,13 @@ Milliseconds of a duration string as the configuration writes them ("250ms",
 {{- div (add (include "fanfare.durationMillis" . | int64) 999) 1000 }}
 {{- end }}
 
+{{/* Seconds from SIGTERM to exit at most: shutdown.drain_delay + drain_period + drain_timeout (fanfare's defaults when unset). */}}
 {{- define "fanfare.drainSeconds" -}}
 {{- $shutdown := default dict .Values.config.shutdown }}
-{{- include "fanfare.durationSeconds" (default "5s" $shutdown.drain_timeout) }}
+{{- $delay := include "fanfare.durationSeconds" (default "5s" $shutdown.drain_delay) | int }}
+{{- $period := include "fanfare.durationSeconds" (default "10s" $shutdown.drain_period) | int }}
+{{- $timeout := include "fanfare.durationSeconds" (default "5s" $shutdown.drain_timeout) | int }}
+{{- add $delay $period $timeout }}
 {{- end }}
 
 {{- define "fanfare.terminationGracePeriodSeconds" -}}
@@ -120,7 +124,7 @@ Milliseconds of a duration string as the configuration writes them ("250ms",
 {{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
 {{- add $needed 9 }}
 {{- else if lt (int .Values.terminationGracePeriodSeconds) (int $needed) }}
-{{- fail (printf "terminationGracePeriodSeconds %v does not cover lifecycle.preStopSleepSeconds + config.shutdown.drain_timeout (needs at least %d)" .Values.terminationGracePeriodSeconds $needed) }}
+{{- fail (printf "terminationGracePeriodSeconds %v does not cover lifecycle.preStopSleepSeconds + config.shutdown.drain_delay + drain_period + drain_timeout (needs at least %d)" .Values.terminationGracePeriodSeconds $needed) }}
 {{- else }}
 {{- .Values.terminationGracePeriodSeconds }}
 {{- end }}

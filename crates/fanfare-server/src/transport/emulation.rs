@@ -292,6 +292,18 @@ fn parse_json(body: &[u8]) -> Option<EmulationRequest> {
     })
 }
 
+/// Fuzz entry: an `/emulation` body (JSON, or Protobuf when `protobuf`) as
+/// `emulate` reads it, then its commands through the session's codec.
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code)] // compiled into the binary too, used by the library
+pub(crate) fn fuzz_request(body: &[u8], protobuf: bool) {
+    let request = if protobuf { EmulationRequest::decode(body).ok() } else { parse_json(body) };
+    if let Some(r) = request {
+        let codec = if protobuf { Codec::Protobuf } else { Codec::Json };
+        let _ = codec.decode(&r.data);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -136,6 +136,29 @@ fn add_recovery(connect: &mut Value, positions: &[Position]) {
     }
 }
 
+/// Fuzz entry: a uni transport's connect request (`body`, or `cf_connect` in
+/// `query`) and `Last-Event-ID` as `handle` reads them, the frame `start`
+/// builds from them, and that frame through the JSON codec. Returns the frame.
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code)] // compiled into the binary too, used by the library
+pub(crate) fn fuzz_connect(body: &[u8], query: &str, last_event_id: &str) -> Option<String> {
+    let resume = positions_from_event_id(last_event_id);
+    // What we encode we must read back: the next reconnect sends it.
+    assert_eq!(positions_from_event_id(&event_id(&resume)), resume);
+    let from_query = url_param(query, "cf_connect").unwrap_or_default();
+    for connect in [body, from_query.as_bytes()] {
+        let Ok(mut connect @ Value::Object(_)) = serde_json::from_slice::<Value>(connect) else {
+            continue;
+        };
+        add_recovery(&mut connect, &resume);
+        let frame = json!({"id": 1, "connect": connect}).to_string();
+        // Fields of the wrong type are the session's 3501, not a crash.
+        let _ = Codec::Json.decode(frame.as_bytes());
+        return Some(frame);
+    }
+    None
+}
+
 /// Connects the session and, when that succeeded, streams its messages.
 async fn start(
     node: Node,

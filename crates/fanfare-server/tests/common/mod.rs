@@ -233,6 +233,16 @@ impl Server {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("cloning a file handle"))
             .stderr(log);
+        // Tests stop nodes with SIGTERM and expect them gone at once: no
+        // drain delay or period unless the test sets them (tests/drain.rs).
+        for (key, var) in [
+            ("drain_delay", "FANFARE__SHUTDOWN__DRAIN_DELAY"),
+            ("drain_period", "FANFARE__SHUTDOWN__DRAIN_PERIOD"),
+        ] {
+            if !config.contains(key) {
+                cmd.env(var, "0s");
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
