@@ -703,8 +703,13 @@ fn tls_files<'a>(
 }
 
 /// Keys the environment may give as comma-separated lists.
-const LIST_KEYS: &[&str] =
-    &["redis.urls", "redis.sentinel_urls", "websocket.allowed_origins", "webhooks.events", "limits.trusted_proxies"];
+const LIST_KEYS: &[&str] = &[
+    "redis.urls",
+    "redis.sentinel_urls",
+    "websocket.allowed_origins",
+    "webhooks.events",
+    "limits.trusted_proxies",
+];
 
 impl Settings {
     /// Loads defaults, then the file (if any), then the environment.

@@ -157,7 +157,8 @@ async fn route(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Respo
 async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<Body> {
     let path = req.uri().path();
     if path.starts_with("/api/") || path.starts_with(crate::centrifugo::http::PREFIX) {
-        let _call = st.api_calls.enter();
+        let calls = st.api_calls.clone();
+        let _call = calls.enter();
         return api_request(req, st, peer).await;
     }
     let path = req.uri().path();
