@@ -23,8 +23,8 @@ RUNS=${RUNS:-3}; DURATION=${DURATION:-10s}; RATE=${RATE:-200}
 
 SERVER=; FLOODER=
 stop() {
-  [ -n "$FLOODER" ] && { kill -INT "$FLOODER" 2>/dev/null || true; wait "$FLOODER" 2>/dev/null || true; }
-  [ -n "$SERVER" ] && { kill -TERM "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; }
+  if [ -n "$FLOODER" ]; then kill -TERM "$FLOODER" 2>/dev/null || true; wait "$FLOODER" 2>/dev/null || true; fi
+  if [ -n "$SERVER" ]; then kill -TERM "$SERVER" 2>/dev/null || true; wait "$SERVER" 2>/dev/null || true; fi
   FLOODER=; SERVER=
 }
 trap stop EXIT
@@ -37,7 +37,7 @@ for run in $(seq "$RUNS"); do
       printf '[http]\nlisten = "127.0.0.1:%s"\n[grpc]\nlisten = "127.0.0.1:%s"\n' "$port" "$(free_port)"
       printf '[log]\nlevel = "warn"\n[[namespaces]]\nname = ""\nallow_publish = true\n'
       # The default [limits], or the command limits off.
-      [ "$case" = flood-unlimited ] && printf '[limits]\nclient_commands = 0\nuser_commands = 0\n'
+      if [ "$case" = flood-unlimited ]; then printf '[limits]\nclient_commands = 0\nuser_commands = 0\n'; fi
     } > "$OUT/$case.toml"
     "$FANFARE" --config "$OUT/$case.toml" >>"$OUT/$case.log" 2>&1 &
     SERVER=$!

@@ -2,7 +2,7 @@
 """One abusive client for scripts/bench/flood-latency.sh: a WebSocket
 connection sending PER_TICK `publish` commands every 10 ms (50 000/s with the
 default 500) and reading everything the node answers, reconnecting whenever
-it is closed, until killed or DURATION seconds pass.
+it is closed, until TERM/INT or DURATION seconds pass.
 
   flood.py PORT [DURATION] [PER_TICK] [SOURCE_IP]
 
@@ -13,6 +13,7 @@ no per-byte Python work).
 import base64
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -100,6 +101,12 @@ def one_connection(deadline: float):
     return close_code(bytes(tail))
 
 
+def stop(*_):
+    raise KeyboardInterrupt
+
+
+# A background job of a script ignores SIGINT: the bench stops it with TERM.
+signal.signal(signal.SIGTERM, stop)
 deadline = time.monotonic() + duration
 try:
     while time.monotonic() < deadline:

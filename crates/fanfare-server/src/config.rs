@@ -1310,6 +1310,19 @@ mod tests {
     }
 
     #[test]
+    fn trusted_proxies_come_from_the_environment_as_a_list() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[("FANFARE__LIMITS__TRUSTED_PROXIES", "10.0.0.0/8, 127.0.0.1")]),
+        )
+        .unwrap();
+        let trusted = s.limits.trusted().unwrap();
+        assert_eq!(trusted.len(), 2);
+        assert!(trusted[0].contains("10.9.8.7".parse().unwrap()));
+        assert_eq!(Settings::load_with_env(None, env(&[])).unwrap().limits.ip_connect_rate, 5000);
+    }
+
+    #[test]
     fn the_example_config_loads() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../config/fanfare.example.toml");
         Settings::load_with_env(Some(&path), env(&[])).unwrap();

@@ -111,7 +111,7 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr 
 }
 
 /// Slots of the per-IP table: a bounded, set-associative cache of buckets
-/// (24 bytes each, 384 KiB in all), so a flood from many addresses cannot
+/// (32 bytes each, 512 KiB in all), so a flood from many addresses cannot
 /// grow memory: a new address takes the slot of its set whose bucket is the
 /// fullest (an address that has been quiet), never one that is being
 /// limited.
