@@ -718,3 +718,71 @@ impl Node {
         self.registry().sessions.values().map(|e| e.outbox.clone()).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::AuthConfig;
+    use fanfare_protocol::Codec;
+
+    fn outbox() -> Arc<Outbox> {
+        Arc::new(Outbox::new(Codec::Json, 1 << 16))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_refuses_new_connections_and_closes_open_ones_in_steady_batches_over_the_period()
+     {
+        let node = Node::new(
+            NodeConfig::default(),
+            Arc::new(crate::MemoryBroker::new()),
+            Authenticator::new(&AuthConfig::default()).expect("no key is valid"),
+            ChannelRules::new(vec![Namespace::default()]).expect("default namespace"),
+        );
+        let open: Vec<Arc<Outbox>> = (0..1000)
+            .map(|_| {
+                let o = outbox();
+                node.register(o.clone()).expect("not draining yet");
+                o
+            })
+            .collect();
+        let spread = tokio::spawn({
+            let node = node.clone();
+            async move { node.close_spread(DisconnectCode::SHUTDOWN, Duration::from_secs(1)).await }
+        });
+        tokio::task::yield_now().await;
+        assert!(node.is_draining() && !node.is_ready());
+        assert!(node.register(outbox()).is_none(), "a new connection during the drain");
+        let closed = || open.iter().filter(|o| o.close_code().is_some()).count();
+        let mut by_quarter = Vec::new();
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            by_quarter.push(closed());
+        }
+        assert_eq!(spread.await.expect("spread task"), 1000);
+        // Batches every 50 ms: a quarter of the period closes about a quarter.
+        let expected = [250, 500, 750, 1000];
+        for (got, want) in by_quarter.iter().zip(expected) {
+            assert!(got.abs_diff(want) <= 50, "closed by quarter: {by_quarter:?}");
+        }
+        assert!(open.iter().all(|o| o.close_code() == Some(DisconnectCode::SHUTDOWN)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_with_no_period_closes_everything_at_once() {
+        let node = Node::new(
+            NodeConfig::default(),
+            Arc::new(crate::MemoryBroker::new()),
+            Authenticator::new(&AuthConfig::default()).expect("no key is valid"),
+            ChannelRules::new(vec![Namespace::default()]).expect("default namespace"),
+        );
+        let open: Vec<Arc<Outbox>> = (0..10)
+            .map(|_| {
+                let o = outbox();
+                node.register(o.clone()).expect("not draining yet");
+                o
+            })
+            .collect();
+        assert_eq!(node.close_spread(DisconnectCode::SHUTDOWN, Duration::ZERO).await, 10);
+        assert!(open.iter().all(|o| o.close_code() == Some(DisconnectCode::SHUTDOWN)));
+    }
+}

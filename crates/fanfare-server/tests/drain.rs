@@ -126,7 +126,7 @@ async fn sigterm_closes_1000_clients_with_3001_spread_over_the_period_and_recove
 
     let sigterm = Instant::now();
     a.send_sigterm();
-    wait_ready_status(&a, 503, Duration::from_secs(1));
+    wait_ready_status(&a, 503, Duration::from_secs(2));
     assert_eq!(http_get(a.port, "/health").expect("/health").0, 200, "alive while draining");
     // Clients keep working during the delay ...
     bystander.check().await;
@@ -273,7 +273,7 @@ allow_publish = true
     call.write_all(first).expect("first part");
     std::thread::sleep(Duration::from_millis(100));
     server.send_sigterm();
-    wait_ready_status(&server, 503, Duration::from_secs(1));
+    wait_ready_status(&server, 503, Duration::from_secs(2));
     bystander.check().await;
     let start = Instant::now();
     assert_eq!(bystander.client.expect_close().await, (3001, "shutdown".to_string()));
@@ -300,7 +300,7 @@ drain_period = "60s"
     );
     let mut c = server.connected("patient").await;
     server.send_sigterm();
-    wait_ready_status(&server, 503, Duration::from_secs(1));
+    wait_ready_status(&server, 503, Duration::from_secs(2));
     // Still served during the delay.
     let r: Value = c.publish("health:x", json!({})).await;
     assert_eq!(r["publish"], json!({}), "{r}");
