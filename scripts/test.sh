@@ -38,6 +38,15 @@ cargo clippy --workspace --all-targets -- -D warnings
 step "cargo test (unit + integration against the real binary)"
 cargo test --workspace
 
+# Fuzzing shares no port or target directory with the suites below, which
+# mostly wait on sockets: it runs beside them and is waited for at the end.
+step "fuzzing started in the background (cargo-fuzz: frames, JSON/Protobuf commands, HTTP bodies, JWT, Redis wire, config; FUZZ_SECONDS each; log in target/fuzz.log)"
+mkdir -p target
+scripts/fuzz.sh >target/fuzz.log 2>&1 &
+FUZZ_PID=$!
+# A failing suite ends the script early: the fuzzing goes with it.
+trap 'pkill -TERM -P "$FUZZ_PID" 2>/dev/null; kill "$FUZZ_PID" 2>/dev/null || true' EXIT
+
 step "WebSocket conformance (Autobahn server cases via kosoku against examples/ws_echo.rs)"
 tests/conformance/run.sh
 
@@ -57,8 +66,14 @@ FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run-redis.sh
 step "Python: control API and the Centrifugo-compatible API (grpcio stubs generated from proto/ at test time, HTTP, cent), proxies to aiohttp and grpcio backends, webhooks into a verifying receiver, centrifuge-python SDK (JSON and Protobuf); nodes on Redis"
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/api/run.sh
 
-step "fuzzing (cargo-fuzz: frames, JSON/Protobuf commands, HTTP bodies, JWT, Redis wire, config; FUZZ_SECONDS each)"
-scripts/fuzz.sh
+step "fuzzing (waiting for the background run)"
+if ! wait "$FUZZ_PID"; then
+  cat target/fuzz.log
+  echo "fuzzing failed (log above)" >&2
+  exit 1
+fi
+trap - EXIT
+grep -E '^==> |stat::number_of_executed_units' target/fuzz.log
 
 step "metrics lint (promtool check metrics on a live node)"
 scripts/check-metrics.sh "$ROOT/target/debug/fanfare"
