@@ -8,32 +8,45 @@ use std::time::Instant;
 
 use fanfare_core::{ApiError, ApiLimits};
 
-/// The `X-Request-Id` of an API request (HTTP header or gRPC metadata): the
-/// caller's when it is a plain token (1 to 128 bytes of `A-Z a-z 0-9 . _ : -`),
-/// else a fresh one. Only such tokens are logged and echoed, so the header
-/// cannot forge log lines or carry arbitrary data into them. A fresh id is a
-/// per-process random prefix and a counter: unique without a syscall per
-/// request.
-pub fn request_id(incoming: Option<&http::HeaderValue>) -> http::HeaderValue {
+/// The span of one API request (HTTP `/api/*` or a gRPC call) and the
+/// `X-Request-Id` to echo: the caller's when it is a plain token (1 to 128
+/// bytes of `A-Z a-z 0-9 . _ : -`), else a fresh one. Only such tokens are
+/// logged and echoed, so the header cannot forge log lines or carry arbitrary
+/// data into them. A fresh id (a per-process random prefix and a counter:
+/// unique without a syscall) is made only when the span is enabled: with
+/// `info` filtered out nothing could be found by it, and the id, its header
+/// and its span cost a gRPC call about 1 µs (docs/BENCHMARKS.md). The value
+/// is marked sensitive so that HTTP/2 does not put each unique id into its
+/// header compression table.
+pub fn request_span(
+    incoming: Option<&http::HeaderValue>,
+) -> (tracing::Span, Option<http::HeaderValue>) {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
-    if let Some(v) = incoming {
+    let span = tracing::info_span!("request", request_id = tracing::field::Empty);
+    let plain = |v: &&http::HeaderValue| {
         let b = v.as_bytes();
-        if (1..=128).contains(&b.len())
+        (1..=128).contains(&b.len())
             && b.iter().all(|c| c.is_ascii_alphanumeric() || b"._:-".contains(c))
-        {
-            return v.clone();
+    };
+    let mut id = match incoming.filter(plain) {
+        Some(v) => v.clone(),
+        None if span.is_disabled() => return (span, None),
+        None => {
+            static PREFIX: OnceLock<u64> = OnceLock::new();
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let prefix = *PREFIX.get_or_init(|| {
+                use std::hash::{BuildHasher, RandomState};
+                RandomState::new().hash_one(std::process::id())
+            });
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            http::HeaderValue::try_from(format!("{prefix:016x}-{n}"))
+                .expect("hex digits, a dash and digits make a header value")
         }
-    }
-    static PREFIX: OnceLock<u64> = OnceLock::new();
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(|| {
-        use std::hash::{BuildHasher, RandomState};
-        RandomState::new().hash_one(std::process::id())
-    });
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    http::HeaderValue::try_from(format!("{prefix:016x}-{n}"))
-        .expect("hex digits, a dash and digits make a header value")
+    };
+    id.set_sensitive(true);
+    span.record("request_id", tracing::field::display(id.to_str().unwrap_or_default()));
+    (span, Some(id))
 }
 
 /// The name of the request id header (lowercase, as HTTP/2 needs it).

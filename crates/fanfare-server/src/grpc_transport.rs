@@ -312,9 +312,8 @@ impl<C: ControlService> GrpcService<C> {
         match target {
             Some(target) => {
                 use tracing::Instrument;
-                let id = crate::api::request_id(req.headers().get(crate::api::REQUEST_ID));
-                let span =
-                    tracing::info_span!("request", request_id = %id.to_str().unwrap_or_default());
+                let (span, id) =
+                    crate::api::request_span(req.headers().get(crate::api::REQUEST_ID));
                 let call = api_call(self.clone(), target, req, respond, peer, id);
                 Some(Box::pin(call.instrument(span)))
             }
@@ -372,7 +371,7 @@ async fn api_call<C: ControlService>(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer: Option<SocketAddr>,
-    request_id: HeaderValue,
+    request_id: Option<HeaderValue>,
 ) {
     let (parts, body) = req.into_parts();
     let reply = match service.check(target, parts.uri.path(), &parts.headers, peer) {
@@ -414,12 +413,14 @@ enum Reply {
     Refused(StatusCode, Status),
 }
 
-fn send_reply(respond: &mut SendResponse<Bytes>, reply: Reply, request_id: HeaderValue) {
+fn send_reply(respond: &mut SendResponse<Bytes>, reply: Reply, request_id: Option<HeaderValue>) {
     let (http_status, status, accept_encoding) = match reply {
         Reply::Message(body) => {
             let mut resp = Response::new(());
             resp.headers_mut().insert(header::CONTENT_TYPE, GRPC_CONTENT_TYPE);
-            resp.headers_mut().insert(crate::api::REQUEST_ID, request_id);
+            if let Some(id) = request_id {
+                resp.headers_mut().insert(crate::api::REQUEST_ID, id);
+            }
             if let Ok(mut stream) = respond.send_response(resp, false) {
                 let mut trailers = HeaderMap::with_capacity(1);
                 trailers.insert("grpc-status", HeaderValue::from_static("0"));
@@ -436,7 +437,9 @@ fn send_reply(respond: &mut SendResponse<Bytes>, reply: Reply, request_id: Heade
     *resp.status_mut() = http_status;
     let h = resp.headers_mut();
     h.insert(header::CONTENT_TYPE, GRPC_CONTENT_TYPE);
-    h.insert(crate::api::REQUEST_ID, request_id);
+    if let Some(id) = request_id {
+        h.insert(crate::api::REQUEST_ID, id);
+    }
     h.insert("grpc-status", HeaderValue::from(status.code() as i32));
     if !status.message().is_empty() {
         h.insert("grpc-message", percent_encode(status.message()));

@@ -210,8 +210,7 @@ fn refused(refusal: crate::limits::Refusal) -> Response<Body> {
 /// its request id, which the answer echoes in `X-Request-Id`.
 async fn api_request(req: Request<Incoming>, st: HttpState, peer: SocketAddr) -> Response<Body> {
     use tracing::Instrument;
-    let id = crate::api::request_id(req.headers().get(crate::api::REQUEST_ID));
-    let span = tracing::info_span!("request", request_id = %id.to_str().unwrap_or_default());
+    let (span, id) = crate::api::request_span(req.headers().get(crate::api::REQUEST_ID));
     let call = async {
         // The path names the method; query, headers and body stay out of logs.
         let path = req.uri().path().to_owned();
@@ -225,7 +224,9 @@ async fn api_request(req: Request<Incoming>, st: HttpState, peer: SocketAddr) ->
         r
     };
     let mut r = call.instrument(span).await;
-    r.headers_mut().insert(crate::api::REQUEST_ID, id);
+    if let Some(id) = id {
+        r.headers_mut().insert(crate::api::REQUEST_ID, id);
+    }
     r
 }
 
