@@ -1042,6 +1042,7 @@ impl Settings {
         for url in s.redis.urls.iter_mut().chain([&mut s.webhooks.url]) {
             *url = mask_userinfo(url);
         }
+        s.auth.jwks_url = crate::jwks::shown_url(&s.auth.jwks_url);
         for p in &mut s.proxies {
             p.endpoint = mask_userinfo(&p.endpoint);
             for v in p.static_headers.values_mut() {

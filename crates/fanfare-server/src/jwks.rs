@@ -42,6 +42,12 @@ pub fn validate(cfg: &AuthConfig) -> anyhow::Result<()> {
         Some("http") if matches!(host, "127.0.0.1" | "localhost" | "[::1]" | "::1") => {}
         _ => bail!("auth.jwks_url: must be https:// (http:// only to a loopback address)"),
     }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        bail!(
+            "auth.jwks_url: user:password@ is not sent (and would reach the HTTP client's logs); \
+             a JWKS is public, serve it without credentials"
+        );
+    }
     if !cfg.jwks_ca.is_empty() {
         roots(cfg).context("auth.jwks_ca")?;
     }
@@ -103,6 +109,15 @@ fn client(cfg: &AuthConfig) -> anyhow::Result<HttpClient> {
     Ok(Client::builder(TokioExecutor::new()).build(https))
 }
 
+/// A URL as logs and `check-config` show it: its query (an access key some
+/// issuers put there) replaced.
+pub fn shown_url(url: &str) -> String {
+    match url.split_once('?') {
+        Some((base, _)) => format!("{base}?********"),
+        None => url.to_string(),
+    }
+}
+
 /// Starts fetching when `auth.jwks_url` is set. The first fetch is awaited
 /// (bounded by `JWKS_WAIT`) so a node starts with keys; if it fails the node
 /// starts anyway and the first token asks again.
@@ -113,6 +128,7 @@ pub async fn start(cfg: &AuthConfig, auth: &Authenticator) -> anyhow::Result<()>
     let fetcher = Fetcher {
         client: client(cfg)?,
         url: cfg.jwks_url.clone(),
+        shown: shown_url(&cfg.jwks_url),
         keys,
         refresh: cfg.jwks_refresh_interval,
         quiet: cfg.jwks_refetch_interval,
@@ -125,6 +141,8 @@ pub async fn start(cfg: &AuthConfig, auth: &Authenticator) -> anyhow::Result<()>
 struct Fetcher {
     client: HttpClient,
     url: String,
+    /// `url` for logs: without its query, which may carry an access key.
+    shown: String,
     keys: Arc<JwksKeys>,
     refresh: Duration,
     quiet: Duration,
@@ -156,13 +174,13 @@ impl Fetcher {
             .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {}s", JWKS_WAIT.as_secs())));
         let ok = match result.and_then(|body| self.keys.load(&body).map_err(anyhow::Error::msg)) {
             Ok(n) => {
-                tracing::info!(url = %self.url, keys = n, "JWKS fetched");
+                tracing::info!(url = %self.shown, keys = n, "JWKS fetched");
                 metrics::gauge!("fanfare_jwks_keys").set(n as f64);
                 true
             }
             Err(e) => {
                 // The keys fetched before stay in use.
-                tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed");
+                tracing::warn!(url = %self.shown, error = %e, "JWKS fetch failed");
                 false
             }
         };

@@ -68,6 +68,12 @@ mod heap;
 mod http;
 #[cfg(feature = "fuzzing")]
 #[allow(dead_code, unused_imports)]
+mod jwks;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod limits;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
 mod methods;
 #[cfg(feature = "fuzzing")]
 #[allow(dead_code, unused_imports)]
@@ -75,6 +81,9 @@ mod outbound;
 #[cfg(feature = "fuzzing")]
 #[allow(dead_code, unused_imports)]
 mod proxy;
+#[cfg(feature = "fuzzing")]
+#[allow(dead_code, unused_imports)]
+mod tls;
 #[cfg(feature = "fuzzing")]
 #[allow(dead_code, unused_imports)]
 mod transport;

@@ -114,6 +114,11 @@ queue_max_size = 65536
 [websocket]
 write_timeout = "30s"
 
+# One publisher as fast as the node answers, not a test of the command limits.
+[limits]
+client_commands = 0
+user_commands = 0
+
 [[namespaces]]
 name = ""
 allow_publish = true

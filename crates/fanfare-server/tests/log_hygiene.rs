@@ -53,6 +53,8 @@ impl Canaries {
 /// The secrets of the node's configuration.
 struct Config {
     hmac: String,
+    hmac_previous: String,
+    jwks_password: String,
     api_key: String,
     webhook_secret: String,
     proxy_header: String,
@@ -63,6 +65,8 @@ impl Config {
     fn new(c: &mut Canaries) -> Config {
         Config {
             hmac: c.add("auth.hmac_secret", "hmac-CANARY-7d1e90b2"),
+            hmac_previous: c.add("auth.hmac_previous_secret", "hmac-previous-CANARY-3e88"),
+            jwks_password: c.add("auth.jwks_url access key", "jwkskey-CANARY-90ad"),
             api_key: c.add("api.key", "apikey-CANARY-51c0aa4f"),
             webhook_secret: c.add("webhooks.secret", "webhook-CANARY-0b7f2c1d"),
             proxy_header: c.add("proxies.static_headers value", "Bearer proxy-CANARY-6a2d"),
@@ -83,6 +87,12 @@ format = "{format}"
 
 [auth]
 hmac_secret = "{hmac}"
+hmac_previous_secret = "{hmac_previous}"
+jwks_url = "http://127.0.0.1:{dead}/jwks?access_key={jwks_pw}"
+
+[limits]
+client_commands = 20
+client_command_burst = 20
 
 [api]
 key = "{api_key}"
@@ -119,6 +129,8 @@ history_size = 10
 history_ttl = "60s"
 "#,
         hmac = cfg.hmac,
+        hmac_previous = cfg.hmac_previous,
+        jwks_pw = cfg.jwks_password,
         api_key = cfg.api_key,
         redis_pw = cfg.redis_password,
         hook_secret = cfg.webhook_secret,
@@ -223,6 +235,51 @@ async fn scenario(server: &Server, cfg: &Config, c: &mut Canaries) {
     )
     .await;
     assert_eq!(bob.expect_close().await.0, 3500);
+
+    // Issue 16's refusals: a token signed with the previous secret (accepted),
+    // `alg: none`, a token not valid yet, a subscription token offered as a
+    // connection token, a public-key token whose `kid` the (unreachable)
+    // JWKS does not know, and a client flooding past its command limit.
+    let previous = c.token(
+        "token signed with auth.hmac_previous_secret",
+        sign(&cfg.hmac_previous, &json!({"sub": "carol", "exp": unix_now() + 300})),
+    );
+    let carol = server.connected_with_token(&previous).await;
+    let b64 = |v: &Value| data_encoding::BASE64URL_NOPAD.encode(v.to_string().as_bytes());
+    let none_claims = c.add("alg none subject", "none-CANARY-5d21");
+    let none = format!("{}.{}.", b64(&json!({"alg": "none"})), b64(&json!({"sub": none_claims})));
+    let early = sign(secret, &json!({"sub": "dave", "nbf": unix_now() + 600}));
+    let kind = sign(secret, &json!({"sub": "dave", "channel": "private:room"}));
+    let kid_claims = c.add("unknown kid subject", "kid-CANARY-0f3b");
+    let unknown_kid = format!(
+        "{}.{}.{}",
+        b64(&json!({"alg": "RS256", "kid": "kid-CANARY-0f3b"})),
+        b64(&json!({"sub": kid_claims})),
+        "c2lnbmF0dXJl"
+    );
+    for (what, token) in [
+        ("alg none token", none),
+        ("token not valid before", early),
+        ("subscription token as connection token", kind),
+        ("token with an unknown kid", unknown_kid),
+    ] {
+        // An unsigned token has no signature to look for on its own.
+        let token = if token.ends_with('.') { c.add(what, token) } else { c.token(what, token) };
+        let mut m = server.client().await;
+        m.send_json(&json!({"id": 1, "connect": {"token": token}})).await;
+        assert_eq!(m.expect_close().await.0, 3500, "{what}");
+    }
+    let flood = c.add("flooded publication", "flood-payload-CANARY-72e1");
+    let mut flooder = server.connected_with_token(&sign(secret, &json!({"sub": "flo"}))).await;
+    for _ in 0..80 {
+        flooder
+            .send_json(
+                &json!({"id": 3, "publish": {"channel": "open:chat", "data": {"text": flood}}}),
+            )
+            .await;
+    }
+    assert_eq!(flooder.expect_close().await.0, 3013);
+    carol.close().await;
 
     // Malformed frames that quote secrets: serde's errors must not echo them.
     let in_frame = c.add("value in a malformed frame", "frame-CANARY-19bd");

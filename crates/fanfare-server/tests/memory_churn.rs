@@ -15,6 +15,13 @@ const CONFIG: &str = r#"
 [log]
 level = "info,fanfare::heap=debug"
 
+# The churn goes over one connection as fast as the node answers: past the
+# default command limits (10 000/s per connection and per user), which this
+# test is not about.
+[limits]
+client_commands = 0
+user_commands = 0
+
 [memory]
 history_meta_ttl = "1s"
 sweep_interval = "100ms"

@@ -660,65 +660,6 @@ async fn a_jwks_server_that_never_answers_costs_a_connect_at_most_the_fetch_wait
     assert_survived(&server, &mut bystander).await;
 }
 
-/// A CA and a server certificate for 127.0.0.1, made by the openssl CLI.
-fn test_pki(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output();
-        let out = out.expect("openssl CLI");
-        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=fanfare test CA",
-    ]);
-    run(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=127.0.0.1",
-    ]);
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
-    run(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ]);
-    (dir.join("ca.pem"), dir.join("server.pem"), dir.join("server.key"))
-}
-
 fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Arc<rustls::ServerConfig> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -741,9 +682,10 @@ fn tls_config(cert: &std::path::Path, key: &std::path::Path) -> Arc<rustls::Serv
 // from the JWKS server, which runs on this runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jwks_served_over_https_by_a_private_ca_is_trusted_through_jwks_ca() {
-    let pki = tempfile::tempdir().unwrap();
-    let (ca, cert, key) = test_pki(pki.path());
-    let jwks_server = JwksServer::start(jwks(&[(1, "k1")]), Some(tls_config(&cert, &key))).await;
+    let pki = common::tls::TestCa::new();
+    let (ca, leaf) = (pki.ca_pem(), pki.issue("jwks"));
+    let (cert, key) = (&leaf.cert, &leaf.key);
+    let jwks_server = JwksServer::start(jwks(&[(1, "k1")]), Some(tls_config(cert, key))).await;
     let url = format!("https://127.0.0.1:{}/jwks.json", jwks_server.port);
     let server = jwks_node(&url, 2, &format!("jwks_ca = \"{}\"\n", ca.display()));
     let mut bystander = Bystander::join(&server).await;

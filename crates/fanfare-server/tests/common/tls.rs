@@ -130,6 +130,11 @@ impl TestCa {
         Issued { cert: self.dir.path().join(cert), key: self.dir.path().join(key) }
     }
 
+    /// The CA certificate (PEM), for a node's `*_ca` setting.
+    pub fn ca_pem(&self) -> PathBuf {
+        self.dir.path().join("ca.pem")
+    }
+
     /// A client configuration trusting only this CA, offering `alpn`.
     pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<ClientConfig> {
         let mut roots = RootCertStore::empty();
