@@ -38,55 +38,35 @@ pub mod ws;
 // transports' request bodies. Off by default: the library stays small.
 #[cfg(feature = "fuzzing")]
 extern crate self as fanfare_server;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod api;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod api_http;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod centrifugo;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod config;
+/// Declares the binary's modules, each only under the `fuzzing` feature.
+macro_rules! binary_modules {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[cfg(feature = "fuzzing")]
+            #[allow(dead_code, unused_imports)]
+            mod $name;
+        )*
+    };
+}
+binary_modules!(
+    api,
+    api_http,
+    centrifugo,
+    config,
+    grpc,
+    grpc_transport,
+    heap,
+    http,
+    jwks,
+    limits,
+    methods,
+    outbound,
+    proxy,
+    tls,
+    transport,
+    webhooks,
+);
 /// Entry points of the fuzz targets (`fuzz/fuzz_targets/`).
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod grpc;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod grpc_transport;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod heap;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod http;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod jwks;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod limits;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod methods;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod outbound;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod proxy;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod tls;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod transport;
-#[cfg(feature = "fuzzing")]
-#[allow(dead_code, unused_imports)]
-mod webhooks;
