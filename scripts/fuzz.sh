@@ -37,7 +37,10 @@ for t in "${targets[@]}"; do
   cp -n "seeds/$t"/* "corpus/$t/" 2>/dev/null || true
   echo "==> $t for ${SECONDS_EACH}s"
   set +e
-  cargo fuzz run "${FLAGS[@]}" "$t" "corpus/$t" -- \
+  # The CPU time matters more than the wall time when the run shares cores
+  # (docs/SECURITY.md reports both).
+  TIMEFORMAT="==> $t: %0R s wall, %0U s user + %0S s sys CPU"
+  time cargo fuzz run "${FLAGS[@]}" "$t" "corpus/$t" -- \
     -max_total_time="$SECONDS_EACH" -max_len=65536 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
     2>&1 | grep -E '^(stat::number_of_executed_units|stat::peak_rss_mb|Done )|ERROR|panicked|SUMMARY|Test unit written'
   rc=${PIPESTATUS[0]}
