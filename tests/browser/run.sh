@@ -3,6 +3,9 @@
 # playwright-core) against real fanfare nodes on a real Redis: the client limited
 # to websocket, http_stream or sse, publishing, receiving, reading presence and
 # history, recovering across a node restart; and a refused origin (browser.mjs).
+# Then the chat example as users see it: started by examples/chat/run.sh, two
+# and three users in a room, a node restart, a tab offline for a while (chat.mjs;
+# CHAT_SCREENSHOT=docs/images/chat.png refreshes the README's screenshot).
 # Usage: FANFARE_BIN=/abs/path/to/fanfare tests/browser/run.sh
 # Needs redis-server and /usr/bin/chromium (or CHROMIUM_BIN). Exit code is the
 # result. FANFARE_E2E_VERBOSE=1 prints the page and process logs of passing tests too.
@@ -31,4 +34,4 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
   npm ci --no-audit --no-fund
 fi
 
-exec node --test --test-concurrency=1 browser.mjs
+exec node --test --test-concurrency=1 browser.mjs chat.mjs

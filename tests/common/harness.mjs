@@ -1,7 +1,8 @@
-// What every Node end-to-end suite (tests/sdk, tests/browser) needs of its
-// surroundings: log stamps, bounded waits, free loopback ports, child
-// processes (logged, killed by PID at exit), and whether a Redis answers. No
-// npm dependencies, so each suite imports it whatever its own node_modules hold.
+// What every Node end-to-end suite (tests/sdk, tests/browser) and the chat
+// example's launcher (examples/chat/run.mjs) need of their surroundings: log
+// stamps, bounded waits, free loopback ports, child processes (logged,
+// stopped and at exit killed by PID), and whether a Redis answers. No npm
+// dependencies, so each imports it whatever its own node_modules hold.
 
 import { spawn } from 'node:child_process';
 import net from 'node:net';
@@ -48,15 +49,22 @@ process.on('exit', () => {
 });
 
 /**
- * Spawns `cmd`, pushing its output lines, start and exit onto the array `log`
- * (stamped, prefixed with `label`). `child.exited` resolves with
- * `child.exitInfo` once it is gone (also when it could not be spawned).
+ * Spawns `cmd`, pushing its output lines, start and exit onto `log` (an array,
+ * or anything with a `push(line)`; stamped, prefixed with `label`), with
+ * `extraEnv` added to this process's environment. `child.exited` resolves
+ * with `child.exitInfo` once it is gone (also when it could not be spawned).
  */
-export function spawnLogged(label, cmd, args, log) {
+export function spawnLogged(label, cmd, args, log, extraEnv = {}) {
   // NO_COLOR: fanfare's log lines without ANSI colours, readable in a failure dump.
   // No drain delay or period for a fanfare stopped with SIGTERM (other
   // programs ignore the variables).
-  const env = { FANFARE__SHUTDOWN__DRAIN_DELAY: '0s', FANFARE__SHUTDOWN__DRAIN_PERIOD: '0s', ...process.env, NO_COLOR: '1' };
+  const env = {
+    FANFARE__SHUTDOWN__DRAIN_DELAY: '0s',
+    FANFARE__SHUTDOWN__DRAIN_PERIOD: '0s',
+    ...process.env,
+    ...extraEnv,
+    NO_COLOR: '1',
+  };
   const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'], env });
   children.add(child);
   child.exitInfo = null;
@@ -79,6 +87,27 @@ export function spawnLogged(label, cmd, args, log) {
   }
   log.push(`${stamp()} [${label}] spawned pid ${child.pid}: ${cmd} ${args.join(' ')}`);
   return child;
+}
+
+/**
+ * Stops a child of spawnLogged by its PID: `signal` (SIGTERM), then SIGKILL
+ * after `graceMs`; resolves with its exitInfo once it is gone.
+ */
+export async function stopChild(child, { signal = 'SIGTERM', graceMs = 5000 } = {}) {
+  if (!child || child.exitInfo) return child?.exitInfo ?? null;
+  child.kill(signal);
+  let timer;
+  const graceful = await Promise.race([
+    child.exited.then(() => true),
+    new Promise((resolve) => (timer = setTimeout(() => resolve(false), graceMs))),
+  ]);
+  // A pending timer would keep the process alive for graceMs after its work.
+  clearTimeout(timer);
+  if (!graceful) {
+    child.kill('SIGKILL');
+    await withTimeout(child.exited, 5000, `pid ${child.pid} to exit after SIGKILL`);
+  }
+  return child.exitInfo;
 }
 
 /** A loopback TCP port that was free a moment ago. */
