@@ -108,9 +108,10 @@ function chatTest(name, fn) {
  * and presses Join.
  */
 async function openUser(name, room) {
-  const context = await chat.browser.newContext({ viewport: { width: 900, height: 560 } });
+  const context = await chat.browser.newContext({ viewport: { width: 900, height: 420 } });
   const page = await context.newPage();
   const sockets = []; // every WebSocket the page opened, in order
+  const subscribed = []; // the node's reply to each subscribe to the room: {recoverable, recovered, ...}
   const short = (s) => (s.length > 200 ? `${s.slice(0, 200)}...` : s);
   page.on('console', (m) => pageLog.push(`${stamp()} [${name} console.${m.type()}] ${m.text()}`));
   page.on('pageerror', (e) => pageLog.push(`${stamp()} [${name} pageerror] ${e.stack || e}`));
@@ -118,13 +119,21 @@ async function openUser(name, room) {
     sockets.push(ws);
     pageLog.push(`${stamp()} [${name} ws] open ${ws.url()}`);
     ws.on('framesent', (f) => pageLog.push(`${stamp()} [${name} ws >] ${short(String(f.payload))}`));
-    ws.on('framereceived', (f) => pageLog.push(`${stamp()} [${name} ws <] ${short(String(f.payload))}`));
+    ws.on('framereceived', (f) => {
+      pageLog.push(`${stamp()} [${name} ws <] ${short(String(f.payload))}`);
+      // One frame may carry several replies, a line each. The room is the
+      // page's only subscribe (the personal channel comes with the connect reply).
+      for (const line of String(f.payload).split('\n')) {
+        const reply = line.startsWith('{"id"') ? JSON.parse(line) : null;
+        if (reply?.subscribe) subscribed.push(reply.subscribe);
+      }
+    });
     ws.on('close', () => pageLog.push(`${stamp()} [${name} ws] closed`));
   });
   await page.goto(room ? `${chat.url}?room=${room}` : chat.url, { timeout: WAIT_MS });
   await page.getByTestId('name').fill(name);
   await page.getByTestId('join').click();
-  const user = { name, context, page, sockets };
+  const user = { name, context, page, sockets, subscribed };
   await until(async () => (await members(user)).includes(name), `${name} to see themself in the member list`);
   return user;
 }
@@ -229,6 +238,11 @@ chatTest('after a node restart both tabs reconnect on their own, and a message s
     }
     await waitMembers(alice, ['alice', 'bob']);
     await waitMembers(bob, ['alice', 'bob']);
+    // They came back through recovery: the node said nothing was lost.
+    for (const user of [alice, bob]) {
+      assert.equal(user.subscribed.length, 2, `${user.name}: subscribe replies ${JSON.stringify(user.subscribed)}`);
+      assert.equal(user.subscribed[1].recovered, true, `${user.name}'s resubscribe: ${JSON.stringify(user.subscribed[1])}`);
+    }
     await say(bob, 'after the restart');
     const afterRestart = ['alice: before the restart', 'bob: after the restart'];
     await waitMessages(alice, afterRestart);
@@ -249,6 +263,10 @@ chatTest('after a node restart both tabs reconnect on their own, and a message s
     // A duplicate (recovery and a second delivery) would show up by now.
     await sleep(500);
     assert.deepEqual(await messages(alice), all, 'the missed message exactly once');
+    // ... and it came by recovery, in the resubscribe's reply.
+    const resubscribe = alice.subscribed.at(-1);
+    assert.equal(resubscribe.recovered, true, `alice's resubscribe: ${JSON.stringify(resubscribe)}`);
+    assert.deepEqual(resubscribe.publications?.map((p) => p.data.text), ['sent while alice was offline'], 'what the resubscribe recovered');
 
     await say(alice, 'back');
     await waitMessages(bob, [...all, 'alice: back']);
