@@ -4,6 +4,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use fanfare_core::{ApiError, ApiLimits};
@@ -60,6 +61,9 @@ pub struct ApiContext {
     pub limits: ApiLimits,
     /// Largest request body / message in bytes.
     pub max_request_size: usize,
+    /// The admin console, when on: its session tokens are accepted as
+    /// `authorization: token <token>` besides the key.
+    pub admin: Option<Arc<crate::admin::Admin>>,
 }
 
 /// Why a caller was refused.
@@ -69,6 +73,9 @@ pub enum AuthFailure {
     BadKey,
     /// No key configured and the caller is not on loopback.
     NotLoopback,
+    /// `authorization: token ...` that is not a valid, unexpired session
+    /// token of the admin console (or the console is off).
+    BadToken,
 }
 
 impl AuthFailure {
@@ -78,6 +85,7 @@ impl AuthFailure {
             AuthFailure::NotLoopback => {
                 "no api.key is configured: the control API answers loopback callers only"
             }
+            AuthFailure::BadToken => "session token invalid or expired: sign in again",
         }
     }
 }
@@ -90,6 +98,17 @@ impl ApiContext {
         x_api_key: Option<&str>,
         peer: Option<SocketAddr>,
     ) -> Result<(), AuthFailure> {
+        // A session token is judged by itself, also where loopback callers
+        // need no key: a console whose session ended must learn it.
+        if let Some(v) = authorization
+            && let (scheme, token) = v.trim().split_once(' ').unwrap_or((v.trim(), ""))
+            && scheme.eq_ignore_ascii_case("token")
+        {
+            return match &self.admin {
+                Some(admin) if admin.verify(token.trim()) => Ok(()),
+                _ => Err(AuthFailure::BadToken),
+            };
+        }
         if self.key.is_empty() {
             return match peer {
                 Some(p) if p.ip().is_loopback() => Ok(()),
@@ -171,7 +190,12 @@ mod tests {
     use super::*;
 
     fn ctx(key: &str) -> ApiContext {
-        ApiContext { key: key.into(), limits: ApiLimits::default(), max_request_size: 1024 }
+        ApiContext {
+            key: key.into(),
+            limits: ApiLimits::default(),
+            max_request_size: 1024,
+            admin: None,
+        }
     }
 
     #[test]
@@ -187,5 +211,7 @@ mod tests {
         assert_eq!(k.authorize(Some("apikey nope"), None, Some(lo)), Err(AuthFailure::BadKey));
         assert_eq!(k.authorize(Some("Bearer s3cret"), None, Some(lo)), Err(AuthFailure::BadKey));
         assert_eq!(k.authorize(None, None, Some(lo)), Err(AuthFailure::BadKey));
+        // Without the console, a session token is refused even on loopback.
+        assert_eq!(ctx("").authorize(Some("token 1.x"), None, Some(lo)), Err(AuthFailure::BadToken));
     }
 }

@@ -192,7 +192,7 @@ impl Refused {
     pub(crate) fn status_and_message(&self) -> (StatusCode, String) {
         match self {
             Refused::NotPost => (StatusCode::METHOD_NOT_ALLOWED, "use POST".into()),
-            Refused::Auth(f @ AuthFailure::BadKey) => {
+            Refused::Auth(f @ (AuthFailure::BadKey | AuthFailure::BadToken)) => {
                 (StatusCode::UNAUTHORIZED, f.message().into())
             }
             Refused::Auth(f @ AuthFailure::NotLoopback) => {
@@ -238,7 +238,7 @@ pub async fn handle(
         Err(refused) => {
             let code = match &refused {
                 Refused::NotPost => "INVALID_ARGUMENT",
-                Refused::Auth(AuthFailure::BadKey) => "UNAUTHENTICATED",
+                Refused::Auth(AuthFailure::BadKey | AuthFailure::BadToken) => "UNAUTHENTICATED",
                 Refused::Auth(AuthFailure::NotLoopback) => "PERMISSION_DENIED",
                 Refused::Timeout(_) => "DEADLINE_EXCEEDED",
                 Refused::TooLarge(_) => "RESOURCE_EXHAUSTED",

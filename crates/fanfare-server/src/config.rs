@@ -28,6 +28,7 @@ pub struct Settings {
     pub transports: TransportsSection,
     pub webhooks: WebhooksSection,
     pub limits: LimitsSection,
+    pub admin: AdminSection,
     pub namespaces: Vec<Namespace>,
     /// Backends the node asks about clients (`client.connect_proxy`,
     /// namespace `subscribe_proxy`, ...), by name.
@@ -291,6 +292,7 @@ impl ApiSection {
                 idempotency_window: self.idempotency_window,
                 cluster_timeout: self.cluster_timeout,
             },
+            admin: None,
         }
     }
 }
@@ -529,6 +531,78 @@ impl LimitsSection {
             bail!("limits.client_command_burst: must be at most 1000000");
         }
         self.trusted()?;
+        Ok(())
+    }
+}
+
+/// The admin console at `/admin` (decision 33). Off by default; on, it needs
+/// a password (plain or an Argon2 PHC hash) and a secret signing its
+/// session tokens.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSection {
+    /// Serve `/admin` and accept its session tokens on `/api/*`.
+    pub enabled: bool,
+    /// The console's password, compared in constant time; or use `password_hash`.
+    pub password: String,
+    /// An Argon2 PHC string (`$argon2id$v=19$m=...`) of the password, e.g.
+    /// from `argon2` or `python3 -m argon2`; exclusive with `password`.
+    pub password_hash: String,
+    /// HMAC-SHA256 key of the session tokens, at least 32 characters (e.g.
+    /// `openssl rand -hex 32`). Changing it signs every console out.
+    pub secret: String,
+    /// How long a session token is valid after sign-in.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            password: String::new(),
+            password_hash: String::new(),
+            secret: String::new(),
+            session_ttl: Duration::from_secs(8 * 3600),
+        }
+    }
+}
+
+/// The shortest `admin.secret`: 32 characters, e.g. 16 random bytes in hex
+/// (128 bits); HMAC-SHA256 keys shorter than that are guessable offline from
+/// one token.
+pub const ADMIN_SECRET_MIN: usize = 32;
+
+impl AdminSection {
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.enabled {
+            return Ok(());
+        }
+        match (self.password.is_empty(), self.password_hash.is_empty()) {
+            (true, true) => bail!(
+                "admin.password: admin.enabled = true needs admin.password or admin.password_hash"
+            ),
+            (false, false) => {
+                bail!("admin.password_hash: set admin.password or admin.password_hash, not both")
+            }
+            (true, false) => {
+                crate::admin::parse_hash(&self.password_hash).map_err(|e| {
+                    anyhow::anyhow!("admin.password_hash: not an Argon2 PHC string: {e}")
+                })?;
+            }
+            (false, true) => {}
+        }
+        if self.secret.is_empty() {
+            bail!("admin.secret: admin.enabled = true needs a secret for the session tokens");
+        }
+        if self.secret.len() < ADMIN_SECRET_MIN {
+            bail!(
+                "admin.secret: must be at least {ADMIN_SECRET_MIN} characters (e.g. `openssl rand -hex 32`)"
+            );
+        }
+        if self.session_ttl < Duration::from_secs(1) || self.session_ttl > Duration::from_secs(7 * 86400) {
+            bail!("admin.session_ttl: must be between 1s and 7d");
+        }
         Ok(())
     }
 }
@@ -915,6 +989,7 @@ impl Settings {
         }
         self.webhooks.validate()?;
         self.limits.validate()?;
+        self.admin.validate()?;
         self.channel_rules()?;
         fanfare_core::Authenticator::new(&self.auth).map_err(|e| anyhow::anyhow!(e))?;
         crate::jwks::validate(&self.auth)?;
@@ -1032,6 +1107,9 @@ impl Settings {
             &mut s.auth.hmac_secret,
             &mut s.auth.hmac_previous_secret,
             &mut s.webhooks.secret,
+            &mut s.admin.password,
+            &mut s.admin.password_hash,
+            &mut s.admin.secret,
         ] {
             if !secret.is_empty() {
                 *secret = MASK.into();

@@ -342,7 +342,7 @@ impl<C: ControlService> GrpcService<C> {
         let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
         match self.ctx.authorize(authorization, None, peer) {
             Ok(()) => {}
-            Err(f @ AuthFailure::BadKey) => {
+            Err(f @ (AuthFailure::BadKey | AuthFailure::BadToken)) => {
                 return Err(Reply::Status(Status::unauthenticated(f.message())));
             }
             Err(f @ AuthFailure::NotLoopback) => {

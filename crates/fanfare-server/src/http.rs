@@ -54,6 +54,8 @@ pub struct HttpState {
     pub uni_websocket: bool,
     /// HTTP API calls being answered: shutdown waits for them.
     pub api_calls: Arc<InFlight>,
+    /// The admin console (`admin.enabled`); `None`: `/admin` answers 404.
+    pub admin: Option<Arc<crate::admin::Admin>>,
 }
 
 /// A count of requests being answered, for a shutdown that lets them finish.
@@ -162,6 +164,12 @@ async fn route_complete(req: Request<Incoming>, st: HttpState, peer: SocketAddr)
         return api_request(req, st, peer).await;
     }
     let path = req.uri().path();
+    if path == "/admin" || path.starts_with("/admin/") {
+        return match &st.admin {
+            Some(admin) => crate::admin::handle(admin, req, peer, st.deadlines.body).await,
+            None => plain(StatusCode::NOT_FOUND, "not found\n"),
+        };
+    }
     let websocket = path == "/connection/websocket"
         || (path == "/connection/uni_websocket" && st.uni_websocket);
     if websocket && let Err(refusal) = st.admission.admit(&st.node, peer, req.headers()) {

@@ -49,6 +49,7 @@ macro_rules! binary_modules {
     };
 }
 binary_modules!(
+    admin,
     api,
     api_http,
     centrifugo,

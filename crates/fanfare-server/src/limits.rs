@@ -72,7 +72,7 @@ fn key(ip: IpAddr) -> u128 {
 /// What the per-IP limit counts: the address, or for IPv6 its /64 (one
 /// host usually holds a whole /64, so counting single addresses would be
 /// no limit at all).
-fn rate_key(ip: IpAddr) -> u128 {
+pub(crate) fn rate_key(ip: IpAddr) -> u128 {
     let k = key(ip);
     if k >> 32 == 0xffff { k } else { k & (u128::MAX << 64) }
 }

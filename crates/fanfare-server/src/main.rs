@@ -1,5 +1,6 @@
 //! The `fanfare` binary: runs an edge node, checks configuration, mints tokens.
 
+mod admin;
 mod api;
 mod api_http;
 mod centrifugo;
@@ -66,6 +67,9 @@ enum Command {
         #[arg(long)]
         info: Option<String>,
     },
+    /// Read a password from standard input (one line) and print its Argon2id
+    /// PHC string for admin.password_hash.
+    HashPassword,
 }
 
 fn main() -> std::process::ExitCode {
@@ -109,6 +113,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 channels,
             };
             println!("{}", auth.sign(&claims).map_err(|e| anyhow::anyhow!(e))?);
+            Ok(())
+        }
+        Command::HashPassword => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).context("reading the password from stdin")?;
+            let password = line.strip_suffix('\n').unwrap_or(&line);
+            let password = password.strip_suffix('\r').unwrap_or(password);
+            if password.is_empty() {
+                anyhow::bail!("hash-password: give the password as one line on standard input");
+            }
+            println!("{}", admin::hash_password(password)?);
             Ok(())
         }
         Command::Run => {
@@ -234,7 +249,11 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     let grpc_listener =
         listen(grpc_addr).with_context(|| format!("grpc.listen: cannot listen on {grpc_addr}"))?;
     tracing::info!(grpc = %grpc_listener.local_addr()?, tls = grpc_cert.is_some(), "control API listening");
-    let api_ctx = Arc::new(settings.api.context());
+    let admin = admin::Admin::new(&settings.admin, settings.limits.trusted()?).map(Arc::new);
+    if admin.is_some() {
+        tracing::info!("admin console at /admin (admin.enabled)");
+    }
+    let api_ctx = Arc::new(crate::api::ApiContext { admin: admin.clone(), ..settings.api.context() });
     let (stop_tx, stop_rx) = watch::channel(false);
     let api_calls = Arc::new(http::InFlight::default());
     let state = http::HttpState {
@@ -258,6 +277,7 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
         uni_http_stream: settings.transports.uni_http_stream,
         uni_websocket: settings.transports.uni_websocket,
         api_calls: api_calls.clone(),
+        admin,
     };
     // Histogram samples are kept raw until the recorder's upkeep folds them into
     // buckets; `install_recorder` runs no upkeep, so without this they would

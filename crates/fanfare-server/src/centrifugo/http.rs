@@ -62,7 +62,9 @@ pub async fn handle(
         Err(refused) => {
             let (_, message) = refused.status_and_message();
             let code = match refused {
-                Refused::Auth(AuthFailure::BadKey | AuthFailure::NotLoopback) => {
+                Refused::Auth(
+                    AuthFailure::BadKey | AuthFailure::NotLoopback | AuthFailure::BadToken,
+                ) => {
                     CompatError::UNAUTHORIZED
                 }
                 Refused::TooLarge(_) => CompatError::LIMIT_EXCEEDED,
