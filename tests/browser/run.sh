@@ -6,6 +6,9 @@
 # Then the chat example as users see it: started by examples/chat/run.sh, two
 # and three users in a room, a node restart, a tab offline for a while (chat.mjs;
 # CHAT_SCREENSHOT=docs/images/chat.png refreshes the README's screenshot).
+# Last, the admin console on a three-node cluster (admin.mjs: sign-in, nodes,
+# channels, publish, disconnect; ADMIN_SCREENSHOTS=docs/images refreshes the
+# README's screenshots, by default they go to target/admin-screenshots/).
 # Usage: FANFARE_BIN=/abs/path/to/fanfare tests/browser/run.sh
 # Needs redis-server and /usr/bin/chromium (or CHROMIUM_BIN). Exit code is the
 # result. FANFARE_E2E_VERBOSE=1 prints the page and process logs of passing tests too.
@@ -34,4 +37,4 @@ if [ ! -d node_modules ] || [ package-lock.json -nt node_modules/.package-lock.j
   npm ci --no-audit --no-fund
 fi
 
-exec node --test --test-concurrency=1 browser.mjs chat.mjs
+exec node --test --test-concurrency=1 browser.mjs chat.mjs admin.mjs

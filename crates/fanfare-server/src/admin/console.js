@@ -93,13 +93,14 @@ async function loadChannel() {
     api("history", { channel, limit: 20, reverse: true }),
   ]);
   const pbody = $("[data-testid=presence] tbody"), hbody = $("[data-testid=history] tbody");
-  pbody.replaceChildren(presence.status === "fulfilled"
+  // A namespace without presence or history answers an error: shown in
+  // place of that table.
+  pbody.replaceChildren(...(presence.status === "fulfilled"
     ? Object.values(presence.value.clients).map((c) => row([c.client, c.user], []))
-    : row([presence.reason.message, ""], []));
-  hbody.replaceChildren(history.status === "fulfilled"
+    : [row([presence.reason.message, ""], [])]));
+  hbody.replaceChildren(...(history.status === "fulfilled"
     ? history.value.publications.map((p) => row([p.offset, text("code", JSON.stringify(p.data))], [0]))
-    : row([history.reason.message, ""], []));
-  if (presence.status === "rejected" && presence.reason instanceof SignedOut) return;
+    : [row([history.reason.message, ""], [])]));
 }
 
 // Messages in/out per second of this node, from its own Prometheus
