@@ -16,7 +16,9 @@ import tempfile
 import tomllib
 
 MANAGED = {"http.listen", "grpc.listen", "broker.kind", "redis.urls", "redis.cluster", "api.key", "auth.hmac_secret",
-           "auth.hmac_previous_secret", "webhooks.secret", "http.tls_cert", "http.tls_key", "grpc.tls_cert", "grpc.tls_key"}
+           "auth.hmac_previous_secret", "webhooks.secret", "http.tls_cert", "http.tls_key", "grpc.tls_cert", "grpc.tls_key",
+           # the chart's admin.* values (credentials from a Secret)
+           "admin.enabled", "admin.password", "admin.password_hash", "admin.secret"}
 SAMPLE = {"boolean": False, "integer": None, "string": "", "array": []}
 
 

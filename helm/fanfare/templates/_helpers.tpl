@@ -237,6 +237,9 @@ Milliseconds of a duration string as the configuration writes them ("250ms",
 {{- if and .Values.httpRoute.enabled (empty .Values.httpRoute.parentRefs) }}
 {{- fail "httpRoute.enabled needs httpRoute.parentRefs (the Gateway to attach to)" }}
 {{- end }}
+{{- if and .Values.admin.enabled (not .Values.admin.existingSecret) }}
+{{- fail "admin.enabled needs admin.existingSecret (a Secret with the console's password or password hash and its session secret)" }}
+{{- end }}
 {{- $webhooks := default dict .Values.config.webhooks }}
 {{- if $webhooks.url }}
 {{- if and (not .Values.secrets.webhookSecret) (not .Values.secrets.existingSecret) }}
