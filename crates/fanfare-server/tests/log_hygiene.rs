@@ -59,6 +59,8 @@ struct Config {
     webhook_secret: String,
     proxy_header: String,
     redis_password: String,
+    admin_password: String,
+    admin_secret: String,
 }
 
 impl Config {
@@ -71,6 +73,8 @@ impl Config {
             webhook_secret: c.add("webhooks.secret", "webhook-CANARY-0b7f2c1d"),
             proxy_header: c.add("proxies.static_headers value", "Bearer proxy-CANARY-6a2d"),
             redis_password: c.add("redis.urls password", "redispw-CANARY-11f4"),
+            admin_password: c.add("admin.password", "adminpw-CANARY-5e21"),
+            admin_secret: c.add("admin.secret", "adminsecret-CANARY-0123456789abcdef"),
         }
     }
 }
@@ -96,6 +100,11 @@ client_command_burst = 20
 
 [api]
 key = "{api_key}"
+
+[admin]
+enabled = true
+password = "{admin_pw}"
+secret = "{admin_secret}"
 
 [redis]
 urls = ["redis://:{redis_pw}@127.0.0.1:{dead}/0"]
@@ -135,6 +144,8 @@ history_ttl = "60s"
         redis_pw = cfg.redis_password,
         hook_secret = cfg.webhook_secret,
         proxy_header = cfg.proxy_header,
+        admin_pw = cfg.admin_password,
+        admin_secret = cfg.admin_secret,
     )
 }
 
@@ -188,6 +199,28 @@ async fn scenario(server: &Server, cfg: &Config, c: &mut Canaries) {
         "publish",
         &[("Authorization", &format!("apikey {wrong_key}"))],
         &json!({"channel": "open:chat", "data": {}}),
+    );
+    assert_eq!(r.status, 401);
+    // The admin console: a wrong password, a sign-in, an API call with its
+    // session token, one with a forged token.
+    let login = |password: &str| {
+        let body = json!({ "password": password }).to_string();
+        http_request(server.port, "POST", "/admin/login", &[], body.as_bytes())
+    };
+    let wrong_password = c.add("wrong admin password", "wrong-adminpw-CANARY-77b3");
+    assert_eq!(login(&wrong_password).status, 401);
+    let r = login(&cfg.admin_password);
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    let session = r.json()["token"].as_str().expect("a session token").to_string();
+    let session = c.token("admin session token", session);
+    let r = http_api_with(server, "info", &[("Authorization", &format!("token {session}"))], &json!({}));
+    assert_eq!(r.status, 200);
+    let forged_session = c.add("forged admin session token", "99999999999999.forged-CANARY-a1");
+    let r = http_api_with(
+        server,
+        "info",
+        &[("Authorization", &format!("token {forged_session}"))],
+        &json!({}),
     );
     assert_eq!(r.status, 401);
     // A request id that is not a plain token is replaced, not echoed.
