@@ -26,7 +26,7 @@ use crate::limits::Cidr;
 
 /// Failed sign-ins one client IP (IPv6: one /64) may make per window; the
 /// next attempt is answered 429 until the window ends. With a password hash
-/// each attempt costs an Argon2 verification (about 20 ms of one core with
+/// each attempt costs an Argon2 verification (about 50 ms of one core with
 /// the crate's default parameters), so this also bounds the CPU one address
 /// can burn.
 pub const LOGIN_FAILURES: u32 = 5;
@@ -203,7 +203,12 @@ impl Admin {
 
     /// `POST /admin/login` with `{"password": "..."}`: 200 with a token,
     /// 401 with no detail for a wrong password, 429 past the limit.
-    async fn login(&self, req: Request<Incoming>, peer: SocketAddr, body_timeout: Duration) -> Response<Body> {
+    async fn login(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        body_timeout: Duration,
+    ) -> Response<Body> {
         if req.method() != Method::POST {
             return json_reply(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "use POST"}));
         }
@@ -334,7 +339,10 @@ mod tests {
         assert!(!a.verify(&format!("{later}.{tag}")), "a longer expiry under the old MAC");
         assert!(!a.verify(&a.token(unix_ms() - 1)), "an expired token");
         let other = Admin::new(
-            &AdminSection { secret: "t".repeat(32), ..AdminSection { enabled: true, password: "pw".into(), ..Default::default() } },
+            &AdminSection {
+                secret: "t".repeat(32),
+                ..AdminSection { enabled: true, password: "pw".into(), ..Default::default() }
+            },
             Vec::new(),
         )
         .unwrap();

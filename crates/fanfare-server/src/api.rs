@@ -212,6 +212,9 @@ mod tests {
         assert_eq!(k.authorize(Some("Bearer s3cret"), None, Some(lo)), Err(AuthFailure::BadKey));
         assert_eq!(k.authorize(None, None, Some(lo)), Err(AuthFailure::BadKey));
         // Without the console, a session token is refused even on loopback.
-        assert_eq!(ctx("").authorize(Some("token 1.x"), None, Some(lo)), Err(AuthFailure::BadToken));
+        assert_eq!(
+            ctx("").authorize(Some("token 1.x"), None, Some(lo)),
+            Err(AuthFailure::BadToken)
+        );
     }
 }

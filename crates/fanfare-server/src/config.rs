@@ -600,7 +600,9 @@ impl AdminSection {
                 "admin.secret: must be at least {ADMIN_SECRET_MIN} characters (e.g. `openssl rand -hex 32`)"
             );
         }
-        if self.session_ttl < Duration::from_secs(1) || self.session_ttl > Duration::from_secs(7 * 86400) {
+        if self.session_ttl < Duration::from_secs(1)
+            || self.session_ttl > Duration::from_secs(7 * 86400)
+        {
             bail!("admin.session_ttl: must be between 1s and 7d");
         }
         Ok(())

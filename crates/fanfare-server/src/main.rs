@@ -253,7 +253,8 @@ async fn run_node(settings: Settings) -> anyhow::Result<()> {
     if admin.is_some() {
         tracing::info!("admin console at /admin (admin.enabled)");
     }
-    let api_ctx = Arc::new(crate::api::ApiContext { admin: admin.clone(), ..settings.api.context() });
+    let api_ctx =
+        Arc::new(crate::api::ApiContext { admin: admin.clone(), ..settings.api.context() });
     let (stop_tx, stop_rx) = watch::channel(false);
     let api_calls = Arc::new(http::InFlight::default());
     let state = http::HttpState {

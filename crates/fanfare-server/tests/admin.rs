@@ -46,9 +46,12 @@ fn info_with_token(server: &Server, token: &str) -> HttpResponse {
 #[test]
 fn a_node_without_admin_enabled_has_no_console_and_refuses_session_tokens() {
     let server = Server::start(API_KEY_TOML);
-    for (method, path) in
-        [("GET", "/admin"), ("GET", "/admin/"), ("GET", "/admin/console.js"), ("POST", "/admin/login")]
-    {
+    for (method, path) in [
+        ("GET", "/admin"),
+        ("GET", "/admin/"),
+        ("GET", "/admin/console.js"),
+        ("POST", "/admin/login"),
+    ] {
         let r = http_request(server.port, method, path, &[], b"{\"password\":\"x\"}");
         assert_eq!(r.status, 404, "{method} {path}");
     }
@@ -71,7 +74,8 @@ fn the_page_and_its_assets_are_served_from_the_binary_with_a_strict_policy() {
     assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
     assert_eq!(page.header("x-frame-options"), Some("DENY"));
     let html = String::from_utf8_lossy(&page.body);
-    for hook in ["password", "login", "nodes", "channels", "publish-channel", "publish-data", "publish"]
+    for hook in
+        ["password", "login", "nodes", "channels", "publish-channel", "publish-data", "publish"]
     {
         assert!(html.contains(&format!("data-testid=\"{hook}\"")), "no data-testid {hook}");
     }
@@ -203,7 +207,10 @@ fn hash_password(password: &str) -> String {
 #[test]
 fn bad_admin_settings_stop_the_node_with_an_error_naming_the_key() {
     let cases: &[(&[(&str, &str)], &str)] = &[
-        (&[("FANFARE__ADMIN__ENABLED", "true"), ("FANFARE__ADMIN__SECRET", SECRET)], "admin.password:"),
+        (
+            &[("FANFARE__ADMIN__ENABLED", "true"), ("FANFARE__ADMIN__SECRET", SECRET)],
+            "admin.password:",
+        ),
         (
             &[
                 ("FANFARE__ADMIN__ENABLED", "true"),
@@ -213,7 +220,10 @@ fn bad_admin_settings_stop_the_node_with_an_error_naming_the_key() {
             ],
             "admin.password_hash:",
         ),
-        (&[("FANFARE__ADMIN__ENABLED", "true"), ("FANFARE__ADMIN__PASSWORD", "pw")], "admin.secret:"),
+        (
+            &[("FANFARE__ADMIN__ENABLED", "true"), ("FANFARE__ADMIN__PASSWORD", "pw")],
+            "admin.secret:",
+        ),
         (
             &[
                 ("FANFARE__ADMIN__ENABLED", "true"),

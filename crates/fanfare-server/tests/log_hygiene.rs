@@ -213,7 +213,12 @@ async fn scenario(server: &Server, cfg: &Config, c: &mut Canaries) {
     assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
     let session = r.json()["token"].as_str().expect("a session token").to_string();
     let session = c.token("admin session token", session);
-    let r = http_api_with(server, "info", &[("Authorization", &format!("token {session}"))], &json!({}));
+    let r = http_api_with(
+        server,
+        "info",
+        &[("Authorization", &format!("token {session}"))],
+        &json!({}),
+    );
     assert_eq!(r.status, 200);
     let forged_session = c.add("forged admin session token", "99999999999999.forged-CANARY-a1");
     let r = http_api_with(

@@ -64,9 +64,7 @@ pub async fn handle(
             let code = match refused {
                 Refused::Auth(
                     AuthFailure::BadKey | AuthFailure::NotLoopback | AuthFailure::BadToken,
-                ) => {
-                    CompatError::UNAUTHORIZED
-                }
+                ) => CompatError::UNAUTHORIZED,
                 Refused::TooLarge(_) => CompatError::LIMIT_EXCEEDED,
                 Refused::NotPost | Refused::Timeout(_) => CompatError::BAD_REQUEST,
             };
