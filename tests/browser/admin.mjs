@@ -299,6 +299,33 @@ test('publishing from the console reaches a centrifuge-js client on another node
   });
 });
 
+test('the live rates show the messages this node writes to its clients', async () => {
+  await logged('rates', async () => {
+    const page = suite.page;
+    const client = await clientPage(admin(), 'carol', 'room:rates');
+    try {
+      const rateOut = () => page.$eval(tid('rate-out'), (b) => Number(b.textContent));
+      // Publications (through another node) for the client on this node,
+      // until the rate shows them: at most 60, over at most WAIT_MS.
+      const deadline = Date.now() + WAIT_MS;
+      let seen = 0;
+      for (let i = 0; i < 60 && seen === 0 && Date.now() < deadline; i++) {
+        const r = await fetch(`${suite.nodes[1].origin}/api/publish`, {
+          method: 'POST',
+          headers: { authorization: `apikey ${API_KEY}` },
+          body: JSON.stringify({ channel: 'room:rates', data: { i } }),
+        });
+        assert.equal(r.status, 200);
+        await sleep(100);
+        seen = await rateOut();
+      }
+      assert.ok(seen > 0, `rate-out stayed ${seen} while publications went out`);
+    } finally {
+      await client.context.close();
+    }
+  });
+});
+
 test('disconnecting a user from the console closes its connection', async () => {
   await logged('disconnect', async () => {
     const page = suite.page;

@@ -126,8 +126,10 @@ async function pollRates() {
 
 const pages = { nodes: loadNodes, channels: loadChannels, channel: loadChannel, publish: null, disconnect: null };
 
+const currentPage = () => (location.hash.slice(1) in pages ? location.hash.slice(1) : "nodes");
+
 function show() {
-  const page = location.hash.slice(1) in pages ? location.hash.slice(1) : "nodes";
+  const page = currentPage();
   document.querySelectorAll("section[data-page]").forEach((s) => s.classList.toggle("shown", s.dataset.page === page));
   document.querySelectorAll("nav a").forEach((a) => a.classList.toggle("active", a.hash === "#" + page));
   $("#api-error").textContent = "";
@@ -141,7 +143,7 @@ function signedIn() {
   $("#rates").hidden = false;
   show();
   // The nodes page follows the cluster; rates are sampled each second.
-  timers.push(setInterval(() => { if (!$("#console").hidden && location.hash !== "#channels" && location.hash !== "#channel" && location.hash !== "#publish" && location.hash !== "#disconnect") loadNodes().catch(showError); }, 3000));
+  timers.push(setInterval(() => { if (currentPage() === "nodes") loadNodes().catch(showError); }, 3000));
   timers.push(setInterval(() => pollRates().catch(() => {}), 1000));
   pollRates().catch(() => {});
 }
