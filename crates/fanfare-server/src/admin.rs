@@ -227,12 +227,18 @@ impl Admin {
         let collect = Limited::new(req.into_body(), MAX_LOGIN_BODY).collect();
         let body = match tokio::time::timeout(body_timeout, collect).await {
             Ok(Ok(b)) => b.to_bytes(),
-            _ => {
+            Ok(Err(_)) => {
                 self.give_back(ip);
-                return json_reply(
-                    StatusCode::BAD_REQUEST,
-                    json!({"error": format!("body: at most {MAX_LOGIN_BODY} bytes within http.body_read_timeout")}),
-                );
+                let e = format!("body: larger than {MAX_LOGIN_BODY} bytes");
+                return json_reply(StatusCode::PAYLOAD_TOO_LARGE, json!({ "error": e }));
+            }
+            Err(_) => {
+                self.give_back(ip);
+                let e = "body: not received within http.body_read_timeout";
+                let mut r = json_reply(StatusCode::REQUEST_TIMEOUT, json!({ "error": e }));
+                // The rest of the body may never come: the connection is not kept.
+                r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                return r;
             }
         };
         #[derive(serde::Deserialize)]

@@ -166,6 +166,24 @@ fn the_sixth_failed_sign_in_within_a_minute_gets_429_even_with_the_right_passwor
 }
 
 #[test]
+fn a_sign_in_that_is_not_a_password_object_gets_a_specific_answer_and_costs_no_attempt() {
+    let server = Server::start(&admin_toml(""));
+    for _ in 0..6 {
+        let r = http_request(server.port, "POST", "/admin/login", &[], b"{\"pass\": 1}");
+        assert_eq!(r.status, 400);
+        assert!(
+            r.json()["error"].as_str().unwrap_or_default().contains("password"),
+            "{:?}",
+            r.json()
+        );
+    }
+    let big = vec![b' '; 8192];
+    assert_eq!(http_request(server.port, "POST", "/admin/login", &[], &big).status, 413);
+    assert_eq!(http_request(server.port, "GET", "/admin/login", &[], b"").status, 405);
+    token_of(&login(&server, PASSWORD));
+}
+
+#[test]
 fn a_right_password_does_not_use_up_the_sign_in_budget() {
     let server = Server::start(&admin_toml(""));
     for _ in 0..8 {
