@@ -6,7 +6,8 @@
 // the Channels and Channel pages show its subscription, presence and the
 // publication in history; disconnecting its user from the console closes its
 // connection; the live in/out rates move. A screenshot of each page is saved
-// to docs/images/admin-*.png (committed, shown in the README). Also, without
+// as admin-*.png in target/admin-screenshots/, or in ADMIN_SCREENSHOTS
+// (=docs/images for the README's, committed). Also, without
 // the browser: the console's API calls without a token get 401, and a node
 // without admin.enabled has no /admin (404).
 //
@@ -22,12 +23,14 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { freePort, redisPing, sleep, spawnLogged as spawnInto, stamp, withTimeout } from '../common/harness.mjs';
+import { freePort, redisPing, sleep, spawnLogged as spawnInto, stamp, stopChild } from '../common/harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.FANFARE_BIN;
 const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
-const IMAGES = path.join(HERE, '../../docs/images');
+// Where the screenshots go: ADMIN_SCREENSHOTS=docs/images refreshes the
+// README's (a fresh run differs in uptimes and client ids, so not by default).
+const IMAGES = path.resolve(process.env.ADMIN_SCREENSHOTS || path.join(HERE, '../../target/admin-screenshots'));
 const SECRET = 'admin-e2e-jwt-secret';
 const API_KEY = 'admin-e2e-api-key';
 const PASSWORD = 'admin-e2e password';
@@ -56,16 +59,6 @@ async function waitReady(child, label, probe, ms = 20_000) {
     await sleep(50);
   }
   throw new Error(`${label} was not ready within ${ms} ms`);
-}
-
-async function stopChild(child) {
-  if (!child || child.exitInfo) return;
-  child.kill('SIGTERM');
-  const gone = await withTimeout(child.exited, 5000, `pid ${child.pid} to exit`).then(() => true, () => false);
-  if (!gone) {
-    child.kill('SIGKILL');
-    await withTimeout(child.exited, 5000, `pid ${child.pid} to exit after SIGKILL`);
-  }
 }
 
 /** The client page (its parameters in the query) and centrifuge-js's ESM build. */
