@@ -12,7 +12,13 @@ use serde_json::{Value, json};
 
 /// [`common::open_namespaces`] with history, and `room:` with presence.
 fn namespaces() -> String {
-    let room = "\n[[namespaces]]\nname = \"room\"\nallow_publish = true\npresence = true\njoin_leave = true\n";
+    let room = r#"
+[[namespaces]]
+name = "room"
+allow_publish = true
+presence = true
+join_leave = true
+"#;
     format!("{}{room}", common::open_namespaces(Some(1000)))
 }
 
