@@ -1,5 +1,5 @@
 # Shell helpers shared by the benchmark scripts (sourced, not run):
-# loadtest/bench/single-node.sh, scripts/bench/compare-centrifugo.sh, and
+# loadtest/bench/*.sh, scripts/bench/*.sh, scripts/bench-api.sh, and
 # tests/conformance/run.sh (free_port, wait_port).
 
 # Other work on the machine (builds, tests) ruins CPU-bound figures: wait (up
@@ -36,16 +36,10 @@ wait_port() {
   return 1
 }
 
-# node_config PORT: the TOML of a benchmark node on 127.0.0.1:PORT (gRPC on
-# PORT+1, log level warn, [limits] off); callers append their own sections.
-node_config() {
+# limits_off: the [limits] section of every benchmark node (fanfare's; the
+# Centrifugo of compare-centrifugo.sh has no such limits).
+limits_off() {
   cat <<EOF
-[http]
-listen = "127.0.0.1:$1"
-[grpc]
-listen = "127.0.0.1:$(($1 + 1))"
-[log]
-level = "warn"
 [limits]
 # Benchmarks open tens of thousands of connections from a few loopback
 # addresses and publish thousands a second over one connection: off here.
@@ -56,4 +50,18 @@ user_connections = 0
 client_commands = 0
 user_commands = 0
 EOF
+}
+
+# node_config PORT: the TOML of a benchmark node on 127.0.0.1:PORT (gRPC on
+# PORT+1, log level warn, [limits] off); callers append their own sections.
+node_config() {
+  cat <<EOF
+[http]
+listen = "127.0.0.1:$1"
+[grpc]
+listen = "127.0.0.1:$(($1 + 1))"
+[log]
+level = "warn"
+EOF
+  limits_off
 }

@@ -15,7 +15,7 @@ SUBS=${SUBS:-2000}; CHANNELS=${CHANNELS:-10}; PUBLISHERS=${PUBLISHERS:-40}
 WRITE_DELAY=${WRITE_DELAY:-0s}; TAG=${TAG:+-$TAG}
 BIN=target/release/fanfare; LT=target/release/fanfare-loadtest
 mkdir -p target/bench
-. loadtest/bench/lib.sh   # free_port
+. loadtest/bench/lib.sh   # free_port, wait_quiet, limits_off
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -41,15 +41,7 @@ urls = ["redis://127.0.0.1:$rport"]
 level = "warn"
 [client]
 write_delay = "$WRITE_DELAY"
-[limits]
-# Benchmarks open tens of thousands of connections from a few loopback
-# addresses and publish thousands a second over one connection: off here.
-connect_rate = 0
-ip_connect_rate = 0
-node_connections = 0
-user_connections = 0
-client_commands = 0
-user_commands = 0
+$(limits_off)
 [[namespaces]]
 name = ""
 allow_publish = true

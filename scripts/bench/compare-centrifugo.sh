@@ -54,7 +54,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 # shellcheck source=loadtest/bench/lib.sh
-. "$ROOT/loadtest/bench/lib.sh" # wait_quiet, free_port, wait_port
+. "$ROOT/loadtest/bench/lib.sh" # wait_quiet, free_port, wait_port, limits_off
 
 # The size variables the caller set, for the command line in the summary.
 SIZE_VARS="PROTOCOL FLOOR FANFARE_WRITE_DELAY RUNS IDLE_N IDLE_HOLD SETTLE FANOUT_N FANOUT_CHANNELS FANOUT_RATE FANOUT_PUBLISHERS FANOUT_DUR PAYLOAD WORKERS PUBLISH_MODE AUTH QUIET_WAIT CENTRIFUGO_VERSION"
@@ -178,8 +178,7 @@ write_fanfare_config() { # write_fanfare_config BROKER FILE
       echo "[redis]"; echo "urls = [\"redis://127.0.0.1:$RPORT\"]"
     fi
     # Centrifugo's open-source edition has no such limits: off, as in every bench.
-    echo "[limits]"; echo "connect_rate = 0"; echo "ip_connect_rate = 0"; echo "node_connections = 0"
-    echo "user_connections = 0"; echo "client_commands = 0"; echo "user_commands = 0"
+    limits_off
     echo "[[namespaces]]"; echo 'name = ""'; echo "allow_publish = true"
   } >"$2"
 }

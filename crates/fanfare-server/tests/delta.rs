@@ -8,20 +8,17 @@ mod common;
 use std::time::Duration;
 
 use common::redis::{RedisServer, start_nodes};
-use common::{Bystander, Client, SECRET, Server, assert_survived, run_cli};
+use common::{Bystander, Client, Server, assert_survived, run_cli};
 use serde_json::{Value, json};
 
 fn server() -> Server {
     Server::start(&namespaces())
 }
 
+/// `doc:` with fossil deltas, `plain:` without; both with history.
 fn namespaces() -> String {
     format!(
-        r#"
-[auth]
-hmac_secret = "{SECRET}"
-allow_anonymous = true
-
+        r#"{auth}
 [[namespaces]]
 name = "doc"
 allow_publish = true
@@ -38,7 +35,8 @@ history_ttl = "300s"
 [[namespaces]]
 name = "health"
 allow_publish = true
-"#
+"#,
+        auth = common::auth_with_anonymous()
     )
 }
 

@@ -18,17 +18,8 @@ const CLIENTS: usize = 1000;
 const DELAY: Duration = Duration::from_secs(2);
 const PERIOD: Duration = Duration::from_secs(4);
 
-fn history_namespace() -> &'static str {
-    r#"
-[auth]
-allow_anonymous = true
-
-[[namespaces]]
-name = ""
-allow_publish = true
-history_size = 1000
-history_ttl = "300s"
-"#
+fn history_namespace() -> String {
+    common::open_namespaces(Some(1000))
 }
 
 /// Polls `/ready` until it answers `status` (bounded by `within`).

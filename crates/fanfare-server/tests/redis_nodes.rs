@@ -7,29 +7,19 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::redis::{RedisServer, Seen, collect_pubs, publish_pipelined, start_nodes};
-use common::{SECRET, Server, assert_error, assert_healthy, http_get};
+use common::{Server, assert_error, assert_healthy, http_get};
 use serde_json::{Value, json};
 
+/// [`common::open_namespaces`] with history, and `room:` with presence.
 fn namespaces() -> String {
-    format!(
-        r#"
-[auth]
-hmac_secret = "{SECRET}"
-allow_anonymous = true
-
-[[namespaces]]
-name = ""
-allow_publish = true
-history_size = 1000
-history_ttl = "300s"
-
+    let room = r#"
 [[namespaces]]
 name = "room"
 allow_publish = true
 presence = true
 join_leave = true
-"#
-    )
+"#;
+    format!("{}{room}", common::open_namespaces(Some(1000)))
 }
 
 /// Polls `/ready` of `node` until it answers `status` (bounded by `within`).

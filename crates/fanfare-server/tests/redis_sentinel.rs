@@ -9,27 +9,15 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::assert_healthy;
 use common::redis::{RedisServer, Resp, collect_pubs, redis_cmd, start_nodes_with};
 use common::redis_tls::Sentinel;
-use common::{SECRET, assert_healthy};
 use serde_json::json;
 
 const MASTER: &str = "fanfare-primary";
 
 fn namespaces() -> String {
-    format!(
-        r#"
-[auth]
-hmac_secret = "{SECRET}"
-allow_anonymous = true
-
-[[namespaces]]
-name = ""
-allow_publish = true
-history_size = 1000
-history_ttl = "300s"
-"#
-    )
+    common::open_namespaces(Some(1000))
 }
 
 /// `master_repl_offset` of `INFO replication` on `port`.

@@ -12,23 +12,11 @@ use std::sync::Arc;
 
 use common::redis::{broker_toml, collect_pubs, start_nodes_with};
 use common::redis_tls::{TestCa, TlsCluster, TlsRedis};
-use common::{Bystander, SECRET, Server, assert_survived, free_port, run_cli};
+use common::{Bystander, Server, assert_survived, free_port, run_cli};
 use serde_json::json;
 
 fn namespaces() -> String {
-    format!(
-        r#"
-[auth]
-hmac_secret = "{SECRET}"
-allow_anonymous = true
-
-[[namespaces]]
-name = ""
-allow_publish = true
-history_size = 100
-history_ttl = "300s"
-"#
-    )
+    common::open_namespaces(Some(100))
 }
 
 /// A subscriber on `b` gets what a client publishes on `a`, for every channel.

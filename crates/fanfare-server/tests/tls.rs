@@ -14,17 +14,13 @@ use fanfare_server::pb;
 use prost::Message;
 use serde_json::json;
 
-fn tls_toml(issued: &Issued) -> String {
-    format!("tls_cert = {:?}\ntls_key = {:?}\n", issued.cert, issued.key)
-}
-
 /// A node with TLS on both ports, its certificate files copies of `issued`
 /// in `dir` (returned), so that a test can replace them.
 fn start_tls_node(ca: &TestCa, issued: &Issued, dir: &std::path::Path) -> (Server, Issued) {
     let live = Issued { cert: dir.join("live.pem"), key: dir.join("live.key") };
     std::fs::copy(&issued.cert, &live.cert).unwrap();
     std::fs::copy(&issued.key, &live.key).unwrap();
-    let tls = tls_toml(&live);
+    let tls = live.listener_toml();
     let extra = format!("[auth]\nhmac_secret = \"{SECRET}\"\n\n{API_KEY_TOML}");
     (Server::start_tls(&tls, &tls, &extra, ca.client_config(&[])), live)
 }
@@ -179,60 +175,5 @@ async fn wait_for_log(server: &Server, needle: &str, times: usize) {
     while server.log().matches(needle).count() < times {
         assert!(Instant::now() < deadline, "no {needle:?} x{times} in the log:\n{}", server.log());
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Measurement, not a check (docs/BENCHMARKS.md "TLS listeners"): the node's
-/// RSS growth per idle WebSocket connection (connected, one subscription),
-/// plain and over TLS, on one node with TLS on the HTTP port and one without.
-/// `FANFARE_TEST_BIN=target/release/fanfare FANFARE_IDLE_N=2000 cargo test
-/// -p fanfare-server --test tls -- --ignored --nocapture idle`
-#[tokio::test]
-#[ignore]
-async fn idle_memory_per_connection_plain_and_tls() {
-    let n: usize =
-        std::env::var("FANFARE_IDLE_N").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
-    let ca = TestCa::new();
-    let a = ca.issue("fanfare-a");
-    let dir = tempfile::tempdir().unwrap();
-    // One trace line per connection gives the task future's size.
-    let extra = "[log]\nlevel = \"info,fanfare::transport::websocket=trace\"\n\
-                 [[namespaces]]\nname = \"idle\"\nallow_subscribe = true\n";
-    let plain = Server::start(extra);
-    // FANFARE_IDLE_PLAIN_ONLY: for a build without TLS (a baseline).
-    let live = Issued { cert: dir.path().join("live.pem"), key: dir.path().join("live.key") };
-    std::fs::copy(&a.cert, &live.cert).unwrap();
-    std::fs::copy(&a.key, &live.key).unwrap();
-    let tls = match std::env::var_os("FANFARE_IDLE_PLAIN_ONLY") {
-        Some(_) => None,
-        None => Some(Server::start_tls(&tls_toml(&live), "", extra, ca.client_config(&[]))),
-    };
-    let servers = [Some(("plain", &plain)), tls.as_ref().map(|t| ("tls", t))];
-    for (what, server) in servers.into_iter().flatten() {
-        // Warm up allocator arenas and lazily made state with a few first.
-        let mut clients = Vec::with_capacity(n + 50);
-        for i in 0..50 {
-            let mut c = server.connected("warm").await;
-            c.subscribe_ok(&format!("idle:w{i}"), json!({})).await;
-            clients.push(c);
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let before = common::rss_bytes(server.pid());
-        for i in 0..n {
-            let mut c = server.connected("idle").await;
-            c.subscribe_ok(&format!("idle:{}", i % 1000), json!({})).await;
-            clients.push(c);
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = common::rss_bytes(server.pid());
-        println!(
-            "{what}: {n} idle connections: RSS +{} KiB = {:.0} B per connection",
-            (after - before) / 1024,
-            (after - before) as f64 / n as f64
-        );
-        let log = server.log();
-        let size = log.lines().find(|l| l.contains("connection task future")).unwrap_or_default();
-        println!("{what}: {size}");
-        drop(clients);
     }
 }

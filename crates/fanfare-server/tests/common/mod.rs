@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod api;
+pub mod outage;
 pub mod redis;
 pub mod redis_tls;
 pub mod stream;
@@ -76,6 +77,25 @@ pub fn sign(secret: &str, claims: &Value) -> String {
 /// A connection token for `user`, signed with [`SECRET`], valid for 5 minutes.
 pub fn user_token(user: &str) -> String {
     sign(SECRET, &json!({"sub": user, "exp": unix_now() + 300}))
+}
+
+/// `[auth]` of the broker tests: tokens signed with [`SECRET`], and anonymous
+/// connects allowed (clients connecting with `""`).
+pub fn auth_with_anonymous() -> String {
+    format!("\n[auth]\nhmac_secret = \"{SECRET}\"\nallow_anonymous = true\n")
+}
+
+/// The node config most broker tests share (redis_*, delta, drain): the
+/// [`auth_with_anonymous`] part and the default namespace open to client
+/// publishing, with a history of `history_size` publications kept 300 s
+/// (`None`: no history). Tests append their own `[[namespaces]]`.
+pub fn open_namespaces(history_size: Option<u32>) -> String {
+    let mut toml =
+        format!("{}\n[[namespaces]]\nname = \"\"\nallow_publish = true\n", auth_with_anonymous());
+    if let Some(n) = history_size {
+        toml.push_str(&format!("history_size = {n}\nhistory_ttl = \"300s\"\n"));
+    }
+    toml
 }
 
 /// Minimal HTTP/1.0 GET over a plain TCP stream: `(status, body)`.

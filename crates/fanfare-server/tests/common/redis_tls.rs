@@ -1,8 +1,8 @@
-//! Redis over TLS and Redis Sentinel for the broker tests: a test CA made at
-//! test time with the `openssl` CLI, `redis-server` processes serving TLS only
-//! (`--port 0 --tls-port N`), a TLS Redis Cluster (`--tls-cluster yes`, made
-//! with `redis-cli --tls --cluster create`), and `redis-server --sentinel`
-//! processes. Every process is started by the test, stopped by its PID on
+//! Redis over TLS and Redis Sentinel for the broker tests: certificates of
+//! the test CA of `tls.rs` (made at test time with the `openssl` CLI),
+//! `redis-server` processes serving TLS only (`--port 0 --tls-port N`), a TLS
+//! Redis Cluster (`--tls-cluster yes`, made with `redis-cli --tls --cluster
+//! create`), and `redis-server --sentinel` processes. Every process is started by the test, stopped by its PID on
 //! drop, and every wait is bounded.
 
 use std::path::{Path, PathBuf};
@@ -11,92 +11,42 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::free_port;
+use super::tls::Issued;
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM
-/// files in a temp dir. Certificates have no extended key usage, so Redis
-/// also uses the server's as a client certificate on the cluster bus.
+/// A CA ([`super::tls::TestCa`]), a server certificate for 127.0.0.1 and a
+/// client certificate. The server's carries both serverAuth and clientAuth:
+/// Redis also presents it as a client certificate on the cluster bus.
 pub struct TestCa {
-    dir: tempfile::TempDir,
+    ca: super::tls::TestCa,
+    server: Issued,
+    client: Issued,
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("running openssl (apt openssl)");
-    assert!(
-        out.status.success(),
-        "openssl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn path(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
 }
 
 impl TestCa {
     /// A new CA named `name` with its server and client certificates.
     pub fn generate(name: &str) -> TestCa {
-        let dir = tempfile::tempdir().expect("temp dir for the test CA");
-        let d = dir.path();
-        let subj = format!("/CN={name} test CA");
-        openssl(d, &["genrsa", "-out", "ca.key", "2048"]);
-        openssl(
-            d,
-            &[
-                "req", "-x509", "-new", "-key", "ca.key", "-days", "2", "-subj", &subj, "-out",
-                "ca.crt",
-            ],
-        );
-        std::fs::write(
-            d.join("server.ext"),
-            "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n",
-        )
-        .expect("writing server.ext");
-        std::fs::write(d.join("client.ext"), "basicConstraints=CA:FALSE\n")
-            .expect("writing client.ext");
-        for (who, cn) in [("server", "127.0.0.1"), ("client", "fanfare")] {
-            let key = format!("{who}.key");
-            let csr = format!("{who}.csr");
-            let crt = format!("{who}.crt");
-            openssl(d, &["genrsa", "-out", &key, "2048"]);
-            openssl(d, &["req", "-new", "-key", &key, "-subj", &format!("/CN={cn}"), "-out", &csr]);
-            let ext = format!("{who}.ext");
-            openssl(
-                d,
-                &[
-                    "x509",
-                    "-req",
-                    "-in",
-                    &csr,
-                    "-CA",
-                    "ca.crt",
-                    "-CAkey",
-                    "ca.key",
-                    "-CAcreateserial",
-                    "-days",
-                    "2",
-                    "-extfile",
-                    &ext,
-                    "-out",
-                    &crt,
-                ],
-            );
-        }
-        TestCa { dir }
+        let ca = super::tls::TestCa::named(&format!("{name} test CA"));
+        let server = ca.issue_for("redis-server", "serverAuth,clientAuth");
+        let client = ca.issue_for("fanfare-client", "clientAuth");
+        TestCa { ca, server, client }
     }
 
-    pub fn path(&self, file: &str) -> String {
-        self.dir.path().join(file).to_string_lossy().into_owned()
+    fn ca_path(&self) -> String {
+        path(&self.ca.ca_pem())
     }
 
     /// `redis.tls_*` lines: the CA, and the client certificate when `client_cert`.
     pub fn redis_toml(&self, client_cert: bool) -> String {
-        let mut s = format!("tls_ca = {:?}\n", self.path("ca.crt"));
+        let mut s = format!("tls_ca = {:?}\n", self.ca_path());
         if client_cert {
             s.push_str(&format!(
                 "tls_cert = {:?}\ntls_key = {:?}\n",
-                self.path("client.crt"),
-                self.path("client.key")
+                path(&self.client.cert),
+                path(&self.client.key)
             ));
         }
         s
@@ -105,9 +55,9 @@ impl TestCa {
     /// `redis-server` options serving TLS with this CA's server certificate.
     fn server_args(&self, auth_clients: &str) -> Vec<String> {
         [
-            ("--tls-cert-file", self.path("server.crt")),
-            ("--tls-key-file", self.path("server.key")),
-            ("--tls-ca-cert-file", self.path("ca.crt")),
+            ("--tls-cert-file", path(&self.server.cert)),
+            ("--tls-key-file", path(&self.server.key)),
+            ("--tls-ca-cert-file", self.ca_path()),
             ("--tls-auth-clients", auth_clients.to_string()),
         ]
         .into_iter()
@@ -120,11 +70,11 @@ impl TestCa {
         vec![
             "--tls".into(),
             "--cacert".into(),
-            self.path("ca.crt"),
+            self.ca_path(),
             "--cert".into(),
-            self.path("client.crt"),
+            path(&self.client.cert),
             "--key".into(),
-            self.path("client.key"),
+            path(&self.client.key),
         ]
     }
 }

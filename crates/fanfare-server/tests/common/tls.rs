@@ -1,6 +1,6 @@
 //! A test certificate authority made with the `openssl` CLI at test time, and
 //! TLS clients (rustls) that trust it: for the node's `http.tls_*` and
-//! `grpc.tls_*` listeners.
+//! `grpc.tls_*` listeners, and for Redis over TLS (`redis_tls.rs`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,7 +23,8 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 /// A CA (P-256) in a temp dir; [`TestCa::issue`] makes server certificates
-/// for `localhost` and 127.0.0.1 signed by it.
+/// for `localhost` and 127.0.0.1 signed by it, [`TestCa::issue_for`] client
+/// ones. The node's listener tests and the Redis TLS tests use it.
 pub struct TestCa {
     dir: tempfile::TempDir,
 }
@@ -36,6 +37,11 @@ pub struct Issued {
 }
 
 impl Issued {
+    /// `tls_cert` and `tls_key` lines of a listener (`[http]` or `[grpc]`).
+    pub fn listener_toml(&self) -> String {
+        format!("tls_cert = {:?}\ntls_key = {:?}\n", self.cert, self.key)
+    }
+
     /// The leaf certificate's DER, to compare with what a handshake presents.
     pub fn der(&self) -> Vec<u8> {
         CertificateDer::pem_file_iter(&self.cert)
@@ -55,7 +61,13 @@ impl Default for TestCa {
 
 impl TestCa {
     pub fn new() -> TestCa {
+        Self::named("fanfare test CA")
+    }
+
+    /// A new CA with common name `name` (distinct CAs in one test).
+    pub fn named(name: &str) -> TestCa {
         let dir = tempfile::tempdir().expect("creating a temp dir");
+        let subj = format!("/CN={name}");
         openssl(
             dir.path(),
             &[
@@ -73,22 +85,36 @@ impl TestCa {
                 "-days",
                 "2",
                 "-subj",
-                "/CN=fanfare test CA",
+                &subj,
             ],
         );
-        std::fs::write(
-            dir.path().join("leaf.cnf"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-        )
-        .expect("writing the extension file");
         TestCa { dir }
     }
 
-    /// A fresh key pair and a certificate for it with common name `name`.
+    /// A fresh key pair and a server certificate for it with common name
+    /// `name`.
     pub fn issue(&self, name: &str) -> Issued {
-        let (key, csr, cert) =
-            (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));
+        self.issue_for(name, "serverAuth")
+    }
+
+    /// Like [`TestCa::issue`] for the extended key `usage` (`clientAuth` for
+    /// a client certificate, `serverAuth,clientAuth` for one a server also
+    /// presents as a client, as Redis does on its cluster bus).
+    pub fn issue_for(&self, name: &str, usage: &str) -> Issued {
+        let (key, csr, cert, ext) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+            format!("{name}.cnf"),
+        );
+        std::fs::write(
+            self.dir.path().join(&ext),
+            format!(
+                "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+                 keyUsage=digitalSignature\nextendedKeyUsage={usage}\n"
+            ),
+        )
+        .expect("writing the extension file");
         let subj = format!("/CN={name}");
         openssl(
             self.dir.path(),
@@ -124,7 +150,7 @@ impl TestCa {
                 "-days",
                 "2",
                 "-extfile",
-                "leaf.cnf",
+                &ext,
             ],
         );
         Issued { cert: self.dir.path().join(cert), key: self.dir.path().join(key) }
