@@ -16,6 +16,14 @@
 #   - the Grafana dashboard parses, its queries are valid PromQL, and every
 #     metric it queries exists on a live node (driven through a Redis restart)
 #   - deploy/compose references and ports agree; its node config passes check-config
+#   - helm template without --kube-version (what a new user types) renders
+#   - the container image (deploy/Dockerfile, target runtime-prebuilt with this
+#     binary, on a Debian base made by debootstrap: no registry is needed) run
+#     the way the chart runs it: read-only, uid 10001, no capabilities,
+#     no-new-privileges, --network host; /ready, a WebSocket client, the
+#     HEALTHCHECK, docker stop -> close 3001 and exit 0. Skipped, saying why,
+#     where no Docker engine can be started (dockerd is started as root when
+#     none runs, and stopped again).
 # Tools are installed if missing (helm via go install, kubernetes-validate from
 # PyPI, Debian packages). Processes started here are stopped by PID.
 # Usage: FANFARE_BIN=target/debug/fanfare scripts/test-deploy.sh
@@ -33,6 +41,8 @@ ok() { passed=$((passed + 1)); echo "ok: $*"; }
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server redis-tools)
 command -v promtool >/dev/null || need_apt+=(prometheus)
+command -v dockerd >/dev/null || need_apt+=(docker.io)
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
@@ -51,10 +61,20 @@ echo "helm: $HELM ($("$HELM" version --short 2>/dev/null)), kubernetes-validate 
 
 TMP=$(mktemp -d)
 PIDS=()
+# Containers and images this run created (removed at the end; the cached
+# Debian base tarball stays), and the dockerd it started, if any.
+CONTAINERS=()
+IMAGES=()
 cleanup() {
   local p
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+  [ ${#CONTAINERS[@]} -eq 0 ] || docker rm -f "${CONTAINERS[@]}" >/dev/null 2>&1 || true
+  [ ${#IMAGES[@]} -eq 0 ] || docker rmi -f "${IMAGES[@]}" >/dev/null 2>&1 || true
+  if [ -n "$DOCKERD_PID" ]; then
+    kill "$DOCKERD_PID" 2>/dev/null || true
+    wait "$DOCKERD_PID" 2>/dev/null || true
+  fi
   rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -92,6 +112,14 @@ for n in "${renders[@]}"; do
   echo "  $n: $kinds"
 done
 ok "${#renders[@]} renders valid against Kubernetes ${KUBE_VERSIONS[*]} (custom resources checked below)"
+
+# What a new user types first, without --kube-version: helm then checks the
+# chart against its offline default (v1.20.0 for a go-installed helm), so the
+# chart declares no kubeVersion (its README states the supported range). The
+# templates do not read .Capabilities, so the manifests are the ones above.
+"$HELM" template fanfare "$CHART" >"$TMP/plain.yaml" 2>"$TMP/plain.err" || { cat "$TMP/plain.err"; die "helm template fanfare $CHART (no --kube-version)"; }
+diff -u "$TMP/default.yaml" "$TMP/plain.yaml" || die "helm template without --kube-version renders other manifests"
+ok "helm template fanfare $CHART works without --kube-version and renders the same manifests"
 
 # NOTES.txt renders for every values set (helm template does not render it: a
 # copy of the chart wraps it in a ConfigMap).
@@ -227,5 +255,88 @@ python3 scripts/deploy/check_compose.py "$ROOT" "$TMP/compose.env" || die "compo
 ) || { cat "$TMP/cc.log"; die "the compose node configuration does not pass check-config"; }
 ok "compose file references agree; the nodes' config + environment pass fanfare check-config"
 
+step "container image: deploy/Dockerfile built here and run the way the chart runs it"
+skipped=()
+ms() { date +%s%3N; }
+if ! ensure_docker_engine "$TMP/dockerd.log" 2>"$TMP/engine.err"; then
+  echo "SKIPPED: container image: no Docker engine can be used here: $(cat "$TMP/engine.err")"
+  skipped+=("container image")
+else
+  echo "  Docker engine $(docker version --format '{{.Server.Version}}')${DOCKERD_PID:+, dockerd started here (PID $DOCKERD_PID)}"
+  # No registry is assumed: the runtime base is a local debootstrap image
+  # (built once into ~/.cache/fanfare), and the image takes this binary
+  # (target runtime-prebuilt) instead of building one in the Rust image. The
+  # legacy builder (what a docker client without buildx uses) proves that
+  # path needs no BuildKit; --network host because there is no bridge.
+  base_image=fanfare-debian-base:bookworm
+  t0=$(ms)
+  ensure_debian_base bookworm "$base_image" || die "the Debian base image (debootstrap + docker import)"
+  [ -z "$BASE_IMPORTED" ] || IMAGES+=("$base_image")
+  t_base=$(( $(ms) - t0 ))
+  image=fanfare:test-deploy-$$
+  ctx=$TMP/image-context
+  mkdir -p "$ctx/config"
+  cp "$FANFARE_BIN" "$ctx/fanfare"
+  cp config/fanfare.example.toml "$ctx/config/"
+  IMAGES+=("$image")
+  t0=$(ms)
+  DOCKER_BUILDKIT=0 docker build --network host -f deploy/Dockerfile --target runtime-prebuilt \
+      --build-arg RUNTIME_IMAGE="$base_image" -t "$image" "$ctx" >"$TMP/build.log" 2>&1 \
+    || { cat "$TMP/build.log"; die "docker build --target runtime-prebuilt (a binary built against a newer glibc than bookworm's fails its --version step)"; }
+  t_build=$(( $(ms) - t0 ))
+  docker run --rm --read-only --network host "$image" check-config >"$TMP/cc-image.log" 2>&1 \
+    || { cat "$TMP/cc-image.log"; die "fanfare check-config in the image"; }
+
+  hport=$(free_port); gport=$(free_port)
+  cname=fanfare-test-deploy-$$
+  CONTAINERS+=("$cname")
+  t0=$(ms)
+  # The chart's pod security: read-only root, uid/gid 10001, no capabilities,
+  # no privilege escalation. Host networking on loopback ports; the Redis of
+  # the dashboard check above as the broker. The health interval is shortened
+  # (the image's command and retries stay) so that `healthy` comes in seconds.
+  docker run -d --name "$cname" --read-only --user 10001:10001 --cap-drop ALL \
+      --security-opt no-new-privileges --network host --health-interval 1s \
+      -e FANFARE__HTTP__LISTEN="127.0.0.1:$hport" -e FANFARE__GRPC__LISTEN="127.0.0.1:$gport" \
+      -e FANFARE__BROKER__KIND=redis -e FANFARE__REDIS__URLS="redis://127.0.0.1:$rport" \
+      -e FANFARE__SHUTDOWN__DRAIN_DELAY=0s -e FANFARE__SHUTDOWN__DRAIN_PERIOD=0s \
+      "$image" >/dev/null || die "docker run"
+  for _ in $(seq 150); do curl -sf "http://127.0.0.1:$hport/ready" >/dev/null && break; sleep 0.1; done
+  curl -sf "http://127.0.0.1:$hport/ready" >/dev/null || { docker logs "$cname" 2>&1 | tail -n 30; die "the container's /ready is not 200"; }
+  t_ready=$(( $(ms) - t0 ))
+  # What the kernel says about the node's process, not what the image claims.
+  cpid=$(docker inspect -f '{{.State.Pid}}' "$cname")
+  grep -qE '^Uid:[[:space:]]+10001[[:space:]]+10001' "/proc/$cpid/status" || { grep -E '^(Uid|Gid)' "/proc/$cpid/status"; die "the node does not run as uid 10001"; }
+  grep -qE '^CapEff:[[:space:]]+0+$' "/proc/$cpid/status" || { grep Cap "/proc/$cpid/status"; die "the node has capabilities"; }
+  grep -qE '^NoNewPrivs:[[:space:]]+1$' "/proc/$cpid/status" || die "no_new_privs is not set"
+  if docker exec "$cname" sh -c ': >/tmp/probe' 2>"$TMP/ro.err"; then die "the container's root filesystem is writable"; fi
+  grep -q 'Read-only file system' "$TMP/ro.err" || { cat "$TMP/ro.err"; die "writing to /tmp failed for another reason than a read-only root"; }
+  timeout 30 python3 scripts/deploy/drive.py "127.0.0.1:$hport" >"$TMP/drive-image.log" 2>&1 \
+    || { cat "$TMP/drive-image.log"; docker logs "$cname" 2>&1 | tail -n 30; die "a WebSocket client and an API call against the container"; }
+  health=""
+  for _ in $(seq 100); do
+    health=$(docker inspect -f '{{.State.Health.Status}}' "$cname")
+    [ "$health" = healthy ] && break
+    sleep 0.2
+  done
+  [ "$health" = healthy ] || { docker inspect -f '{{json .State.Health}}' "$cname"; die "HEALTHCHECK: $health, not healthy"; }
+  t_healthy=$(( $(ms) - t0 ))
+
+  timeout 40 python3 scripts/deploy/drive.py "127.0.0.1:$hport" --hold 30 --expect-close 3001 >"$TMP/hold-image.log" 2>&1 &
+  hpid=$!; PIDS+=("$hpid")
+  for _ in $(seq 100); do grep -q subscribed "$TMP/hold-image.log" && break; sleep 0.1; done
+  grep -q subscribed "$TMP/hold-image.log" || { cat "$TMP/hold-image.log"; die "the client to be drained did not subscribe"; }
+  # Past -t docker sends SIGKILL (exit code 137): 0 means fanfare exited itself.
+  t0=$(ms)
+  docker stop -t 15 "$cname" >/dev/null
+  t_stop=$(( $(ms) - t0 ))
+  wait "$hpid" || { cat "$TMP/hold-image.log"; die "docker stop: the client was not closed with 3001"; }
+  code=$(docker inspect -f '{{.State.ExitCode}}' "$cname")
+  [ "$code" = 0 ] || { docker logs "$cname" 2>&1 | tail -n 30; die "docker stop: exit code $code, not 0"; }
+  docker rm "$cname" >/dev/null
+  echo "  image $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'); base $((t_base / 1000)) s (${BASE_IMPORTED:+imported}${BASE_IMPORTED:-present}), build $((t_build / 1000)) s, /ready $t_ready ms after docker run, healthy after $t_healthy ms, docker stop $t_stop ms"
+  ok "container image (runtime-prebuilt on a debootstrap bookworm base, legacy builder): read-only, uid 10001, no capabilities, no-new-privileges, --network host; check-config, /ready 200, WebSocket client + API call, HEALTHCHECK healthy, docker stop closes the client with 3001 and exits 0"
+fi
+
 echo
-echo "test-deploy: $passed passed, 0 failed"
+echo "test-deploy: $passed passed, 0 failed${skipped:+, skipped: ${skipped[*]}}"

@@ -13,7 +13,11 @@ it references exists and agrees.
 - Grafana provisioning: datasource points at the prometheus service, the
   dashboards path is a mount holding the dashboard JSON;
 - the Dockerfile: COPY sources exist and pass .dockerignore, EXPOSE matches the
-  ports, USER 10001 (the chart's runAsUser), HEALTHCHECK and ENTRYPOINT set.
+  ports, USER 10001 (the chart's runAsUser), HEALTHCHECK and ENTRYPOINT set;
+  no `# syntax=` line (BuildKit would pull a frontend image), base images are
+  build arguments defaulting to the official ones, and the `runtime-prebuilt`
+  target comes before the builder and uses no BuildKit-only syntax (the legacy
+  builder builds every stage up to the target; test-deploy.sh builds it).
 Prints the nodes' environment (defaults of ${VAR:-default}) as KEY=VALUE lines
 to ENV_OUT, for `fanfare check-config` with the compose configuration.
 
@@ -191,6 +195,8 @@ def main():
     df = open(dockerfile).read()
     for src in re.findall(r"^COPY\s+(?!--from)(?:--\S+\s+)*(.+?)\s+\S+$", df, re.M):
         for s in src.split():
+            if s.startswith("$"):
+                continue  # a build argument: runtime-prebuilt's own context
             if not os.path.exists(os.path.join(root, s)):
                 err(f"Dockerfile: COPY source {s} does not exist")
             elif not dockerignore_allows(root, s.rstrip("/")):
@@ -206,6 +212,20 @@ def main():
         err("Dockerfile: HEALTHCHECK or ENTRYPOINT missing")
     if not re.search(r"cargo build --release --locked", df):
         err("Dockerfile: the build is not `cargo build --release --locked`")
+    if re.search(r"^#\s*syntax\s*=", df, re.M):
+        err("Dockerfile: a `# syntax=` line makes BuildKit pull a frontend image")
+    for arg, default in (("BUILDER_IMAGE", r"rust:\S*bookworm"), ("RUNTIME_IMAGE", r"debian:bookworm-slim")):
+        if not re.search(rf"^ARG {arg}={default}\s*$", df, re.M):
+            err(f"Dockerfile: no `ARG {arg}=` with the official default ({default})")
+    stages = re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", df, re.M | re.I)
+    if "runtime-prebuilt" not in stages or "builder" not in stages:
+        err(f"Dockerfile: stages {stages} lack runtime-prebuilt or builder")
+    else:
+        head = df[: re.search(r"^FROM\s+\S+\s+AS\s+builder\b", df, re.M | re.I).start()]
+        if stages.index("runtime-prebuilt") > stages.index("builder"):
+            err("Dockerfile: runtime-prebuilt must come before the builder stage")
+        elif re.search(r"--mount|--chmod|--link|<<", head):
+            err("Dockerfile: the stages up to runtime-prebuilt use BuildKit-only syntax")
 
     if errors:
         print("\n".join(f"compose: {e}" for e in errors), file=sys.stderr)

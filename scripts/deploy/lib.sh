@@ -54,3 +54,73 @@ ensure_crdcheck() {
   fi
   echo "$bin"
 }
+
+# Makes a Docker engine answer on the default socket: the one already running,
+# or a dockerd started here (root only). Ours runs without bridge networking,
+# iptables or IP forwarding (test machines allow only `--network host`
+# containers), on overlay2; its PID is left in DOCKERD_PID for the caller to
+# stop, its log in $1. Returns 1, with the reason on stderr, when there is no
+# engine to be had.
+DOCKERD_PID=""
+ensure_docker_engine() {
+  local log=$1 _
+  command -v docker >/dev/null || { echo "no docker client on PATH" >&2; return 1; }
+  docker info >/dev/null 2>&1 && return 0
+  command -v dockerd >/dev/null || { echo "no Docker engine running and no dockerd on PATH" >&2; return 1; }
+  [ "$(id -u)" -eq 0 ] || { echo "no Docker engine running, and starting dockerd needs root (uid $(id -u))" >&2; return 1; }
+  dockerd --storage-driver overlay2 --bridge none --iptables=false --ip6tables=false \
+    --ip-forward=false --ip-masq=false >"$log" 2>&1 &
+  DOCKERD_PID=$!
+  for _ in $(seq 150); do
+    docker info >/dev/null 2>&1 && return 0
+    kill -0 "$DOCKERD_PID" 2>/dev/null || break
+    sleep 0.2
+  done
+  echo "dockerd did not start: $(tail -n 3 "$log")" >&2
+  kill "$DOCKERD_PID" 2>/dev/null || true
+  wait "$DOCKERD_PID" 2>/dev/null || true
+  DOCKERD_PID=""
+  return 1
+}
+
+# The Debian archive apt uses on this machine (a .sources or .list entry for
+# the main archive, not -security), else deb.debian.org; FANFARE_DEBIAN_MIRROR
+# overrides it.
+debian_mirror() {
+  if [ -n "${FANFARE_DEBIAN_MIRROR:-}" ]; then echo "$FANFARE_DEBIAN_MIRROR"; return; fi
+  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
+    | grep -v '^[[:space:]]*#' | grep -oE '(https?)://[^[:space:]]+/debian/?([[:space:]]|$)' | head -n 1 | tr -d '[:space:]' \
+    | grep . || echo http://deb.debian.org/debian
+}
+
+# Makes a local image named $2 (default fanfare-debian-base:$1) of Debian $1
+# (default bookworm) for deploy/Dockerfile's RUNTIME_IMAGE when no registry can
+# be pulled from: debootstrap --variant=minbase with curl and ca-certificates
+# (what the runtime stage would install), from debian_mirror, packed once into
+# ~/.cache/fanfare/debian-<suite>-minbase-curl.tar.gz (about two minutes and
+# 60 MB) and `docker import`ed when the image is absent. Sets BASE_IMPORTED=1
+# when it imported the image (the caller may remove it; the tarball stays).
+BASE_IMPORTED=""
+ensure_debian_base() {
+  local suite=${1:-bookworm} image=${2:-fanfare-debian-base:${1:-bookworm}} dir tar root mirror
+  docker image inspect "$image" >/dev/null 2>&1 && return 0
+  dir=${XDG_CACHE_HOME:-$HOME/.cache}/fanfare
+  tar=$dir/debian-$suite-minbase-curl.tar.gz
+  if [ ! -s "$tar" ]; then
+    command -v debootstrap >/dev/null || { echo "ensure_debian_base: debootstrap is needed" >&2; return 1; }
+    mirror=$(debian_mirror)
+    echo "building the Debian $suite base with debootstrap from $mirror into $tar (once)" >&2
+    mkdir -p "$dir"
+    root=$(mktemp -d "$dir/rootfs.XXXXXX")
+    if ! debootstrap --variant=minbase --include=ca-certificates,curl "$suite" "$root" "$mirror" >"$root.log" 2>&1; then
+      tail -n 20 "$root.log" >&2; rm -rf "$root" "$root.log"; return 1
+    fi
+    # What the official image leaves out too: downloaded packages and apt lists.
+    rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
+    tar --numeric-owner -C "$root" -c . | gzip -1 >"$tar.tmp"
+    mv "$tar.tmp" "$tar"
+    rm -rf "$root" "$root.log"
+  fi
+  docker import "$tar" "$image" >/dev/null || return 1
+  BASE_IMPORTED=1
+}
