@@ -14,13 +14,17 @@ step() { printf '\n==> %s\n' "$*"; }
 
 # Debian packages the tests use: redis-server (broker tests), openssl (test CA
 # of the Redis TLS tests), promtool (metrics
-# lint), chromium (tests/browser; Playwright drives it, never downloads one).
+# lint), chromium (tests/browser; Playwright drives it, never downloads one),
+# docker.io and debootstrap (test-deploy.sh builds and runs the container image
+# on a Debian base it makes itself: no image registry needed).
 need_apt=()
 command -v redis-server >/dev/null || need_apt+=(redis-server)
 command -v redis-cli >/dev/null || need_apt+=(redis-tools) # redis-cli --cluster create
 command -v openssl >/dev/null || need_apt+=(openssl) # the Redis TLS tests' test CA
 command -v promtool >/dev/null || need_apt+=(prometheus)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
+command -v dockerd >/dev/null || need_apt+=(docker.io)
+command -v debootstrap >/dev/null || need_apt+=(debootstrap)
 if [ ${#need_apt[@]} -gt 0 ]; then
   step "installing ${need_apt[*]}"
   SUDO=""

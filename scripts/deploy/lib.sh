@@ -87,10 +87,12 @@ ensure_docker_engine() {
 # the main archive, not -security), else deb.debian.org; FANFARE_DEBIAN_MIRROR
 # overrides it.
 debian_mirror() {
+  local m
   if [ -n "${FANFARE_DEBIAN_MIRROR:-}" ]; then echo "$FANFARE_DEBIAN_MIRROR"; return; fi
-  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
-    | grep -v '^[[:space:]]*#' | grep -oE '(https?)://[^[:space:]]+/debian/?([[:space:]]|$)' | head -n 1 | tr -d '[:space:]' \
-    | grep . || echo http://deb.debian.org/debian
+  m=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.sources /etc/apt/sources.list.d/*.list 2>/dev/null \
+        | grep -v '^[[:space:]]*#' | grep -oE 'https?://[^[:space:]]+/debian/?([[:space:]]|$)' \
+        | head -n 1 | tr -d '[:space:]' || true)
+  echo "${m:-http://deb.debian.org/debian}"
 }
 
 # Makes a local image named $2 (default fanfare-debian-base:$1) of Debian $1
@@ -99,8 +101,10 @@ debian_mirror() {
 # (what the runtime stage would install), from debian_mirror, packed once into
 # ~/.cache/fanfare/debian-<suite>-minbase-curl.tar.gz (about two minutes and
 # 60 MB) and `docker import`ed when the image is absent. Sets BASE_IMPORTED=1
-# when it imported the image (the caller may remove it; the tarball stays).
+# when it imported the image (the caller may remove it; the tarball stays) and
+# BASE_BUILT=1 when it ran debootstrap.
 BASE_IMPORTED=""
+BASE_BUILT=""
 ensure_debian_base() {
   local suite=${1:-bookworm} image=${2:-fanfare-debian-base:${1:-bookworm}} dir tar root mirror
   docker image inspect "$image" >/dev/null 2>&1 && return 0
@@ -111,6 +115,7 @@ ensure_debian_base() {
     mirror=$(debian_mirror)
     echo "building the Debian $suite base with debootstrap from $mirror into $tar (once)" >&2
     mkdir -p "$dir"
+    rm -rf "$dir"/rootfs.* # left by an interrupted build
     root=$(mktemp -d "$dir/rootfs.XXXXXX")
     if ! debootstrap --variant=minbase --include=ca-certificates,curl "$suite" "$root" "$mirror" >"$root.log" 2>&1; then
       tail -n 20 "$root.log" >&2; rm -rf "$root" "$root.log"; return 1
@@ -120,6 +125,7 @@ ensure_debian_base() {
     tar --numeric-owner -C "$root" -c . | gzip -1 >"$tar.tmp"
     mv "$tar.tmp" "$tar"
     rm -rf "$root" "$root.log"
+    BASE_BUILT=1
   fi
   docker import "$tar" "$image" >/dev/null || return 1
   BASE_IMPORTED=1
