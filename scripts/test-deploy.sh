@@ -81,7 +81,9 @@ trap cleanup EXIT
 CHART=helm/fanfare
 # Stand-ins for keys of Secrets the chart does not render (existingSecret).
 STAND_INS=(--existing-secret api-key=rehearsal-api-key --existing-secret hmac-secret=rehearsal-hmac-secret
-           --existing-secret redis-urls=redis://redis-a:6379,redis://redis-b:6379)
+           --existing-secret redis-urls=redis://redis-a:6379,redis://redis-b:6379
+           --existing-secret admin-password=rehearsal-admin-password
+           --existing-secret admin-secret=rehearsal-admin-secret-of-32-characters)
 
 step "helm lint --strict"
 "$HELM" lint --strict "$CHART" --kube-version "$KUBE_RENDER_VERSION" >"$TMP/lint.log" 2>&1 || { cat "$TMP/lint.log"; die "helm lint (default values)"; }
