@@ -1,7 +1,9 @@
 // The admin console (`/admin`, decision 33) in headless Chromium (Playwright)
-// against three real fanfare nodes sharing one Redis (a fanfare cluster), the
-// console enabled on the first: a wrong password is refused and the right one
-// accepted; the Nodes page lists all three nodes; a centrifuge-js client on
+// against three real fanfare nodes on a real Redis Cluster of three masters
+// (no replicas; tests/common/redis-cluster.mjs, `redis.cluster = true` with the
+// masters as seeds), the console enabled on the first: a wrong password is
+// refused and the right one accepted; the Nodes page lists all three nodes
+// (and each master serves them); a centrifuge-js client on
 // another node (in a second page) receives what the console publishes, and
 // the Channels and Channel pages show its subscription, presence and the
 // publication in history; disconnecting its user from the console closes its
@@ -23,7 +25,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { freePort, redisPing, sleep, spawnLogged as spawnInto, stamp, stopChild } from '../common/harness.mjs';
+import { freePort, sleep, spawnLogged as spawnInto, stamp, stopChild } from '../common/harness.mjs';
+import { RedisCluster, infoField, redisCommand } from '../common/redis-cluster.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.FANFARE_BIN;
@@ -100,7 +103,8 @@ function startClientServer() {
 
 const suite = { redis: null, nodes: [], browser: null, dir: null, page: null, context: null, pageLog: [] };
 
-async function startNode(name, redisPort, admin) {
+/** A fanfare node named `name`, `redisToml` its `[redis]` section, the console on if `admin`. */
+async function startNode(name, redisToml, admin) {
   const httpPort = await freePort();
   let grpcPort = await freePort();
   while (grpcPort === httpPort) grpcPort = await freePort();
@@ -116,9 +120,7 @@ listen = "127.0.0.1:${grpcPort}"
 [broker]
 kind = "redis"
 
-[redis]
-urls = ["redis://127.0.0.1:${redisPort}"]
-
+${redisToml}
 [api]
 # With a key, a call without one (or without a session token) is refused even from loopback.
 key = "${API_KEY}"
@@ -147,15 +149,17 @@ history_ttl = "300s"
 before(async () => {
   assert.ok(BIN && path.isAbsolute(BIN) && fs.existsSync(BIN), `FANFARE_BIN must be the absolute path of the fanfare binary, got ${BIN}`);
   suite.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fanfare-admin-'));
-  const redisPort = await freePort();
-  suite.redis = spawnLogged(`redis:${redisPort}`, 'redis-server', [
-    '--port', String(redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', suite.dir, '--loglevel', 'warning',
-  ]);
-  await waitReady(suite.redis, 'redis-server', () => redisPing(redisPort));
+  // Set before start(): after() stops whatever it started, also when it failed.
+  suite.redis = new RedisCluster({ log: processLog, masters: 3, replicas: 0 });
+  await suite.redis.start().catch((e) => {
+    console.error(`--- Redis Cluster did not start ---\n${processLog.join('\n')}`);
+    throw e;
+  });
+  const redisToml = suite.redis.toml();
   suite.nodes = await Promise.all([
-    startNode('admin-node-1', redisPort, true),
-    startNode('admin-node-2', redisPort, false),
-    startNode('admin-node-3', redisPort, false),
+    startNode('admin-node-1', redisToml, true),
+    startNode('admin-node-2', redisToml, false),
+    startNode('admin-node-3', redisToml, false),
   ]);
   suite.clientServer = await startClientServer();
   CLIENT_ORIGIN = `http://127.0.0.1:${suite.clientServer.address().port}`;
@@ -176,7 +180,7 @@ after(async () => {
     suite.clientServer.close();
   }
   for (const n of suite.nodes) await stopChild(n.child);
-  await stopChild(suite.redis);
+  if (suite.redis) await suite.redis.stop();
   if (suite.dir) fs.rmSync(suite.dir, { recursive: true, force: true });
 });
 
@@ -243,13 +247,19 @@ test('sign-in is refused with a wrong password and accepted with the right one',
   });
 });
 
-test('the nodes page shows all three nodes of the cluster', async () => {
+test('the nodes page shows all three nodes of the Redis Cluster started by the test', async () => {
   await logged('nodes', async () => {
     const page = suite.page;
     // The page refreshes every 3 s; nodes announce themselves every 5 s.
     await page.waitForFunction(() => document.querySelectorAll('[data-testid="node-row"]').length === 3, null, { timeout: WAIT_MS });
     const names = await page.$$eval('[data-testid="node-row"] td:first-child', (tds) => tds.map((td) => td.textContent));
     assert.deepEqual(names, ['admin-node-1', 'admin-node-2', 'admin-node-3']);
+    // They share the cluster, not one of its servers: every master has
+    // clients besides the one asking (the nodes' per-master connections).
+    for (const m of suite.redis.masters()) {
+      const clients = Number(infoField(await redisCommand(m.port, 'INFO', 'clients'), 'connected_clients'));
+      assert.ok(clients > 1, `Redis master :${m.port} has no fanfare connection (connected_clients ${clients})`);
+    }
     // The live rates show numbers once two samples of /metrics are in.
     await page.waitForFunction(() => /^[0-9.]+$/.test(document.querySelector('[data-testid="rate-out"]').textContent), null, { timeout: WAIT_MS });
     await shot('nodes');

@@ -1,8 +1,9 @@
 // What every Node end-to-end suite (tests/sdk, tests/browser) and the chat
 // example's launcher (examples/chat/run.mjs) need of their surroundings: log
 // stamps, bounded waits, free loopback ports, child processes (logged,
-// stopped and at exit killed by PID), and whether a Redis answers. No npm
-// dependencies, so each imports it whatever its own node_modules hold.
+// stopped and at exit killed by PID), and whether a Redis answers (a Redis
+// Cluster: redis-cluster.mjs). No npm dependencies, so each imports it
+// whatever its own node_modules hold.
 
 import { spawn } from 'node:child_process';
 import net from 'node:net';
@@ -25,6 +26,15 @@ export function onLines(stream, fn) {
       buf = buf.slice(i + 1);
     }
   });
+}
+
+/** Polls `cond` (may be async; may throw to give up) every 50 ms until it is true; fails after `ms`. */
+export async function waitUntil(cond, ms, what) {
+  const deadline = Date.now() + ms;
+  while (!(await cond())) {
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await sleep(50);
+  }
 }
 
 /** Rejects with a descriptive error when `promise` does not settle within `ms`. */

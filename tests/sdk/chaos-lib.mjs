@@ -11,21 +11,15 @@ import os from 'node:os';
 import path from 'node:path';
 import { Centrifuge } from 'centrifuge';
 import WebSocket from 'ws';
-import { freePort, redisPing, sleep, spawnLogged, stamp, withTimeout } from '../common/harness.mjs';
+import { freePort, redisPing, sleep, spawnLogged, stamp, waitUntil, withTimeout } from '../common/harness.mjs';
 
 export const BIN = process.env.FANFARE_BIN;
 export const SECRET = 'redis-chaos-secret';
 export const CHANNEL = 'chaos';
 export const WAIT_MS = 20_000;
 
-/** Polls `cond` every 50 ms until it is true; fails after `ms`. */
-export async function waitUntil(cond, ms, what) {
-  const deadline = Date.now() + ms;
-  while (!(await cond())) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await sleep(50);
-  }
-}
+// Polls `cond` every 50 ms until it is true; fails after `ms`.
+export { waitUntil };
 
 /** An HS256 JWT. */
 export function jwt(payload) {

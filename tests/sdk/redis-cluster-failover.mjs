@@ -4,8 +4,9 @@
 //       (or: cd tests/sdk && FANFARE_BIN=... node --test redis-cluster-failover.mjs)
 //
 // Each test builds its own Redis Cluster of 3 masters + 3 replicas
-// (`redis-cli --cluster create --cluster-replicas 1`, cluster-node-timeout
-// 2000, appendonly yes) on free loopback ports, starts three fanfare nodes
+// (tests/common/redis-cluster.mjs: `redis-cli --cluster create
+// --cluster-replicas 1`, cluster-node-timeout 2000, appendonly yes) on free
+// loopback ports, starts three fanfare nodes
 // (`redis.cluster = true`, the three masters as seeds), two recovering SDK
 // subscribers on each node, and publishes {seq} through the HTTP API of node A
 // every 5 ms. Then the master owning the channel's slot is
@@ -26,15 +27,11 @@
 // docs/BENCHMARKS.md.
 
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import fs from 'node:fs';
-import net from 'node:net';
-import os from 'node:os';
-import path from 'node:path';
+import { RedisCluster, redisCommand } from '../common/redis-cluster.mjs';
 import {
-  CHANNEL, WAIT_MS, chaosTest, killChild, spawnLogged, startNodes, waitUntil,
+  CHANNEL, WAIT_MS, chaosTest, startNodes, waitUntil,
 } from './chaos-lib.mjs';
-import { freePort, sleep } from './util.mjs';
+import { sleep } from './util.mjs';
 
 const PUBLISH_EVERY_MS = 5;
 // How long publishing runs before the event and after it resumed.
@@ -47,149 +44,6 @@ const RESUME_LIMIT_MS = Number(process.env.FAILOVER_RESUME_LIMIT_MS || 3000);
 // promotion on the loaded 2-core VM. Outside issue 13's 1 s goal (which is for
 // SIGKILL and CLUSTER FAILOVER); this bound only asserts that it resumes.
 const FREEZE_RESUME_LIMIT_MS = 15_000;
-
-// ---------------------------------------------------------------------------
-// A minimal RESP client: one command per connection, replies parsed fully.
-// ---------------------------------------------------------------------------
-
-/** Parses one RESP2 reply from `buf` at `i`; returns [value, next] or null if incomplete. */
-function parseResp(buf, i = 0) {
-  const eol = buf.indexOf('\r\n', i);
-  if (eol < 0) return null;
-  const kind = String.fromCharCode(buf[i]);
-  const line = buf.toString('utf8', i + 1, eol);
-  const next = eol + 2;
-  switch (kind) {
-    case '+': return [line, next];
-    case '-': return [new Error(line), next];
-    case ':': return [Number(line), next];
-    case '$': {
-      const n = Number(line);
-      if (n < 0) return [null, next];
-      if (buf.length < next + n + 2) return null;
-      return [buf.toString('utf8', next, next + n), next + n + 2];
-    }
-    case '*': {
-      const n = Number(line);
-      const items = [];
-      let at = next;
-      for (let k = 0; k < n; k++) {
-        const r = parseResp(buf, at);
-        if (!r) return null;
-        items.push(r[0]);
-        at = r[1];
-      }
-      return [items, at];
-    }
-    default: throw new Error(`bad RESP reply ${JSON.stringify(buf.toString())}`);
-  }
-}
-
-/** Sends one command to the Redis on `port`; resolves with the reply (an Error for -ERR). */
-function redisCmd(port, ...args) {
-  return new Promise((resolve, reject) => {
-    const s = net.connect(port, '127.0.0.1');
-    let buf = Buffer.alloc(0);
-    s.setTimeout(2000, () => {
-      s.destroy();
-      reject(new Error(`redis :${port} ${args[0]}: timeout`));
-    });
-    s.on('error', (e) => reject(e));
-    s.on('connect', () => {
-      s.write(`*${args.length}\r\n${args.map((a) => `$${Buffer.byteLength(String(a))}\r\n${a}\r\n`).join('')}`);
-    });
-    s.on('data', (d) => {
-      buf = Buffer.concat([buf, d]);
-      const r = parseResp(buf);
-      if (r) {
-        s.destroy();
-        resolve(r[0]);
-      }
-    });
-  });
-}
-
-/** One `field:value` line of an INFO / CLUSTER INFO text. */
-const infoField = (text, field) =>
-  typeof text === 'string' ? text.split('\r\n').find((l) => l.startsWith(`${field}:`))?.slice(field.length + 1) : undefined;
-
-// ---------------------------------------------------------------------------
-// The cluster: 3 masters + 3 replicas
-// ---------------------------------------------------------------------------
-
-class RedisCluster {
-  constructor(env) {
-    this.env = env;
-    this.servers = [];
-  }
-
-  /** Starts 6 cluster-enabled servers, joins them, waits for a healthy, synced cluster. */
-  async start() {
-    for (let k = 0; k < 6; k++) {
-      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fanfare-failover-redis-'));
-      this.env.dirs.push(dir);
-      const port = await freePort();
-      const args = ['--port', String(port), '--bind', '127.0.0.1', '--protected-mode', 'no',
-        '--save', '', '--dir', dir, '--logfile', path.join(dir, 'redis.log'),
-        '--appendonly', 'yes',
-        '--cluster-enabled', 'yes', '--cluster-node-timeout', '2000',
-        '--cluster-config-file', 'nodes.conf',
-        // The bus port defaults to port + 10000: maybe taken or out of range.
-        '--cluster-port', String(await freePort())];
-      const server = { port, dir, child: spawnLogged(`redis:${port}`, 'redis-server', args, this.env.log) };
-      server.kill = () => killChild(server.child);
-      this.servers.push(server);
-      this.env.processes.push(server);
-    }
-    for (const s of this.servers) {
-      await waitUntil(async () => (await redisCmd(s.port, 'PING').catch(() => null)) === 'PONG', 10_000, `redis :${s.port} PING`);
-    }
-    const create = spawnLogged('redis-cli', 'redis-cli', ['--cluster', 'create',
-      ...this.servers.map((s) => `127.0.0.1:${s.port}`), '--cluster-replicas', '1', '--cluster-yes'], this.env.log);
-    const exit = await Promise.race([create.exited, sleep(30_000).then(() => null)]);
-    if (!exit) {
-      await killChild(create);
-      throw new Error('redis-cli --cluster create did not finish within 30 s');
-    }
-    assert.equal(exit.code, 0, 'redis-cli --cluster create failed (see the log)');
-    await waitUntil(async () => {
-      for (const s of this.servers) {
-        const info = await redisCmd(s.port, 'CLUSTER', 'INFO').catch(() => '');
-        if (infoField(info, 'cluster_state') !== 'ok' || infoField(info, 'cluster_known_nodes') !== '6') return false;
-        const repl = await redisCmd(s.port, 'INFO', 'replication').catch(() => '');
-        if (infoField(repl, 'role') === 'slave' && infoField(repl, 'master_link_status') !== 'up') return false;
-      }
-      return true;
-    }, 30_000, 'cluster_state:ok, 6 known nodes and every replica in sync');
-  }
-
-  server(port) {
-    return this.servers.find((s) => s.port === port);
-  }
-
-  /** The master serving `slot` and its replica, from CLUSTER NODES of a live server. */
-  async owner(slot) {
-    const live = this.servers.find((s) => !s.child.exitInfo);
-    const text = await redisCmd(live.port, 'CLUSTER', 'NODES');
-    const nodes = text.trim().split('\n').map((l) => {
-      const f = l.split(' ');
-      return { id: f[0], port: Number(f[1].split('@')[0].split(':')[1]), flags: f[2], master: f[3], slots: f.slice(8) };
-    });
-    const master = nodes.find((n) => n.flags.includes('master') && !n.flags.includes('fail') && n.slots.some((r) => {
-      const [lo, hi = lo] = r.split('-').map(Number);
-      return slot >= lo && slot <= hi;
-    }));
-    assert.ok(master, `no master serves slot ${slot}:\n${text}`);
-    const replica = nodes.find((n) => n.master === master.id);
-    assert.ok(replica, `master :${master.port} has no replica:\n${text}`);
-    return { master: this.server(master.port), replica: this.server(replica.port) };
-  }
-
-  /** The `[redis]` section of a node: the masters as seeds. */
-  toml(seeds) {
-    return `[redis]\nurls = [${seeds.map((s) => `"redis://127.0.0.1:${s.port}"`).join(', ')}]\ncluster = true\n`;
-  }
-}
 
 // ---------------------------------------------------------------------------
 // Publisher: HTTP API, every 5 ms, each seq tried once
@@ -279,11 +133,15 @@ async function subscribeTimed(env, client) {
 }
 
 async function failoverScenario(env, event) {
-  const cluster = new RedisCluster(env);
+  // 3 masters + 3 replicas (tests/common/redis-cluster.mjs), with an AOF;
+  // Env.close stops it with the nodes.
+  const cluster = new RedisCluster({ log: env.log, masters: 3, replicas: 1, nodeTimeoutMs: 2000, appendonly: true });
+  env.processes.push({ kill: () => cluster.stop() });
   await cluster.start();
-  const seeds = cluster.servers.slice(0, 3);
-  const slot = await redisCmd(seeds[0].port, 'CLUSTER', 'KEYSLOT', `fanfare.c.{${CHANNEL}}`);
+  const seeds = cluster.masters();
+  const slot = await redisCommand(seeds[0].port, 'CLUSTER', 'KEYSLOT', `fanfare.c.{${CHANNEL}}`);
   const { master, replica } = await cluster.owner(slot);
+  assert.ok(replica, `master :${master.port} of slot ${slot} has no replica`);
   env.note(`channel slot ${slot}: master :${master.port}, replica :${replica.port}`);
   const nodes = await startNodes(env, { toml: cluster.toml(seeds) }, ['A', 'B', 'C']);
 
@@ -311,12 +169,12 @@ async function failoverScenario(env, event) {
       master.child.kill('SIGSTOP');
     } else {
       env.note(`CLUSTER FAILOVER on replica :${replica.port}`);
-      assert.equal(await redisCmd(replica.port, 'CLUSTER', 'FAILOVER'), 'OK');
+      assert.equal(await redisCommand(replica.port, 'CLUSTER', 'FAILOVER'), 'OK');
     }
   });
   // Polled every 5 ms (waitUntil's 50 ms would blur the promotion -> resumed time).
   for (const giveUp = Date.now() + 20_000; !promotedAt; await sleep(5)) {
-    const role = await redisCmd(replica.port, 'ROLE').catch(() => null);
+    const role = await redisCommand(replica.port, 'ROLE').catch(() => null);
     if (Array.isArray(role) && role[0] === 'master') promotedAt = Date.now();
     else if (Date.now() > giveUp) throw new Error(`replica :${replica.port} not promoted within 20 s`);
   }
