@@ -58,7 +58,7 @@ step "SDK end-to-end (npm centrifuge, JSON and Protobuf builds, + ws against the
 cargo build -q -p fanfare-server
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/sdk/run.sh
 
-step "browser end-to-end (centrifuge-js in headless Chromium via playwright-core: websocket, http_stream, sse; the chat example through its page)"
+step "browser end-to-end (centrifuge-js in headless Chromium via playwright-core: websocket, http_stream, sse; the chat example through its page; the admin console on a Redis Cluster)"
 FANFARE_BIN="$ROOT/target/debug/fanfare" tests/browser/run.sh
 
 step "Go SDK end-to-end (centrifuge-go NewProtobufClient and NewJsonClient)"

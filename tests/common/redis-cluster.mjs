@@ -135,16 +135,23 @@ export class RedisCluster {
    */
   async start() {
     const total = this.masterCount * (1 + this.replicas);
+    // Every client and bus port chosen before any server starts, and all
+    // distinct: a port freePort() handed out is free only until its server
+    // binds it, so picking the next one after a spawn could return it again
+    // (seen: a bus port equal to the previous server's client port).
+    const ports = new Set();
+    while (ports.size < 2 * total) ports.add(await freePort());
+    const [clientPorts, busPorts] = [[...ports].slice(0, total), [...ports].slice(total)];
     for (let k = 0; k < total; k++) {
       const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'fanfare-redis-cluster-'));
-      const port = await freePort();
+      const port = clientPorts[k];
       const args = ['--port', String(port), '--bind', '127.0.0.1', '--protected-mode', 'no',
         '--save', '', '--dir', dir, '--logfile', path.join(dir, 'redis.log'),
         '--appendonly', this.appendonly ? 'yes' : 'no',
         '--cluster-enabled', 'yes', '--cluster-node-timeout', String(this.nodeTimeoutMs),
         '--cluster-config-file', 'nodes.conf',
         // The bus port defaults to port + 10000: maybe taken or out of range.
-        '--cluster-port', String(await freePort())];
+        '--cluster-port', String(busPorts[k])];
       const server = { port, dir, child: spawnLogged(`redis:${port}`, 'redis-server', args, this.log) };
       server.kill = () => stopChild(server.child, { signal: 'SIGKILL' });
       this.servers.push(server);
