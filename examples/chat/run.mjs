@@ -17,7 +17,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 // The same process helpers as the end-to-end suites (free ports, children
 // logged and stopped by PID); they need nothing from npm.
-import { freePort, redisPing, sleep, spawnLogged, stopChild } from '../../tests/common/harness.mjs';
+import { freePort, redisPing, sleep, spawnLogged, stopChild, waitReady } from '../../tests/common/harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.FANFARE_BIN;
@@ -47,17 +47,6 @@ async function distinctFreePort() {
     const p = await freePort();
     if (p !== CHAT_PORT && !Object.values(ports).includes(p)) return p;
   }
-}
-
-/** Polls `probe` until it answers true; fails when `child` exits or after READY_MS. */
-async function waitReady(child, label, probe) {
-  const deadline = Date.now() + READY_MS;
-  while (Date.now() < deadline) {
-    if (child.exitInfo) throw new Error(`${label} exited before it was ready: ${JSON.stringify(child.exitInfo)}`);
-    if (await probe().catch(() => false)) return;
-    await sleep(50);
-  }
-  throw new Error(`${label} was not ready within ${READY_MS} ms`);
 }
 
 const httpOk = async (url) => {
@@ -91,7 +80,7 @@ const fanfareEnv = (secret) => ({
 async function startNode(secret) {
   const child = spawnLogged(`fanfare :${ports.http}`, BIN, ['--config', path.join(HERE, 'fanfare.toml')], log, fanfareEnv(secret));
   watch('fanfare', child);
-  await waitReady(child, 'fanfare', () => httpOk(`http://127.0.0.1:${ports.http}/ready`));
+  await waitReady(child, 'fanfare', () => httpOk(`http://127.0.0.1:${ports.http}/ready`), READY_MS);
   return child;
 }
 
@@ -123,7 +112,7 @@ async function main() {
     '--port', String(ports.redis), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir, '--loglevel', 'warning',
   ], log);
   watch('redis', redis);
-  await waitReady(redis, 'redis-server', () => redisPing(ports.redis));
+  await waitReady(redis, 'redis-server', () => redisPing(ports.redis), READY_MS);
 
   await startNode(secret);
 
@@ -133,7 +122,7 @@ async function main() {
     CHAT_FANFARE_PORT: String(ports.http),
   });
   watch('backend', backend);
-  await waitReady(backend, 'the backend', () => httpOk(`http://127.0.0.1:${CHAT_PORT}/`));
+  await waitReady(backend, 'the backend', () => httpOk(`http://127.0.0.1:${CHAT_PORT}/`), READY_MS);
 
   process.on('SIGUSR2', async () => {
     if (restarting || stopping) return;

@@ -25,7 +25,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { freePort, sleep, spawnLogged as spawnInto, stamp, stopChild } from '../common/harness.mjs';
+import { freePort, sleep, spawnLogged as spawnInto, stamp, stopChild, waitReady } from '../common/harness.mjs';
 import { RedisCluster, infoField, redisCommand } from '../common/redis-cluster.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -52,16 +52,6 @@ function jwt(user) {
   const b64 = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
   const head = `${b64({ alg: 'HS256', typ: 'JWT' })}.${b64({ sub: user, exp: Math.floor(Date.now() / 1000) + 3600 })}`;
   return `${head}.${crypto.createHmac('sha256', SECRET).update(head).digest('base64url')}`;
-}
-
-async function waitReady(child, label, probe, ms = 20_000) {
-  const deadline = Date.now() + ms;
-  while (Date.now() < deadline) {
-    if (child.exitInfo) throw new Error(`${label} exited before it was ready: ${JSON.stringify(child.exitInfo)}`);
-    if (await probe().catch(() => false)) return;
-    await sleep(50);
-  }
-  throw new Error(`${label} was not ready within ${ms} ms`);
 }
 
 /** The client page (its parameters in the query) and centrifuge-js's ESM build. */

@@ -32,7 +32,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { freePort, redisPing, sleep, spawnLogged as spawnInto, stamp, withTimeout } from '../common/harness.mjs';
+import { freePort, redisPing, sleep, spawnLogged as spawnInto, stamp, stopChild as stopGracefully, waitReady } from '../common/harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.FANFARE_BIN;
@@ -40,6 +40,8 @@ const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 const SECRET = 'browser-e2e-secret';
 const WAIT_MS = 10_000; // bound for every single wait
 const STOP_GRACE_MS = 5_000; // SIGTERM -> SIGKILL
+/** SIGTERM, then SIGKILL after STOP_GRACE_MS; resolves once the process is gone. */
+const stopChild = (child) => stopGracefully(child, { graceMs: STOP_GRACE_MS });
 const VERBOSE = process.env.FANFARE_E2E_VERBOSE === '1'; // print the logs of passing scenarios too
 
 /** An HS256 connection JWT for `user`, valid for an hour. */
@@ -58,35 +60,6 @@ function jwt(user) {
 // Unbounded: a run writes a few hundred lines; each scenario prints its own part.
 const processLog = [];
 const spawnLogged = (label, cmd, args) => spawnInto(label, cmd, args, processLog);
-
-/** SIGTERM, then SIGKILL after STOP_GRACE_MS; resolves once the process is gone. */
-async function stopChild(child) {
-  if (!child || child.exitInfo) return;
-  child.kill('SIGTERM');
-  let timer;
-  const graceful = await Promise.race([
-    child.exited.then(() => true),
-    new Promise((resolve) => (timer = setTimeout(() => resolve(false), STOP_GRACE_MS))),
-  ]);
-  // A pending timer would keep the script alive for STOP_GRACE_MS after its last test.
-  clearTimeout(timer);
-  if (!graceful) {
-    processLog.push(`${stamp()} [pid ${child.pid}] no exit ${STOP_GRACE_MS} ms after SIGTERM: SIGKILL`);
-    child.kill('SIGKILL');
-    await withTimeout(child.exited, 5000, `pid ${child.pid} to exit after SIGKILL`);
-  }
-}
-
-/** Polls `probe` (true when ready) until it is, the child exits, or `ms` pass. */
-async function waitReady(child, label, probe, ms = 20_000) {
-  const deadline = Date.now() + ms;
-  while (Date.now() < deadline) {
-    if (child.exitInfo) throw new Error(`${label} exited before it was ready: ${JSON.stringify(child.exitInfo)}`);
-    if (await probe().catch(() => false)) return;
-    await sleep(50);
-  }
-  throw new Error(`${label} was not ready within ${ms} ms`);
-}
 
 /**
  * A fanfare node on the suite's Redis. `start()` may be called again after

@@ -120,6 +120,20 @@ export async function stopChild(child, { signal = 'SIGTERM', graceMs = 5000 } = 
   return child.exitInfo;
 }
 
+/**
+ * Polls `probe` (true when ready) every 50 ms until it is, the child exits
+ * (an error naming `label` and its exit), or `ms` pass.
+ */
+export async function waitReady(child, label, probe, ms = 20_000) {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (child.exitInfo) throw new Error(`${label} exited before it was ready: ${JSON.stringify(child.exitInfo)}`);
+    if (await probe().catch(() => false)) return;
+    await sleep(50);
+  }
+  throw new Error(`${label} was not ready within ${ms} ms`);
+}
+
 /** A loopback TCP port that was free a moment ago. */
 export function freePort() {
   return new Promise((resolve, reject) => {
