@@ -787,6 +787,19 @@ const LIST_KEYS: &[&str] = &[
     "limits.trusted_proxies",
 ];
 
+/// Refuses a top-level TOML key with `[` or `]`: the config crate reads it
+/// as an array index (see [`Settings::build`]), and a large one aborts the
+/// process allocating the array. Text that is not TOML passes: the config
+/// crate reports that itself.
+fn refuse_index_keys_in_toml(text: &str) -> anyhow::Result<()> {
+    if let Ok(table) = text.parse::<toml::Table>()
+        && let Some(k) = table.keys().find(|k| k.contains(['[', ']']))
+    {
+        bail!("key {k:?} is not a configuration key ('[' and ']' are not allowed)");
+    }
+    Ok(())
+}
+
 impl Settings {
     /// Loads defaults, then the file (if any), then the environment.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Self> {
@@ -805,6 +818,12 @@ impl Settings {
             if !path.exists() {
                 bail!("config file {} does not exist", path.display());
             }
+            // Unreadable or malformed files are left to the config crate,
+            // whose errors name the file and line.
+            if let Ok(text) = std::fs::read_to_string(path) {
+                refuse_index_keys_in_toml(&text)
+                    .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+            }
             b = b.add_source(config::File::from(path).format(config::FileFormat::Toml));
         }
         Self::build(b, env)
@@ -818,6 +837,7 @@ impl Settings {
         toml: &str,
         env: std::collections::HashMap<String, String>,
     ) -> anyhow::Result<Self> {
+        refuse_index_keys_in_toml(toml)?;
         let b = config::Config::builder()
             .add_source(config::File::from_str(toml, config::FileFormat::Toml));
         Self::build(b, env)
@@ -827,6 +847,15 @@ impl Settings {
         mut b: config::ConfigBuilder<config::builder::DefaultState>,
         env: std::collections::HashMap<String, String>,
     ) -> anyhow::Result<Self> {
+        // The config crate reads `[N]` in a key as an array index and grows
+        // the array to it: `FANFARE__X[5333333333]__Y=` asked for 512 GB and
+        // aborted the process (found by the `config` fuzz target). No key of
+        // ours has brackets.
+        if let Some(k) = env.keys().find(|k| k.contains(['[', ']'])) {
+            bail!(
+                "environment variable {k}: not a configuration key ('[' and ']' are not allowed)"
+            );
+        }
         // Values stay strings here (serde converts them to the field's type), so a
         // secret such as "00123" is not turned into the number 123.
         let mut lists = Vec::new();
@@ -1323,6 +1352,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("memory.sweep_interval"), "{e}");
+    }
+
+    /// Found by the `config` fuzz target (2026-12-07): a bracketed index in
+    /// a key made the config crate allocate an array up to it (512 GB) and
+    /// abort the process. Now an error naming the variable or key.
+    #[test]
+    fn a_key_with_an_array_index_is_an_error_naming_it_not_an_abort() {
+        let e = Settings::load_with_env(None, env(&[("FANFARE__A[5333333333]", "1")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("environment variable FANFARE__A[5333333333]"), "{e}");
+        // The fuzzer's own input: the index in the middle of the name.
+        let e = Settings::load_with_env(
+            None,
+            env(&[("FANFARE__K[5333333333\t]__BRARE__K[5\t]__CRI0", "__")]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not a configuration key"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.toml");
+        std::fs::write(&path, "\"a[5333333333]\" = 1\n").unwrap();
+        let e = Settings::load_with_env(Some(&path), std::collections::HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("f.toml") && e.contains("a[5333333333]"), "{e}");
+        // Brackets inside a value or a nested key are not keys of the config crate.
+        let s = Settings::load_with_env(None, env(&[("FANFARE__API__KEY", "[1]")])).unwrap();
+        assert_eq!(s.api.key, "[1]");
     }
 
     #[test]
