@@ -25,7 +25,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { freePort, sleep, spawnLogged as spawnInto, stamp, stopChild, waitReady } from '../common/harness.mjs';
+import { freePort, sleep, spawnLogged as spawnInto, redisNodeToml, stamp, stopChild, waitReady } from '../common/harness.mjs';
 import { RedisCluster, infoField, redisCommand } from '../common/redis-cluster.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -98,18 +98,7 @@ async function startNode(name, redisToml, admin) {
   const httpPort = await freePort();
   let grpcPort = await freePort();
   while (grpcPort === httpPort) grpcPort = await freePort();
-  const toml = `[node]
-name = "${name}"
-
-[http]
-listen = "127.0.0.1:${httpPort}"
-
-[grpc]
-listen = "127.0.0.1:${grpcPort}"
-
-[broker]
-kind = "redis"
-
+  const toml = `${redisNodeToml(name, httpPort, grpcPort)}
 ${redisToml}
 [api]
 # With a key, a call without one (or without a session token) is refused even from loopback.

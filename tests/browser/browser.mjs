@@ -32,7 +32,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { freePort, redisPing, sleep, spawnLogged as spawnInto, stamp, stopChild as stopGracefully, waitReady } from '../common/harness.mjs';
+import { freePort, redisPing, sleep, spawnLogged as spawnInto, stamp, stopChild as stopGracefully, redisNodeToml, waitReady } from '../common/harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.FANFARE_BIN;
@@ -70,18 +70,7 @@ class Node {
     this.name = name;
     this.child = null;
     this.httpPort = null;
-    this.toml = (httpPort, grpcPort) => `[node]
-name = "${name}"
-
-[http]
-listen = "127.0.0.1:${httpPort}"
-
-[grpc]
-listen = "127.0.0.1:${grpcPort}"
-
-[broker]
-kind = "redis"
-
+    this.toml = (httpPort, grpcPort) => `${redisNodeToml(name, httpPort, grpcPort)}
 [redis]
 urls = ["redis://127.0.0.1:${redisPort}"]
 

@@ -134,6 +134,20 @@ export async function waitReady(child, label, probe, ms = 20_000) {
   throw new Error(`${label} was not ready within ${ms} ms`);
 }
 
+/** The head of a test node's TOML: its name, HTTP and gRPC ports, the Redis broker. */
+export const redisNodeToml = (name, httpPort, grpcPort) => `[node]
+name = "${name}"
+
+[http]
+listen = "127.0.0.1:${httpPort}"
+
+[grpc]
+listen = "127.0.0.1:${grpcPort}"
+
+[broker]
+kind = "redis"
+`;
+
 /** A loopback TCP port that was free a moment ago. */
 export function freePort() {
   return new Promise((resolve, reject) => {
