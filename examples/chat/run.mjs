@@ -17,7 +17,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 // The same process helpers as the end-to-end suites (free ports, children
 // logged and stopped by PID); they need nothing from npm.
-import { freePort, redisPing, sleep, spawnLogged, stopChild, waitReady } from '../../tests/common/harness.mjs';
+import { freePort, redisPing, sleep, spawnLogged, stopChild, waitFanfare, waitReady } from '../../tests/common/harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.FANFARE_BIN;
@@ -80,7 +80,7 @@ const fanfareEnv = (secret) => ({
 async function startNode(secret) {
   const child = spawnLogged(`fanfare :${ports.http}`, BIN, ['--config', path.join(HERE, 'fanfare.toml')], log, fanfareEnv(secret));
   watch('fanfare', child);
-  await waitReady(child, 'fanfare', () => httpOk(`http://127.0.0.1:${ports.http}/ready`), READY_MS);
+  await waitFanfare(child, 'fanfare', () => httpOk(`http://127.0.0.1:${ports.http}/ready`), READY_MS);
   return child;
 }
 
@@ -112,7 +112,7 @@ async function main() {
     '--port', String(ports.redis), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', dir, '--loglevel', 'warning',
   ], log);
   watch('redis', redis);
-  await waitReady(redis, 'redis-server', () => redisPing(ports.redis), READY_MS);
+  await waitReady(redis, 'redis-server', () => redisPing(ports.redis, redis.pid), READY_MS);
 
   await startNode(secret);
 

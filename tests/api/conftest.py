@@ -107,11 +107,20 @@ class Redis:
         raise RuntimeError("redis-server did not start")
 
     def _ping(self) -> bool:
+        """Whether the server on the port answers and is this process (a PONG
+        alone may come from another suite's server that took the port)."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
-        except OSError:
+                s.sendall(b"INFO server\r\n")
+                data = b""
+                while b"\r\nprocess_id:" not in data or not data.split(b"\r\nprocess_id:", 1)[1].count(b"\r\n"):
+                    chunk = s.recv(4096)
+                    if not chunk or data.startswith(b"-"):
+                        return False
+                    data += chunk
+                pid = data.split(b"\r\nprocess_id:", 1)[1].split(b"\r\n", 1)[0]
+                return int(pid) == self.proc.pid
+        except (OSError, ValueError):
             return False
 
     @property
@@ -152,6 +161,12 @@ class Node:
                 )
             deadline = time.monotonic() + 15
             while time.monotonic() < deadline and self.proc.poll() is None:
+                # Ready once this process logged that it holds both ports: a
+                # /health answer alone may come from another suite's node
+                # that took the port first (this one then exits: retry).
+                if "control API listening" not in self.log():
+                    time.sleep(0.02)
+                    continue
                 try:
                     if http_get(self.port, "/health")[0] == 200:
                         return

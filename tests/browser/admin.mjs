@@ -25,7 +25,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { freePort, sleep, spawnLogged as spawnInto, redisNodeToml, stamp, stopChild, waitReady } from '../common/harness.mjs';
+import { freePort, sleep, spawnLogged as spawnInto, redisNodeToml, stamp, startRetrying, stopChild, waitFanfare } from '../common/harness.mjs';
 import { RedisCluster, infoField, redisCommand } from '../common/redis-cluster.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -93,8 +93,13 @@ function startClientServer() {
 
 const suite = { redis: null, nodes: [], browser: null, dir: null, page: null, context: null, pageLog: [] };
 
-/** A fanfare node named `name`, `redisToml` its `[redis]` section, the console on if `admin`. */
-async function startNode(name, redisToml, admin) {
+/**
+ * A fanfare node named `name` on fresh ports, `redisToml` its `[redis]`
+ * section, the console on if `admin`.
+ */
+const startNode = (name, redisToml, admin) => startRetrying(() => startNodeOnce(name, redisToml, admin));
+
+async function startNodeOnce(name, redisToml, admin) {
   const httpPort = await freePort();
   let grpcPort = await freePort();
   while (grpcPort === httpPort) grpcPort = await freePort();
@@ -121,7 +126,7 @@ history_ttl = "300s"
   fs.writeFileSync(configPath, toml);
   const child = spawnLogged(`fanfare ${name}:${httpPort}`, BIN, ['--config', configPath]);
   const origin = `http://127.0.0.1:${httpPort}`;
-  await waitReady(child, `fanfare ${name}`, async () => (await fetch(`${origin}/ready`, { signal: AbortSignal.timeout(1000) })).status === 200);
+  await waitFanfare(child, `fanfare ${name}`, async () => (await fetch(`${origin}/ready`, { signal: AbortSignal.timeout(1000) })).status === 200);
   return { name, child, httpPort, origin };
 }
 

@@ -32,7 +32,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
-import { freePort, redisPing, sleep, spawnLogged as spawnInto, stamp, stopChild as stopGracefully, redisNodeToml, waitReady } from '../common/harness.mjs';
+import { freePort, redisPing, sleep, spawnLogged as spawnInto, stamp, stopChild as stopGracefully, redisNodeToml, startRetrying, waitFanfare, waitReady } from '../common/harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.FANFARE_BIN;
@@ -106,15 +106,21 @@ force_recovery = true
     return `http://127.0.0.1:${this.httpPort}`;
   }
 
+  /** Starts the node: on fresh ports the first time, on the same ones after a stop. */
   async start() {
-    if (this.httpPort === null) {
+    if (this.httpPort !== null) return this.startOnce();
+    return startRetrying(async () => {
       this.httpPort = await freePort();
       let grpcPort = await freePort();
       while (grpcPort === this.httpPort) grpcPort = await freePort();
       fs.writeFileSync(this.configPath, this.toml(this.httpPort, grpcPort));
-    }
+      return this.startOnce();
+    });
+  }
+
+  async startOnce() {
     this.child = spawnLogged(`fanfare ${this.name}:${this.httpPort}`, BIN, ['--config', this.configPath]);
-    await waitReady(this.child, `fanfare ${this.name}`, async () => {
+    await waitFanfare(this.child, `fanfare ${this.name}`, async () => {
       const res = await fetch(`${this.origin}/ready`, { signal: AbortSignal.timeout(1000) });
       await res.arrayBuffer();
       return res.status === 200;
@@ -199,7 +205,7 @@ before(async () => {
   suite.redis = spawnLogged(`redis:${suite.redisPort}`, 'redis-server', [
     '--port', String(suite.redisPort), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', suite.dir, '--loglevel', 'warning',
   ]);
-  await waitReady(suite.redis, 'redis-server', () => redisPing(suite.redisPort));
+  await waitReady(suite.redis, 'redis-server', () => redisPing(suite.redisPort, suite.redis.pid));
 
   suite.pageServer = await startPageServer();
   suite.pageOrigin = `http://127.0.0.1:${suite.pageServer.address().port}`;

@@ -93,7 +93,10 @@ export function spawnLogged(label, cmd, args, log, extraEnv = {}) {
     });
   });
   for (const stream of [child.stdout, child.stderr]) {
-    onLines(stream, (line) => log.push(`${stamp()} [${label}] ${line}`));
+    onLines(stream, (line) => {
+      if (line.includes(FANFARE_LISTENING)) child.listening = true;
+      log.push(`${stamp()} [${label}] ${line}`);
+    });
   }
   log.push(`${stamp()} [${label}] spawned pid ${child.pid}: ${cmd} ${args.join(' ')}`);
   return child;
@@ -127,11 +130,43 @@ export async function stopChild(child, { signal = 'SIGTERM', graceMs = 5000 } = 
 export async function waitReady(child, label, probe, ms = 20_000) {
   const deadline = Date.now() + ms;
   while (Date.now() < deadline) {
-    if (child.exitInfo) throw new Error(`${label} exited before it was ready: ${JSON.stringify(child.exitInfo)}`);
+    if (child.exitInfo) {
+      const err = new Error(`${label} exited before it was ready: ${JSON.stringify(child.exitInfo)}`);
+      err.exitedBeforeReady = true;
+      throw err;
+    }
     if (await probe().catch(() => false)) return;
     await sleep(50);
   }
   throw new Error(`${label} was not ready within ${ms} ms`);
+}
+
+/** What fanfare logs once it holds both its HTTP and gRPC ports. */
+export const FANFARE_LISTENING = 'control API listening';
+
+/**
+ * waitReady for a fanfare child of spawnLogged: ready once it logged that it
+ * holds its ports and `probe` passes. A probe alone may be answered by
+ * another suite's node that took the port first (this one then exits, which
+ * is an error naming `label`, not a test talking to a stranger).
+ */
+export function waitFanfare(child, label, probe, ms) {
+  return waitReady(child, label, async () => child.listening === true && probe(), ms);
+}
+
+/**
+ * Calls `start` (which chooses fresh ports on each call) until it resolves,
+ * at most `attempts` times. It retries only when the child exited before it
+ * was ready (a port chosen free was taken before the child bound it).
+ */
+export async function startRetrying(start, attempts = 3) {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await start();
+    } catch (err) {
+      if (!err.exitedBeforeReady || attempt >= attempts) throw err;
+    }
+  }
 }
 
 /** The head of a test node's TOML: its name, HTTP and gRPC ports, the Redis broker. */
@@ -161,8 +196,12 @@ export function freePort() {
   });
 }
 
-/** `PING` over RESP to the Redis on loopback `port`; true on `+PONG` within 1 s. */
-export function redisPing(port) {
+/**
+ * Whether the Redis on loopback `port` is up and is process `pid` (its
+ * `INFO server` within 1 s): a PONG alone may come from another suite's
+ * server that took the port first.
+ */
+export function redisPing(port, pid) {
   return new Promise((resolve) => {
     const s = net.connect(port, '127.0.0.1');
     let data = '';
@@ -172,10 +211,13 @@ export function redisPing(port) {
     };
     s.setTimeout(1000, () => done(false));
     s.on('error', () => done(false));
-    s.on('connect', () => s.write('PING\r\n'));
+    s.on('connect', () => s.write('INFO server\r\n'));
     s.on('data', (d) => {
       data += d;
-      if (data.includes('\r\n')) done(data.startsWith('+PONG'));
+      // An error (-LOADING, ...) or this server's process id.
+      if (data.startsWith('-') && data.includes('\r\n')) return done(false);
+      const m = /\r\nprocess_id:(\d+)\r\n/.exec(data);
+      if (m) done(Number(m[1]) === pid);
     });
   });
 }

@@ -159,8 +159,10 @@ export class RedisCluster {
     for (const s of this.servers) {
       await waitUntil(async () => {
         if (s.child.exitInfo) throw new Error(`redis-server :${s.port} exited: ${JSON.stringify(s.child.exitInfo)}; its log:\n${logTail(s)}`);
-        return (await redisCommand(s.port, 'PING').catch(() => null)) === 'PONG';
-      }, 10_000, `redis :${s.port} PING`);
+        // This process, not another suite's server that took the port.
+        const info = await redisCommand(s.port, 'INFO', 'server').catch(() => '');
+        return infoField(info, 'process_id') === String(s.child.pid);
+      }, 10_000, `redis :${s.port} INFO server`);
     }
     const create = spawnLogged('redis-cli', 'redis-cli', ['--cluster', 'create',
       ...this.servers.map((s) => `127.0.0.1:${s.port}`), '--cluster-replicas', String(this.replicas), '--cluster-yes'], this.log);

@@ -46,6 +46,39 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		panic(err)
 	}
+	// A port picked free can be taken before the node binds it: retry on
+	// new ports when the node exits.
+	stop := func() {}
+	var logPath string
+	healthy := false
+	for attempt := 0; attempt < 3 && !healthy; attempt++ {
+		var httpPort int
+		stop, httpPort, logPath, healthy = startNode(bin, dir, attempt)
+		if healthy {
+			wsURL = fmt.Sprintf("ws://127.0.0.1:%d/connection/websocket", httpPort)
+		}
+	}
+	code := 2
+	if healthy {
+		code = m.Run()
+	} else {
+		fmt.Fprintln(os.Stderr, "fanfare did not become healthy")
+	}
+	stop()
+	if code != 0 {
+		log, _ := os.ReadFile(logPath)
+		fmt.Fprintf(os.Stderr, "---- fanfare log ----\n%s\n----\n", log)
+	}
+	_ = os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// startNode starts fanfare on free ports with the tests' config and waits up
+// to 15 s until it is ready: it logged that it holds both ports (a /health
+// answer alone may come from another suite's node that took the port first)
+// and /health answers 200. false when it exited or did not get ready. stop
+// SIGKILLs it (by PID) and waits until it is gone.
+func startNode(bin, dir string, attempt int) (stop func(), httpPort int, logPath string, ok bool) {
 	httpPort, grpcPort := freePort(), freePort()
 	config := fmt.Sprintf(`[http]
 listen = "127.0.0.1:%d"
@@ -74,14 +107,16 @@ history_size = 200
 history_ttl = "300s"
 allowed_delta_types = ["fossil"]
 `, httpPort, grpcPort)
-	configPath := filepath.Join(dir, "config.toml")
+	configPath := filepath.Join(dir, fmt.Sprintf("config-%d.toml", attempt))
 	if err := os.WriteFile(configPath, []byte(config), 0o644); err != nil {
 		panic(err)
 	}
-	logFile, err := os.Create(filepath.Join(dir, "fanfare.log"))
+	logPath = filepath.Join(dir, fmt.Sprintf("fanfare-%d.log", attempt))
+	logFile, err := os.Create(logPath)
 	if err != nil {
 		panic(err)
 	}
+	defer logFile.Close()
 	cmd := exec.Command(bin, "--config", configPath)
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// Stopped with SIGTERM and expected gone at once: no drain delay or period.
@@ -89,32 +124,30 @@ allowed_delta_types = ["fossil"]
 	if err := cmd.Start(); err != nil {
 		panic(err)
 	}
-	healthy := false
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	stop = func() { _ = cmd.Process.Kill(); <-exited }
 	for deadline := time.Now().Add(15 * time.Second); time.Now().Before(deadline); time.Sleep(50 * time.Millisecond) {
+		select {
+		case <-exited:
+			log, _ := os.ReadFile(logPath)
+			fmt.Fprintf(os.Stderr, "fanfare exited before it was ready:\n%s\n", log)
+			return stop, httpPort, logPath, false
+		default:
+		}
+		if log, _ := os.ReadFile(logPath); !bytes.Contains(log, []byte("control API listening")) {
+			continue
+		}
 		resp, err := http.Get(fmt.Sprintf("http://127.0.0.1:%d/health", httpPort))
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == 200 {
-				healthy = true
-				break
+				return stop, httpPort, logPath, true
 			}
 		}
 	}
-	code := 2
-	if healthy {
-		wsURL = fmt.Sprintf("ws://127.0.0.1:%d/connection/websocket", httpPort)
-		code = m.Run()
-	} else {
-		fmt.Fprintln(os.Stderr, "fanfare did not become healthy")
-	}
-	_ = cmd.Process.Kill()
-	_, _ = cmd.Process.Wait()
-	if code != 0 {
-		log, _ := os.ReadFile(logFile.Name())
-		fmt.Fprintf(os.Stderr, "---- fanfare log ----\n%s\n----\n", log)
-	}
-	_ = os.RemoveAll(dir)
-	os.Exit(code)
+	stop()
+	return stop, httpPort, logPath, false
 }
 
 // events collects what a client and its subscriptions report.

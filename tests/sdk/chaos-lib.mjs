@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { Centrifuge } from 'centrifuge';
 import WebSocket from 'ws';
-import { freePort, redisPing, sleep, spawnLogged, stamp, waitUntil, withTimeout } from '../common/harness.mjs';
+import { freePort, redisPing, sleep, spawnLogged, stamp, waitFanfare, waitUntil, withTimeout } from '../common/harness.mjs';
 
 export const BIN = process.env.FANFARE_BIN;
 export const SECRET = 'redis-chaos-secret';
@@ -71,7 +71,7 @@ export class Redis {
       this.child = spawnLogged(`redis:${this.port}`, 'redis-server', args, this.env.log);
       const deadline = Date.now() + 10_000;
       while (Date.now() < deadline && !this.child.exitInfo) {
-        if (await redisPing(this.port)) return;
+        if (await redisPing(this.port, this.child.pid)) return;
         await sleep(30);
       }
       await killChild(this.child);
@@ -136,10 +136,7 @@ history_size = 1000
 history_ttl = "300s"
 `);
     this.child = spawnLogged(`node ${this.name}:${this.port}`, BIN, ['--config', config], this.env.log);
-    await waitUntil(async () => {
-      if (this.child.exitInfo) throw new Error(`fanfare ${this.name} exited: ${JSON.stringify(this.child.exitInfo)}`);
-      return (await httpStatus(this.port, '/health')) === 200;
-    }, 20_000, `fanfare ${this.name} /health`);
+    await waitFanfare(this.child, `fanfare ${this.name}`, async () => (await httpStatus(this.port, '/health')) === 200);
   }
 
   async kill() {

@@ -11,7 +11,7 @@ import os from 'node:os';
 import path from 'node:path';
 import WebSocket from 'ws';
 import { EventSource } from 'eventsource';
-import { freePort, onLines, sleep, stamp, withTimeout } from '../common/harness.mjs';
+import { FANFARE_LISTENING, freePort, onLines, sleep, stamp, withTimeout } from '../common/harness.mjs';
 
 // The suites import these from here, with the harness below.
 export { freePort, onLines, sleep, stamp, withTimeout };
@@ -141,11 +141,16 @@ export class Server {
       child.exitInfo = child.exitInfo || { code: null, signal: null, error: err };
     });
     for (const [name, stream] of [['out', child.stdout], ['err', child.stderr]]) {
-      onLines(stream, (line) => serverLog.push(`${stamp()} [server#${gen} ${name}] ${line}`));
+      onLines(stream, (line) => {
+        if (line.includes(FANFARE_LISTENING)) child.listening = true;
+        serverLog.push(`${stamp()} [server#${gen} ${name}] ${line}`);
+      });
     }
     serverLog.push(`${stamp()} [server#${gen}] spawned pid ${child.pid}: ${this.bin} --config ${this.configPath}`);
 
-    // Poll /health until 200, the process dies, or the bound is reached.
+    // Poll /health until 200, the process dies, or the bound is reached;
+    // only after the process logged that it holds its ports, as a /health
+    // answer alone may come from another suite's node that took the port.
     const deadline = Date.now() + HEALTH_TIMEOUT_MS;
     let last = 'no attempt';
     while (Date.now() < deadline) {
@@ -154,6 +159,11 @@ export class Server {
         throw new Error(
           `fanfare exited before becoming healthy: ${JSON.stringify(child.exitInfo)}\n${serverTail()}`,
         );
+      }
+      if (!child.listening) {
+        last = 'not listening yet';
+        await sleep(50);
+        continue;
       }
       try {
         const res = await fetch(`http://127.0.0.1:${this.httpPort}/health`, {
@@ -454,13 +464,22 @@ export function sdkSuite({ Centrifuge, config }) {
     assert.ok(bin, 'FANFARE_BIN must be set to the path of the fanfare binary');
     assert.ok(path.isAbsolute(bin), `FANFARE_BIN must be an absolute path, got ${bin}`);
     assert.ok(fs.existsSync(bin), `FANFARE_BIN does not exist: ${bin}`);
-    const [httpPort, grpcPort] = await twoDistinctFreePorts();
     tmpDir = fs.mkdtempSync(path.join(os.tmpdir(), 'fanfare-e2e-'));
     const configPath = path.join(tmpDir, 'config.toml');
-    fs.writeFileSync(configPath, config(httpPort, grpcPort));
-    suite.server = new Server(bin, configPath, httpPort);
-    suite.server.grpcPort = grpcPort;
-    await suite.server.start();
+    // A port picked free can be taken before the node binds it (it exits
+    // then): retry on new ports.
+    for (let attempt = 1; ; attempt++) {
+      const [httpPort, grpcPort] = await twoDistinctFreePorts();
+      fs.writeFileSync(configPath, config(httpPort, grpcPort));
+      suite.server = new Server(bin, configPath, httpPort);
+      suite.server.grpcPort = grpcPort;
+      try {
+        await suite.server.start();
+        break;
+      } catch (err) {
+        if (attempt === 3 || suite.server.child !== null) throw err;
+      }
+    }
   });
 
   after(async () => {

@@ -4,7 +4,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use fanfare_server::pb;
@@ -15,7 +14,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
-use super::{Server, free_port, http_get};
+use super::{Server, http_get};
 
 /// The API key of the tests that configure one.
 pub const API_KEY: &str = "api-test-key";
@@ -241,77 +240,9 @@ pub fn metric_with(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
         .sum()
 }
 
-/// A throwaway `redis-server` on a free loopback port (no persistence);
-/// killed by PID when dropped.
-pub struct Redis {
-    child: Option<Child>,
-    pub port: u16,
-    /// Its working directory (kept until drop).
-    _dir: tempfile::TempDir,
-}
+/// The API tests' Redis: the one launcher in `common::redis`.
+pub use super::redis::RedisServer as Redis;
 
-impl Redis {
-    pub fn start() -> Redis {
-        for _ in 0..3 {
-            let port = free_port();
-            let dir = tempfile::tempdir().expect("temp dir");
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawning redis-server (apt-get install redis-server)");
-            let mut r = Redis { child: Some(child), port, _dir: dir };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if r.ping() {
-                    return r;
-                }
-                if let Some(Ok(Some(_))) = r.child.as_mut().map(|c| c.try_wait()) {
-                    r.child = None;
-                    break; // port taken: try another
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        panic!("redis-server did not start");
-    }
-
-    fn ping(&self) -> bool {
-        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-        let mut buf = [0u8; 7];
-        s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    /// SIGKILLs the server (by its PID) and waits for it.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// Config of a node of a Redis cluster named `name`, with the API key, token
-/// auth and a default namespace with presence, history and client publishing.
 /// Token auth and the namespaces of every API test node: the default one with
 /// presence and history, `plain:` without either.
 fn auth_and_namespaces() -> String {

@@ -54,10 +54,22 @@ pub const SECRET: &str = "integration-test-secret";
 /// Default time to wait for a message from the server.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A loopback port that was free a moment ago (bind, read, drop).
+/// A loopback port that was free a moment ago (bind, read, drop), and that
+/// this test process has not handed out before: tests run in parallel
+/// threads, and the kernel may give a port just dropped to the next
+/// `bind(0)`. Another process can still take it; [`Server::spawn`] notices
+/// that (the node exits) and the callers retry.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("binding 127.0.0.1:0");
+        let port = l.local_addr().expect("local addr").port();
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 pub fn unix_now() -> u64 {
@@ -277,15 +289,16 @@ impl Server {
             tls: None,
             dir,
         };
-        // A TLS port cannot answer the cleartext probe: its log line says
-        // when it listens.
+        // Ready once this process logged that it holds both ports: a
+        // `/health` answer alone may come from another test's node that took
+        // the port first (this node then exits with "Address already in use",
+        // and the caller retries on new ports). A TLS port cannot answer the
+        // cleartext probe; the log line is enough there.
         let tls = config.split("[grpc]").next().is_some_and(|http| http.contains("tls_cert"));
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let ready = match tls {
-                false => matches!(http_get(port, "/health"), Ok((200, _))),
-                true => server.log().contains("control API listening"),
-            };
+            let ready = server.log().contains("control API listening")
+                && (tls || matches!(http_get(port, "/health"), Ok((200, _))));
             if ready {
                 return Ok(server);
             }

@@ -98,6 +98,21 @@ fn read_resp(r: &mut impl BufRead) -> std::io::Result<Resp> {
 }
 
 /// Sends one command to the Redis on `port` over a fresh connection.
+/// The PID of the Redis answering on loopback `port` (`INFO server`). A
+/// launcher waits for its own child's PID there: a PONG alone may come from
+/// another test's server that took the port first.
+pub fn redis_pid(port: u16) -> Option<u32> {
+    match redis_cmd(port, &["INFO", "server"]) {
+        Ok(Resp::Bulk(Some(info))) => pid_in_info(&String::from_utf8_lossy(&info)),
+        _ => None,
+    }
+}
+
+/// `process_id` of an `INFO server` answer.
+pub fn pid_in_info(info: &str) -> Option<u32> {
+    info.lines().find_map(|l| l.strip_prefix("process_id:")).and_then(|v| v.trim().parse().ok())
+}
+
 pub fn redis_cmd(port: u16, args: &[&str]) -> std::io::Result<Resp> {
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))?;
@@ -171,7 +186,7 @@ impl RedisServer {
     }
 
     /// Starts the process with this server's port, directory and options and
-    /// waits (up to 10 s) for PING to answer PONG.
+    /// waits (up to 10 s) until the server on the port is this process.
     fn spawn(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "redis-server already running");
         let mut cmd = Command::new("redis-server");
@@ -192,9 +207,8 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(Resp::Simple(s)) = redis_cmd(self.port, &["PING"])
-                && s == "PONG"
-            {
+            let pid = self.child.as_ref().map(Child::id);
+            if pid.is_some() && redis_pid(self.port) == pid {
                 return Ok(());
             }
             let child = self.child.as_mut().expect("child present");

@@ -123,7 +123,9 @@ impl TlsRedis {
             let mut r = TlsRedis { child: Some(child), port, ca: ca.clone(), dir: dir.clone() };
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
-                if r.cli(&["PING"]).trim() == "PONG" {
+                // This process, not another test's server on the port.
+                let pid = r.child.as_ref().map(Child::id);
+                if pid.is_some() && super::redis::pid_in_info(&r.cli(&["INFO", "server"])) == pid {
                     return r;
                 }
                 let exited = r.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
@@ -277,8 +279,8 @@ impl Sentinel {
             let mut s = Sentinel { child: Some(child), port, dir };
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
-                if matches!(super::redis::redis_cmd(port, &["PING"]), Ok(super::redis::Resp::Simple(p)) if p == "PONG")
-                {
+                let pid = s.child.as_ref().map(Child::id);
+                if pid.is_some() && super::redis::redis_pid(port) == pid {
                     return s;
                 }
                 let exited = s.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
