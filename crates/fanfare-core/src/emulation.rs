@@ -197,3 +197,45 @@ impl Node {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_session_takes_batches_in_order_and_refuses_the_seventeenth_waiting_one_as_busy() {
+        let registry = Registry::default();
+        let inbox = registry.register(7);
+        let key = registry.lock().key_of[&7].to_string();
+        for i in 0..QUEUE {
+            assert_eq!(registry.deliver(&key, Bytes::from(i.to_string())), Emulation::Delivered);
+        }
+        assert_eq!(registry.deliver(&key, Bytes::from_static(b"one too many")), Emulation::Busy);
+        // The session reads one: there is room for one more, and order is kept.
+        assert_eq!(inbox.next().await, Bytes::from_static(b"0"));
+        assert_eq!(registry.deliver(&key, Bytes::from_static(b"last")), Emulation::Delivered);
+        assert_eq!(registry.deliver(&key, Bytes::from_static(b"again")), Emulation::Busy);
+        for i in 1..QUEUE {
+            assert_eq!(inbox.next().await, Bytes::from(i.to_string()));
+        }
+        assert_eq!(inbox.next().await, Bytes::from_static(b"last"));
+    }
+
+    #[test]
+    fn keys_are_unguessable_and_a_session_gone_or_never_there_is_unknown() {
+        let registry = Registry::default();
+        registry.register(1);
+        registry.register(2);
+        let (k1, k2) = {
+            let m = registry.lock();
+            (m.key_of[&1].to_string(), m.key_of[&2].to_string())
+        };
+        assert_ne!(k1, k2);
+        assert_eq!(k1.len(), 32, "128 random bits, hex");
+        assert_eq!(registry.deliver("0".repeat(32).as_str(), Bytes::new()), Emulation::Unknown);
+        registry.unregister(1);
+        assert_eq!(registry.deliver(&k1, Bytes::new()), Emulation::Unknown);
+        assert_eq!(registry.deliver(&k2, Bytes::new()), Emulation::Delivered);
+        assert!(registry.lock().key_of.get(&1).is_none(), "nothing kept of a gone session");
+    }
+}

@@ -211,6 +211,24 @@ async fn emulation_requests_reach_a_session_held_by_another_node() {
     let cmd = [json!({"id": 4, "presence": {"channel": "hall"}})];
     assert_eq!(emulate(b.port, "0123456789abcdef0123456789abcdef", &node, &cmd).await.0, 404);
     assert_eq!(emulate(a.port, "0123456789abcdef0123456789abcdef", &node, &cmd).await.0, 404);
+
+    // The session's node does not answer (stopped): after the 2 s delivery
+    // wait, 404, as for a node that is gone (the SDK then reconnects).
+    a.signal("STOP");
+    let started = std::time::Instant::now();
+    let frozen = emulate(b.port, &session, &node, &cmd).await;
+    let waited = started.elapsed();
+    a.signal("CONT");
+    assert_eq!(frozen.0, 404, "{}", frozen.1);
+    // Not before the delivery wait; bounded well under the client's own timeouts.
+    assert!(waited >= std::time::Duration::from_millis(1900), "answered after {waited:?}");
+    assert!(waited < std::time::Duration::from_secs(6), "answered after {waited:?}");
+    // Node A resumes: the session is still there and takes commands again.
+    let ok = [json!({"id": 5, "presence": {"channel": "hall"}})];
+    assert_eq!(emulate(b.port, &session, &node, &ok).await.0, 200);
+    // (The stopped node may still apply id 4 once it reads its control
+    // channel: the SDK takes a 404 as "reconnect", not as "not applied".)
+    while next_reply(&mut s, true).await["id"] != 5 {}
     // Once the client is gone, its session is too.
     drop(s);
     let mut gone = false;
