@@ -24,13 +24,12 @@ import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 import { freePort, sleep, spawnLogged as spawnInto, redisNodeToml, stamp, startRetrying, stopChild, waitFanfare } from '../common/harness.mjs';
 import { RedisCluster, infoField, redisCommand } from '../common/redis-cluster.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.FANFARE_BIN;
-const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 // Where the screenshots go: ADMIN_SCREENSHOTS=docs/images refreshes the
 // README's (a fresh run differs in uptimes and client ids, so not by default).
 const IMAGES = path.resolve(process.env.ADMIN_SCREENSHOTS || path.join(HERE, '../../target/admin-screenshots'));
@@ -147,7 +146,7 @@ before(async () => {
   ]);
   suite.clientServer = await startClientServer();
   CLIENT_ORIGIN = `http://127.0.0.1:${suite.clientServer.address().port}`;
-  suite.browser = await chromium.launch({ executablePath: CHROMIUM, args: ['--no-sandbox'], headless: true, timeout: 30_000 });
+  suite.browser = await launchChromium();
   suite.context = await suite.browser.newContext({ viewport: { width: 1100, height: 640 } });
   suite.page = await suite.context.newPage();
   const log = suite.pageLog;

@@ -31,12 +31,11 @@ import http from 'node:http';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 import { freePort, redisPing, sleep, spawnLogged as spawnInto, stamp, stopChild as stopGracefully, redisNodeToml, startRetrying, waitFanfare, waitReady } from '../common/harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const BIN = process.env.FANFARE_BIN;
-const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 const SECRET = 'browser-e2e-secret';
 const WAIT_MS = 10_000; // bound for every single wait
 const STOP_GRACE_MS = 5_000; // SIGTERM -> SIGKILL
@@ -211,13 +210,7 @@ before(async () => {
   suite.pageOrigin = `http://127.0.0.1:${suite.pageServer.address().port}`;
   suite.strangerServer = await startPageServer();
   suite.strangerOrigin = `http://127.0.0.1:${suite.strangerServer.address().port}`;
-  suite.browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    // Root in a container has no user namespace for Chromium's sandbox.
-    args: ['--no-sandbox'],
-    headless: true,
-    timeout: 30_000,
-  });
+  suite.browser = await launchChromium();
 });
 
 after(async () => {

@@ -22,13 +22,12 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
+import { launchChromium } from './chromium.mjs';
 import { freePort, sleep, spawnLogged, stamp, stopChild } from '../common/harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const ROOT = path.resolve(HERE, '../..');
 const BIN = process.env.FANFARE_BIN;
-const CHROMIUM = process.env.CHROMIUM_BIN || '/usr/bin/chromium';
 const SCREENSHOT = path.resolve(process.env.CHAT_SCREENSHOT || path.join(ROOT, 'target/chat.png'));
 const WAIT_MS = 15_000; // bound for every single wait
 const VERBOSE = process.env.FANFARE_E2E_VERBOSE === '1';
@@ -64,13 +63,7 @@ before(async () => {
   }
   chat.url = `http://127.0.0.1:${port}/`;
   assert.ok(runLog.some((l) => l.includes(`chat ready: ${chat.url}`)), `run.sh should announce ${chat.url}`);
-  chat.browser = await chromium.launch({
-    executablePath: CHROMIUM,
-    // Root in a container has no user namespace for Chromium's sandbox.
-    args: ['--no-sandbox'],
-    headless: true,
-    timeout: 30_000,
-  });
+  chat.browser = await launchChromium();
 });
 
 after(async () => {

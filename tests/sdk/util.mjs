@@ -5,13 +5,12 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import WebSocket from 'ws';
 import { EventSource } from 'eventsource';
-import { FANFARE_LISTENING, freePort, onLines, sleep, stamp, withTimeout } from '../common/harness.mjs';
+import { freePort, onLines, sleep, spawnLogged, stamp, stopChild, withTimeout } from '../common/harness.mjs';
 
 // The suites import these from here, with the harness below.
 export { freePort, onLines, sleep, stamp, withTimeout };
@@ -118,35 +117,12 @@ export class Server {
     assert.equal(this.child, null, 'server already running');
     this.generation += 1;
     const gen = this.generation;
-    const env = { ...process.env };
-    if (!env.RUST_LOG) env.RUST_LOG = 'info';
-    // Stopped with SIGTERM and expected gone at once: no drain delay or period.
-    env.FANFARE__SHUTDOWN__DRAIN_DELAY ??= '0s';
-    env.FANFARE__SHUTDOWN__DRAIN_PERIOD ??= '0s';
-    const child = spawn(this.bin, ['--config', this.configPath], {
-      stdio: ['ignore', 'pipe', 'pipe'],
-      env,
+    // spawnLogged: no drain delay or period (stopped with SIGTERM and
+    // expected gone at once); child.listening once it holds its ports.
+    const child = spawnLogged(`server#${gen}`, this.bin, ['--config', this.configPath], serverLog, {
+      RUST_LOG: process.env.RUST_LOG || 'info',
     });
     this.child = child;
-    child.exitInfo = null;
-    child.exited = new Promise((resolve) => {
-      child.on('exit', (code, signal) => {
-        child.exitInfo = { code, signal };
-        serverLog.push(`${stamp()} [server#${gen} pid ${child.pid}] exited code=${code} signal=${signal}`);
-        resolve(child.exitInfo);
-      });
-    });
-    child.on('error', (err) => {
-      serverLog.push(`${stamp()} [server#${gen}] spawn error: ${err.message}`);
-      child.exitInfo = child.exitInfo || { code: null, signal: null, error: err };
-    });
-    for (const [name, stream] of [['out', child.stdout], ['err', child.stderr]]) {
-      onLines(stream, (line) => {
-        if (line.includes(FANFARE_LISTENING)) child.listening = true;
-        serverLog.push(`${stamp()} [server#${gen} ${name}] ${line}`);
-      });
-    }
-    serverLog.push(`${stamp()} [server#${gen}] spawned pid ${child.pid}: ${this.bin} --config ${this.configPath}`);
 
     // Poll /health until 200, the process dies, or the bound is reached;
     // only after the process logged that it holds its ports, as a /health
@@ -187,20 +163,8 @@ export class Server {
     const child = this.child;
     if (!child) return null;
     this.child = null;
-    if (child.exitInfo) return { ...child.exitInfo, killed: false };
-    child.kill('SIGTERM');
-    let timer;
-    const graceful = await Promise.race([
-      child.exited.then(() => true),
-      new Promise((resolve) => (timer = setTimeout(() => resolve(false), STOP_GRACE_MS))),
-    ]);
-    clearTimeout(timer);
-    if (!graceful) {
-      serverLog.push(`${stamp()} [server pid ${child.pid}] no exit ${STOP_GRACE_MS} ms after SIGTERM: SIGKILL`);
-      child.kill('SIGKILL');
-      await withTimeout(child.exited, 5000, 'fanfare to exit after SIGKILL');
-    }
-    return { ...child.exitInfo, killed: !graceful };
+    const info = await stopChild(child, { graceMs: STOP_GRACE_MS });
+    return { ...info, killed: info.signal === 'SIGKILL' };
   }
 
   /** Synchronous last resort for process exit paths. */
