@@ -51,11 +51,6 @@ async fn per_connection(server: &Server, n: usize) -> (f64, String) {
     ((after as f64 - before as f64) / n as f64, size)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let n = env_or("FANFARE_IDLE_N", 2000).max(1);
@@ -80,7 +75,8 @@ async fn main() {
             figures[k].push(bytes);
         }
     }
-    let medians: Vec<f64> = figures.into_iter().map(median).collect();
+    // Every run gives a figure (runs >= 1).
+    let medians: Vec<f64> = figures.iter().filter_map(|f| common::median(f)).collect();
     print!("median of {runs} runs: plain {:.0} B per connection", medians[0]);
     if let Some(tls) = medians.get(1) {
         print!(", TLS {tls:.0} B (+{:.0} B, {:.1}×)", tls - medians[0], tls / medians[0]);

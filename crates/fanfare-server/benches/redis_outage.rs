@@ -13,16 +13,12 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use common::median;
 use common::outage::one_run;
-
-fn median(mut v: Vec<f64>) -> Option<f64> {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied()
-}
 
 /// "median`unit` (min–max)" of `v`, or "none" when no run got there.
 fn spread(v: &[f64], unit: &str) -> String {
-    match median(v.to_vec()) {
+    match median(v) {
         None => "none".into(),
         Some(m) => {
             let min = v.iter().copied().fold(f64::INFINITY, f64::min);

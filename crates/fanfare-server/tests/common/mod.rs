@@ -72,6 +72,14 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// The median of `v` (the upper one of an even count), for the benches'
+/// figures; `None` when empty.
+pub fn median(v: &[f64]) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied()
+}
+
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs()
 }
