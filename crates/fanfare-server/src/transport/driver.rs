@@ -18,9 +18,10 @@ use fanfare_protocol::DisconnectCode;
 pub(crate) enum Input<T> {
     /// A frame of commands, in the session's encoding: [`Wire::frame`].
     Frame(T),
-    /// Something only the wire understands (a WebSocket ping or close):
-    /// [`Wire::answer`] deals with it.
-    Control(T),
+    /// Something only the wire understands (a WebSocket control frame:
+    /// ping or close): [`Wire::answer`] deals with it. (Not the control
+    /// API, `methods::Api::Control`.)
+    ControlFrame(T),
     /// The client broke the protocol: close with this code.
     Refused(DisconnectCode),
     /// The client went away; nothing more can be written.
@@ -45,7 +46,7 @@ pub(crate) trait Wire {
     fn read(&mut self) -> impl Future<Output = Input<Self::Token>>;
     /// The frame an [`Input::Frame`] announced.
     fn frame(&self, at: Self::Token) -> &[u8];
-    /// Answers an [`Input::Control`].
+    /// Answers an [`Input::ControlFrame`].
     fn answer(
         &mut self,
         at: Self::Token,
@@ -111,7 +112,7 @@ pub(crate) async fn drive<W: Wire>(
             input = wire.read(), if session.accepts_input() => {
                 let res = match input {
                     Input::Frame(at) => Box::pin(session.handle_frame(wire.frame(at))).await,
-                    Input::Control(at) => match Box::pin(wire.answer(at, *write_timeout)).await {
+                    Input::ControlFrame(at) => match Box::pin(wire.answer(at, *write_timeout)).await {
                         Ok(()) => Ok(()),
                         Err(end) => break end,
                     },

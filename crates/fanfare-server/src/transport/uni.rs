@@ -471,7 +471,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for UniWsWire<'_, S> {
     async fn read(&mut self) -> Input<ws::Payload> {
         loop {
             match self.conn.read().await {
-                Ok(ws::Incoming::Ping(p)) => return Input::Control(p),
+                Ok(ws::Incoming::Ping(p)) => return Input::ControlFrame(p),
                 Ok(ws::Incoming::Close(..)) | Err(_) => {
                     return Input::Gone(DisconnectCode::CONNECTION_CLOSED);
                 }

@@ -223,7 +223,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Wire for WsWire<'_, S> {
                 account_received(p.len());
                 Input::Frame(m)
             }
-            Ok(m @ (Incoming::Ping(_) | Incoming::Close(..))) => Input::Control(m),
+            Ok(m @ (Incoming::Ping(_) | Incoming::Close(..))) => Input::ControlFrame(m),
             Err(WsError::TooBig) => Input::Refused(DisconnectCode::MESSAGE_TOO_BIG),
             Err(e) => match e.close_code() {
                 Some(code) => {
