@@ -1,8 +1,9 @@
 //! `config/fanfare.example.toml` is the configuration reference README points
 //! to ("documents every key"): every key the binary knows appears in it, under
-//! its section, and it passes `fanfare check-config`. The keys come from the
-//! binary itself (`check-config` prints the full effective configuration), so
-//! a key added to the code without a line in the example fails here.
+//! its section, with its default, and it passes `fanfare check-config`. Keys
+//! and defaults come from the binary itself (`check-config` prints the full
+//! effective configuration), so a key added to the code without a line in the
+//! example, or a default changed in one place only, fails here.
 
 mod common;
 
@@ -86,7 +87,11 @@ fn documented_keys(text: &str) -> BTreeSet<String> {
         if let Some(s) = section_header(line) {
             section = s;
         } else if let Some(key) = key_set(line) {
-            keys.insert(if section.is_empty() { key.to_string() } else { format!("{section}.{key}") });
+            keys.insert(if section.is_empty() {
+                key.to_string()
+            } else {
+                format!("{section}.{key}")
+            });
         }
     }
     keys
@@ -112,6 +117,63 @@ fn the_example_config_shows_every_key_the_binary_knows_under_its_section() {
     // binary accepts (a renamed or misspelt key in a comment would mislead).
     let unknown: Vec<&String> = documented.difference(&known).collect();
     assert!(unknown.is_empty(), "config/fanfare.example.toml shows unknown keys: {unknown:?}");
+}
+
+/// Keys whose value in the example is an illustration, not the default; their
+/// comment says what the default is.
+const SHOWN_NOT_DEFAULT: &[&str] = &[
+    "node.name",            // default: the host name, which differs per machine
+    "auth.allow_anonymous", // default: true only when no token key is set
+];
+
+/// The example's header promises "the values shown are the defaults unless a
+/// comment says otherwise": every value shown in a section of its own
+/// (`[http]`, ...; not the namespaces and proxies, which are examples), set
+/// or commented out, is what the binary uses when the key is left out.
+#[test]
+fn the_values_the_example_config_shows_are_the_binarys_defaults() {
+    let text = std::fs::read_to_string(example_path()).expect("reading the example config");
+    // The shown lines, uncommented, under their sections; a commented-out
+    // section header (the proxies example) ends the real ones.
+    let mut shown = String::new();
+    let mut in_section = false;
+    for line in text.lines() {
+        let commented = line.trim_start().starts_with('#');
+        let bare = line.trim_start().trim_start_matches('#').trim_start();
+        if let Some(s) = section_header(bare) {
+            in_section = !commented && !s.ends_with("[]");
+            if in_section {
+                shown.push_str(&format!("[{s}]\n"));
+            }
+        } else if let Some(key) = key_set(bare).filter(|_| in_section) {
+            let section = shown.lines().rfind(|l| l.starts_with('[')).unwrap_or_default();
+            let full = format!("{}.{key}", section.trim_matches(['[', ']']));
+            if !SHOWN_NOT_DEFAULT.contains(&full.as_str()) {
+                shown.push_str(bare);
+                shown.push('\n');
+            }
+        }
+    }
+    // Both through the binary, so that "24h" and "1day" compare equal.
+    let defaults = effective("");
+    let example = effective(&shown);
+    let value = |t: &toml::Table, section: &str, key: &str| {
+        t.get(section).and_then(|s| s.get(key)).map(ToString::to_string).unwrap_or_default()
+    };
+    let shown_table: toml::Table = shown.parse().expect("the shown lines are TOML");
+    let mut wrong = Vec::new();
+    let mut checked = 0;
+    for (section, keys) in &shown_table {
+        for key in keys.as_table().into_iter().flat_map(|t| t.keys()) {
+            checked += 1;
+            let (got, default) = (value(&example, section, key), value(&defaults, section, key));
+            if got != default {
+                wrong.push(format!("{section}.{key}: shows {got}, the default is {default}"));
+            }
+        }
+    }
+    assert!(checked > 80, "only {checked} values were compared: {shown}");
+    assert!(wrong.is_empty(), "config/fanfare.example.toml shows non-defaults: {wrong:#?}");
 }
 
 #[test]
