@@ -220,6 +220,101 @@ def test_each_error_answers_with_centrifugos_code(cluster):
     assert [r["error"]["code"] for r in body["replies"]] == [108, 104, 107]
 
 
+# Every request field fanfare refuses (`Unsupported` in
+# crates/fanfare-server/src/centrifugo/mod.rs), with the method that has it and
+# a value that sets it. Ignoring one would do something else than asked (a
+# disconnect meant for one session would close all of the user's), so each
+# must be answered 107 and change nothing.
+REFUSED_FIELDS = [
+    ("publish", "version", 2),
+    ("broadcast", "version", 2),
+    ("subscribe", "session", "s1"),
+    ("subscribe", "expire_at", 4102444800),
+    ("subscribe", "info", {"role": "guest"}),
+    ("subscribe", "b64info", base64.b64encode(b'{"role":"guest"}').decode()),
+    ("subscribe", "data", {"welcome": 1}),
+    ("subscribe", "b64data", base64.b64encode(b'{"welcome":1}').decode()),
+    ("subscribe", "recover_since", {"offset": 1, "epoch": "e"}),
+    ("subscribe", "override", {"presence": {"value": False}}),
+    ("unsubscribe", "session", "s1"),
+    ("disconnect", "session", "s1"),
+    ("disconnect", "whitelist", ["some-client"]),
+    ("refresh", "session", "s1"),
+    ("refresh", "info", {"role": "guest"}),
+]
+REFUSED_IDS = [f"{m}-{f}" for m, f, _ in REFUSED_FIELDS]
+
+
+def refused_request(method, name):
+    """A valid request of `method` about user and channel `name`: without a
+    refused field it would publish into the channel, subscribe the user to
+    another one, unsubscribe it, disconnect it or send it a refresh."""
+    return {
+        "publish": {"channel": name, "data": {"refused": True}},
+        "broadcast": {"channels": [name], "data": {"refused": True}},
+        "subscribe": {"user": name, "channel": name + "-other"},
+        "unsubscribe": {"user": name, "channel": name},
+        "disconnect": {"user": name, "disconnect": {"code": 4501, "reason": "refused"}},
+        "refresh": {"user": name, "expire_at": int(time.time()) + 3600},
+    }[method]
+
+
+def first_push_is_the_publication(ws, channel, data):
+    """The still-connected, still-subscribed user hears of nothing before the
+    publication made after the refused call."""
+    push = ws.push()["push"]
+    assert push.get("channel") == channel and push["pub"]["data"] == data, push
+
+
+@pytest.mark.parametrize("method,field,value", REFUSED_FIELDS, ids=REFUSED_IDS)
+def test_an_unsupported_field_is_refused_with_107_naming_it_and_changes_nothing(
+        cluster, method, field, value):
+    node = cluster[0]
+    name = f"cent-refused-{method}-{field}"
+    ws = node.ws(name)
+    ws.subscribe(name)
+    st, body = post(node, method, {**refused_request(method, name), field: value})
+    assert st == 200 and "result" not in body, body
+    assert body["error"]["code"] == 107, body
+    assert body["error"]["message"].startswith(f"{field}:"), body
+    # The node goes on serving: a normal publish succeeds.
+    st, body = post(node, "publish", {"channel": name, "data": {"after": field}})
+    assert st == 200 and body["result"]["offset"] >= 1, body
+    first_push_is_the_publication(ws, name, {"after": field})
+    ws.close()
+
+
+@pytest.mark.parametrize("method,field,value", REFUSED_FIELDS, ids=REFUSED_IDS)
+def test_an_unsupported_field_is_refused_with_107_over_grpc_too(cluster, cpb, method, field,
+                                                                 value):
+    pb2, _ = cpb
+    node = cluster[0]
+    name = f"grpc-refused-{method}-{field}"
+    ws = node.ws(name)
+    ws.subscribe(name)
+    # The same request as Protobuf: JSON fields are bytes, objects messages.
+    req = refused_request(method, name)
+    if "data" in req:
+        req["data"] = json.dumps(req["data"]).encode()
+    if "disconnect" in req:
+        req["disconnect"] = pb2.Disconnect(**req["disconnect"])
+    if field == "recover_since":
+        value = pb2.StreamPosition(**value)
+    elif field == "override":
+        value = pb2.SubscribeOptionOverride(presence=pb2.BoolValue(**value["presence"]))
+    elif isinstance(value, dict):
+        value = json.dumps(value).encode()
+    call = method.capitalize()
+    request = getattr(pb2, f"{call}Request")(**req, **{field: value})
+    r = getattr(grpc_api(node, cpb), call)(request)
+    assert not r.HasField("result"), r
+    assert r.error.code == 107 and r.error.message.startswith(f"{field}:"), r
+    after = grpc_api(node, cpb).Publish(pb2.PublishRequest(channel=name, data=b'{"after":1}'))
+    assert not after.HasField("error") and after.result.offset >= 1, after
+    first_push_is_the_publication(ws, name, {"after": 1})
+    ws.close()
+
+
 def test_calls_are_counted_per_method_under_their_own_protocol(cluster, cpb):
     pb2, _ = cpb
     node = cluster[2]
