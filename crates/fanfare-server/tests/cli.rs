@@ -103,3 +103,46 @@ async fn token_subcommand_mints_usable_tokens() {
     assert!(!status.success());
     assert!(stderr.contains("auth.hmac_secret"), "{stderr}");
 }
+
+#[tokio::test]
+async fn token_info_shows_in_presence_and_in_the_publications_of_its_holder() {
+    let server = Server::start(&format!(
+        "[auth]\nhmac_secret = \"{}\"\n\n[[namespaces]]\nname = \"room\"\npresence = true\n\
+         allow_publish = true\n",
+        common::SECRET
+    ));
+    let cfg = server.config_path.to_str().expect("utf-8 path");
+    let info = r#"{"name":"Ann","roles":["admin"]}"#;
+    let (status, stdout, stderr) =
+        run_cli(&["token", "--user", "42", "--info", info, "--config", cfg], &[]);
+    assert!(status.success(), "fanfare token --info failed: {stderr}");
+    let mut ann = server.client().await;
+    ann.connect_ok(stdout.trim()).await;
+    ann.subscribe_ok("room:1", json!({})).await;
+
+    // Another user sees Ann's info in the channel's presence.
+    let mut other = server.connected("7").await;
+    other.subscribe_ok("room:1", json!({})).await;
+    let p = other.presence("room:1").await;
+    let entries = p["presence"]["presence"].as_object().unwrap_or_else(|| panic!("{p}"));
+    let mine: Vec<_> = entries.values().filter(|e| e["user"] == "42").collect();
+    assert_eq!(mine.len(), 1, "{p}");
+    assert_eq!(mine[0]["conn_info"], json!({"name": "Ann", "roles": ["admin"]}), "{p}");
+
+    // And in what she publishes.
+    let r = ann.publish("room:1", json!({"text": "hi"})).await;
+    assert_eq!(r["publish"], json!({}), "{r}");
+    let push = other.recv_push().await;
+    assert_eq!(push["push"]["pub"]["info"]["user"], "42", "{push}");
+    assert_eq!(
+        push["push"]["pub"]["info"]["conn_info"],
+        json!({"name": "Ann", "roles": ["admin"]})
+    );
+
+    // `--info` that is not JSON mints nothing and says which flag is wrong.
+    let (status, stdout, stderr) =
+        run_cli(&["token", "--user", "42", "--info", "{name: Ann}", "--config", cfg], &[]);
+    assert!(!status.success(), "minted a token with bad --info: {stdout}");
+    assert!(stdout.trim().is_empty(), "{stdout}");
+    assert!(stderr.contains("--info"), "{stderr}");
+}

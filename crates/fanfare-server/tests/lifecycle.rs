@@ -297,7 +297,7 @@ allow_publish = true
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn write_timeout_drops_a_client_that_stopped_reading() {
+async fn write_timeout_drops_a_client_that_stopped_reading_while_its_channel_keeps_flowing() {
     // A queue big enough never to overflow: only websocket.write_timeout can
     // end the stuck connection.
     let server = Server::start(
@@ -313,14 +313,27 @@ name = ""
 allow_publish = true
 "#,
     );
+    const TOTAL: u64 = 4000;
     let mut stuck = Client::open_small_rcvbuf(server.port, 4096).await;
     stuck.connect_ok("").await;
     stuck.subscribe_ok("f", json!({})).await;
+    // A subscriber of the same channel that keeps reading.
+    let mut reader = server.connected("reader").await;
+    reader.subscribe_ok("f", json!({})).await;
+    let reading = tokio::spawn(async move {
+        for next in 0..TOTAL {
+            let push = reader.recv_push().await;
+            assert_eq!(push["push"]["pub"]["data"]["seq"], next, "reader: lost or out of order");
+        }
+        reader
+    });
     let mut bystander = Bystander::join(&server).await;
     let mut publisher = server.connected("p").await;
+    let open = metric(server.port, "fanfare_connections");
+    assert_eq!(open, 4.0, "stuck, reader, bystander, publisher");
     let pad = "x".repeat(1000);
     // Enough to fill the socket buffers (a few MB on loopback).
-    for w in 0..400u64 {
+    for w in 0..TOTAL / 10 {
         let mut frame = String::new();
         let first = publisher.next_id();
         for i in 0..10 {
@@ -334,7 +347,22 @@ allow_publish = true
             publisher.reply(id).await;
         }
     }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // By now the stuck write has begun. It is given up after write_timeout,
+    // and the goodbye after it gets as long again: 2 s, plus a margin for a
+    // loaded machine.
+    let published = Instant::now();
+    while metric(server.port, "fanfare_connections") != open - 1.0 {
+        assert!(
+            published.elapsed() < Duration::from_secs(8),
+            "the stuck client was not dropped within 8 s of the last publication"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The other subscriber got every publication, in order.
+    let reader = tokio::time::timeout(Duration::from_secs(30), reading)
+        .await
+        .expect("the reader did not get all publications within 30 s")
+        .expect("reader task");
     // Reading again, the client gets what was in flight and then finds the
     // connection gone. (The node cannot send a close frame into a socket it
     // could not write to, so there may be no 3008 frame.)
@@ -345,7 +373,7 @@ allow_publish = true
             Err(end) => break end,
         }
     };
-    assert!(n < 4000, "all {n} publications arrived: the client was never dropped");
+    assert!(n < TOTAL, "all {n} publications arrived: the client was never dropped");
     match end {
         common::ReadEnd::Closed(3008, _) | common::ReadEnd::Broken(_) => {}
         other => panic!("expected the connection to be dropped, got {other:?} after {n}"),
@@ -355,4 +383,5 @@ allow_publish = true
     assert_eq!(metric(server.port, "fanfare_slow_consumer_disconnects_total"), 1.0);
     assert_eq!(metric(server.port, r#"fanfare_disconnects_total{reason="slow"}"#), 1.0);
     assert_survived(&server, &mut bystander).await;
+    drop(reader);
 }

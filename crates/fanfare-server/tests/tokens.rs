@@ -34,6 +34,7 @@ fn sign_pem(alg: Algorithm, kid: Option<&str>, file: &str, claims: &Value) -> St
     let pem = key_text(file);
     let key = match alg {
         Algorithm::EdDSA => EncodingKey::from_ed_pem(pem.as_bytes()),
+        Algorithm::ES256 | Algorithm::ES384 => EncodingKey::from_ec_pem(pem.as_bytes()),
         _ => EncodingKey::from_rsa_pem(pem.as_bytes()),
     }
     .expect("test private key");
@@ -54,6 +55,31 @@ fn ed_jwk(n: u8, kid: &str) -> Value {
     let der = data_encoding::BASE64.decode(b64.as_bytes()).expect("PEM body");
     let x = data_encoding::BASE64URL_NOPAD.encode(&der[der.len() - 32..]);
     json!({"kty": "OKP", "crv": "Ed25519", "x": x, "kid": kid, "use": "sig", "alg": "EdDSA"})
+}
+
+/// The JWK of EC public key `file` (`ec256-1.pub.pem`, ...) under `kid`; with
+/// `alg` when given (without, the curve decides the algorithm).
+fn ec_jwk(file: &str, kid: &str, alg: Option<&str>) -> Value {
+    let pem = key_text(file);
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = data_encoding::BASE64.decode(b64.as_bytes()).expect("PEM body");
+    // The SPKI ends with the uncompressed point 04 || x || y.
+    let (crv, n) = if file.starts_with("ec256") { ("P-256", 32) } else { ("P-384", 48) };
+    let point = &der[der.len() - (2 * n + 1)..];
+    assert_eq!(point[0], 4, "{file}: not an uncompressed point");
+    let coord = |b: &[u8]| data_encoding::BASE64URL_NOPAD.encode(b);
+    let mut jwk = json!({"kty": "EC", "crv": crv, "x": coord(&point[1..=n]),
+        "y": coord(&point[n + 1..]), "kid": kid, "use": "sig"});
+    if let Some(alg) = alg {
+        jwk["alg"] = alg.into();
+    }
+    jwk
+}
+
+/// Signs with HMAC `secret` and `alg` (HS256, HS384 or HS512).
+fn sign_hs(alg: Algorithm, secret: &str, claims: &Value) -> String {
+    let key = EncodingKey::from_secret(secret.as_bytes());
+    jsonwebtoken::encode(&Header::new(alg), claims, &key).expect("signing")
 }
 
 /// A token with `alg: none` and no signature.
@@ -389,6 +415,95 @@ async fn tokens_of_the_previous_secret_and_of_every_listed_public_key_are_accept
 }
 
 #[tokio::test]
+async fn hs384_and_hs512_tokens_of_the_hmac_secret_are_accepted_and_of_another_secret_refused_with_3500()
+ {
+    let server = static_keys_node();
+    let mut bystander = Bystander::join(&server).await;
+    for alg in [Algorithm::HS384, Algorithm::HS512] {
+        let what = format!("{alg:?}");
+        let conn = sign_hs(alg, SECRET, &conn_claims("u"));
+        let sub = sign_hs(alg, SECRET, &sub_claims("u", CHANNEL));
+        assert_refused_everywhere(&server, &mut bystander, &what, &conn, &sub, Outcome::Ok).await;
+        // The previous secret is tried for every HMAC algorithm, too.
+        let conn = sign_hs(alg, PREVIOUS, &conn_claims("u"));
+        let sub = sign_hs(alg, PREVIOUS, &sub_claims("u", CHANNEL));
+        let what = format!("{alg:?} previous secret");
+        assert_refused_everywhere(&server, &mut bystander, &what, &conn, &sub, Outcome::Ok).await;
+        let conn = sign_hs(alg, "some-other-secret", &conn_claims("u"));
+        let sub = sign_hs(alg, "some-other-secret", &sub_claims("u", CHANNEL));
+        let what = format!("{alg:?} other secret");
+        assert_refused_everywhere(
+            &server,
+            &mut bystander,
+            &what,
+            &conn,
+            &sub,
+            Outcome::Closed(3500),
+        )
+        .await;
+    }
+}
+
+/// `token` with its header's `alg` replaced (payload and signature kept).
+fn with_alg(token: &str, alg: &str) -> String {
+    let (head, rest) = token.split_once('.').expect("a JWT");
+    let head = data_encoding::BASE64URL_NOPAD.decode(head.as_bytes()).expect("header");
+    let mut head: Value = serde_json::from_slice(&head).expect("header JSON");
+    head["alg"] = alg.into();
+    format!("{}.{rest}", data_encoding::BASE64URL_NOPAD.encode(head.to_string().as_bytes()))
+}
+
+#[tokio::test]
+async fn es256_and_es384_tokens_of_the_listed_pem_keys_are_accepted_and_of_other_keys_refused_with_3500()
+ {
+    let pem = format!("{}{}", key_text("ec256-1.pub.pem"), key_text("ec384-1.pub.pem"));
+    let server = Server::start(&format!(
+        "[auth]\nhmac_secret = \"{SECRET}\"\npublic_key_pem = \"\"\"\n{pem}\"\"\"\n\n\
+         [[namespaces]]\nname = \"priv\"\nprivate = true\n"
+    ));
+    let mut bystander = Bystander::join(&server).await;
+    for (alg, listed, other) in [
+        (Algorithm::ES256, "ec256-1.pem", "ec256-2.pem"),
+        (Algorithm::ES384, "ec384-1.pem", "ec384-2.pem"),
+    ] {
+        let conn = sign_pem(alg, None, listed, &conn_claims("u"));
+        let sub = sign_pem(alg, None, listed, &sub_claims("u", CHANNEL));
+        let what = format!("{alg:?} by {listed}");
+        assert_refused_everywhere(&server, &mut bystander, &what, &conn, &sub, Outcome::Ok).await;
+        // A key of the same curve that is not listed.
+        let conn = sign_pem(alg, None, other, &conn_claims("u"));
+        let sub = sign_pem(alg, None, other, &sub_claims("u", CHANNEL));
+        let what = format!("{alg:?} by {other}");
+        assert_refused_everywhere(
+            &server,
+            &mut bystander,
+            &what,
+            &conn,
+            &sub,
+            Outcome::Closed(3500),
+        )
+        .await;
+    }
+    // A PEM EC key is offered for both ES algorithms (the PEM does not say
+    // which): a P-256 signature relabelled ES384 must still fail.
+    let conn =
+        with_alg(&sign_pem(Algorithm::ES256, None, "ec256-1.pem", &conn_claims("u")), "ES384");
+    let sub = with_alg(
+        &sign_pem(Algorithm::ES256, None, "ec256-1.pem", &sub_claims("u", CHANNEL)),
+        "ES384",
+    );
+    assert_refused_everywhere(
+        &server,
+        &mut bystander,
+        "ES256 signature labelled ES384",
+        &conn,
+        &sub,
+        Outcome::Closed(3500),
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn audience_and_issuer_are_required_when_configured() {
     let server = Server::start(&format!(
         "[auth]\nhmac_secret = \"{SECRET}\"\naudience = \"fanfare\"\nissuer = \"https://id.example\"\n\n\
@@ -641,6 +756,110 @@ async fn jwks_keys_rotate_without_downtime_and_unknown_kids_cannot_drive_fetches
 // Multi-threaded: `Server::start` blocks its thread while the node fetches
 // from the JWKS server, which runs on this runtime.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn es256_and_es384_keys_of_a_jwks_verify_tokens_by_kid_and_other_keys_under_that_kid_are_refused()
+ {
+    // The P-256 JWK names its `alg`; the P-384 one leaves it to the curve.
+    let doc = json!({"keys": [
+        ec_jwk("ec256-1.pub.pem", "p256", Some("ES256")),
+        ec_jwk("ec384-1.pub.pem", "p384", None),
+    ]});
+    let jwks_server = JwksServer::start(doc, None).await;
+    let server = jwks_node(&format!("http://127.0.0.1:{}/jwks.json", jwks_server.port), 5, "");
+    let mut bystander = Bystander::join(&server).await;
+    assert_eq!(jwks_server.fetches(), 1, "fetched once at start");
+    assert_eq!(common::metric(server.port, "fanfare_jwks_keys"), 2.0, "both EC keys loaded");
+    for (alg, kid, listed, other) in [
+        (Algorithm::ES256, "p256", "ec256-1.pem", "ec256-2.pem"),
+        (Algorithm::ES384, "p384", "ec384-1.pem", "ec384-2.pem"),
+    ] {
+        let conn = sign_pem(alg, Some(kid), listed, &conn_claims("u"));
+        let sub = sign_pem(alg, Some(kid), listed, &sub_claims("u", CHANNEL));
+        let what = format!("{alg:?} kid {kid}");
+        assert_refused_everywhere(&server, &mut bystander, &what, &conn, &sub, Outcome::Ok).await;
+        // Another key of the same curve under the listed kid.
+        let conn = sign_pem(alg, Some(kid), other, &conn_claims("u"));
+        let sub = sign_pem(alg, Some(kid), other, &sub_claims("u", CHANNEL));
+        let what = format!("{alg:?} kid {kid} signed by {other}");
+        assert_refused_everywhere(
+            &server,
+            &mut bystander,
+            &what,
+            &conn,
+            &sub,
+            Outcome::Closed(3500),
+        )
+        .await;
+    }
+    // A P-384 token under the P-256 key's kid: that key does not do ES384.
+    let conn = sign_pem(Algorithm::ES384, Some("p256"), "ec384-1.pem", &conn_claims("u"));
+    let mut c = server.client().await;
+    assert_eq!(outcome(&mut c, json!({"connect": {"token": conn}})).await, Outcome::Closed(3500));
+    assert_eq!(jwks_server.fetches(), 1, "known kids, good or bad signature, fetch nothing");
+    assert_survived(&server, &mut bystander).await;
+}
+
+// Multi-threaded: `Server::start` blocks its thread while the node fetches
+// from the JWKS server, which runs on this runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jwks_is_fetched_again_every_refresh_interval_so_a_withdrawn_kid_is_refused_unasked() {
+    // 10 s is the shortest `auth.jwks_refresh_interval` allowed; the quiet
+    // interval is as long, so no token in this test can ask for a fetch.
+    let jwks_server = JwksServer::start(jwks(&[(1, "k1"), (2, "k2")]), None).await;
+    let url = format!("http://127.0.0.1:{}/jwks.json", jwks_server.port);
+    let server = jwks_node(&url, 10, "jwks_refresh_interval = \"10s\"\n");
+    let mut bystander = Bystander::join(&server).await;
+    assert_eq!(jwks_server.fetches(), 1, "fetched once at start");
+    let connect = |n: u8, kid: &'static str| {
+        let port = server.port;
+        async move {
+            let mut c = Client::open(port).await;
+            outcome(&mut c, json!({"connect": {"token": sign_ed(n, kid, &conn_claims("u"))}})).await
+        }
+    };
+    assert_eq!(connect(1, "k1").await, Outcome::Ok);
+
+    // Waits (bounded) until the JWKS server has answered `n` fetches.
+    let fetches_reach = |n: usize| {
+        let fetches = jwks_server.fetches.clone();
+        async move {
+            let started = std::time::Instant::now();
+            while fetches.load(Ordering::SeqCst) < n {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "fetch {n} did not come within 30 s of a 10 s refresh interval"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            started.elapsed()
+        }
+    };
+
+    // The issuer withdraws k1. Nothing asks; the periodic fetch picks it up.
+    jwks_server.set(jwks(&[(2, "k2")]));
+    fetches_reach(2).await;
+    assert_eq!(
+        connect(1, "k1").await,
+        Outcome::Closed(3500),
+        "k1 still accepted after the refresh"
+    );
+    assert_eq!(connect(2, "k2").await, Outcome::Ok);
+    assert_eq!(common::metric(server.port, "fanfare_jwks_keys"), 1.0);
+
+    // And again: the refresh repeats, and a key put back is accepted.
+    jwks_server.set(jwks(&[(1, "k1"), (2, "k2")]));
+    let waited = fetches_reach(3).await;
+    assert!(waited > Duration::from_secs(3), "fetch 3 came {waited:?} after fetch 2's check");
+    assert_eq!(connect(1, "k1").await, Outcome::Ok, "k1 refused after it was listed again");
+    assert_eq!(common::metric(server.port, "fanfare_jwks_keys"), 2.0);
+    // Every fetch was a periodic one: the refused k1 asked for none (the
+    // quiet interval after fetch 2 was running).
+    assert_eq!(jwks_server.fetches(), 3);
+    assert_survived(&server, &mut bystander).await;
+}
+
+// Multi-threaded: `Server::start` blocks its thread while the node fetches
+// from the JWKS server, which runs on this runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jwks_server_that_never_answers_costs_a_connect_at_most_the_fetch_wait() {
     let jwks_server = JwksServer::start(jwks(&[(1, "k1")]), None).await;
     let server = jwks_node(&format!("http://127.0.0.1:{}/jwks.json", jwks_server.port), 1, "");
@@ -726,6 +945,11 @@ fn jwks_settings_are_checked_at_start_naming_the_key() {
     check(
         "[auth]\njwks_url = \"https://keys.example/j\"\njwks_refetch_interval = \"100ms\"\n",
         "auth.jwks_refetch_interval",
+    );
+    // Below the 10 s floor the issuer would be polled too often.
+    check(
+        "[auth]\njwks_url = \"https://keys.example/j\"\njwks_refresh_interval = \"1s\"\n",
+        "auth.jwks_refresh_interval",
     );
     check("[auth]\nhmac_previous_secret = \"x\"\n", "auth.hmac_previous_secret");
     check("[auth]\npublic_key_pem = \"not a key\"\n", "auth.public_key_pem");
