@@ -4,12 +4,7 @@
 //! [`Session::deadline`], writes out what lands in [`Session::outbox`] and calls
 //! [`Session::close`] when the connection ends. Commands of one connection are
 //! handled one at a time, in order, with one exception: publishes are group
-//! committed. While one batch of a connection's publishes waits for the broker,
-//! the connection keeps reading, and the publishes that arrive meanwhile form
-//! the next batch, sent (in order, as one Redis pipeline) when the first is
-//! answered. Any other command first waits for the publishes before it, so it
-//! sees their effects. Without this a client publishing through Redis would be
-//! held to one publication per round trip. A command the application
+//! committed (`session/publishing.rs`). A command the application
 //! backend decides (a proxy, `session/proxied.rs`) starts its call and the
 //! commands behind it wait, in order, until the answer
 //! ([`Session::next_event`]); the transport reads no input meanwhile
@@ -17,9 +12,8 @@
 
 use std::future::Future;
 use std::num::NonZeroU64;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -40,6 +34,12 @@ use crate::outbox::{Directive, Outbox};
 use crate::subscriptions::{SubMap, Subscription};
 
 mod proxied;
+mod publishing;
+#[cfg(test)]
+mod tests;
+
+pub use publishing::MAX_PUBLISHES_IN_FLIGHT;
+use publishing::Publishing;
 
 /// How a command failed: a reply error (connection stays) or a disconnect.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,21 +173,6 @@ struct Side {
     proxy: proxied::ProxyState,
 }
 
-/// A connection's publishes: one batch at the broker, the next one forming.
-struct Publishing {
-    /// Resolves to (command id, accepted) per publish of the batch. Only ever
-    /// touched through `&mut`, so `SyncWrapper` keeps the session `Sync`.
-    sent: SyncWrapper<PendingBatch>,
-    sent_len: usize,
-    queued: Vec<(u32, PublishItem)>,
-}
-
-type PendingBatch = Pin<Box<dyn Future<Output = Vec<(u32, bool)>> + Send>>;
-
-/// Publishes one connection may have waiting for the broker; beyond this the
-/// transport stops reading from the client until some are answered.
-pub const MAX_PUBLISHES_IN_FLIGHT: usize = 256;
-
 /// Something a session waited for happened ([`Session::next_event`]).
 pub struct Event(EventKind);
 
@@ -223,10 +208,6 @@ fn estimated_size(pubs: &[Publication]) -> usize {
             64 + p.data.len() + info + tags
         })
         .sum()
-}
-
-fn publish_reply(accepted: bool) -> Result<Option<ReplyBody>, Fail> {
-    if accepted { Ok(Some(ReplyBody::Publish)) } else { Err(ErrorCode::INTERNAL.into()) }
 }
 
 /// The empty user id of anonymous connections, shared rather than allocated
@@ -1222,67 +1203,6 @@ impl Session {
         Ok(None)
     }
 
-    /// Sends an accepted publish to the broker (with this client's info), or
-    /// queues it behind the batch the broker has.
-    fn enqueue_publish(&mut self, id: u32, mut item: PublishItem) {
-        let conn = self.connected();
-        let info = conn
-            .subs
-            .get(item.channel.as_str())
-            .map_or_else(|| conn.info.clone(), |s| s.info.clone());
-        item.publication.info = Some(info);
-        if let Some(p) = self.publishing_mut() {
-            p.queued.push((id, item));
-            return;
-        }
-        self.send_batch(vec![(id, item)]);
-    }
-
-    /// Starts `batch` at the broker. Replies at once to what completes at once.
-    fn send_batch(&mut self, batch: Vec<(u32, PublishItem)>) {
-        let ids: Vec<u32> = batch.iter().map(|(id, _)| *id).collect();
-        let sent_len = ids.len();
-        let items = batch.into_iter().map(|(_, item)| item).collect();
-        let node = self.node.clone();
-        let mut fut: PendingBatch = Box::pin(async move {
-            let results = node.publish_many(items).await;
-            ids.into_iter()
-                .zip(results)
-                .map(|(id, r)| {
-                    if let Err(e) = &r {
-                        tracing::warn!(error = %e, "publish failed");
-                    }
-                    (id, r.is_ok())
-                })
-                .collect()
-        });
-        match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(done) => {
-                for (id, ok) in done {
-                    // A publish reply never disconnects.
-                    let _ = self.finish(id, publish_reply(ok));
-                }
-            }
-            Poll::Pending => {
-                self.side.get_or_insert_default().publishing =
-                    Some(Publishing { sent: SyncWrapper::new(fut), sent_len, queued: Vec::new() });
-            }
-        }
-    }
-
-    /// Publishes waiting for the broker or queued behind those.
-    pub fn publishes_in_flight(&self) -> usize {
-        self.publishing().map_or(0, |p| p.sent_len + p.queued.len())
-    }
-
-    fn publishing(&self) -> Option<&Publishing> {
-        self.side.as_ref().and_then(|s| s.publishing.as_ref())
-    }
-
-    fn publishing_mut(&mut self) -> Option<&mut Publishing> {
-        self.side.as_mut().and_then(|s| s.publishing.as_mut())
-    }
-
     /// Frees the side state once it holds nothing.
     fn trim_side(&mut self) {
         if self.side.as_ref().is_some_and(|s| s.publishing.is_none() && s.proxy.is_empty()) {
@@ -1330,36 +1250,6 @@ impl Session {
             EventKind::Published(result) => result,
             EventKind::Answered => self.proxy_answered().await,
         }
-    }
-
-    /// Waits until the broker answers the batch it has, replies to each of its
-    /// publishes and sends the next batch. Never resolves when no batch is out.
-    async fn publish_done(&mut self) -> Result<(), DisconnectCode> {
-        let Some(p) = self.publishing_mut() else {
-            return std::future::pending().await;
-        };
-        let done = p.sent.get_mut().await;
-        self.batch_done(done)
-    }
-
-    fn batch_done(&mut self, done: Vec<(u32, bool)>) -> Result<(), DisconnectCode> {
-        let p = self.side.as_mut().and_then(|s| s.publishing.take()).expect("a batch was out");
-        self.trim_side();
-        for (id, ok) in done {
-            self.finish(id, publish_reply(ok))?;
-        }
-        if !p.queued.is_empty() {
-            self.send_batch(p.queued);
-        }
-        Ok(())
-    }
-
-    /// Waits for every waiting publish and replies to each.
-    pub async fn finish_publishes(&mut self) -> Result<(), DisconnectCode> {
-        while self.publishing().is_some() {
-            self.publish_done().await?;
-        }
-        Ok(())
     }
 
     /// Checks that this client may read presence (`presence` true) or history
@@ -1552,97 +1442,5 @@ impl Session {
         }
         self.node.unregister(self.id);
         self.outbox.release();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::auth::{AuthConfig, Authenticator};
-    use crate::channel::ChannelRules;
-    use crate::memory::MemoryBroker;
-    use crate::node::NodeConfig;
-
-    fn node(max_queue_bytes: usize) -> Node {
-        let ns = Namespace {
-            allow_publish: true,
-            history_size: 100,
-            history_ttl: Duration::from_secs(60),
-            ..Default::default()
-        };
-        let config = NodeConfig {
-            max_queue_bytes,
-            data_rules: crate::DataRules { max_size: max_queue_bytes / 4, max_depth: 64 },
-            ..Default::default()
-        };
-        let auth = Authenticator::new(&AuthConfig::default()).expect("anonymous auth");
-        Node::new(config, Arc::new(MemoryBroker::new()), auth, ChannelRules::new(vec![ns]).unwrap())
-    }
-
-    async fn connected(node: &Node) -> Session {
-        let mut s = Session::new(node.clone(), Codec::Json).expect("node accepts sessions");
-        s.handle_frame(br#"{"id":1,"connect":{}}"#).await.expect("connect");
-        drain(&s);
-        s
-    }
-
-    /// Everything queued, as JSON values.
-    fn drain(s: &Session) -> Vec<serde_json::Value> {
-        let mut items = Vec::new();
-        assert_eq!(s.outbox().drain(&mut items), None, "the connection was closed");
-        items.iter().map(|b| serde_json::from_slice(b).expect("one JSON message")).collect()
-    }
-
-    #[tokio::test]
-    async fn the_first_command_must_be_connect() {
-        let node = node(1 << 20);
-        let mut s = Session::new(node, Codec::Json).unwrap();
-        let r = s.handle_frame(br#"{"id":1,"subscribe":{"channel":"c"}}"#).await;
-        assert_eq!(r, Err(DisconnectCode::BAD_REQUEST));
-    }
-
-    #[tokio::test]
-    async fn a_pretty_printed_publish_reaches_subscribers_compact() {
-        let node = node(1 << 20);
-        let mut sub = connected(&node).await;
-        sub.handle_frame(br#"{"id":2,"subscribe":{"channel":"c"}}"#).await.unwrap();
-        drain(&sub);
-        let mut publisher = connected(&node).await;
-        publisher
-            .handle_frame(
-                b"{\"id\":2,\"publish\":{\"channel\":\"c\",\"data\":{\n  \"a\": [1, 2]\n}}}",
-            )
-            .await
-            .unwrap();
-        assert_eq!(drain(&publisher), vec![serde_json::json!({"id": 2, "publish": {}})]);
-        let mut raw = Vec::new();
-        sub.outbox().drain(&mut raw);
-        let push = String::from_utf8(raw[0].to_vec()).unwrap();
-        assert!(push.contains(r#""pub":{"data":{"a":[1,2]},"info":"#), "{push}");
-        assert!(!push.contains('\n'), "{push}");
-    }
-
-    #[tokio::test]
-    async fn history_is_cut_to_what_fits_half_the_queue_and_never_closes_the_asker() {
-        let node = node(8192); // replies up to 4 096 bytes; data up to 2 048
-        let mut s = connected(&node).await;
-        s.handle_frame(br#"{"id":2,"subscribe":{"channel":"c"}}"#).await.unwrap();
-        let pad = "x".repeat(1500);
-        for id in 3..8 {
-            let frame = format!(r#"{{"id":{id},"publish":{{"channel":"c","data":"{pad}"}}}}"#);
-            s.handle_frame(frame.as_bytes()).await.unwrap();
-            drain(&s);
-        }
-        s.handle_frame(br#"{"id":9,"history":{"channel":"c","limit":-1}}"#).await.unwrap();
-        let replies = drain(&s);
-        let h = &replies.last().unwrap()["history"];
-        let offsets: Vec<u64> = h["publications"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| p["offset"].as_u64().unwrap())
-            .collect();
-        assert_eq!(offsets, vec![1, 2], "a prefix that fits, in order");
-        assert_eq!(h["offset"], 5, "the client sees there is more");
     }
 }
