@@ -4,7 +4,7 @@
 //! order, as one Redis pipeline) when the first is answered. Any other command
 //! first waits for the publishes before it, so it sees their effects. Without
 //! this a client publishing through Redis would be held to one publication per
-//! round trip.
+//! round trip. Why and what it costs: docs/ARCHITECTURE.md, decision 11.
 
 use std::future::Future;
 use std::pin::Pin;
