@@ -41,9 +41,10 @@ const AFTER_MS = 3000;
 const RESUME_LIMIT_MS = Number(process.env.FAILOVER_RESUME_LIMIT_MS || 3000);
 // A frozen master is noticed by the periodic slot-owner check (every 1 s),
 // and every try to reach it waits for a timeout: 2.5-7.5 s after the
-// promotion on the loaded 2-core VM. Outside issue 13's 1 s goal (which is for
-// SIGKILL and CLUSTER FAILOVER); this bound only asserts that it resumes.
-const FREEZE_RESUME_LIMIT_MS = 15_000;
+// promotion on the loaded 2-core VM, and more when the machine is busier.
+// Outside issue 13's 1 s goal (which is for SIGKILL and CLUSTER FAILOVER);
+// this bound only asserts that it resumes, with room for a slow machine.
+const FREEZE_RESUME_LIMIT_MS = 30_000;
 
 // ---------------------------------------------------------------------------
 // Publisher: HTTP API, every 5 ms, each seq tried once
@@ -182,7 +183,11 @@ async function failoverScenario(env, event) {
 
   // Resumed: the first publish started after the event that was acknowledged.
   const firstOkAfter = (t) => publisher.sent.find((r) => r.start >= t && r.ok && r.end);
-  await waitUntil(() => firstOkAfter(eventAt), 20_000, 'a publish to succeed after the failover').catch((e) => {
+  const limit = event === 'freeze' ? FREEZE_RESUME_LIMIT_MS : RESUME_LIMIT_MS;
+  // Waits past the limit, so that a late resume fails the limit's assertion
+  // below, with the measured times, rather than this wait.
+  const resumeWait = Math.max(20_000, limit + 5_000);
+  await waitUntil(() => firstOkAfter(eventAt), resumeWait, 'a publish to succeed after the failover').catch((e) => {
     throw new Error(`${e.message}; last: ${JSON.stringify(publisher.sent.slice(-3))}`);
   });
   const resumed = firstOkAfter(eventAt);
@@ -219,7 +224,6 @@ async function failoverScenario(env, event) {
   };
   process.stderr.write(`failover-timing ${JSON.stringify(timing)}\n`);
   if (failed.length) env.note(`failed publishes: ${JSON.stringify(failed.slice(0, 3))} ...`);
-  const limit = event === 'freeze' ? FREEZE_RESUME_LIMIT_MS : RESUME_LIMIT_MS;
   assert.ok(resumed.end - promotedAt <= limit,
     `publishing resumed ${resumed.end - promotedAt} ms after the promotion (limit ${limit} ms): ${JSON.stringify(timing)}`);
 }
@@ -234,4 +238,4 @@ chaosTest('redis cluster: manual CLUSTER FAILOVER of a busy channel\'s master: p
 
 chaosTest('redis cluster: the master of a busy channel frozen (SIGSTOP), its replica promoted: publishing resumes, nothing acknowledged lost', async (env) => {
   await failoverScenario(env, 'freeze');
-}, 60_000);
+}, 90_000); // the cluster's start, up to 20 s to promote, up to 35 s to resume
