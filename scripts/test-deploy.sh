@@ -219,17 +219,58 @@ ok "promtool check config, check rules, test rules (each alert fires on its inpu
 
 step "Grafana dashboard against a live node"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-rport=$(free_port); hport=$(free_port); gport=$(free_port)
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >"$TMP/redis.log" 2>&1 &
-rpid=$!; PIDS+=("$rpid")
-for _ in $(seq 50); do redis-cli -p "$rport" ping >/dev/null 2>&1 && break; sleep 0.1; done
-FANFARE__BROKER__KIND=redis FANFARE__REDIS__URLS="redis://127.0.0.1:$rport" \
-FANFARE__HTTP__LISTEN="127.0.0.1:$hport" FANFARE__GRPC__LISTEN="127.0.0.1:$gport" \
-FANFARE__SHUTDOWN__DRAIN_DELAY=0s FANFARE__SHUTDOWN__DRAIN_PERIOD=0s \
-  "$FANFARE_BIN" >"$TMP/node.log" 2>&1 &
-PIDS+=("$!")
-wait_ready() { for _ in $(seq 150); do curl -sf "http://127.0.0.1:$hport/ready" >/dev/null && return 0; sleep 0.1; done; cat "$TMP/node.log"; die "node not ready"; }
-wait_ready
+# Readiness is always that of the process started here: a port chosen free
+# may be taken by another suite's server before ours binds it (ours exits
+# then), and that stranger would answer PING or /ready just as well.
+# redis_is PORT PID: the Redis on PORT is process PID (its INFO server says so).
+redis_is() {
+  [ "$(redis-cli -p "$1" info server 2>/dev/null | tr -d '\r' | sed -n 's/^process_id://p')" = "$2" ]
+}
+# start_redis [PORT]: a redis-server (rpid) on PORT, or on a fresh port (rport),
+# retried on new ports when it exited at bind. 10 s per attempt.
+start_redis() {
+  local attempt fixed=${1:-}
+  for attempt in 1 2 3; do
+    rport=${fixed:-$(free_port)}
+    redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >"$TMP/redis.log" 2>&1 &
+    rpid=$!; PIDS+=("$rpid")
+    for _ in $(seq 100); do
+      kill -0 "$rpid" 2>/dev/null || break
+      redis_is "$rport" "$rpid" && return 0
+      sleep 0.1
+    done
+    kill "$rpid" 2>/dev/null || true; wait "$rpid" 2>/dev/null || true
+    echo "redis-server on :$rport did not start (attempt $attempt):"; cat "$TMP/redis.log"
+    # A restart must come back on the port the node is configured with.
+    [ -z "$fixed" ] || die "redis-server could not be restarted on :$fixed"
+  done
+  die "redis-server did not start on 3 free ports"
+}
+# node_ready: the node started here (npid) still runs, logged that it holds
+# its ports, and /ready answers 200. 15 s.
+node_ready() {
+  for _ in $(seq 150); do
+    kill -0 "$npid" 2>/dev/null || return 1
+    grep -q "control API listening" "$TMP/node.log" && curl -sf "http://127.0.0.1:$hport/ready" >/dev/null && return 0
+    sleep 0.1
+  done
+  return 1
+}
+wait_ready() { node_ready || { cat "$TMP/node.log"; die "node (PID $npid) not ready"; }; }
+start_redis
+# The node, retried on new ports when it exited at bind.
+for attempt in 1 2 3; do
+  hport=$(free_port); gport=$(free_port)
+  FANFARE__BROKER__KIND=redis FANFARE__REDIS__URLS="redis://127.0.0.1:$rport" \
+  FANFARE__HTTP__LISTEN="127.0.0.1:$hport" FANFARE__GRPC__LISTEN="127.0.0.1:$gport" \
+  FANFARE__SHUTDOWN__DRAIN_DELAY=0s FANFARE__SHUTDOWN__DRAIN_PERIOD=0s \
+    "$FANFARE_BIN" >"$TMP/node.log" 2>&1 &
+  npid=$!; PIDS+=("$npid")
+  node_ready && break
+  kill -0 "$npid" 2>/dev/null && { cat "$TMP/node.log"; die "node (PID $npid) runs but is not ready"; }
+  echo "the node exited before it was ready (attempt $attempt):"; cat "$TMP/node.log"
+  [ "$attempt" -lt 3 ] || die "the node did not start on 3 sets of free ports"
+done
 # One client session and one control API call.
 timeout 30 python3 scripts/deploy/drive.py "127.0.0.1:$hport" >/dev/null || die "client/API drive"
 # A subscriber held through a Redis restart: broker reconnect, then a stream gap.
@@ -239,8 +280,7 @@ for _ in $(seq 100); do grep -q subscribed "$TMP/hold.log" && break; sleep 0.1; 
 grep -q subscribed "$TMP/hold.log" || { cat "$TMP/hold.log"; die "holder did not subscribe"; }
 kill "$rpid"; wait "$rpid" 2>/dev/null || true
 sleep 1
-redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no >"$TMP/redis.log" 2>&1 &
-PIDS+=("$!")
+start_redis "$rport"
 wait_ready
 wait "$hpid" || { cat "$TMP/hold.log"; die "the held subscriber was not told to recover"; }
 sleep 0.2
@@ -294,22 +334,41 @@ else
   docker run --rm --read-only --network host "$image" check-config >"$TMP/cc-image.log" 2>&1 \
     || { cat "$TMP/cc-image.log"; die "fanfare check-config in the image"; }
 
-  hport=$(free_port); gport=$(free_port)
-  cname=fanfare-test-deploy-$$
-  CONTAINERS+=("$cname")
-  t0=$(ms)
-  # The chart's pod security: read-only root, uid/gid 10001, no capabilities,
-  # no privilege escalation. Host networking on loopback ports; the Redis of
-  # the dashboard check above as the broker. The health interval is shortened
-  # (the image's command and retries stay) so that `healthy` comes in seconds.
-  docker run -d --name "$cname" --read-only --user 10001:10001 --cap-drop ALL \
-      --security-opt no-new-privileges --network host --health-interval 1s \
-      -e FANFARE__HTTP__LISTEN="127.0.0.1:$hport" -e FANFARE__GRPC__LISTEN="127.0.0.1:$gport" \
-      -e FANFARE__BROKER__KIND=redis -e FANFARE__REDIS__URLS="redis://127.0.0.1:$rport" \
-      -e FANFARE__SHUTDOWN__DRAIN_DELAY=0s -e FANFARE__SHUTDOWN__DRAIN_PERIOD=0s \
-      "$image" >/dev/null || die "docker run"
-  for _ in $(seq 150); do curl -sf "http://127.0.0.1:$hport/ready" >/dev/null && break; sleep 0.1; done
-  curl -sf "http://127.0.0.1:$hport/ready" >/dev/null || { docker logs "$cname" 2>&1 | tail -n 30; die "the container's /ready is not 200"; }
+  # container_ready: the container runs, its node logged that it holds its
+  # ports (a /ready answer alone may come from another process on the host
+  # network's port), and /ready answers 200. 15 s.
+  container_ready() {
+    for _ in $(seq 150); do
+      [ "$(docker inspect -f '{{.State.Running}}' "$cname" 2>/dev/null)" = true ] || return 1
+      # (Not piped into grep -q: under pipefail its early exit could fail the pipe.)
+      grep -q "control API listening" <<<"$(docker logs "$cname" 2>&1)" \
+        && curl -sf "http://127.0.0.1:$hport/ready" >/dev/null && return 0
+      sleep 0.1
+    done
+    return 1
+  }
+  # Retried on new ports when the node exited at bind.
+  for attempt in 1 2 3; do
+    hport=$(free_port); gport=$(free_port)
+    cname=fanfare-test-deploy-$$-$attempt
+    CONTAINERS+=("$cname")
+    t0=$(ms)
+    # The chart's pod security: read-only root, uid/gid 10001, no capabilities,
+    # no privilege escalation. Host networking on loopback ports; the Redis of
+    # the dashboard check above as the broker. The health interval is shortened
+    # (the image's command and retries stay) so that `healthy` comes in seconds.
+    docker run -d --name "$cname" --read-only --user 10001:10001 --cap-drop ALL \
+        --security-opt no-new-privileges --network host --health-interval 1s \
+        -e FANFARE__HTTP__LISTEN="127.0.0.1:$hport" -e FANFARE__GRPC__LISTEN="127.0.0.1:$gport" \
+        -e FANFARE__BROKER__KIND=redis -e FANFARE__REDIS__URLS="redis://127.0.0.1:$rport" \
+        -e FANFARE__SHUTDOWN__DRAIN_DELAY=0s -e FANFARE__SHUTDOWN__DRAIN_PERIOD=0s \
+        "$image" >/dev/null || die "docker run"
+    container_ready && break
+    docker logs "$cname" 2>&1 | tail -n 30
+    [ "$(docker inspect -f '{{.State.Running}}' "$cname")" = true ] && die "the container runs but its /ready is not 200"
+    echo "the container exited before it was ready (attempt $attempt)"
+    [ "$attempt" -lt 3 ] || die "the container did not start on 3 sets of free ports"
+  done
   t_ready=$(( $(ms) - t0 ))
   # What the kernel says about the node's process, not what the image claims.
   cpid=$(docker inspect -f '{{.State.Pid}}' "$cname")
