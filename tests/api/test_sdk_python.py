@@ -22,8 +22,11 @@ WAIT = 10.0
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     """One node on the memory broker, with short pings so that the SDK's
-    pongs are exercised."""
-    pings = '\n[client]\nping_interval = "1s"\npong_timeout = "800ms"\n'
+    pongs are exercised. The pong timeout is as long as the node allows
+    (shorter than the interval): every client of every test must pong within
+    it, and a test process stalled on a loaded machine must not turn into a
+    3012 close and a reconnect."""
+    pings = '\n[client]\nping_interval = "2s"\npong_timeout = "1900ms"\n'
     n = Node(tmp_path_factory.mktemp("sdk"), node_toml(None) + pings, "sdk")
     try:
         yield n
@@ -167,7 +170,12 @@ def test_json_and_protobuf_subscribers_share_a_channel(node):
 def test_pings_are_answered_over_both_protocols(node):
     async def run():
         clients = [await client(node, f"ping-{p}", protobuf=p) for p in (True, False)]
-        await asyncio.sleep(3.5)  # three 1 s pings, each answered within 800 ms
+        # Pings 1-2 s after connecting and every 2 s after that: at least two
+        # in 6.5 s. An unanswered one closes the connection with 3012 1.9 s
+        # after it (the first by 4.4 s at the latest: each deadline fires up
+        # to one timer tick, 1/8 of the pong timeout, late), and the SDK
+        # reconnects. The SDK shows no pings, so this is slept for.
+        await asyncio.sleep(6.5)
         for c, events in clients:
             assert events.disconnected.empty(), events.disconnected.get_nowait()
             # One connecting: the connect call; a second would be a reconnect.

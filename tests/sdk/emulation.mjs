@@ -10,7 +10,7 @@
 import assert from 'node:assert/strict';
 import { Centrifuge } from 'centrifuge';
 import { Centrifuge as ProtobufCentrifuge } from 'centrifuge/build/protobuf';
-import { PubCollector, WAIT_MS, sdkSuite, waitEvent, withTimeout } from './util.mjs';
+import { PubCollector, WAIT_MS, sdkSuite, sleep, waitEvent, waitUntil, withTimeout } from './util.mjs';
 
 function configToml(httpPort, grpcPort) {
   return `[http]
@@ -19,10 +19,13 @@ listen = "127.0.0.1:${httpPort}"
 [grpc]
 listen = "127.0.0.1:${grpcPort}"
 
-# Short pings: the streams must carry them without any pong coming back.
+# Short pings: the streams must carry them without any pong coming back (E4).
+# The pong timeout is as long as the node allows (shorter than the interval):
+# the WebSocket clients must pong within it, and a test process stalled on a
+# loaded machine must not turn into a 3012 close and a reconnect.
 [client]
-ping_interval = "1s"
-pong_timeout = "800ms"
+ping_interval = "2s"
+pong_timeout = "1900ms"
 
 [[namespaces]]
 name = ""
@@ -98,3 +101,22 @@ for (const [i, v] of variants.entries()) {
     await pw.waitCount(5, 'the last publication at ws');
   });
 }
+
+e2e(`E${variants.length + 1}: pings over the streams expect no pong: the emulated clients stay connected across several pings`, async (env) => {
+  const clients = variants.map((v, i) => env.client(`${v.transport}-${i}`, { Centrifuge: v.Centrifuge, transport: v.transport }));
+  // A WebSocket client next to them: its pings are counted (the streams'
+  // are not visible to the test), so the wait does not depend on the
+  // node's speed.
+  const ws = env.client('ws');
+  await Promise.all([...clients, ws].map((c) => env.connect(c)));
+  // Three pings reach the WebSocket client (the first 1-2 s after
+  // connecting, every 2 s after that); the emulated sessions get theirs on
+  // the same schedule. A session that waited for a pong would be closed
+  // with 3012 1.9 s after its first ping, and the SDK would reconnect.
+  await waitUntil(() => ws.pingsReceived >= 3, 20_000, 'three server pings at the WebSocket client');
+  await sleep(2500);
+  for (const c of [...clients, ws]) {
+    assert.equal(c.state, 'connected', c.label);
+    assert.equal(c.connectedCount, 1, `${c.label} reconnected: ${JSON.stringify(c.closeEvents)}`);
+  }
+});

@@ -10,7 +10,7 @@
 import assert from 'node:assert/strict';
 import { Centrifuge as JsonCentrifuge } from 'centrifuge';
 import { Centrifuge } from 'centrifuge/build/protobuf';
-import { PubCollector, WAIT_MS, sdkSuite, sleep, waitEvent, withTimeout } from './util.mjs';
+import { PubCollector, WAIT_MS, sdkSuite, sleep, waitEvent, waitUntil, withTimeout } from './util.mjs';
 
 function configToml(httpPort, grpcPort) {
   return `[http]
@@ -19,10 +19,13 @@ listen = "127.0.0.1:${httpPort}"
 [grpc]
 listen = "127.0.0.1:${grpcPort}"
 
-# Short pings, so the SDKs' pongs over Protobuf are exercised (P4).
+# Short pings, so the SDKs' pongs over Protobuf are exercised (P4). The pong
+# timeout is as long as the node allows (shorter than the interval): every
+# client of every test must pong within it, and a test process stalled on a
+# loaded machine must not turn into a 3012 close and a reconnect.
 [client]
-ping_interval = "1s"
-pong_timeout = "800ms"
+ping_interval = "2s"
+pong_timeout = "1900ms"
 
 [[namespaces]]
 name = ""
@@ -140,7 +143,12 @@ e2e('P3: JSON and Protobuf subscribers share a channel; binary data closes the J
 e2e('P4: server pings over Protobuf are answered by the SDK and keep the connection', async (env) => {
   const c = env.client('pinged');
   await env.connect(c);
-  await sleep(3500); // three 1 s pings, each answered within the 800 ms pong timeout
+  // Three pings (the first 1-2 s after connecting, then every 2 s), counted
+  // rather than slept for, so a slow node only makes this take longer; then
+  // past the last one's pong timeout. An unanswered ping closes the
+  // connection with 3012 1.9 s after it, and the SDK reconnects.
+  await waitUntil(() => c.pingsReceived >= 3, 20_000, 'three server pings');
+  await sleep(2500);
   assert.equal(c.state, 'connected');
   assert.equal(c.connectedCount, 1, `reconnected: ${JSON.stringify(c.closeEvents)}`);
   const s = env.subscription(c, 'pb-ping');

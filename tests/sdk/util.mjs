@@ -10,10 +10,10 @@ import os from 'node:os';
 import path from 'node:path';
 import WebSocket from 'ws';
 import { EventSource } from 'eventsource';
-import { freePort, onLines, sleep, spawnLogged, stamp, stopChild, withTimeout } from '../common/harness.mjs';
+import { freePort, onLines, sleep, spawnLogged, stamp, stopChild, waitUntil, withTimeout } from '../common/harness.mjs';
 
 // The suites import these from here, with the harness below.
-export { freePort, onLines, sleep, stamp, withTimeout };
+export { freePort, onLines, sleep, stamp, waitUntil, withTimeout };
 
 export const WAIT_MS = 10_000; // bound for every single wait
 const HEALTH_TIMEOUT_MS = 20_000; // bound for the server to become healthy
@@ -196,7 +196,7 @@ function truncate(s, n = 2000) {
 }
 
 /** A `ws` WebSocket subclass that records every frame in `log` (and, when
- * given, reports the payload size of every received frame to `onBytes`);
+ * given, reports every received frame to `onBytes(size, data, isBinary)`);
  * `wsOptions` go to the `ws` constructor (e.g. `{ headers }` of the upgrade
  * request, which a browser would send as its cookies). */
 export function loggingWebSocket(label, log, onBytes = () => {}, wsOptions = undefined) {
@@ -206,8 +206,11 @@ export function loggingWebSocket(label, log, onBytes = () => {}, wsOptions = und
       allSockets.add(this);
       log.push(`${stamp()} ${label} ~ dial ${url}`);
       this.on('open', () => log.push(`${stamp()} ${label} ~ open`));
-      this.on('message', (data, isBinary) => {
-        onBytes(data.length ?? data.byteLength);
+      this.on('message', (raw, isBinary) => {
+        // A Buffer, or an ArrayBuffer where the SDK set binaryType (the
+        // Protobuf build).
+        const data = raw instanceof ArrayBuffer ? Buffer.from(raw) : raw;
+        onBytes(data.length, data, isBinary);
         if (isBinary) {
           log.push(`${stamp()} ${label} < [binary ${data.length} bytes] ${data.toString('hex').slice(0, 200)}`);
           return;
@@ -231,6 +234,13 @@ export function loggingWebSocket(label, log, onBytes = () => {}, wsOptions = und
       return super.send(data, ...rest);
     }
   };
+}
+
+/** Whether a WebSocket frame is a server ping alone: the empty reply, `{}` in
+ * JSON, a zero length prefix (one 0x00 byte) in Protobuf. */
+function isServerPing(data, isBinary) {
+  if (isBinary) return data.length === 1 && data[0] === 0;
+  return data.toString() === '{}';
 }
 
 /** `fetch` that logs the emulation requests and stream responses of `label`. */
@@ -262,9 +272,13 @@ class Env {
    * cookies); `options`: more SDK options.
    */
   client(label, { Centrifuge = this.suite.Centrifuge, transport = 'websocket', headers, options: extra } = {}) {
-    const counter = { bytes: 0 };
+    const counter = { bytes: 0, pings: 0 };
+    const onFrame = (n, data, isBinary) => {
+      counter.bytes += n;
+      if (isServerPing(data, isBinary)) counter.pings += 1;
+    };
     const options = {
-      websocket: loggingWebSocket(label, this.log, (n) => (counter.bytes += n), headers ? { headers } : undefined),
+      websocket: loggingWebSocket(label, this.log, onFrame, headers ? { headers } : undefined),
       minReconnectDelay: 100,
       maxReconnectDelay: 500,
       timeout: 5000,
@@ -285,6 +299,9 @@ class Env {
     // WebSocket payload bytes received over all of the client's connections
     // (emulated transports are not counted).
     Object.defineProperty(c, 'bytesReceived', { get: () => counter.bytes });
+    // Server pings received over its WebSocket connections (frames that are
+    // a ping alone; an idle client gets them so).
+    Object.defineProperty(c, 'pingsReceived', { get: () => counter.pings });
     c.connectedCount = 0;
     c.closeEvents = []; // { event, code, reason }
     // An 'error' event without listener would throw inside the SDK.
