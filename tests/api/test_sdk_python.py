@@ -22,10 +22,10 @@ WAIT = 10.0
 @pytest.fixture(scope="module")
 def node(tmp_path_factory):
     """One node on the memory broker, with short pings so that the SDK's
-    pongs are exercised. The pong timeout is as long as the node allows
-    (shorter than the interval): every client of every test must pong within
-    it, and a test process stalled on a loaded machine must not turn into a
-    3012 close and a reconnect."""
+    pongs are exercised. The pong timeout is just under the interval (the
+    node wants it shorter): every client of every test must pong within it,
+    and a test process stalled on a loaded machine must not turn into a 3012
+    close and a reconnect."""
     pings = '\n[client]\nping_interval = "2s"\npong_timeout = "1900ms"\n'
     n = Node(tmp_path_factory.mktemp("sdk"), node_toml(None) + pings, "sdk")
     try:

@@ -87,7 +87,7 @@ listen = "127.0.0.1:%d"
 listen = "127.0.0.1:%d"
 
 # Short pings, so the SDK's pongs are exercised (TestPingsAreAnswered). The
-# pong timeout is as long as the node allows (shorter than the interval):
+# pong timeout is just under the interval (the node wants it shorter):
 # every client of every test must pong within it, and a test process stalled
 # on a loaded machine must not turn into a 3012 close and a reconnect.
 [client]

@@ -20,7 +20,7 @@ listen = "127.0.0.1:${httpPort}"
 listen = "127.0.0.1:${grpcPort}"
 
 # Short pings: the streams must carry them without any pong coming back (E4).
-# The pong timeout is as long as the node allows (shorter than the interval):
+# The pong timeout is just under the interval (the node wants it shorter):
 # the WebSocket clients must pong within it, and a test process stalled on a
 # loaded machine must not turn into a 3012 close and a reconnect.
 [client]

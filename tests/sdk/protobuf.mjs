@@ -20,7 +20,7 @@ listen = "127.0.0.1:${httpPort}"
 listen = "127.0.0.1:${grpcPort}"
 
 # Short pings, so the SDKs' pongs over Protobuf are exercised (P4). The pong
-# timeout is as long as the node allows (shorter than the interval): every
+# timeout is just under the interval (the node wants it shorter): every
 # client of every test must pong within it, and a test process stalled on a
 # loaded machine must not turn into a 3012 close and a reconnect.
 [client]
