@@ -132,8 +132,7 @@ async fn new_connections_past_limits_connect_rate_are_answered_503() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // A second's worth passes, then 503s (two of them: refusing does not
     // spend the refill).
-    let refused =
-        open_until_refused(server.port, Ipv4Addr::LOCALHOST, |_| vec![], 2, 2, 503).await;
+    let refused = open_until_refused(server.port, Ipv4Addr::LOCALHOST, |_| vec![], 2, 2, 503).await;
     assert_eq!(refusals(&server, "connect_rate"), refused as f64);
     bystander.check().await;
 }
