@@ -330,15 +330,35 @@ async fn write_delay_groups_publications_into_one_write() {
     a.connect_ok("").await;
     b.connect_ok("").await;
     b.subscribe_ok("news", json!({})).await;
-    a.publish("news", json!({"seq": 7})).await;
-    let t0 = Instant::now();
-    let id = b.next_id();
-    b.send_json(&json!({"id": id, "subscribe": {"channel": "other"}})).await;
-    let frame = b.recv_frame().await;
-    assert!(t0.elapsed() < Duration::from_millis(700), "reply after {:?}", t0.elapsed());
-    assert_eq!(frame.len(), 2, "{frame:?}");
-    assert_eq!(frame[0]["push"]["pub"]["data"]["seq"], 7, "{frame:?}");
-    assert_eq!(frame[1]["id"], id, "{frame:?}");
+    // The publish and the subscribe round trips must beat the 1 s delay
+    // (the longest allowed), and a loaded machine may miss it: an attempt
+    // slower than the delay proves nothing (the publication may have left
+    // alone first) and is made again. A node that holds the reply for the
+    // delay is never fast enough and fails.
+    let mut judged = false;
+    for seq in 7..10 {
+        let sent = Instant::now();
+        a.publish("news", json!({"seq": seq})).await;
+        let id = b.next_id();
+        b.send_json(&json!({"id": id, "subscribe": {"channel": format!("other{seq}")}})).await;
+        let frame = b.recv_frame().await;
+        let took = sent.elapsed();
+        if took < Duration::from_secs(1) {
+            assert_eq!(frame.len(), 2, "{frame:?}");
+            assert_eq!(frame[0]["push"]["pub"]["data"]["seq"], seq, "{frame:?}");
+            assert_eq!(frame[1]["id"], id, "{frame:?}");
+            judged = true;
+            break;
+        }
+        eprintln!("publish to reply took {took:?}, past the 1 s delay: trying again");
+        if !frame.iter().any(|v| v["id"] == id) {
+            b.reply(id).await;
+        }
+        if !frame.iter().any(|v| v.get("push").is_some()) {
+            b.recv_push().await;
+        }
+    }
+    assert!(judged, "the reply never came within the 1 s write delay, 3 tries");
     // The coalescer's wake-up for the publication, when it comes, finds
     // nothing left: no duplicate.
     b.assert_silent(Duration::from_millis(1500)).await;
@@ -370,8 +390,13 @@ presence = true
     tokio::time::sleep(Duration::from_secs(6)).await;
     let s = x.presence_stats("room:long").await;
     assert_eq!(s["presence_stats"], json!({"num_clients": 2, "num_users": 2}), "{s}");
+    // Gone once the client is gone: the node removes it on the close, not
+    // at expiry. Asked again until then, for at most 1.2 s after the close
+    // began: an entry whose removal was lost would still be listed, as it
+    // expires at least 1.33 s after it (TTL 2 s less the 0.67 s refresh).
+    let closing = Instant::now();
     y.close().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let s = x.presence_stats("room:long").await;
-    assert_eq!(s["presence_stats"], json!({"num_clients": 1, "num_users": 1}), "{s}");
+    let one = json!({"num_clients": 1, "num_users": 1});
+    let s = x.presence_stats_until("room:long", &one, closing + Duration::from_millis(1200)).await;
+    assert_eq!(s["presence_stats"], one, "{s}");
 }

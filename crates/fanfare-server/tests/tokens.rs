@@ -818,20 +818,25 @@ async fn the_jwks_is_fetched_again_every_refresh_interval_so_a_withdrawn_kid_is_
     };
     assert_eq!(connect(1, "k1").await, Outcome::Ok);
 
-    // Waits (bounded) until the JWKS server has answered `n` fetches.
-    let fetches_reach = |n: usize| {
-        let fetches = jwks_server.fetches.clone();
-        async move {
-            let started = std::time::Instant::now();
-            while fetches.load(Ordering::SeqCst) < n {
-                assert!(
-                    started.elapsed() < Duration::from_secs(30),
-                    "fetch {n} did not come within 30 s of a 10 s refresh interval"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            started.elapsed()
+    // Waits (bounded) until the node has loaded the keys of `n` fetches: its
+    // counter moves once a fetched set is in use, while the JWKS server
+    // counts a fetch before it even answers (a connect right after that
+    // could still meet the old set).
+    let port = server.port;
+    let fetches_reach = |n: usize| async move {
+        let loaded = || {
+            let ok = [("result", "ok")];
+            common::api::metric_with(port, "fanfare_jwks_fetches_total", &ok)
+        };
+        let started = std::time::Instant::now();
+        while loaded() < n as f64 {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "fetch {n} did not come within 30 s of a 10 s refresh interval"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        started.elapsed()
     };
 
     // The issuer withdraws k1. Nothing asks; the periodic fetch picks it up.

@@ -882,6 +882,24 @@ impl Client {
         self.command(json!({"presence_stats": {"channel": channel}})).await
     }
 
+    /// `presence_stats` of `channel`, asked again every 20 ms until its
+    /// result is `want` or `deadline` passed: the last reply. For changes
+    /// the node makes shortly after an event (a close seen, a Redis write).
+    pub async fn presence_stats_until(
+        &mut self,
+        channel: &str,
+        want: &Value,
+        deadline: Instant,
+    ) -> Value {
+        loop {
+            let r = self.presence_stats(channel).await;
+            if r["presence_stats"] == *want || Instant::now() >= deadline {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// `history` of `channel` with extra request fields; returns the reply.
     pub async fn history(&mut self, channel: &str, extra: Value) -> Value {
         let mut req = extra.as_object().cloned().unwrap_or_default();

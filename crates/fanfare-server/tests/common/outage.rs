@@ -11,7 +11,7 @@
 //! benchmark (`benches/redis_outage.rs`, docs/BENCHMARKS.md). Both call this.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,11 +73,18 @@ pub struct Outcome {
 }
 
 /// Reads pushes, resubscribing at once when the node reports a gap.
-/// Stops once `stop` is set (after the publisher stopped and deliveries landed).
-async fn subscriber(node: &Server, stop: Arc<AtomicBool>, seen: Arc<Mutex<Seen>>) {
+/// Bumps `subscribed` once its first subscribe succeeded. Stops once `stop`
+/// is set (after the publisher stopped and deliveries landed).
+async fn subscriber(
+    node: &Server,
+    subscribed: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<Seen>>,
+) {
     let mut c = node.client().await;
     c.connect_ok("").await;
     c.subscribe_ok(CHANNEL, json!({})).await;
+    subscribed.fetch_add(1, Ordering::AcqRel);
     while !stop.load(Ordering::Acquire) {
         let Ok(v) = c.try_recv_json(Duration::from_millis(50)).await else { continue };
         let push = &v["push"];
@@ -116,13 +123,28 @@ pub async fn one_run(print: bool) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     let stop_publishing = Arc::new(AtomicBool::new(false));
     let seen: Vec<Arc<Mutex<Seen>>> = (0..3).map(|_| Default::default()).collect();
+    let subscribed = Arc::new(AtomicUsize::new(0));
     let mut subs = Vec::new();
     for (i, s) in seen.iter().enumerate() {
-        let (nodes, stop, s) = (nodes.clone(), stop.clone(), s.clone());
-        subs.push(tokio::spawn(async move { subscriber(&nodes[i], stop, s).await }));
+        let (nodes, subscribed, stop, s) =
+            (nodes.clone(), subscribed.clone(), stop.clone(), s.clone());
+        subs.push(tokio::spawn(async move { subscriber(&nodes[i], subscribed, stop, s).await }));
     }
-    // Every subscriber subscribed (a first publication reaches all three).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Publishing starts once every subscriber holds its subscribe reply (the
+    // node answers after its Redis SUBSCRIBE): a publication acknowledged
+    // before a subscriber subscribed would count as lost silently. A fixed
+    // sleep stood in for this and was too short on a loaded machine. Bounded:
+    // three connects and subscribes take milliseconds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while subscribed.load(Ordering::Acquire) < seen.len() {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {} subscribers subscribed within 10 s",
+            subscribed.load(Ordering::Acquire),
+            seen.len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     let sent: Arc<Mutex<Vec<Sent>>> = Default::default();
     let publishing = {
