@@ -217,21 +217,26 @@ async fn assert_refused_everywhere(
     assert_survived(server, bystander).await;
 }
 
+/// [`assert_refused_everywhere`] with a connection token and a subscription
+/// token (user "u", channel [`CHANNEL`]) that `sign` made from their claims.
+async fn assert_signed_everywhere(
+    server: &Server,
+    bystander: &mut Bystander,
+    what: &str,
+    sign: impl Fn(&Value) -> String,
+    want: Outcome,
+) {
+    let conn = sign(&conn_claims("u"));
+    let sub = sign(&sub_claims("u", CHANNEL));
+    assert_refused_everywhere(server, bystander, what, &conn, &sub, want).await;
+}
+
 #[tokio::test]
 async fn an_unsigned_alg_none_token_is_refused_with_3500_on_every_path() {
     let server = static_keys_node();
     let mut bystander = Bystander::join(&server).await;
-    let conn = unsigned(&conn_claims("u"));
-    let sub = unsigned(&sub_claims("u", CHANNEL));
-    assert_refused_everywhere(
-        &server,
-        &mut bystander,
-        "alg none",
-        &conn,
-        &sub,
-        Outcome::Closed(3500),
-    )
-    .await;
+    assert_signed_everywhere(&server, &mut bystander, "alg none", unsigned, Outcome::Closed(3500))
+        .await;
 }
 
 #[tokio::test]
@@ -263,10 +268,14 @@ async fn an_hmac_token_keyed_with_the_public_key_is_refused_with_3500_on_every_p
 async fn a_token_with_a_bad_signature_is_refused_with_3500_on_every_path() {
     let server = static_keys_node();
     let mut bystander = Bystander::join(&server).await;
-    let conn = sign("some-other-secret", &conn_claims("u"));
-    let sub = sign("some-other-secret", &sub_claims("u", CHANNEL));
-    assert_refused_everywhere(&server, &mut bystander, "hmac", &conn, &sub, Outcome::Closed(3500))
-        .await;
+    assert_signed_everywhere(
+        &server,
+        &mut bystander,
+        "hmac",
+        |c| sign("some-other-secret", c),
+        Outcome::Closed(3500),
+    )
+    .await;
     // A public-key token whose payload was swapped after signing.
     let rs = sign_pem(Algorithm::RS256, None, "rsa.pem", &conn_claims("u"));
     let parts: Vec<&str> = rs.split('.').collect();
@@ -401,14 +410,11 @@ async fn tokens_of_the_previous_secret_and_of_every_listed_public_key_are_accept
         assert_refused_everywhere(&server, &mut bystander, what, &conn, &sub, Outcome::Ok).await;
     }
     // A key that is not listed is not.
-    let conn = sign_pem(Algorithm::EdDSA, None, "ed2.pem", &conn_claims("u"));
-    let sub = sign_pem(Algorithm::EdDSA, None, "ed2.pem", &sub_claims("u", CHANNEL));
-    assert_refused_everywhere(
+    assert_signed_everywhere(
         &server,
         &mut bystander,
         "unlisted",
-        &conn,
-        &sub,
+        |c| sign_pem(Algorithm::EdDSA, None, "ed2.pem", c),
         Outcome::Closed(3500),
     )
     .await;
@@ -421,23 +427,30 @@ async fn hs384_and_hs512_tokens_of_the_hmac_secret_are_accepted_and_of_another_s
     let mut bystander = Bystander::join(&server).await;
     for alg in [Algorithm::HS384, Algorithm::HS512] {
         let what = format!("{alg:?}");
-        let conn = sign_hs(alg, SECRET, &conn_claims("u"));
-        let sub = sign_hs(alg, SECRET, &sub_claims("u", CHANNEL));
-        assert_refused_everywhere(&server, &mut bystander, &what, &conn, &sub, Outcome::Ok).await;
-        // The previous secret is tried for every HMAC algorithm, too.
-        let conn = sign_hs(alg, PREVIOUS, &conn_claims("u"));
-        let sub = sign_hs(alg, PREVIOUS, &sub_claims("u", CHANNEL));
-        let what = format!("{alg:?} previous secret");
-        assert_refused_everywhere(&server, &mut bystander, &what, &conn, &sub, Outcome::Ok).await;
-        let conn = sign_hs(alg, "some-other-secret", &conn_claims("u"));
-        let sub = sign_hs(alg, "some-other-secret", &sub_claims("u", CHANNEL));
-        let what = format!("{alg:?} other secret");
-        assert_refused_everywhere(
+        assert_signed_everywhere(
             &server,
             &mut bystander,
             &what,
-            &conn,
-            &sub,
+            |c| sign_hs(alg, SECRET, c),
+            Outcome::Ok,
+        )
+        .await;
+        // The previous secret is tried for every HMAC algorithm, too.
+        let what = format!("{alg:?} previous secret");
+        assert_signed_everywhere(
+            &server,
+            &mut bystander,
+            &what,
+            |c| sign_hs(alg, PREVIOUS, c),
+            Outcome::Ok,
+        )
+        .await;
+        let what = format!("{alg:?} other secret");
+        assert_signed_everywhere(
+            &server,
+            &mut bystander,
+            &what,
+            |c| sign_hs(alg, "some-other-secret", c),
             Outcome::Closed(3500),
         )
         .await;
@@ -466,20 +479,22 @@ async fn es256_and_es384_tokens_of_the_listed_pem_keys_are_accepted_and_of_other
         (Algorithm::ES256, "ec256-1.pem", "ec256-2.pem"),
         (Algorithm::ES384, "ec384-1.pem", "ec384-2.pem"),
     ] {
-        let conn = sign_pem(alg, None, listed, &conn_claims("u"));
-        let sub = sign_pem(alg, None, listed, &sub_claims("u", CHANNEL));
         let what = format!("{alg:?} by {listed}");
-        assert_refused_everywhere(&server, &mut bystander, &what, &conn, &sub, Outcome::Ok).await;
-        // A key of the same curve that is not listed.
-        let conn = sign_pem(alg, None, other, &conn_claims("u"));
-        let sub = sign_pem(alg, None, other, &sub_claims("u", CHANNEL));
-        let what = format!("{alg:?} by {other}");
-        assert_refused_everywhere(
+        assert_signed_everywhere(
             &server,
             &mut bystander,
             &what,
-            &conn,
-            &sub,
+            |c| sign_pem(alg, None, listed, c),
+            Outcome::Ok,
+        )
+        .await;
+        // A key of the same curve that is not listed.
+        let what = format!("{alg:?} by {other}");
+        assert_signed_everywhere(
+            &server,
+            &mut bystander,
+            &what,
+            |c| sign_pem(alg, None, other, c),
             Outcome::Closed(3500),
         )
         .await;
