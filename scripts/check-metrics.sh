@@ -3,27 +3,12 @@
 set -euo pipefail
 BIN=${1:?usage: check-metrics.sh <fanfare binary>}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+source "$ROOT/scripts/lib/node.sh"
 log=/tmp/fanfare-metrics.$$.log
-pid=
-trap '[ -n "$pid" ] && kill $pid 2>/dev/null; rm -f $log' EXIT
-# Ready once the node logged that it holds both ports (a /health answer alone
-# may come from another suite's node on the port); it exits when a port was
-# taken between choosing and binding: retry on new ports.
-for attempt in 1 2 3; do
-  port=$(free_port); gport=$(free_port)
-  FANFARE__SHUTDOWN__DRAIN_DELAY=0s FANFARE__SHUTDOWN__DRAIN_PERIOD=0s \
-  FANFARE__HTTP__LISTEN=127.0.0.1:$port FANFARE__GRPC__LISTEN=127.0.0.1:$gport "$BIN" >$log 2>&1 &
-  pid=$!
-  for _ in $(seq 100); do
-    kill -0 $pid 2>/dev/null || break
-    grep -q "control API listening" $log && curl -sf "http://127.0.0.1:$port/health" >/dev/null && break 2
-    sleep 0.1
-  done
-  kill $pid 2>/dev/null; wait $pid 2>/dev/null; pid=
-  echo "check-metrics: the node did not start (attempt $attempt):"; cat $log
-done
-[ -n "$pid" ] || exit 1
+node_pid=
+trap '[ -n "$node_pid" ] && kill $node_pid 2>/dev/null; rm -f $log' EXIT
+start_node $log /health env FANFARE__SHUTDOWN__DRAIN_DELAY=0s FANFARE__SHUTDOWN__DRAIN_PERIOD=0s "$BIN" || exit 1
+port=$node_port
 # One client session so that connection, command and message metrics exist.
 node -e '
 const WebSocket = require(process.argv[1] + "/tests/sdk/node_modules/ws");

@@ -218,10 +218,9 @@ promtool test rules deploy/prometheus/tests/fanfare-alerts.test.yml >"$TMP/p.log
 ok "promtool check config, check rules, test rules (each alert fires on its input, none on a healthy cluster)"
 
 step "Grafana dashboard against a live node"
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-# Readiness is always that of the process started here: a port chosen free
-# may be taken by another suite's server before ours binds it (ours exits
-# then), and that stranger would answer PING or /ready just as well.
+# free_port, node_ready, start_node: readiness is always that of the process
+# started here (a stranger on a port chosen free answers /ready or PING too).
+source scripts/lib/node.sh
 # redis_is PORT PID: the Redis on PORT is process PID (its INFO server says so).
 redis_is() {
   [ "$(redis-cli -p "$1" info server 2>/dev/null | tr -d '\r' | sed -n 's/^process_id://p')" = "$2" ]
@@ -246,31 +245,15 @@ start_redis() {
   done
   die "redis-server did not start on 3 free ports"
 }
-# node_ready: the node started here (npid) still runs, logged that it holds
-# its ports, and /ready answers 200. 15 s.
-node_ready() {
-  for _ in $(seq 150); do
-    kill -0 "$npid" 2>/dev/null || return 1
-    grep -q "control API listening" "$TMP/node.log" && curl -sf "http://127.0.0.1:$hport/ready" >/dev/null && return 0
-    sleep 0.1
-  done
-  return 1
-}
-wait_ready() { node_ready || { cat "$TMP/node.log"; die "node (PID $npid) not ready"; }; }
+wait_ready() { node_ready "$npid" "$TMP/node.log" "$hport" /ready || { cat "$TMP/node.log"; die "node (PID $npid) not ready"; }; }
 start_redis
-# The node, retried on new ports when it exited at bind.
-for attempt in 1 2 3; do
-  hport=$(free_port); gport=$(free_port)
-  FANFARE__BROKER__KIND=redis FANFARE__REDIS__URLS="redis://127.0.0.1:$rport" \
-  FANFARE__HTTP__LISTEN="127.0.0.1:$hport" FANFARE__GRPC__LISTEN="127.0.0.1:$gport" \
-  FANFARE__SHUTDOWN__DRAIN_DELAY=0s FANFARE__SHUTDOWN__DRAIN_PERIOD=0s \
-    "$FANFARE_BIN" >"$TMP/node.log" 2>&1 &
-  npid=$!; PIDS+=("$npid")
-  node_ready && break
-  kill -0 "$npid" 2>/dev/null && { cat "$TMP/node.log"; die "node (PID $npid) runs but is not ready"; }
-  echo "the node exited before it was ready (attempt $attempt):"; cat "$TMP/node.log"
-  [ "$attempt" -lt 3 ] || die "the node did not start on 3 sets of free ports"
-done
+if ! start_node "$TMP/node.log" /ready env FANFARE__BROKER__KIND=redis \
+    FANFARE__REDIS__URLS="redis://127.0.0.1:$rport" \
+    FANFARE__SHUTDOWN__DRAIN_DELAY=0s FANFARE__SHUTDOWN__DRAIN_PERIOD=0s "$FANFARE_BIN"; then
+  [ -z "$node_pid" ] || PIDS+=("$node_pid")
+  die "the node did not start"
+fi
+npid=$node_pid; hport=$node_port; PIDS+=("$npid")
 # One client session and one control API call.
 timeout 30 python3 scripts/deploy/drive.py "127.0.0.1:$hport" >/dev/null || die "client/API drive"
 # A subscriber held through a Redis restart: broker reconnect, then a stream gap.
